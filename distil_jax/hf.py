@@ -1,0 +1,329 @@
+"""Hugging Face <-> distil_jax: GPT-2 configs and weights in both directions.
+
+`load_pretrained` reads an HF GPT-2 folder or hub id (safetensors, sharded safetensors, or
+`pytorch_model.bin` through torch) into `(GPT2Config, params)`, checking every key and shape;
+`save_pretrained` writes a folder that `transformers.GPT2LMHeadModel.from_pretrained` loads with
+no missing or unexpected keys. Parameter paths are HF's names, so conversion is a rename:
+`transformer.h.0.attn.c_attn.weight` <-> `h/0/attn/c_attn/kernel`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from distil_jax.models.gpt2 import GPT2Config, param_count, param_shapes  # noqa: F401
+
+log = logging.getLogger(__name__)
+
+# HF GPT2Config fields that map one to one onto ours.
+_CONFIG_FIELDS = [f.name for f in dataclasses.fields(GPT2Config)]
+# HF options the model does not implement, with the value that is safe to ignore.
+_UNSUPPORTED_OPTIONS = {"add_cross_attention": False}
+# Buffers that older HF checkpoints store with the weights; not parameters.
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+class CheckpointError(ValueError):
+    """An HF checkpoint that does not fit the GPT-2 model (keys, shapes, type, options)."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def config_from_hf(hf_config: Any) -> GPT2Config:
+    """A `transformers.GPT2Config`, or a config.json dict, -> `GPT2Config` (strict)."""
+    d = hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict()
+    model_type = d.get("model_type")
+    if model_type != "gpt2":
+        raise CheckpointError(
+            f"unsupported model_type {model_type!r}: distil_jax supports GPT-2 models "
+            "(model_type 'gpt2') only"
+        )
+    for key, ok in _UNSUPPORTED_OPTIONS.items():
+        if d.get(key, ok) != ok:
+            raise CheckpointError(
+                f"unsupported GPT-2 option {key}={d[key]!r}: distil_jax does not implement it"
+            )
+    kwargs = {k: d[k] for k in _CONFIG_FIELDS if k in d}
+    try:
+        return GPT2Config(**kwargs)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def config_to_hf(config: GPT2Config):
+    """`GPT2Config` -> `transformers.GPT2Config` for a GPT2LMHeadModel."""
+    import transformers
+
+    hf = transformers.GPT2Config(**dataclasses.asdict(config))
+    hf.architectures = ["GPT2LMHeadModel"]
+    return hf
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def _hf_to_path(name: str) -> tuple[str, ...]:
+    """HF state-dict name -> our param path (without the leaf rename for lm_head)."""
+    name = name.removeprefix("transformer.")
+    *mod, leaf = name.split(".")
+    if mod and mod[0] in ("wte", "wpe"):
+        leaf = "embedding"
+    elif mod and mod[-1].startswith("ln_"):
+        leaf = {"weight": "scale", "bias": "bias"}[leaf]
+    else:
+        leaf = {"weight": "kernel", "bias": "bias"}.get(leaf, leaf)
+    return tuple(mod) + (leaf,)
+
+
+def _path_to_hf(path: tuple[str, ...]) -> str:
+    *mod, leaf = path
+    if mod[0] in ("wte", "wpe"):
+        leaf = "weight"
+    elif mod[-1].startswith("ln_"):
+        leaf = {"scale": "weight", "bias": "bias"}[leaf]
+    else:
+        leaf = {"kernel": "weight", "bias": "bias"}[leaf]
+    name = ".".join(list(mod) + [leaf])
+    return name if mod[0] == "lm_head" else "transformer." + name
+
+
+def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple[str, ...], Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return tree
+
+
+def hf_state_dict_to_params(config: GPT2Config, state: Mapping[str, Any], dtype=jnp.float32) -> dict:
+    """HF state dict (name -> array, any framework convertible by numpy) -> params, checked.
+
+    Raises CheckpointError naming every missing or unexpected key and every wrong shape.
+    """
+    expected = _flatten(param_shapes(config))
+    flat, unexpected, wrong = {}, [], []
+    for name, value in state.items():
+        if name.endswith(_IGNORED_SUFFIXES):
+            continue
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # the tied head is wte
+        path = _hf_to_path(name)
+        if path not in expected:
+            unexpected.append(name)
+            continue
+        arr = value
+        if path == ("lm_head", "kernel"):
+            arr = jnp.asarray(arr).T  # torch Linear [V, D] -> Dense kernel [D, V]
+        if tuple(arr.shape) != tuple(expected[path].shape):
+            hf_shape = tuple(value.shape)
+            want = tuple(expected[path].shape)
+            if path == ("lm_head", "kernel"):
+                want = want[::-1]
+            wrong.append(f"{name}: checkpoint {hf_shape}, config expects {want}")
+            continue
+        flat[path] = jnp.asarray(arr, dtype=dtype)
+    missing = [_path_to_hf(p) for p in expected if p not in flat and _path_to_hf(p) not in
+               {w.split(":")[0] for w in wrong}]
+    problems = []
+    if wrong:
+        problems.append("wrong shapes: " + "; ".join(wrong))
+    if missing:
+        problems.append("missing keys: " + ", ".join(missing))
+    if unexpected:
+        problems.append("unexpected keys: " + ", ".join(unexpected))
+    if problems:
+        raise CheckpointError("checkpoint does not match its GPT-2 config: " + " | ".join(problems))
+    return _unflatten(flat)
+
+
+def params_to_hf_state_dict(config: GPT2Config, params: Mapping, dtype=None) -> dict[str, jax.Array]:
+    """params -> HF state dict names (tied head omitted, as HF saves it)."""
+    out = {}
+    for path, value in _flatten(params).items():
+        if path == ("lm_head", "kernel"):
+            value = value.T
+        if dtype is not None:
+            value = value.astype(dtype)
+        out[_path_to_hf(path)] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def resolve_folder(name_or_path: str | os.PathLike, allow_patterns: Optional[list] = None) -> Path:
+    """A local folder, or a hub id downloaded with huggingface_hub (respects HF_HUB_OFFLINE)."""
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        return p
+    s = str(name_or_path)
+    # A hub id is "name" or "org/name"; anything else (absolute, relative, deeper) is a path.
+    if p.exists() or s.startswith((".", "/", "~")) or s.count("/") > 1:
+        raise FileNotFoundError(
+            f"model folder not found: {s!r}; pass an existing folder holding config.json, or a hub "
+            "id like 'gpt2'"
+        )
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(huggingface_hub.snapshot_download(s, allow_patterns=allow_patterns))
+    except LocalEntryNotFoundError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub is unreachable"
+        raise FileNotFoundError(
+            f"cannot get {s!r} from the Hugging Face hub ({why}) and it is not in the local cache; "
+            "download it on a connected machine or pass a local folder"
+        ) from e
+    except Exception as e:  # RepositoryNotFoundError, HTTP errors: say which id failed
+        raise FileNotFoundError(
+            f"cannot get {s!r} from the Hugging Face hub: {type(e).__name__}: {e}".splitlines()[0]
+        ) from e
+
+
+def _read_state_dict(folder: Path) -> dict[str, Any]:
+    st = folder / "model.safetensors"
+    st_index = folder / "model.safetensors.index.json"
+    pt = folder / "pytorch_model.bin"
+    pt_index = folder / "pytorch_model.bin.index.json"
+    if st.exists() or st_index.exists():
+        from safetensors import safe_open
+
+        files = [st] if st.exists() else sorted(
+            {folder / f for f in json.loads(st_index.read_text())["weight_map"].values()})
+        state = {}
+        for f in files:
+            # framework="flax" reads bfloat16 too (numpy has no bfloat16).
+            with safe_open(str(f), framework="flax") as fh:
+                for k in fh.keys():
+                    state[k] = fh.get_tensor(k)
+        return state
+    if pt.exists() or pt_index.exists():
+        try:
+            import torch
+        except ImportError:
+            raise ImportError(
+                f"{folder} holds pytorch_model.bin weights, which need torch to read; "
+                "`pip install torch` or convert the checkpoint to safetensors"
+            ) from None
+        files = [pt] if pt.exists() else sorted(
+            {folder / f for f in json.loads(pt_index.read_text())["weight_map"].values()})
+        state = {}
+        for f in files:
+            for k, v in torch.load(f, map_location="cpu", weights_only=True).items():
+                state[k] = v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
+        return state
+    raise FileNotFoundError(
+        f"no weights in {folder}: expected one of {', '.join(_WEIGHT_FILES)}"
+    )
+
+
+def load_config(name_or_path: str | os.PathLike) -> GPT2Config:
+    """Only the config of a folder or hub id (no weights downloaded)."""
+    folder = resolve_folder(name_or_path, allow_patterns=["config.json"])
+    cfg_file = folder / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"no config.json in {folder}")
+    return config_from_hf(json.loads(cfg_file.read_text()))
+
+
+def load_pretrained(name_or_path: str | os.PathLike, dtype=jnp.float32) -> tuple[GPT2Config, dict]:
+    """An HF GPT-2 (folder or hub id) -> (GPT2Config, params in `dtype`)."""
+    folder = resolve_folder(
+        name_or_path, allow_patterns=["config.json", "*.safetensors", "*.json", "*.bin"]
+    )
+    config = load_config(folder)
+    state = _read_state_dict(folder)
+    return config, hf_state_dict_to_params(config, state, dtype)
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def atomic_folder(out_dir: str | os.PathLike):
+    """Context manager: yields a temp folder next to `out_dir`, moved into place on success.
+
+    A crash leaves `out_dir` untouched (the old one, or none) and no half-written folder.
+    """
+    import contextlib
+
+    @contextlib.contextmanager
+    def _cm():
+        out = Path(out_dir).resolve()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    return _cm()
+
+
+def save_pretrained(
+    config: GPT2Config,
+    params: Mapping,
+    out_dir: str | os.PathLike,
+    tokenizer: Any = None,
+    dtype: Any = None,
+) -> Path:
+    """Write an HF GPT2LMHeadModel folder: config.json, model.safetensors (+ tokenizer files).
+
+    dtype: weights' dtype in the file (default: as in `params`); `dtype` in config.json
+    says the same. Written atomically (see `atomic_folder`).
+    """
+    from safetensors.flax import save_file
+
+    state = params_to_hf_state_dict(config, params, dtype)
+    file_dtype = jnp.dtype(next(iter(state.values())).dtype)
+    hf = config_to_hf(config)
+    # transformers >= 4.56 calls it `dtype`, older releases `torch_dtype`.
+    setattr(hf, "dtype" if "dtype" in hf.to_dict() or hasattr(hf, "dtype") else "torch_dtype", file_dtype.name)
+    with atomic_folder(out_dir) as tmp:
+        hf.save_pretrained(tmp)
+        # Contiguous host copies; "format": "pt" is what transformers expects in the metadata.
+        save_file({k: jnp.asarray(v) for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        try:
+            import transformers
+
+            transformers.GenerationConfig.from_model_config(hf).save_pretrained(tmp)
+        except Exception as e:  # generation config is a convenience; never fail the export on it
+            log.warning("could not write generation_config.json: %s", e)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)

@@ -1,0 +1,412 @@
+"""GPT-2 in Flax, numerically matching `transformers.GPT2LMHeadModel`.
+
+This module owns the model: `GPT2Config` (the subset of the HF config the model implements; any
+other option is refused by name), the Flax Linen modules, and `forward`, a pure function of
+`(config, params, input_ids, ...)` used by everything else.
+
+Why Linen and not NNX: the train step is a pure function over parameter pytrees (teacher and
+student share one module definition and differ only in their params), orbax checkpoints plain
+pytrees, and HF import/export is a rename of pytree paths. Linen gives exactly that with no
+object state to split and merge.
+
+Parameter paths mirror the HF state dict (without its `transformer.` prefix):
+`wte/embedding`, `wpe/embedding`, `h/N/ln_1/{scale,bias}`, `h/N/attn/c_attn/{kernel,bias}`,
+`h/N/attn/c_proj`, `h/N/ln_2`, `h/N/mlp/c_fc`, `h/N/mlp/c_proj`, `ln_f`, and `lm_head/kernel`
+only when the head is untied. HF's Conv1D stores weights [in, out], as a Dense kernel does.
+
+Attention: layers whose probabilities are requested (`output_attentions`) compute them
+explicitly (scores and softmax in float32) and return them; every other layer uses fused
+`jax.nn.dot_product_attention`, which never has to materialize them on accelerators that fuse it.
+Rows may be packed with several documents: `segment_ids` restricts attention to a token's own
+document and restarts positions per document.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# GELU variants that HF names in `activation_function`.
+_ACTIVATIONS = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """The GPT-2 hyperparameters the model implements (names and defaults as in HF's GPT2Config).
+
+    Frozen and hashable, so it can be a static argument of `jax.jit`.
+    """
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: Optional[int] = None  # None: 4 * n_embd, as in HF.
+    activation_function: str = "gelu_new"
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    reorder_and_upcast_attn: bool = False
+    tie_word_embeddings: bool = True
+    bos_token_id: Optional[int] = 50256
+    eos_token_id: Optional[int] = 50256
+
+    def __post_init__(self):
+        if self.activation_function not in _ACTIVATIONS:
+            raise ValueError(
+                f"unsupported activation_function {self.activation_function!r}; "
+                f"distil_jax implements: {', '.join(sorted(_ACTIVATIONS))}"
+            )
+        if self.reorder_and_upcast_attn:
+            # HF's flag reorders the QK^T product for fp16 stability; we always take the softmax in
+            # float32 but do not reproduce the reordered product, so refuse rather than differ.
+            raise ValueError(
+                "unsupported GPT-2 option reorder_and_upcast_attn=True: distil_jax does not implement "
+                "it; set it to false in config.json"
+            )
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def inner_dim(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    def replace(self, **overrides: Any) -> "GPT2Config":
+        """A copy with `overrides`; an unknown field is a ValueError naming it."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown GPT-2 config field(s) {unknown}; valid fields: {', '.join(sorted(known))}"
+            )
+        return dataclasses.replace(self, **overrides)
+
+
+@flax.struct.dataclass
+class GPT2Output:
+    """What `forward` returns.
+
+    logits: [B, S, V] in the compute dtype, or None when `return_last_hidden` is set.
+    last_hidden_state: [B, S, D] after `ln_f` (always set; what the chunked loss multiplies by
+        the LM head).
+    hidden_states: tuple of n_layer + 1 arrays [B, S, D] (embedding output, then each block's
+        output, the last one after `ln_f` as in HF), or None.
+    attentions: dict {layer index (non-negative): [B, H, S, S] float32 post-softmax
+        probabilities} for exactly the requested layers.
+    """
+
+    logits: Optional[Array]
+    last_hidden_state: Array
+    hidden_states: Optional[tuple]
+    attentions: dict
+
+
+def _normal(std: float):
+    return nn.initializers.normal(stddev=std)
+
+
+def _layer_norm(config: GPT2Config, name: str) -> nn.LayerNorm:
+    # LayerNorm statistics in float32 whatever the compute dtype.
+    return nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=jnp.float32, name=name)
+
+
+class Attention(nn.Module):
+    """Causal self-attention (`h.N.attn`): c_attn -> heads -> attention -> c_proj."""
+
+    config: GPT2Config
+    layer_idx: int
+    dtype: Any = jnp.float32
+    materialize: bool = False  # return post-softmax probabilities (explicit path)
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array) -> tuple[Array, Optional[Array]]:
+        """x: [B, S, D]; mask: [B, 1, S, S] bool (True = may attend). Returns ([B, S, D], probs)."""
+        cfg = self.config
+        B, S, D = x.shape
+        H, Dh = cfg.n_head, cfg.head_dim
+        std = cfg.initializer_range
+        qkv = nn.Dense(3 * D, dtype=self.dtype, kernel_init=_normal(std), name="c_attn")(x)
+        q, k, v = jnp.split(qkv.reshape(B, S, 3, H, Dh), 3, axis=2)
+        q, k, v = (t[:, :, 0] for t in (q, k, v))  # [B, S, H, Dh]
+
+        scale = 1.0 / math.sqrt(Dh) if cfg.scale_attn_weights else 1.0
+        if cfg.scale_attn_by_inverse_layer_idx:
+            scale /= float(self.layer_idx + 1)
+
+        use_dropout = not self.deterministic and cfg.attn_pdrop > 0.0
+        probs = None
+        if self.materialize or use_dropout:
+            # Explicit path: scores and softmax in float32 (the probabilities feed a loss).
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+            scores = scores * scale
+            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1)
+            weights = probs
+            if use_dropout:
+                # Fused attention has no dropout, so attention dropout forces this path.
+                weights = nn.Dropout(cfg.attn_pdrop)(weights, deterministic=False)
+            out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v)
+            if not self.materialize:
+                probs = None
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+        out = out.reshape(B, S, D)
+        c_proj_std = std / math.sqrt(2 * cfg.n_layer)  # HF scales residual projections
+        out = nn.Dense(D, dtype=self.dtype, kernel_init=_normal(c_proj_std), name="c_proj")(out)
+        out = nn.Dropout(cfg.resid_pdrop)(out, deterministic=self.deterministic)
+        return out, probs
+
+
+class MLP(nn.Module):
+    """The feed-forward block (`h.N.mlp`): c_fc -> activation -> c_proj."""
+
+    config: GPT2Config
+    dtype: Any = jnp.float32
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x: [B, S, D] -> [B, S, D]."""
+        cfg = self.config
+        std = cfg.initializer_range
+        h = nn.Dense(cfg.inner_dim, dtype=self.dtype, kernel_init=_normal(std), name="c_fc")(x)
+        h = _ACTIVATIONS[cfg.activation_function](h)
+        c_proj_std = std / math.sqrt(2 * cfg.n_layer)
+        h = nn.Dense(cfg.n_embd, dtype=self.dtype, kernel_init=_normal(c_proj_std), name="c_proj")(h)
+        return nn.Dropout(cfg.resid_pdrop)(h, deterministic=self.deterministic)
+
+
+class Block(nn.Module):
+    """One transformer block (`h.N`), pre-LayerNorm as in GPT-2."""
+
+    config: GPT2Config
+    layer_idx: int
+    dtype: Any = jnp.float32
+    materialize: bool = False
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array) -> tuple[Array, Optional[Array]]:
+        """x: [B, S, D]; mask: [B, 1, S, S]. Returns ([B, S, D], probs [B, H, S, S] or None)."""
+        cfg = self.config
+        h = _layer_norm(cfg, "ln_1")(x).astype(self.dtype)
+        a, probs = Attention(
+            cfg, self.layer_idx, self.dtype, self.materialize, self.deterministic, name="attn"
+        )(h, mask)
+        x = x + a
+        h = _layer_norm(cfg, "ln_2")(x).astype(self.dtype)
+        x = x + MLP(cfg, self.dtype, self.deterministic, name="mlp")(h)
+        return x, probs
+
+
+class Blocks(nn.Module):
+    """The stack `h`: blocks named "0".."n_layer-1" so paths read `h/N/...` like HF's `h.N`."""
+
+    config: GPT2Config
+    dtype: Any = jnp.float32
+    attention_layers: tuple = ()
+    output_hidden_states: bool = False
+    remat: bool = False
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array):
+        block_cls = nn.remat(Block) if self.remat else Block
+        hidden, attentions = [], {}
+        for i in range(self.config.n_layer):
+            if self.output_hidden_states:
+                hidden.append(x)
+            x, probs = block_cls(
+                self.config, i, self.dtype, i in self.attention_layers, self.deterministic,
+                name=str(i),
+            )(x, mask)
+            if probs is not None:
+                attentions[i] = probs
+        return x, hidden, attentions
+
+
+class GPT2LMHeadModel(nn.Module):
+    """GPT-2 with its LM head. See `forward` for the arguments."""
+
+    config: GPT2Config
+    dtype: Any = jnp.float32  # compute dtype; parameters stay in their own dtype
+    attention_layers: tuple = ()
+    output_hidden_states: bool = False
+    return_last_hidden: bool = False
+    remat: bool = False
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, input_ids: Array, mask: Array, positions: Array) -> GPT2Output:
+        cfg = self.config
+        std = cfg.initializer_range
+        wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=_normal(std), name="wte")
+        wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=_normal(std), name="wpe")
+        x = wte(input_ids) + wpe(positions)
+        x = nn.Dropout(cfg.embd_pdrop)(x, deterministic=self.deterministic).astype(self.dtype)
+        x, hidden, attentions = Blocks(
+            cfg, self.dtype, self.attention_layers, self.output_hidden_states, self.remat,
+            self.deterministic, name="h",
+        )(x, mask)
+        x = _layer_norm(cfg, "ln_f")(x).astype(self.dtype)
+        hidden_states = tuple(hidden) + (x,) if self.output_hidden_states else None
+        if cfg.tie_word_embeddings:
+            head = lambda h: h @ wte.embedding.astype(self.dtype).T  # noqa: E731
+        else:
+            dense = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype,
+                             kernel_init=_normal(std), name="lm_head")
+            head = dense
+        if self.return_last_hidden:
+            # Still create lm_head's parameters at init, so the tree is the same either way.
+            if self.is_initializing() and not cfg.tie_word_embeddings:
+                head(x[:, :1])
+            logits = None
+        else:
+            logits = head(x)
+        return GPT2Output(logits, x, hidden_states, attentions)
+
+
+def normalize_layers(layers: Sequence[int], n_layer: int) -> tuple[int, ...]:
+    """Layer indices (negative allowed) -> sorted unique non-negative indices; range-checked."""
+    out = set()
+    for i in layers:
+        j = i + n_layer if i < 0 else i
+        if not 0 <= j < n_layer:
+            raise ValueError(f"attention layer {i} out of range for a model with {n_layer} layers")
+        out.add(j)
+    return tuple(sorted(out))
+
+
+def segment_positions(segment_ids: Array) -> Array:
+    """Positions that restart at 0 at the start of each segment. [B, S] int -> [B, S] int32."""
+    S = segment_ids.shape[-1]
+    idx = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), segment_ids.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[..., :1], dtype=bool), segment_ids[..., 1:] != segment_ids[..., :-1]],
+        axis=-1,
+    )
+    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=segment_ids.ndim - 1)
+    return idx - start_idx
+
+
+def attention_mask_4d(
+    batch: int, seq: int, attention_mask: Optional[Array], segment_ids: Optional[Array]
+) -> Array:
+    """The boolean [B, 1, S, S] mask: causal, keys not padded, and same segment when packed."""
+    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))[None, None]
+    mask = jnp.broadcast_to(causal, (batch, 1, seq, seq))
+    if segment_ids is not None:
+        # Padding carries segment 0 and attends only to padding, so no row is ever empty.
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    if attention_mask is not None:
+        # HF semantics: padded keys are masked; a padded query still attends to earlier real keys.
+        mask = mask & attention_mask.astype(bool)[:, None, None, :]
+    return mask
+
+
+def forward(
+    config: GPT2Config,
+    params: Mapping,
+    input_ids: Array,
+    attention_mask: Optional[Array] = None,
+    *,
+    output_hidden_states: bool = False,
+    output_attentions: Sequence[int] = (),
+    segment_ids: Optional[Array] = None,
+    positions: Optional[Array] = None,
+    deterministic: bool = True,
+    dropout_rng: Optional[Array] = None,
+    dtype: Any = jnp.float32,
+    remat: bool = False,
+    return_last_hidden: bool = False,
+) -> GPT2Output:
+    """Run GPT-2.
+
+    Args:
+      config: the model's `GPT2Config`.
+      params: the parameter tree (HF-named paths, see the module docstring).
+      input_ids: [B, S] int token ids, S <= config.n_positions.
+      attention_mask: [B, S] 1 for real tokens, 0 for padding (masks padded keys), or None.
+      output_hidden_states: also return the n_layer + 1 hidden states.
+      output_attentions: layer indices (negative allowed) whose post-softmax probabilities to
+        return; only these layers materialize them.
+      segment_ids: [B, S] int document ids for packed rows (attention stays inside a document,
+        positions restart per document); 0 marks padding.
+      positions: [B, S] explicit position ids (default: from segment_ids, else 0..S-1).
+      deterministic: False enables dropout (needs dropout_rng).
+      dtype: compute dtype (float32 or bfloat16); LayerNorm and softmax always run in float32.
+      remat: rematerialize each block in the backward pass (gradient checkpointing).
+      return_last_hidden: skip the LM head and return `last_hidden_state` only (logits None).
+    """
+    B, S = input_ids.shape
+    if S > config.n_positions:
+        raise ValueError(
+            f"sequence length {S} exceeds the model's n_positions={config.n_positions}; "
+            f"truncate inputs to at most {config.n_positions} tokens"
+        )
+    if positions is None:
+        if segment_ids is not None:
+            positions = segment_positions(segment_ids)
+        else:
+            positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    mask = attention_mask_4d(B, S, attention_mask, segment_ids)
+    model = GPT2LMHeadModel(
+        config,
+        dtype=dtype,
+        attention_layers=normalize_layers(output_attentions, config.n_layer),
+        output_hidden_states=output_hidden_states,
+        return_last_hidden=return_last_hidden,
+        remat=remat,
+        deterministic=deterministic,
+    )
+    rngs = None if deterministic else {"dropout": dropout_rng}
+    if not deterministic and dropout_rng is None:
+        raise ValueError("forward(deterministic=False) needs a dropout_rng")
+    return model.apply({"params": params}, input_ids, mask, positions, rngs=rngs)
+
+
+def init_params(config: GPT2Config, rng: Array, param_dtype: Any = jnp.float32) -> dict:
+    """Random parameters with HF GPT-2's init: normal(0, initializer_range) weights, residual
+    `c_proj` weights with std / sqrt(2 * n_layer), zero biases, LayerNorm 1 / 0."""
+    model = GPT2LMHeadModel(config)
+    ids = jnp.zeros((1, 1), jnp.int32)
+    mask = attention_mask_4d(1, 1, None, None)
+    params = model.init(rng, ids, mask, jnp.zeros((1, 1), jnp.int32))["params"]
+    params = flax.core.unfreeze(params) if hasattr(flax.core, "unfreeze") else params
+    return jax.tree_util.tree_map(lambda p: p.astype(param_dtype), params)
+
+
+def param_shapes(config: GPT2Config) -> dict:
+    """The parameter tree as `jax.ShapeDtypeStruct`s (no allocation)."""
+    return jax.eval_shape(lambda r: init_params(config, r), jax.random.PRNGKey(0))
+
+
+def param_count(config: GPT2Config) -> int:
+    """Number of parameters, as HF counts them (a tied head counted once). No allocation."""
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(param_shapes(config)))

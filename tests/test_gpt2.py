@@ -1,0 +1,161 @@
+"""The Flax GPT-2 against transformers.GPT2LMHeadModel (the reference), on tiny random configs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from distil_jax import hf
+from distil_jax.models import gpt2
+from tests.hf_utils import tiny_hf_model, torch_forward
+
+TOL = 1e-5  # float32, max abs difference
+
+CONFIGS = [
+    dict(n_layer=2, n_embd=32, n_head=4),
+    dict(n_layer=3, n_embd=48, n_head=3, n_inner=80, activation_function="gelu"),
+    dict(n_layer=4, n_embd=16, n_head=2, tie_word_embeddings=False, scale_attn_by_inverse_layer_idx=True),
+]
+
+
+def _maxdiff(a, b):
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+@pytest.mark.parametrize("overrides", CONFIGS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_parity_with_transformers(overrides, padded):
+    model = tiny_hf_model(seed=1, **overrides)
+    config = hf.config_from_hf(model.config)
+    params = hf.hf_state_dict_to_params(config, {k: v.numpy() for k, v in model.state_dict().items()})
+    rng = np.random.RandomState(0)
+    B, S = 3, 12
+    ids = rng.randint(0, config.vocab_size, (B, S))
+    mask = np.ones((B, S), np.int32)
+    if padded:
+        mask[1, 7:] = 0  # right padding, as the data pipeline produces
+        mask[2, 3:] = 0
+    ref = torch_forward(model, ids, mask if padded else None)
+    # Request the first and the last layer (negative index): the others go through fused attention.
+    out = jax.jit(
+        lambda p, i, m: gpt2.forward(config, p, i, m, output_hidden_states=True,
+                                     output_attentions=(0, -1))
+    )(params, ids, mask if padded else None)
+    assert _maxdiff(out.logits, ref.logits.numpy()) < TOL
+    assert len(out.hidden_states) == config.n_layer + 1
+    for mine, theirs in zip(out.hidden_states, ref.hidden_states):
+        assert _maxdiff(mine, theirs.numpy()) < TOL
+    assert sorted(out.attentions) == [0, config.n_layer - 1]
+    for layer, probs in out.attentions.items():
+        assert probs.shape == (B, config.n_head, S, S)
+        assert _maxdiff(probs, ref.attentions[layer].numpy()) < TOL
+
+
+def test_all_layers_materialized_equals_fused():
+    """Fused and explicit attention give the same logits (every layer explicit vs none)."""
+    model = tiny_hf_model(seed=2, n_layer=3)
+    config = hf.config_from_hf(model.config)
+    params = hf.hf_state_dict_to_params(config, {k: v.numpy() for k, v in model.state_dict().items()})
+    ids = np.random.RandomState(1).randint(0, config.vocab_size, (2, 9))
+    fused = gpt2.forward(config, params, ids)
+    explicit = gpt2.forward(config, params, ids, output_attentions=(0, 1, 2))
+    assert fused.attentions == {}
+    assert _maxdiff(fused.logits, explicit.logits) < TOL
+
+
+def test_packed_rows_match_documents_alone():
+    model = tiny_hf_model(seed=3)
+    config = hf.config_from_hf(model.config)
+    params = hf.hf_state_dict_to_params(config, {k: v.numpy() for k, v in model.state_dict().items()})
+    rng = np.random.RandomState(2)
+    doc_a, doc_b = rng.randint(0, config.vocab_size, 7), rng.randint(0, config.vocab_size, 5)
+    row = np.concatenate([doc_a, doc_b])[None]
+    seg = np.array([[1] * 7 + [2] * 5])
+    packed = gpt2.forward(config, params, row, segment_ids=seg, output_attentions=(-1,))
+    alone_a = gpt2.forward(config, params, doc_a[None])
+    alone_b = gpt2.forward(config, params, doc_b[None])
+    assert _maxdiff(packed.logits[0, :7], alone_a.logits[0]) < TOL
+    assert _maxdiff(packed.logits[0, 7:], alone_b.logits[0]) < TOL
+    # No attention crosses the document boundary.
+    assert float(jnp.max(packed.attentions[1][0, :, 7:, :7])) == 0.0
+
+
+def test_segment_positions_restart():
+    seg = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0]])
+    assert gpt2.segment_positions(seg).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1]]
+
+
+def test_bfloat16_compute_close_to_float32():
+    model = tiny_hf_model(seed=4)
+    config = hf.config_from_hf(model.config)
+    params = hf.hf_state_dict_to_params(config, {k: v.numpy() for k, v in model.state_dict().items()})
+    ids = np.random.RandomState(3).randint(0, config.vocab_size, (2, 8))
+    f32 = gpt2.forward(config, params, ids, output_attentions=(0,))
+    bf16 = gpt2.forward(config, params, ids, output_attentions=(0,), dtype=jnp.bfloat16)
+    assert bf16.logits.dtype == jnp.bfloat16
+    assert bf16.attentions[0].dtype == jnp.float32  # softmax in float32
+    # bf16 has ~3 significant digits; tiny logits are O(1).
+    assert _maxdiff(bf16.logits, f32.logits) < 5e-2
+
+
+def test_remat_and_last_hidden_same_values():
+    model = tiny_hf_model(seed=5, tie_word_embeddings=False)
+    config = hf.config_from_hf(model.config)
+    params = hf.hf_state_dict_to_params(config, {k: v.numpy() for k, v in model.state_dict().items()})
+    ids = np.random.RandomState(4).randint(0, config.vocab_size, (2, 8))
+    base = gpt2.forward(config, params, ids)
+    out = gpt2.forward(config, params, ids, remat=True, return_last_hidden=True)
+    assert out.logits is None
+    logits = out.last_hidden_state @ params["lm_head"]["kernel"]
+    assert _maxdiff(logits, base.logits) < TOL
+
+    def loss(p, remat):
+        return jnp.mean(gpt2.forward(config, p, ids, remat=remat).logits ** 2)
+
+    g0, g1 = jax.grad(loss)(params, False), jax.grad(loss)(params, True)
+    assert max(_maxdiff(a, b) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1))) < TOL
+
+
+def test_dropout_needs_rng_and_changes_output():
+    config = gpt2.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=16)
+    params = gpt2.init_params(config, jax.random.PRNGKey(0))
+    ids = jnp.zeros((1, 8), jnp.int32)
+    with pytest.raises(ValueError, match="dropout_rng"):
+        gpt2.forward(config, params, ids, deterministic=False)
+    a = gpt2.forward(config, params, ids, deterministic=False, dropout_rng=jax.random.PRNGKey(1))
+    b = gpt2.forward(config, params, ids)
+    assert _maxdiff(a.logits, b.logits) > 1e-4
+
+
+def test_too_long_sequence_is_refused():
+    config = gpt2.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=8)
+    params = gpt2.init_params(config, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="exceeds the model's n_positions=8"):
+        gpt2.forward(config, params, jnp.zeros((1, 9), jnp.int32))
+
+
+def test_unknown_override_and_unsupported_option():
+    with pytest.raises(ValueError, match="unknown GPT-2 config field"):
+        gpt2.GPT2Config().replace(n_layers=6)
+    with pytest.raises(ValueError, match="reorder_and_upcast_attn"):
+        gpt2.GPT2Config(reorder_and_upcast_attn=True)
+    with pytest.raises(ValueError, match="unsupported activation_function 'tanh'"):
+        gpt2.GPT2Config(activation_function="tanh")
+
+
+def test_param_counts_match_hf():
+    assert gpt2.param_count(gpt2.GPT2Config()) == 124_439_808  # gpt2
+    assert gpt2.param_count(gpt2.GPT2Config(n_layer=6)) == 81_912_576  # distilgpt2
+    model = tiny_hf_model(n_layer=3, tie_word_embeddings=False)
+    assert gpt2.param_count(hf.config_from_hf(model.config)) == model.num_parameters()
+
+
+def test_init_statistics_follow_hf():
+    config = gpt2.GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=512, n_positions=64)
+    p = gpt2.init_params(config, jax.random.PRNGKey(0))
+    assert abs(float(jnp.std(p["wte"]["embedding"])) - 0.02) < 1e-3
+    assert abs(float(jnp.std(p["h"]["0"]["attn"]["c_attn"]["kernel"])) - 0.02) < 1e-3
+    want = 0.02 / np.sqrt(2 * 4)
+    assert abs(float(jnp.std(p["h"]["0"]["mlp"]["c_proj"]["kernel"])) - want) < 1e-3
+    assert float(jnp.abs(p["h"]["0"]["mlp"]["c_fc"]["bias"]).max()) == 0.0
+    assert float(jnp.min(p["ln_f"]["scale"])) == 1.0
