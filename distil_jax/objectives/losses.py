@@ -1,0 +1,207 @@
+"""Loss functions of the distillation objective, keyed by Distily's names.
+
+This module owns the per-component loss functions (``kl``, ``reverse_kl``, ``cakld``, ``jsd``,
+``raw_mse``, ``soft_mse``, ``cos``, ``ce``) plus the hard-label next-token loss ``clm`` and the
+masked reduction they share (:func:`masked_mean`). They are pure ``jax.numpy`` functions.
+
+Conventions (docs/distily-spec.md sections 2 and 3):
+
+* ``fn(student [..., F], teacher [..., F], mask [...] bool | None) -> float32 scalar``.
+  For the distribution losses (``kl``, ``reverse_kl``, ``cakld``, ``jsd``, ``ce``, ``soft_mse``)
+  the inputs are logits; the log-softmax is taken in float32 whatever the input dtype (Distily
+  took it in bf16, defect 3).
+* Reduction: one value per position (summed over F for the distribution losses, averaged over F
+  for ``raw_mse`` / ``soft_mse``, ``1 - cos`` for ``cos``), then averaged over the positions where
+  ``mask`` is True (Distily averaged over padding too, defect 1). ``mask=None`` means every
+  position. A fully masked input gives 0, not NaN.
+* ``jsd`` and ``ce`` are the correct definitions, not Distily's (defect 2).
+* Zero probabilities are safe: ``0 * log 0`` terms contribute 0 to the value and nothing NaN to
+  the gradient, even for ``-inf`` logits.
+
+Temperature scaling (logits / T, loss * T^2) is the caller's job: these functions see the logits
+they are given.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["LOSSES", "get_loss", "masked_mean"] + [
+    "kl", "reverse_kl", "cakld", "jsd", "raw_mse", "soft_mse", "cos", "ce", "clm",
+]
+
+# torch.nn.functional.cosine_similarity's default eps.
+_COS_EPS = 1e-8
+
+
+def masked_mean(values: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Mean of ``values`` over the positions where ``mask`` is True, as a float32 scalar.
+
+    Args:
+      values: ``[...]`` per-position values.
+      mask: ``[...]`` bool, broadcastable to ``values.shape``; None means every position.
+
+    Returns 0 (not NaN) when no position is selected. Masked-out entries are dropped with
+    ``jnp.where`` (not multiplied by 0), so even inf/NaN there cannot leak into the value.
+    """
+    values = jnp.asarray(values, jnp.float32)
+    if mask is None:
+        return jnp.mean(values)
+    mask = jnp.broadcast_to(jnp.asarray(mask, bool), values.shape)
+    total = jnp.sum(jnp.where(mask, values, 0.0))
+    count = jnp.sum(mask, dtype=jnp.float32)
+    return total / jnp.maximum(count, 1.0)
+
+
+def _log_probs(logits: jax.Array) -> jax.Array:
+    """float32 log-softmax over the last axis (upcast first: defect 3)."""
+    return jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+
+
+def _kl_rows(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+    """Per-position KL(p || q) = sum_v p (log p - log q), ``[..., F] -> [...]``.
+
+    Terms with p == 0 are exactly 0. The inner ``where``s keep ``-inf`` log p and log q out of
+    the product on those terms, so that neither the value nor the gradient (whose unselected
+    branch is multiplied by 0, and 0 * inf = NaN) sees an infinity.
+    """
+    p = jnp.exp(log_p)
+    positive = p > 0
+    safe_log_p = jnp.where(positive, log_p, 0.0)
+    safe_log_q = jnp.where(positive, log_q, 0.0)
+    terms = jnp.where(positive, p * (safe_log_p - safe_log_q), 0.0)
+    return jnp.sum(terms, axis=-1)
+
+
+def _check_beta(beta) -> None:
+    # Only concrete Python numbers can be checked; a traced beta is the caller's responsibility.
+    if isinstance(beta, (int, float)) and not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+
+
+def kl(student, teacher, mask=None):
+    """Forward KL(teacher || student) from logits ``[..., V]``, mean over masked positions."""
+    return masked_mean(_kl_rows(_log_probs(teacher), _log_probs(student)), mask)
+
+
+def reverse_kl(student, teacher, mask=None):
+    """Reverse KL(student || teacher) from logits ``[..., V]``, mean over masked positions."""
+    return masked_mean(_kl_rows(_log_probs(student), _log_probs(teacher)), mask)
+
+
+def cakld(student, teacher, mask=None, *, beta: float = 0.5):
+    """``beta * reverse_kl + (1 - beta) * kl`` from logits ``[..., V]`` (Distily: beta = 0.5)."""
+    _check_beta(beta)
+    log_s, log_t = _log_probs(student), _log_probs(teacher)
+    rows = beta * _kl_rows(log_s, log_t) + (1.0 - beta) * _kl_rows(log_t, log_s)
+    return masked_mean(rows, mask)
+
+
+def jsd(student, teacher, mask=None, *, beta: float = 0.5):
+    """Generalized Jensen-Shannon divergence from logits ``[..., V]``.
+
+    ``beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)`` with ``m = beta p_t + (1 - beta) p_s``;
+    bounded by the entropy of beta (ln 2 at beta = 0.5). Distily's version reversed the KL
+    directions and ignored beta (defect 2). log m is a logsumexp of the two weighted log
+    probabilities, so it is finite wherever either distribution has mass.
+    """
+    _check_beta(beta)
+    log_s, log_t = _log_probs(student), _log_probs(teacher)
+    beta = jnp.asarray(beta, jnp.float32)
+    a = jnp.log(beta) + log_t
+    b = jnp.log1p(-beta) + log_s
+    # logaddexp(-inf, x) = x with a zero gradient on the -inf side, but logaddexp(-inf, -inf)
+    # has a NaN gradient. Where both are -inf, p_t = p_s = 0 and _kl_rows ignores log m anyway.
+    both_zero = jnp.isneginf(a) & jnp.isneginf(b)
+    log_m = jnp.logaddexp(jnp.where(both_zero, 0.0, a), jnp.where(both_zero, 0.0, b))
+    rows = beta * _kl_rows(log_t, log_m) + (1.0 - beta) * _kl_rows(log_s, log_m)
+    return masked_mean(rows, mask)
+
+
+def ce(student, teacher, mask=None):
+    """Soft cross-entropy ``-sum_v p_t log p_s`` from logits ``[..., V]``.
+
+    Distily applied the softmax twice (defect 2); this is the textbook soft-label CE.
+    """
+    log_s, log_t = _log_probs(student), _log_probs(teacher)
+    p_t = jnp.exp(log_t)
+    positive = p_t > 0
+    # Same double-where as in _kl_rows: a -inf log p_s on a p_t == 0 term must not reach the grad.
+    rows = -jnp.sum(jnp.where(positive, p_t * jnp.where(positive, log_s, 0.0), 0.0), axis=-1)
+    return masked_mean(rows, mask)
+
+
+def raw_mse(student, teacher, mask=None):
+    """Mean squared error of raw features ``[..., F]``: mean over F, then over masked positions.
+
+    With every position selected this is torch ``mse_loss(reduction="mean")`` (every position
+    has the same F elements).
+    """
+    diff = jnp.asarray(student, jnp.float32) - jnp.asarray(teacher, jnp.float32)
+    return masked_mean(jnp.mean(jnp.square(diff), axis=-1), mask)
+
+
+def soft_mse(student, teacher, mask=None):
+    """MSE between ``softmax(student)`` and ``softmax(teacher)`` (logits ``[..., V]``)."""
+    diff = jnp.exp(_log_probs(student)) - jnp.exp(_log_probs(teacher))
+    return masked_mean(jnp.mean(jnp.square(diff), axis=-1), mask)
+
+
+def _safe_norm(x: jax.Array, eps: float) -> jax.Array:
+    """``max(||x||_2, eps)`` over the last axis with a finite gradient at x = 0."""
+    return jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1), eps * eps))
+
+
+def cos(student, teacher, mask=None):
+    """Mean over masked positions of ``1 - cosine_similarity`` along the last axis ``[..., F]``.
+
+    Like torch ``cosine_similarity(eps=1e-8)``: each norm is clamped to eps separately.
+    """
+    s = jnp.asarray(student, jnp.float32)
+    t = jnp.asarray(teacher, jnp.float32)
+    similarity = jnp.sum(s * t, axis=-1) / (_safe_norm(s, _COS_EPS) * _safe_norm(t, _COS_EPS))
+    return masked_mean(1.0 - similarity, mask)
+
+
+def clm(student_logits, labels, mask=None):
+    """Hard-label cross-entropy: mean over masked positions of ``-log softmax(student)[label]``.
+
+    Args:
+      student_logits: ``[..., V]`` logits already aligned with ``labels`` (the caller shifts for
+        next-token prediction).
+      labels: ``[...]`` int token ids; values at masked-out positions are ignored (may be -100).
+      mask: ``[...]`` bool, or None for every position.
+    """
+    log_s = _log_probs(student_logits)
+    labels = jnp.asarray(labels)
+    if mask is not None:
+        # Masked labels may be an ignore index such as -100: replace them by a valid id.
+        labels = jnp.where(jnp.asarray(mask, bool), labels, 0)
+    picked = jnp.take_along_axis(log_s, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return masked_mean(-picked, mask)
+
+
+LOSSES: dict[str, Callable[..., jax.Array]] = {
+    "kl": kl,
+    "reverse_kl": reverse_kl,
+    "cakld": cakld,
+    "jsd": jsd,
+    "raw_mse": raw_mse,
+    "soft_mse": soft_mse,
+    "cos": cos,
+    "ce": ce,
+    "clm": clm,
+}
+
+
+def get_loss(name: str) -> Callable[..., jax.Array]:
+    """The loss function called ``name``; ValueError naming the valid names otherwise."""
+    try:
+        return LOSSES[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown loss_fn {name!r}; valid: {', '.join(sorted(LOSSES))}"
+        ) from None
