@@ -1,0 +1,668 @@
+"""Datasets -> tokenized, packed or padded, resumable batches.
+
+Owns everything between a dataset spec and the arrays the train/eval steps consume:
+
+* ``load_texts``: a hub dataset or a local .txt/.json/.jsonl/.parquet/.csv file or directory ->
+  (train texts, held-out test texts), with Distily's "first N rows, then a seeded split".
+* ``tokenize`` / ``tokenize_cached``: texts -> int32 token ids per document (no special tokens),
+  optionally cached in an .npz keyed by the texts and the tokenizer.
+* ``pack`` / ``pad``: documents -> fixed-shape rows. A batch is a dict of numpy arrays
+  ``input_ids`` int32 [B, S] and ``segment_ids`` int32 [B, S]; segment id 0 is padding (masked out
+  of every loss), real tokens carry 1, 2, ... for the documents of their row. The model derives
+  the attention mask (same segment, causal) and per-segment positions from ``segment_ids``.
+* ``BatchIterator`` (deterministic, endless, resumable from a two-int state) and
+  ``eval_batches`` (finite, ordered, static shapes).
+
+Why segments rather than Distily's attention_mask: Distily pads every row to 1024 with EOS and
+trains on the padding (spec §3 defect 1); segment 0 lets every loss ignore padding, and packing
+several documents per row (each its own segment) removes most of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]
+
+LAYOUTS = ("pack", "pad")
+
+# Local file suffix -> the `datasets` builder that reads it.
+_BUILDERS = {
+    ".txt": "text",
+    ".text": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+}
+
+# Bump when the .npz layout or the tokenization call changes, so stale caches are never reused.
+_TOKEN_CACHE_VERSION = "1"
+
+
+# ----------------------------------------------------------------------------------- loading
+
+
+def _field(spec: Any, name: str, default: Any) -> Any:
+    """spec.name, or ``default`` when the field is absent or None (ConfigDict or any object)."""
+    value = getattr(spec, name, None)
+    return default if value is None else value
+
+
+def _looks_like_path(uri: str) -> bool:
+    # Hub ids are "name" or "owner/name"; anything else path-shaped is meant as a local path.
+    return (
+        uri.startswith(("/", "./", "../", "~", "\\"))
+        or uri.count("/") > 1
+        or (os.sep != "/" and os.sep in uri)
+        or os.path.splitext(uri)[1].lower() in _BUILDERS
+    )
+
+
+def _local_files(uri: str) -> tuple[str, list[str]] | None:
+    """(builder, sorted files) for a local path; None for a hub id; raises for a missing path."""
+    path = os.path.expanduser(uri)
+    if os.path.isdir(path):
+        files = []
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            # Hidden files are skipped: they include write_jsonl's in-flight temp files.
+            files += [
+                os.path.join(dirpath, f)
+                for f in sorted(filenames)
+                if not f.startswith(".") and os.path.splitext(f)[1].lower() in _BUILDERS
+            ]
+        if not files:
+            raise FileNotFoundError(
+                f"dataset directory {uri!r} holds no {'/'.join(sorted(_BUILDERS))} files: "
+                "point uri at a directory or file with text data"
+            )
+    elif os.path.isfile(path):
+        files = [path]
+    elif _looks_like_path(uri):
+        raise FileNotFoundError(
+            f"dataset path {uri!r} does not exist: pass an existing .txt/.json/.jsonl/.parquet "
+            "file or directory (or a Hugging Face hub dataset id such as 'wikimedia/wikipedia')"
+        )
+    else:
+        return None
+    builders = {_BUILDERS.get(os.path.splitext(f)[1].lower()) for f in files}
+    if None in builders:
+        raise ValueError(
+            f"dataset file {uri!r} has an unsupported suffix: use one of {sorted(_BUILDERS)}"
+        )
+    if len(builders) > 1:
+        raise ValueError(
+            f"dataset directory {uri!r} mixes file types ({sorted(builders)}): keep one type per "
+            "directory or point uri at a single file"
+        )
+    return builders.pop(), files
+
+
+def _hub_offline() -> bool:
+    import datasets
+
+    flags = [getattr(datasets.config, "HF_HUB_OFFLINE", False)]
+    flags += [os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+              for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")]
+    return any(flags)
+
+
+def _unreachable(uri: str, error: BaseException) -> ConnectionError:
+    return ConnectionError(
+        f"could not reach dataset {uri!r} on the Hugging Face hub "
+        f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+        "offline, pass a local .txt/.json/.jsonl/.parquet path as uri instead (if uri was meant "
+        "as a local path, it does not exist)"
+    )
+
+
+def _check_column(uri: str, column: str, columns: Sequence[str]) -> None:
+    if column not in columns:
+        raise ValueError(
+            f"dataset {uri!r} has no column {column!r}; available columns: {list(columns)}: "
+            "set column to one of them"
+        )
+
+
+def _load_rows(spec: Any, cache_dir: str | None) -> list[str]:
+    """The sampled rows of the text column, in order (before the train/test split)."""
+    import datasets
+
+    uri = str(_field(spec, "uri", ""))
+    if not uri:
+        raise ValueError("dataset uri is empty: set it to a hub dataset id or a local path")
+    subset = _field(spec, "subset", None)
+    split = _field(spec, "split", "train")
+    column = _field(spec, "column", "text")
+    sample_size = _field(spec, "sample_size", None)
+    shuffle = bool(_field(spec, "shuffle", False))
+    seed = int(_field(spec, "seed", 42))
+    if sample_size is not None and int(sample_size) <= 0:
+        raise ValueError(f"sample_size={sample_size} must be positive (or None for all rows)")
+
+    local = _local_files(uri)
+    if local is None and sample_size is not None and not shuffle and not _hub_offline():
+        # Distily's "first N rows" of a hub dataset: stream them instead of downloading the whole
+        # split (all of English Wikipedia for 5000 rows). Same rows, in the same (file) order.
+        try:
+            stream = datasets.load_dataset(uri, subset, split=split, streaming=True)
+            rows = list(itertools.islice(iter(stream), int(sample_size)))
+        except Exception as e:
+            wrapped = _hub_error(uri, e)
+            if wrapped is e:
+                raise
+            raise wrapped from e
+        if rows:
+            _check_column(uri, column, list(rows[0]))
+        return _as_texts(uri, column, [r[column] for r in rows])
+
+    if local is not None:
+        builder, files = local
+        kwargs = {"sample_by": _field(spec, "sample_by", "document")} if builder == "text" else {}
+        if all(os.path.getsize(f) == 0 for f in files):
+            return []  # datasets' json builder raises a bare StopIteration on empty files
+        # data_files under the requested split name, so `split` works for local files too.
+        ds = datasets.load_dataset(
+            builder, data_files={split: files}, split=split, cache_dir=cache_dir, **kwargs
+        )
+        if builder == "text":
+            # Blank lines (sample_by="line") and empty files become "" rows: not documents.
+            ds = ds.filter(lambda t: len(t) > 0, input_columns="text", keep_in_memory=True)
+    else:
+        try:
+            ds = datasets.load_dataset(uri, subset, split=split, cache_dir=cache_dir)
+        except Exception as e:
+            wrapped = _hub_error(uri, e)
+            if wrapped is e:
+                raise
+            raise wrapped from e
+    _check_column(uri, column, ds.column_names)
+    if shuffle:
+        # keep_in_memory: no indices cache file is written next to the (shared) dataset cache.
+        ds = ds.shuffle(seed=seed, keep_in_memory=True)
+    if sample_size is not None:
+        ds = ds.select(range(min(int(sample_size), len(ds))), keep_in_memory=True)
+    return _as_texts(uri, column, ds[column])
+
+
+def _hub_error(uri: str, e: Exception) -> Exception:
+    """A one-line error for a failed hub load: unreachable, not found, or the original error."""
+    names = " ".join(type(c).__name__ for c in type(e).__mro__)
+    if "DatasetNotFound" in names:
+        return FileNotFoundError(
+            f"dataset {uri!r} is neither a local path nor a dataset on the Hugging Face hub "
+            f"({str(e).splitlines()[0] if str(e) else ''}): check the id, or pass a local "
+            ".txt/.json/.jsonl/.parquet path"
+        )
+    if isinstance(e, (ConnectionError, TimeoutError)) or any(
+        k in names for k in ("Connect", "Timeout", "Offline", "LocalEntryNotFound")
+    ):
+        return _unreachable(uri, e)
+    return e
+
+
+def _as_texts(uri: str, column: str, values: Sequence[Any]) -> list[str]:
+    texts = list(values)
+    bad = next((v for v in texts if not isinstance(v, str)), None)
+    if bad is not None:
+        raise ValueError(
+            f"column {column!r} of dataset {uri!r} holds {type(bad).__name__} values, not text: "
+            "set column to a text column"
+        )
+    return texts
+
+
+def split_indices(n: int, test_size: float | int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train_idx, test_idx): ``datasets.Dataset.train_test_split(test_size, seed=seed)``'s rows.
+
+    Exactly datasets' shuffled split (as Distily calls it): n_test = ceil(test_size * n) for a
+    float (test_size rows for an int), perm = np.random.default_rng(seed).permutation(n),
+    test = perm[:n_test], train = perm[n_test:], each in permutation order.
+    """
+    numeric = (int, float, np.integer, np.floating)
+    if isinstance(test_size, bool) or not isinstance(test_size, numeric):
+        raise ValueError(
+            f"test_size={test_size!r} must be a fraction in (0, 1) or an int row count"
+        )
+    if isinstance(test_size, (float, np.floating)):
+        if not 0.0 < test_size < 1.0:
+            raise ValueError(
+                f"test_size={test_size} must be a fraction in (0, 1) or an int row count: both "
+                "train and test splits must be non-empty"
+            )
+        n_test = math.ceil(float(test_size) * n)
+    else:
+        n_test = int(test_size)
+    n_train = n - n_test
+    if n_test <= 0 or n_train <= 0:
+        raise ValueError(
+            f"splitting {n} rows with test_size={test_size} leaves an empty "
+            f"{'test' if n_test <= 0 else 'train'} split: use more rows (sample_size) or "
+            "another test_size"
+        )
+    perm = np.random.default_rng(seed).permutation(n)
+    return perm[n_test:], perm[:n_test]
+
+
+def load_texts(spec: Any, cache_dir: str | None = None) -> tuple[list[str], list[str]]:
+    """Loads a dataset and returns (train_texts, test_texts).
+
+    Fields of ``spec`` (an ``ml_collections.ConfigDict`` or any object with attributes; a missing
+    or None field takes the default):
+
+      uri: hub dataset id (e.g. "wikimedia/wikipedia") or a local file/directory. Local files are
+        read with the `datasets` builder for their suffix: .txt/.text -> "text", .json/.jsonl ->
+        "json", .parquet -> "parquet", .csv -> "csv"; a directory is walked recursively (sorted,
+        hidden files skipped) and must hold a single file type.
+      subset: hub config name (e.g. "20231101.en") or None.
+      split: split to read (default "train"); local files are exposed under this name.
+      column: the text column (default "text"; the "text" builder always names it "text").
+      sample_by: .txt files only: "document" (default: one document per file), "paragraph" (one
+        per blank-line-separated paragraph) or "line" (one per line); empty ones are dropped.
+      sample_size: keep the first N rows (None: all). With shuffle, N rows of a seeded shuffle.
+      shuffle: shuffle the rows with ``seed`` before taking sample_size (default False, Distily).
+      seed: seed of that shuffle and of the train/test split (default 42).
+      test_size: fraction (float in (0, 1)) or count (int) of the sampled rows held out
+        (default 0.002). Rows go to test exactly as ``datasets``' ``train_test_split(test_size,
+        seed=seed)`` sends them (shuffled split, see ``split_indices``): 5000 rows with 0.002 ->
+        4990 train / 10 test.
+
+    A hub dataset with sample_size and no shuffle is streamed (only the first N rows are
+    fetched), unless HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set, in which case the local HF
+    cache is used.
+
+    Args:
+      cache_dir: `datasets`' cache directory (None: ``spec.cache_dir`` if set, else the HF
+        default ~/.cache/huggingface/datasets).
+
+    Raises:
+      FileNotFoundError: a local path does not exist (or a directory has no data files).
+      ValueError: empty dataset or split, missing/non-text column, bad test_size.
+      ConnectionError: a hub id could not be reached (offline): pass a local path instead.
+    """
+    uri = str(_field(spec, "uri", ""))
+    if cache_dir is None:
+        cache_dir = _field(spec, "cache_dir", None)
+    texts = _load_rows(spec, cache_dir)
+    if not texts:
+        raise ValueError(
+            f"dataset {uri!r} (split {_field(spec, 'split', 'train')!r}) has no rows: "
+            "check uri/split/sample_size or add data"
+        )
+    train_idx, test_idx = split_indices(
+        len(texts), _field(spec, "test_size", 0.002), int(_field(spec, "seed", 42))
+    )
+    train = [texts[i] for i in train_idx]
+    test = [texts[i] for i in test_idx]
+    logger.info("dataset %s: %d rows -> %d train / %d test", uri, len(texts), len(train), len(test))
+    return train, test
+
+
+# ---------------------------------------------------------------------------------- tokenizing
+
+
+def _require_eos(tokenizer: Any) -> int:
+    eos_id = getattr(tokenizer, "eos_token_id", None)
+    if eos_id is None:
+        raise ValueError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} has "
+            "no eos token (needed to end packed documents and to pad): set one, e.g. "
+            "tokenizer.add_special_tokens({'eos_token': '<|endoftext|>'}), or use a tokenizer "
+            "that defines eos_token"
+        )
+    return int(eos_id)
+
+
+def tokenize(texts: Sequence[str], tokenizer: Any, batch_size: int = 1000) -> list[np.ndarray]:
+    """Token ids of each text: a list of int32 arrays [len_i], no special tokens added.
+
+    Calls the (fast) tokenizer on batches of ``batch_size`` texts. No truncation: ``pack`` and
+    ``pad`` decide what to do with long documents.
+    """
+    _require_eos(tokenizer)
+    out: list[np.ndarray] = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            list(texts[start : start + batch_size]),
+            add_special_tokens=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            # Silences "sequence length is longer than the specified maximum": expected here.
+            verbose=False,
+        )
+        out.extend(np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"])
+    return out
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> bytes:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        # The full serialized tokenizer (vocab, merges, normalizer, pre-tokenizer, added tokens):
+        # a content hash, so the same tokenizer saved in another directory still hits the cache.
+        return backend.to_str().encode("utf-8")
+    vocab = sorted(tokenizer.get_vocab().items())
+    return repr((type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), vocab)).encode()
+
+
+def token_cache_key(texts: Sequence[str], tokenizer: Any) -> str:
+    """sha256 hex digest of (cache format, tokenizer content, every text)."""
+    h = hashlib.sha256()
+    h.update(f"distil_jax.tokens.v{_TOKEN_CACHE_VERSION}\0".encode())
+    fp = _tokenizer_fingerprint(tokenizer)
+    h.update(len(fp).to_bytes(8, "little") + fp)
+    h.update(len(texts).to_bytes(8, "little"))
+    for t in texts:
+        b = t.encode("utf-8", "surrogatepass")
+        # Length-prefixed, so ["ab", "c"] and ["a", "bc"] hash differently.
+        h.update(len(b).to_bytes(8, "little") + b)
+    return h.hexdigest()
+
+
+def tokenize_cached(
+    texts: Sequence[str], tokenizer: Any, cache_dir: str | os.PathLike, batch_size: int = 1000
+) -> list[np.ndarray]:
+    """``tokenize`` with an on-disk cache: ``cache_dir/tokens-<key>.npz``.
+
+    The .npz holds ``tokens`` int32 [sum len_i] and ``offsets`` int64 [n + 1]; written atomically
+    (temp file + os.replace), so concurrent runs and interrupted writes never leave a bad file.
+    """
+    _require_eos(tokenizer)
+    cache_dir = os.fspath(cache_dir)
+    path = os.path.join(cache_dir, f"tokens-{token_cache_key(texts, tokenizer)[:32]}.npz")
+    if os.path.exists(path):
+        try:
+            with np.load(path) as z:
+                tokens, offsets = z["tokens"], z["offsets"]
+            if len(offsets) == len(texts) + 1 and offsets[-1] == len(tokens):
+                logger.info("token cache hit: %s", path)
+                return [tokens[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+        except Exception as e:  # a corrupt cache is rebuilt, never trusted
+            logger.warning("ignoring unreadable token cache %s (%s)", path, e)
+        logger.warning("token cache %s does not match the texts; rebuilding it", path)
+    docs = tokenize(texts, tokenizer, batch_size=batch_size)
+    offsets = np.zeros(len(docs) + 1, np.int64)
+    np.cumsum([len(d) for d in docs], out=offsets[1:])
+    tokens = np.concatenate(docs) if docs else np.zeros(0, np.int32)
+    os.makedirs(cache_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-tokens-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, tokens=tokens.astype(np.int32), offsets=offsets)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    logger.info("token cache written: %s (%d docs, %d tokens)", path, len(docs), len(tokens))
+    return docs
+
+
+# ------------------------------------------------------------------------------------ layouts
+
+
+def _check_seq_len(seq_len: int) -> int:
+    if int(seq_len) != seq_len or seq_len <= 0:
+        raise ValueError(f"seq_len={seq_len} must be a positive integer")
+    return int(seq_len)
+
+
+def pack(docs: Sequence[np.ndarray], seq_len: int, eos_id: int) -> Arrays:
+    """Packs documents into rows: {input_ids, segment_ids} int32 [N, seq_len].
+
+    Each document is followed by ``eos_id`` (the EOS belongs to that document's segment); the
+    stream of all documents is cut into rows of ``seq_len``. Segment ids restart at 1 in every
+    row, so a document crossing a row boundary continues in the next row as a new segment (the
+    model restarts its positions there). Only the last row is padded: pad tokens ``eos_id`` with
+    segment 0. N = ceil(sum(len_i + 1) / seq_len); no token is lost or duplicated.
+    """
+    seq_len = _check_seq_len(seq_len)
+    lengths = np.array([len(d) + 1 for d in docs], dtype=np.int64)
+    total = int(lengths.sum())
+    n_rows = -(-total // seq_len)
+    ids = np.full(n_rows * seq_len, eos_id, np.int32)
+    owner = np.full(n_rows * seq_len, -1, np.int64)  # document index of each position, -1 = pad
+    if total:
+        eos = np.array([eos_id], np.int32)
+        ids[:total] = np.concatenate([p for d in docs for p in (np.asarray(d, np.int32), eos)])
+        owner[:total] = np.repeat(np.arange(len(docs)), lengths)
+    ids = ids.reshape(n_rows, seq_len)
+    owner = owner.reshape(n_rows, seq_len)
+    starts_segment = np.ones_like(owner, dtype=bool)
+    starts_segment[:, 1:] = owner[:, 1:] != owner[:, :-1]
+    segment_ids = np.cumsum(starts_segment, axis=1).astype(np.int32)
+    segment_ids[owner < 0] = 0
+
+    if len(docs):
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        crossing = starts // seq_len != (starts + lengths - 1) // seq_len
+        longer = lengths - 1 > seq_len
+        if longer.any():
+            logger.info(
+                "pack: %d of %d documents are longer than seq_len=%d; %d documents in all span "
+                "several rows (each part is its own segment)",
+                int(longer.sum()), len(docs), seq_len, int(crossing.sum()),
+            )
+        else:
+            logger.debug("pack: %d of %d documents span two rows", int(crossing.sum()), len(docs))
+    return {"input_ids": ids, "segment_ids": segment_ids}
+
+
+def pad(docs: Sequence[np.ndarray], seq_len: int, pad_id: int) -> Arrays:
+    """Distily's layout: {input_ids, segment_ids} int32 [len(docs), seq_len].
+
+    One document per row (no EOS added, as Distily's GPT-2 tokenization adds none), truncated
+    to ``seq_len``, right-padded with ``pad_id``; segment id 1 on real tokens, 0 on padding.
+    """
+    seq_len = _check_seq_len(seq_len)
+    ids = np.full((len(docs), seq_len), pad_id, np.int32)
+    segment_ids = np.zeros((len(docs), seq_len), np.int32)
+    truncated = 0
+    for i, d in enumerate(docs):
+        n = min(len(d), seq_len)
+        truncated += len(d) > seq_len
+        ids[i, :n] = d[:n]
+        segment_ids[i, :n] = 1
+    if truncated:
+        logger.info(
+            "pad: %d of %d documents are longer than seq_len=%d and were truncated",
+            truncated, len(docs), seq_len,
+        )
+    return {"input_ids": ids, "segment_ids": segment_ids}
+
+
+def layout_stats(arrays: Arrays) -> dict[str, Any]:
+    """rows, real_tokens (segment > 0), padding_fraction, documents of a layout.
+
+    ``documents`` counts segments: a document split across k rows by ``pack`` counts k times;
+    for ``pad`` it is the number of non-empty documents.
+    """
+    seg = np.asarray(arrays["segment_ids"])
+    rows = int(seg.shape[0])
+    real = int((seg > 0).sum())
+    size = int(seg.size)
+    return {
+        "rows": rows,
+        "real_tokens": real,
+        "padding_fraction": float(1.0 - real / size) if size else 0.0,
+        # Segment ids are 1..k in every row, so a row's max is its number of segments.
+        "documents": int(seg.max(axis=1).sum()) if rows else 0,
+    }
+
+
+def build_datasets(
+    spec: Any,
+    tokenizer: Any,
+    seq_len: int,
+    layout: str,
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[Arrays, Arrays, dict[str, Any]]:
+    """spec -> (train_arrays, test_arrays, stats), both splits in the same layout.
+
+    Args:
+      spec: the dataset fields of ``load_texts``.
+      tokenizer: a Hugging Face tokenizer with an eos token (its pad token, else eos, pads).
+      seq_len: row length S (the caller takes the min with the model's n_positions).
+      layout: "pack" (documents + EOS packed into rows) or "pad" (Distily: one per row).
+      cache_dir: if set, token ids are cached there (``tokenize_cached``).
+
+    Returns:
+      train and test arrays {input_ids, segment_ids} int32 [N, S], and stats:
+      {"layout", "seq_len", "train": {...}, "test": {...}} where each split has documents (input
+      texts), segments, rows, real_tokens, padding_fraction, tokens (before truncation) and
+      truncated_documents.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not supported: use 'pack' or 'pad'")
+    seq_len = _check_seq_len(seq_len)
+    eos_id = _require_eos(tokenizer)
+    # Distily pads with EOS (GPT-2 has no pad token); a tokenizer's own pad token wins.
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    pad_id = eos_id if pad_id is None else int(pad_id)
+    train_texts, test_texts = load_texts(spec)
+
+    stats: dict[str, Any] = {"layout": layout, "seq_len": seq_len}
+    outputs = []
+    for name, texts in (("train", train_texts), ("test", test_texts)):
+        if cache_dir is not None:
+            docs = tokenize_cached(texts, tokenizer, cache_dir)
+        else:
+            docs = tokenize(texts, tokenizer)
+        arrays = pack(docs, seq_len, eos_id) if layout == "pack" else pad(docs, seq_len, pad_id)
+        s = layout_stats(arrays)
+        s["segments"] = s.pop("documents")
+        s["documents"] = len(docs)
+        s["tokens"] = int(sum(len(d) for d in docs))
+        truncated = sum(len(d) > seq_len for d in docs) if layout == "pad" else 0
+        s["truncated_documents"] = int(truncated)
+        stats[name] = s
+        outputs.append(arrays)
+        logger.info(
+            "%s: %d documents, %d tokens -> %d rows of %d (%s), %d real tokens, %.1f%% padding",
+            name, s["documents"], s["tokens"], s["rows"], seq_len, layout, s["real_tokens"],
+            100 * s["padding_fraction"],
+        )
+    return outputs[0], outputs[1], stats
+
+
+# ------------------------------------------------------------------------------------ batching
+
+
+def _num_rows(arrays: Arrays) -> int:
+    sizes = {k: int(np.shape(v)[0]) for k, v in arrays.items()}
+    if not sizes or len(set(sizes.values())) != 1:
+        raise ValueError(f"arrays must share their leading (row) dimension, got {sizes}")
+    return sizes.popitem()[1]
+
+
+def _pad_rows(batch: Arrays, batch_size: int) -> Arrays:
+    """Appends all-zero rows (segment 0: fully masked) up to batch_size, for static shapes."""
+    n = next(iter(batch.values())).shape[0]
+    if n == batch_size:
+        return batch
+    return {
+        k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
+        for k, v in batch.items()
+    }
+
+
+class BatchIterator:
+    """Endless, deterministic, resumable batches {key: [batch_size, ...]} over the rows of arrays.
+
+    Epoch e visits the rows in the order ``np.random.default_rng([seed, e]).permutation(n)``
+    (row order when shuffle=False), batch_size rows per step. With drop_last the incomplete
+    tail of each epoch is skipped; without it, the last batch is filled with all-zero
+    (segment 0, fully masked) rows so shapes stay static.
+
+    ``state()`` is {"epoch", "index"} (the next batch), plain ints for JSON; ``restore(state)``
+    on an iterator built with the same arguments continues exactly where the saved one was.
+    """
+
+    def __init__(
+        self,
+        arrays: Arrays,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 42,
+        drop_last: bool = True,
+    ):
+        if int(batch_size) != batch_size or batch_size <= 0:
+            raise ValueError(f"batch_size={batch_size} must be a positive integer")
+        self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        self.num_rows = _num_rows(self.arrays)
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        if drop_last:
+            self.steps_per_epoch = self.num_rows // self.batch_size
+        else:
+            self.steps_per_epoch = -(-self.num_rows // self.batch_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{self.num_rows} rows make no batch of batch_size={self.batch_size}: lower "
+                "batch_size, use more data, or set drop_last=False"
+            )
+        self.epoch = 0
+        self.index = 0
+        self._order_cache: tuple[int, np.ndarray] | None = None
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+            else:
+                order = np.arange(self.num_rows)
+            self._order_cache = (epoch, order)
+        return self._order_cache[1]
+
+    def __iter__(self) -> Iterator[Arrays]:
+        return self
+
+    def __next__(self) -> Arrays:
+        order = self._order(self.epoch)
+        rows = order[self.index * self.batch_size : (self.index + 1) * self.batch_size]
+        batch = _pad_rows({k: v[rows] for k, v in self.arrays.items()}, self.batch_size)
+        self.index += 1
+        if self.index == self.steps_per_epoch:
+            # Canonical state: "start of the next epoch", never "past the end of this one".
+            self.epoch, self.index = self.epoch + 1, 0
+        return batch
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": int(self.epoch), "index": int(self.index)}
+
+    def restore(self, state: dict[str, int]) -> None:
+        epoch, index = int(state["epoch"]), int(state["index"])
+        if epoch < 0 or not 0 <= index <= self.steps_per_epoch:
+            raise ValueError(
+                f"cannot restore batch state {state}: index must be in [0, "
+                f"{self.steps_per_epoch}] (steps_per_epoch) for these arrays and batch_size"
+            )
+        if index == self.steps_per_epoch:
+            epoch, index = epoch + 1, 0
+        self.epoch, self.index = epoch, index
+
+
+def eval_batches(arrays: Arrays, batch_size: int) -> Iterator[Arrays]:
+    """Every row once, in order, batch_size rows per batch; the last batch is filled with
+    all-zero (segment 0) rows, so every held-out token counts exactly once and shapes are static.
+    """
+    if int(batch_size) != batch_size or batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size} must be a positive integer")
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    n = _num_rows(arrays)
+    for start in range(0, n, batch_size):
+        yield _pad_rows({k: v[start : start + batch_size] for k, v in arrays.items()}, batch_size)

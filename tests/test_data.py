@@ -1,0 +1,313 @@
+"""Tests for distil_jax.data: loading, tokenizing, pack/pad layouts, resumable batches."""
+
+import json
+import logging
+import math
+from types import SimpleNamespace
+
+import datasets
+import ml_collections
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transformers import PreTrainedTokenizerFast
+
+from distil_jax import corpus, data
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return corpus.stdlib_docstrings(max_docs=24)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(texts):
+    return corpus.train_tokenizer(texts, vocab_size=300, model_max_length=128)
+
+
+@pytest.fixture(scope="module")
+def docs(texts, tokenizer):
+    return data.tokenize(texts, tokenizer, batch_size=7)  # several batches, one ragged
+
+
+def spec(uri, **kw):
+    # Built in one go: ConfigDict would turn a later int test_size (a row count) into a float.
+    fields = dict(uri=str(uri), subset=None, split="train", column="text", sample_size=None,
+                  shuffle=False, seed=42, test_size=0.002)
+    return ml_collections.ConfigDict({**fields, **kw})
+
+
+def write_jsonl(path, rows, key="text"):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps({key: r, "id": 0}) + "\n")
+
+
+# ------------------------------------------------------------------------------- tokenizing
+
+
+def test_tokenize_matches_the_tokenizer(texts, tokenizer, docs):
+    assert len(docs) == len(texts)
+    for text, ids in zip(texts[:3], docs[:3]):
+        assert ids.dtype == np.int32
+        assert ids.tolist() == tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    assert data.tokenize([""], tokenizer)[0].shape == (0,)
+
+
+def test_tokenizer_without_eos_is_rejected(tokenizer):
+    no_eos = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer)
+    assert no_eos.eos_token_id is None
+    with pytest.raises(ValueError, match="no eos token.*eos_token"):
+        data.tokenize(["hello"], no_eos)
+
+
+def test_tokenize_cached_reuses_the_cache(tmp_path, texts, tokenizer, docs, monkeypatch):
+    first = data.tokenize_cached(texts, tokenizer, tmp_path)
+    assert [d.tolist() for d in first] == [d.tolist() for d in docs]
+    assert len(list(tmp_path.glob("tokens-*.npz"))) == 1
+
+    def fail(*a, **k):
+        raise AssertionError("cache miss")
+
+    monkeypatch.setattr(data, "tokenize", fail)
+    second = data.tokenize_cached(texts, tokenizer, tmp_path)
+    assert [d.tolist() for d in second] == [d.tolist() for d in docs]
+    with pytest.raises(AssertionError, match="cache miss"):  # other texts: another key
+        data.tokenize_cached(texts[:-1], tokenizer, tmp_path)
+
+
+# ---------------------------------------------------------------------------------- layouts
+
+
+def test_pack_small_example():
+    docs = [np.array([1, 2, 3]), np.array([4]), np.array([5, 6, 7, 8, 9]), np.array([10])]
+    out = data.pack(docs, seq_len=4, eos_id=0)
+    np.testing.assert_array_equal(
+        out["input_ids"], [[1, 2, 3, 0], [4, 0, 5, 6], [7, 8, 9, 0], [10, 0, 0, 0]]
+    )
+    np.testing.assert_array_equal(
+        out["segment_ids"], [[1, 1, 1, 1], [1, 1, 2, 2], [1, 1, 1, 1], [1, 1, 0, 0]]
+    )
+    assert out["input_ids"].dtype == np.int32 and out["segment_ids"].dtype == np.int32
+    assert data.layout_stats(out) == {
+        "rows": 4, "real_tokens": 14, "padding_fraction": 2 / 16, "documents": 5
+    }
+    empty = data.pack([], seq_len=4, eos_id=0)
+    assert empty["input_ids"].shape == (0, 4)
+    assert data.layout_stats(empty)["padding_fraction"] == 0.0
+
+
+def test_pack_loses_and_duplicates_nothing(docs, tokenizer, caplog):
+    eos = tokenizer.eos_token_id
+    seq_len = 64
+    with caplog.at_level(logging.INFO, logger="distil_jax.data"):
+        out = data.pack(docs, seq_len, eos)
+    ids, seg = out["input_ids"], out["segment_ids"]
+    total = sum(len(d) + 1 for d in docs)
+    assert ids.shape == (math.ceil(total / seq_len), seq_len)
+    # Real tokens, read segment by segment in row order, are exactly docs each followed by EOS.
+    pieces = [ids[r][seg[r] == s] for r in range(len(ids)) for s in range(1, seg[r].max() + 1)]
+    np.testing.assert_array_equal(
+        np.concatenate(pieces), np.concatenate([np.append(d, eos) for d in docs])
+    )
+    # Every segment but a row's last ends with EOS (a document ends there); padding is trailing.
+    for r in range(len(ids)):
+        for s in range(1, seg[r].max()):
+            assert ids[r][seg[r] == s][-1] == eos
+        real = seg[r] > 0
+        assert not np.any(real[1:] & ~real[:-1])  # no real token after padding
+        assert np.all(np.diff(seg[r][real]) >= 0)  # ids ascend from 1 by steps of 0 or 1
+        assert np.all(np.diff(seg[r][real]) <= 1) and (not real.any() or seg[r][0] == 1)
+    stats = data.layout_stats(out)
+    assert stats["real_tokens"] == total
+    assert stats["padding_fraction"] == pytest.approx(1 - total / ids.size)
+    n_long = sum(len(d) + 1 > seq_len for d in docs)
+    assert n_long > 0 and f"{n_long} of {len(docs)} documents are longer" in caplog.text
+
+
+def test_pad_layout_and_truncation(docs, tokenizer, caplog):
+    pad_id = tokenizer.pad_token_id
+    seq_len = 64
+    with caplog.at_level(logging.INFO, logger="distil_jax.data"):
+        out = data.pad(docs, seq_len, pad_id)
+    ids, seg = out["input_ids"], out["segment_ids"]
+    assert ids.shape == seg.shape == (len(docs), seq_len)
+    for d, row, srow in zip(docs, ids, seg):
+        n = min(len(d), seq_len)
+        np.testing.assert_array_equal(row[:n], d[:n])
+        assert np.all(row[n:] == pad_id)
+        assert np.all(srow[:n] == 1) and np.all(srow[n:] == 0)
+    n_trunc = sum(len(d) > seq_len for d in docs)
+    assert f"{n_trunc} of {len(docs)} documents are longer than seq_len={seq_len}" in caplog.text
+    real = sum(min(len(d), seq_len) for d in docs)
+    stats = data.layout_stats(out)
+    assert stats["real_tokens"] == real and stats["rows"] == len(docs)
+    assert stats["documents"] == sum(len(d) > 0 for d in docs)
+    assert stats["padding_fraction"] == pytest.approx(1 - real / ids.size)
+
+    small = data.pad([np.array([5, 6, 7]), np.array([], np.int32)], seq_len=2, pad_id=9)
+    np.testing.assert_array_equal(small["input_ids"], [[5, 6], [9, 9]])
+    np.testing.assert_array_equal(small["segment_ids"], [[1, 1], [0, 0]])
+
+
+def test_packing_removes_padding(docs, tokenizer):
+    packed = data.layout_stats(data.pack(docs, 256, tokenizer.eos_token_id))
+    padded = data.layout_stats(data.pad(docs, 256, tokenizer.pad_token_id))
+    assert packed["padding_fraction"] * packed["rows"] * 256 < 256  # only the last row pads
+    assert packed["padding_fraction"] < padded["padding_fraction"]
+    # pad truncates long documents; pack keeps every token (+ one EOS per document).
+    assert packed["real_tokens"] == sum(len(d) + 1 for d in docs) > padded["real_tokens"]
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+def test_load_jsonl_split_sizes_match_datasets(tmp_path):
+    rows = [f"document {i}" for i in range(5000)]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    train, test = data.load_texts(spec(tmp_path / "d.jsonl"), cache_dir=str(tmp_path / "hf"))
+    assert (len(train), len(test)) == (4990, 10)
+    assert sorted(train + test) == sorted(rows)
+    # Exactly datasets' train_test_split(test_size, seed) rows, as Distily calls it.
+    ref = datasets.Dataset.from_dict({"text": rows}).train_test_split(test_size=0.002, seed=42)
+    assert test == list(ref["test"]["text"]) and train == list(ref["train"]["text"])
+
+    first = data.load_texts(
+        spec(tmp_path / "d.jsonl", sample_size=100, test_size=0.1), cache_dir=str(tmp_path / "hf")
+    )
+    assert (len(first[0]), len(first[1])) == (90, 10)
+    assert sorted(first[0] + first[1]) == sorted(rows[:100])  # the first N rows, no shuffle
+
+    shuffled = data.load_texts(
+        spec(tmp_path / "d.jsonl", sample_size=100, shuffle=True, seed=1),
+        cache_dir=str(tmp_path / "hf"),
+    )
+    ref = datasets.Dataset.from_dict({"text": rows}).shuffle(seed=1).select(range(100))
+    assert sorted(shuffled[0] + shuffled[1]) == sorted(ref["text"])
+
+
+def test_load_txt_and_parquet(tmp_path):
+    txt = tmp_path / "txt"
+    txt.mkdir()
+    (txt / "a.txt").write_text("first doc\nline two\n\nsecond paragraph\n")
+    (txt / "b.txt").write_text("another doc\n")
+    (txt / ".hidden.txt").write_text("never read\n")
+    hf = str(tmp_path / "hf")
+    train, test = data.load_texts(spec(txt, test_size=0.5), cache_dir=hf)
+    assert sorted(train + test) == ["another doc\n", "first doc\nline two\n\nsecond paragraph\n"]
+    lines = data.load_texts(
+        SimpleNamespace(uri=str(txt / "a.txt"), sample_by="line", test_size=1), cache_dir=hf
+    )
+    assert sorted(lines[0] + lines[1]) == ["first doc", "line two", "second paragraph"]
+
+    table = pa.table({"content": [f"parquet row {i}" for i in range(20)], "n": list(range(20))})
+    pq.write_table(table, tmp_path / "p.parquet")
+    train, test = data.load_texts(
+        spec(tmp_path / "p.parquet", column="content", test_size=0.25), cache_dir=hf
+    )
+    assert (len(train), len(test)) == (15, 5)
+    assert sorted(train + test) == sorted(table["content"].to_pylist())
+
+
+def test_load_errors(tmp_path):
+    hf = str(tmp_path / "hf")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.load_texts(spec(tmp_path / "missing.jsonl"), cache_dir=hf)
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="has no rows"):
+        data.load_texts(spec(tmp_path / "empty.jsonl"), cache_dir=hf)
+    write_jsonl(tmp_path / "one.jsonl", ["only row"])
+    with pytest.raises(ValueError, match="empty train split"):
+        data.load_texts(spec(tmp_path / "one.jsonl"), cache_dir=hf)
+    with pytest.raises(ValueError, match=r"no column 'body'; available columns: \['text', 'id'\]"):
+        data.load_texts(spec(tmp_path / "one.jsonl", column="body"), cache_dir=hf)
+    with pytest.raises(ValueError, match="holds int values, not text"):
+        data.load_texts(spec(tmp_path / "one.jsonl", column="id"), cache_dir=hf)
+    # conftest sets HF_HUB_OFFLINE=1: a hub id fails fast with a pointer to local paths.
+    with pytest.raises(ConnectionError, match="could not reach dataset 'someone/corpus'.*local"):
+        data.load_texts(spec("someone/corpus", sample_size=10), cache_dir=hf)
+
+
+def test_build_datasets(tmp_path, texts, tokenizer, docs):
+    write_jsonl(tmp_path / "c.jsonl", texts)
+    s = spec(tmp_path / "c.jsonl", test_size=4, cache_dir=str(tmp_path / "hf"))
+    with pytest.raises(ValueError, match="use 'pack' or 'pad'"):
+        data.build_datasets(s, tokenizer, 64, "concat")
+    by_text = dict(zip(texts, docs))
+    train_texts, test_texts = data.load_texts(s)
+    for layout in ("pack", "pad"):
+        train, test, stats = data.build_datasets(s, tokenizer, 64, layout, tmp_path / "tok")
+        assert stats["train"]["documents"] == 20 and stats["test"]["documents"] == 4
+        splits = ((train, train_texts, "train"), (test, test_texts, "test"))
+        for arrays, split_texts, name in splits:
+            split_docs = [by_text[t] for t in split_texts]
+            layout_fn = data.pack if layout == "pack" else data.pad
+            ref = layout_fn(split_docs, 64, tokenizer.eos_token_id)
+            np.testing.assert_array_equal(arrays["input_ids"], ref["input_ids"])
+            np.testing.assert_array_equal(arrays["segment_ids"], ref["segment_ids"])
+            assert stats[name]["real_tokens"] == int((arrays["segment_ids"] > 0).sum())
+            assert stats[name]["tokens"] == sum(len(d) for d in split_docs)
+    assert stats["train"]["truncated_documents"] == sum(len(by_text[t]) > 64 for t in train_texts)
+
+
+# --------------------------------------------------------------------------------- batching
+
+
+def row_arrays(n, seq_len=3):
+    ids = np.repeat(np.arange(n, dtype=np.int32)[:, None], seq_len, axis=1)
+    return {"input_ids": ids, "segment_ids": np.ones_like(ids)}
+
+
+def test_batch_iterator_epochs_and_determinism():
+    it = data.BatchIterator(row_arrays(10), 3, seed=7)
+    assert it.steps_per_epoch == 3
+    epochs = [[next(it)["input_ids"][:, 0] for _ in range(3)] for _ in range(3)]
+    for e, batches in enumerate(epochs):
+        rows = np.concatenate(batches)
+        assert len(set(rows.tolist())) == 9  # a permutation, incomplete tail dropped
+        np.testing.assert_array_equal(rows, np.random.default_rng([7, e]).permutation(10)[:9])
+    assert it.state() == {"epoch": 3, "index": 0}
+    again = data.BatchIterator(row_arrays(10), 3, seed=7)
+    np.testing.assert_array_equal(next(again)["input_ids"][:, 0], epochs[0][0])
+
+    ordered = data.BatchIterator(row_arrays(5), 2, shuffle=False, drop_last=False)
+    assert ordered.steps_per_epoch == 3
+    got = [next(ordered) for _ in range(4)]
+    assert [b["input_ids"][:, 0].tolist() for b in got] == [[0, 1], [2, 3], [4, 0], [0, 1]]
+    assert got[2]["segment_ids"][1].tolist() == [0, 0, 0]  # fill row is fully masked
+    with pytest.raises(ValueError, match="no batch of batch_size=8"):
+        data.BatchIterator(row_arrays(5), 8)
+
+
+def test_batch_iterator_restores_mid_epoch_and_across_epochs():
+    arrays = row_arrays(11)
+    reference = data.BatchIterator(arrays, 4, seed=3)  # 2 steps per epoch
+    expected = [next(reference) for _ in range(9)]
+    for k in range(5):
+        original = data.BatchIterator(arrays, 4, seed=3)
+        for _ in range(k):
+            next(original)
+        state = json.loads(json.dumps(original.state()))
+        restored = data.BatchIterator(arrays, 4, seed=3)
+        restored.restore(state)
+        for j in range(4):  # crosses at least one epoch boundary
+            got = next(restored)
+            for key in arrays:
+                np.testing.assert_array_equal(got[key], expected[k + j][key])
+    with pytest.raises(ValueError, match="cannot restore"):
+        reference.restore({"epoch": 0, "index": 5})
+
+
+def test_eval_batches_cover_every_row_once():
+    arrays = row_arrays(10)
+    arrays["segment_ids"][::2, 1:] = 0
+    batches = list(data.eval_batches(arrays, 4))
+    assert len(batches) == 3
+    assert all(b[k].shape == (4, 3) for b in batches for k in b)
+    for key in arrays:
+        np.testing.assert_array_equal(np.concatenate([b[key] for b in batches])[:10], arrays[key])
+    assert np.all(batches[-1]["segment_ids"][2:] == 0)
+    real = sum(int((b["segment_ids"] > 0).sum()) for b in batches)
+    assert real == int((arrays["segment_ids"] > 0).sum())
+    assert list(data.eval_batches(row_arrays(0), 4)) == []
