@@ -1,0 +1,286 @@
+"""The distillation objective: Distily's components put together.
+
+Total loss = Σ_component weight · mean over mapped layer pairs of
+`loss_fn(norm(projector(student feature)), norm(teacher feature), mask)`, for the components
+`logits`, `hs` (hidden states) and `attn` (attention probabilities), plus an optional hard-label
+next-token cross-entropy (`clm`). A component with weight 0 computes nothing and asks the models
+for no extra features (spec section 2).
+
+`Objective` is static (hashable, built once from the config); its trainable parameters (projectors
+and norms) are an ordinary pytree that lives next to the student's parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from distil_jax.models.gpt2 import GPT2Config, GPT2Output
+from distil_jax.objectives.layer_mappers import get_layer_mapper
+from distil_jax.objectives.losses import LOSSES, get_loss
+from distil_jax.objectives.norms import apply_norm, init_norm
+from distil_jax.objectives.projectors import apply_projector, init_projector
+
+Array = jax.Array
+
+# Losses whose inputs are logits over the vocabulary (temperature applies to these).
+_DISTRIBUTION_LOSSES = ("kl", "reverse_kl", "cakld", "jsd", "ce", "soft_mse")
+# Above this many logits (B·S·V) per model, the logits losses run chunked by default.
+AUTO_CHUNK_THRESHOLD = 1 << 26
+DEFAULT_CHUNK_TOKENS = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    """One feature component (Distily's `LossComponent`)."""
+
+    weight: float = 0.0
+    loss_fn: str = "raw_mse"
+    layer_mapper: Any = "all"  # a name, or a tuple of (student, teacher) index pairs
+    norm: str = "none"
+    projector: str = "none"
+
+    @property
+    def active(self) -> bool:
+        return self.weight != 0.0
+
+
+def _as_tuple(x):
+    if isinstance(x, (list, tuple)):
+        return tuple(_as_tuple(v) for v in x)
+    return x
+
+
+def _component(d: Optional[Mapping], kind: str) -> Component:
+    if d is None:
+        return Component()
+    d = dict(d)
+    known = {f.name for f in dataclasses.fields(Component)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown objective.{kind} field(s) {unknown}; valid: {sorted(known)}")
+    if "layer_mapper" in d:
+        d["layer_mapper"] = _as_tuple(d["layer_mapper"])
+    comp = Component(**d)
+    if comp.active:
+        get_loss(comp.loss_fn)  # validates the name
+        get_layer_mapper(comp.layer_mapper)
+    return comp
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """The static description of the objective (hashable: usable as a jit static argument).
+
+    Built with `Objective.from_config(cfg)`, where cfg has `logits`, `hs`, `attn` (each with
+    weight, loss_fn, layer_mapper, norm, projector), `clm_weight`, `temperature` and
+    `logits_chunk_tokens` (None: automatic, 0: never chunk).
+    """
+
+    logits: Component = Component(weight=1.0, loss_fn="kl")
+    hs: Component = Component()
+    attn: Component = Component()
+    clm_weight: float = 0.0
+    temperature: float = 1.0
+    logits_chunk_tokens: Optional[int] = None
+    # The models' layer counts, fixed by `bind` before the loss is traced (pairs are static).
+    n_student: Optional[int] = None
+    n_teacher: Optional[int] = None
+
+    @classmethod
+    def from_config(cls, cfg: Mapping) -> "Objective":
+        cfg = dict(cfg)
+        known = {"logits", "hs", "attn", "clm_weight", "temperature", "logits_chunk_tokens"}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(f"unknown objective field(s) {unknown}; valid: {sorted(known)}")
+        obj = cls(
+            logits=_component(cfg.get("logits"), "logits"),
+            hs=_component(cfg.get("hs"), "hs"),
+            attn=_component(cfg.get("attn"), "attn"),
+            clm_weight=float(cfg.get("clm_weight", 0.0)),
+            temperature=float(cfg.get("temperature", 1.0)),
+            logits_chunk_tokens=cfg.get("logits_chunk_tokens"),
+        )
+        if obj.logits.active and obj.logits.loss_fn not in _DISTRIBUTION_LOSSES + ("raw_mse", "cos"):
+            raise ValueError(f"logits loss_fn {obj.logits.loss_fn!r} is not a logits loss")
+        if obj.temperature <= 0:
+            raise ValueError(f"objective.temperature must be > 0, got {obj.temperature}")
+        return obj
+
+    # ------------------------------------------------------------------ layer pairs
+
+    def hs_pairs(self, n_student: int, n_teacher: int) -> tuple[tuple[int, int], ...]:
+        """(student, teacher) indices into the n_layer + 1 hidden states; () when off."""
+        if not self.hs.active:
+            return ()
+        return tuple(get_layer_mapper(self.hs.layer_mapper)(n_student + 1, n_teacher + 1))
+
+    def attn_pairs(self, n_student: int, n_teacher: int) -> tuple[tuple[int, int], ...]:
+        """(student, teacher) block indices whose attention maps are compared; () when off."""
+        if not self.attn.active:
+            return ()
+        return tuple(get_layer_mapper(self.attn.layer_mapper)(n_student, n_teacher))
+
+    def features(self, student: GPT2Config, teacher: GPT2Config) -> dict:
+        """What each model must return: {"student"/"teacher": dict(output_hidden_states,
+        output_attentions)}; only mapped attention layers are materialized."""
+        pairs = self.attn_pairs(student.n_layer, teacher.n_layer)
+        return {
+            "student": dict(output_hidden_states=self.hs.active,
+                            output_attentions=tuple(sorted({s for s, _ in pairs}))),
+            "teacher": dict(output_hidden_states=self.hs.active,
+                            output_attentions=tuple(sorted({t for _, t in pairs}))),
+        }
+
+    def chunk_tokens(self, batch: int, seq: int, vocab: int) -> int:
+        """Tokens per chunk for the logits losses, 0 for unchunked."""
+        if self.logits_chunk_tokens is not None:
+            return int(self.logits_chunk_tokens)
+        return DEFAULT_CHUNK_TOKENS if batch * seq * vocab > AUTO_CHUNK_THRESHOLD else 0
+
+    # ------------------------------------------------------------------ parameters
+
+    def init_params(self, rng: Array, student: GPT2Config, teacher: GPT2Config, seq_len: int) -> dict:
+        """Projector and norm parameters, sized from the configs (attention maps: seq_len)."""
+        params = {}
+        k_hs, k_attn = jax.random.split(rng)
+        if self.hs.active:
+            params["hs"] = {
+                "projector": init_projector(self.hs.projector, k_hs, student.n_embd, teacher.n_embd),
+                "norm": init_norm(self.hs.norm, teacher.n_embd),
+            }
+        if self.attn.active:
+            if student.n_head != teacher.n_head:
+                raise ValueError(
+                    f"the attn component compares attention maps head by head, but the student has "
+                    f"{student.n_head} heads and the teacher {teacher.n_head}; give the student "
+                    f"n_head={teacher.n_head} or set objective.attn.weight=0"
+                )
+            params["attn"] = {
+                "projector": init_projector(self.attn.projector, k_attn, seq_len, seq_len),
+                "norm": init_norm(self.attn.norm, seq_len),
+            }
+        return params
+
+    # ------------------------------------------------------------------ the loss
+
+    def __call__(
+        self,
+        params: Mapping,
+        student_out: GPT2Output,
+        teacher_out: GPT2Output,
+        segment_ids: Array,
+        input_ids: Array,
+        student_head: Optional[Array] = None,
+        teacher_head: Optional[Array] = None,
+    ) -> tuple[Array, dict]:
+        """The total loss and its components (float32 scalars).
+
+        student_out / teacher_out: the models' outputs (teacher's already stop_gradient'ed).
+        segment_ids: [B, S] (0 = padding); input_ids: [B, S] (labels for the clm loss).
+        student_head / teacher_head: [D, V] LM head matrices, needed when the logits losses run
+          chunked (then the outputs carry last_hidden_state instead of logits).
+        """
+        if self.n_student is None:
+            raise ValueError("call Objective.bind(student_config, teacher_config) before computing the loss")
+        mask = segment_ids > 0
+        parts = {}
+        total = jnp.zeros((), jnp.float32)
+        if self.logits.active or self.clm_weight:
+            logit_loss, clm_loss = self._logits_losses(
+                student_out, teacher_out, segment_ids, input_ids, student_head, teacher_head)
+            if self.logits.active:
+                parts["loss/logits"] = logit_loss
+                total += self.logits.weight * logit_loss
+            if self.clm_weight:
+                parts["loss/clm"] = clm_loss
+                total += self.clm_weight * clm_loss
+        if self.hs.active:
+            pairs = self.hs_pairs(self.n_student, self.n_teacher)
+            loss = self._pairs_loss(self.hs, params["hs"], pairs, student_out.hidden_states,
+                                    teacher_out.hidden_states, mask)
+            parts["loss/hs"] = loss
+            total += self.hs.weight * loss
+        if self.attn.active:
+            pairs = self.attn_pairs(self.n_student, self.n_teacher)
+            # Attention maps are [B, H, S, S]: the mask covers query positions [B, H, S].
+            H = next(iter(student_out.attentions.values())).shape[1]
+            attn_mask = jnp.broadcast_to(mask[:, None, :], (mask.shape[0], H, mask.shape[1]))
+            loss = self._pairs_loss(self.attn, params["attn"], pairs, student_out.attentions,
+                                    teacher_out.attentions, attn_mask)
+            parts["loss/attn"] = loss
+            total += self.attn.weight * loss
+        parts["loss"] = total
+        return total, parts
+
+    def bind(self, student: GPT2Config, teacher: GPT2Config) -> "Objective":
+        """A copy with the models' layer counts fixed; mapper errors surface here, not in jit."""
+        bound = dataclasses.replace(self, n_student=student.n_layer, n_teacher=teacher.n_layer)
+        bound.hs_pairs(student.n_layer, teacher.n_layer)
+        bound.attn_pairs(student.n_layer, teacher.n_layer)
+        return bound
+
+    def _pairs_loss(self, comp: Component, params, pairs, student_feats, teacher_feats, mask):
+        loss_fn = get_loss(comp.loss_fn)
+        losses = []
+        for s_idx, t_idx in pairs:
+            s = apply_projector(comp.projector, params["projector"], student_feats[s_idx].astype(jnp.float32))
+            s, t = apply_norm(comp.norm, params["norm"], s, teacher_feats[t_idx].astype(jnp.float32))
+            losses.append(loss_fn(s, t, mask))
+        return sum(losses) / len(losses)
+
+    def _logits_losses(self, student_out, teacher_out, segment_ids, input_ids, s_head, t_head):
+        """(distillation loss on logits, hard next-token loss), each a mean over real tokens."""
+        B, S = segment_ids.shape
+        mask = segment_ids > 0
+        # Next-token labels, valid only inside a document.
+        labels = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
+        label_ok = jnp.concatenate(
+            [(segment_ids[:, 1:] == segment_ids[:, :-1]) & mask[:, :-1], jnp.zeros((B, 1), bool)], axis=1)
+        if student_out.logits is not None:
+            return self._logits_chunk(student_out.logits, teacher_out.logits, mask, labels, label_ok,
+                                      mean=True)
+        # Chunked over tokens: logits of neither model are ever held in full.
+        hs, ht = student_out.last_hidden_state, teacher_out.last_hidden_state
+        n = B * S
+        c = min(self.chunk_tokens(B, S, s_head.shape[1]) or n, n)
+        pad = (-n) % c
+        flat = lambda x: jnp.pad(x.reshape((n,) + x.shape[2:]), [(0, pad)] + [(0, 0)] * (x.ndim - 2))  # noqa
+        xs = tuple(a.reshape((-1, c) + a.shape[1:]) for a in
+                   (flat(hs), flat(ht), flat(mask), flat(labels), flat(label_ok)))
+
+        @jax.checkpoint
+        def chunk(carry, x):
+            h_s, h_t, m, lab, lab_ok = x
+            ls, lc = self._logits_chunk(h_s @ s_head.astype(h_s.dtype), h_t @ t_head.astype(h_t.dtype),
+                                        m, lab, lab_ok, mean=False)
+            return (carry[0] + ls, carry[1] + lc), None
+
+        zero = jnp.zeros((), jnp.float32)
+        (ls, lc), _ = jax.lax.scan(chunk, (zero, zero), xs)
+        return ls / jnp.maximum(mask.sum(), 1), lc / jnp.maximum(label_ok.sum(), 1)
+
+    def _logits_chunk(self, s_logits, t_logits, mask, labels, label_ok, mean: bool):
+        """Logits losses on one chunk [..., V]: means (mean=True) or sums over its tokens."""
+        s = s_logits.astype(jnp.float32)
+        t = t_logits.astype(jnp.float32)
+        ls = lc = jnp.zeros((), jnp.float32)
+        if self.logits.active:
+            T = self.temperature
+            if self.logits.loss_fn in _DISTRIBUTION_LOSSES and T != 1.0:
+                # Softened distributions, scaled by T² so gradients keep their size (Hinton et al.).
+                ls = get_loss(self.logits.loss_fn)(s / T, t / T, mask) * (T * T)
+            else:
+                ls = get_loss(self.logits.loss_fn)(s, t, mask)
+            if not mean:
+                ls = ls * mask.sum()
+        if self.clm_weight:
+            lc = LOSSES["clm"](s, labels, label_ok)
+            if not mean:
+                lc = lc * label_ok.sum()
+        return ls, lc

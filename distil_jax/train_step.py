@@ -1,0 +1,234 @@
+"""The one jitted train step (and the eval step), the optimizer, and data-parallel placement.
+
+`make_train_step(...)` returns `step(state, teacher_params, batch) -> (state, metrics)`, jitted
+once with `state` donated. The teacher's parameters are a separate, non-donated argument: never
+in the optimizer, never in the checkpoint, run under `stop_gradient`. The trainable tree is
+`{"student": ..., "objective": ...}` (projector and norm parameters train with the student).
+
+Data parallel: batches are sharded over the `data` axis of a `Mesh` of all devices and the
+parameters replicated; XLA inserts the gradient all-reduce. One code path for 1..N devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from distil_jax.models import gpt2
+from distil_jax.models.gpt2 import GPT2Config
+from distil_jax.objectives.objective import Objective
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (and is checkpointed)."""
+
+    step: Array  # int32 scalar
+    params: Any  # {"student": ..., "objective": ...}, float32 master weights
+    opt_state: Any
+    rng: Array  # base key; step keys are fold_in(rng, step)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def lr_schedule(learning_rate: float, total_steps: int, warmup_steps: int = 0,
+                lr_end: float = 1e-7, power: float = 1.0) -> optax.Schedule:
+    """HF's polynomial decay with linear warmup (the spec's formula):
+    lr(t) = lr0 · t / w for t < w, then (lr0 − lr_end)·(1 − (t − w)/(T − w))^power + lr_end."""
+    decay = optax.polynomial_schedule(
+        init_value=learning_rate, end_value=lr_end, power=power,
+        transition_steps=max(total_steps - warmup_steps, 1))
+    if warmup_steps <= 0:
+        return decay
+    warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps)
+    return optax.join_schedules([warmup, decay], [warmup_steps])
+
+
+def warmup_steps(cfg: Mapping, total_steps: int) -> int:
+    """warmup_steps if set (> 0), else ceil(warmup_ratio · total_steps), as HF does."""
+    if cfg.get("warmup_steps", 0):
+        return int(cfg["warmup_steps"])
+    return int(np.ceil(cfg.get("warmup_ratio", 0.0) * total_steps))
+
+
+def _decay_mask(params):
+    # HF Trainer decays every weight but biases and LayerNorm scales.
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) not in ("bias", "scale"), params)
+
+
+def make_optimizer(cfg: Mapping, total_steps: int, trainable: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Global-norm clipping + Adam/AdamW/Lion with the polynomial schedule; frozen leaves of
+    `trainable` (a pytree of bools shaped like the params) get no update and no optimizer state.
+
+    cfg: optimizer ("adamw" | "adam" | "lion"), learning_rate, adam_beta1, adam_beta2,
+    adam_epsilon, weight_decay, lr_end, power, warmup_steps, warmup_ratio, max_grad_norm.
+    """
+    schedule = lr_schedule(cfg["learning_rate"], total_steps, warmup_steps(cfg, total_steps),
+                           cfg.get("lr_end", 1e-7), cfg.get("power", 1.0))
+    name = cfg.get("optimizer", "adamw")
+    b1, b2 = cfg.get("adam_beta1", 0.9), cfg.get("adam_beta2", 0.999)
+    wd = cfg.get("weight_decay", 0.0)
+    if name in ("adamw", "adam"):
+        opt = optax.adamw(schedule, b1=b1, b2=b2, eps=cfg.get("adam_epsilon", 1e-8),
+                          weight_decay=wd, mask=_decay_mask)
+    elif name == "lion":
+        opt = optax.lion(schedule, b1=b1, b2=b2, weight_decay=wd, mask=_decay_mask)
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; valid: adamw, adam, lion")
+    chain = [opt]
+    if cfg.get("max_grad_norm"):
+        # Clipping sees trainable gradients only (frozen modules have none, as in torch).
+        chain.insert(0, optax.clip_by_global_norm(cfg["max_grad_norm"]))
+    labels = jax.tree_util.tree_map(lambda t: "train" if t else "frozen", trainable)
+    tx = optax.multi_transform({"train": optax.chain(*chain), "frozen": optax.set_to_zero()}, labels)
+    return tx, schedule
+
+
+def create_train_state(params: Mapping, tx: optax.GradientTransformation, rng: Array) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static settings of the step (hashable)."""
+
+    teacher: GPT2Config
+    student: GPT2Config
+    objective: Objective
+    dtype: Any = jnp.float32  # compute dtype
+    remat: bool = False
+    grad_accum: int = 1
+    dropout: bool = False  # student dropout, as HF's train mode (teacher never)
+
+
+def lm_head(config: GPT2Config, params: Mapping) -> Array:
+    """The LM head as a [D, V] matrix."""
+    if config.tie_word_embeddings:
+        return params["wte"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def distill_loss(sc: StepConfig, trainable: Mapping, teacher_params: Mapping, batch: Mapping,
+                 rng: Optional[Array]) -> tuple[Array, dict]:
+    """The objective on one (micro-)batch: (loss, metrics). batch: input_ids, segment_ids [B, S]."""
+    ids, seg = batch["input_ids"], batch["segment_ids"]
+    B, S = ids.shape
+    obj = sc.objective
+    feats = obj.features(sc.student, sc.teacher)
+    chunked = obj.logits.active or obj.clm_weight
+    chunked = bool(chunked and obj.chunk_tokens(B, S, sc.student.vocab_size))
+    common = dict(segment_ids=seg, dtype=sc.dtype, return_last_hidden=chunked)
+    teacher_params = jax.lax.stop_gradient(teacher_params)
+    t_out = gpt2.forward(sc.teacher, teacher_params, ids, **feats["teacher"], **common)
+    t_out = jax.lax.stop_gradient(t_out)
+    s_out = gpt2.forward(sc.student, trainable["student"], ids, **feats["student"], **common,
+                         remat=sc.remat, deterministic=not sc.dropout,
+                         dropout_rng=rng if sc.dropout else None)
+    heads = {}
+    if chunked:
+        heads = dict(student_head=lm_head(sc.student, trainable["student"]),
+                     teacher_head=lm_head(sc.teacher, teacher_params))
+    return obj(trainable.get("objective", {}), s_out, t_out, seg, ids, **heads)
+
+
+def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    mesh: Optional[Mesh] = None):
+    """The jitted `step(state, teacher_params, batch) -> (state, metrics)`.
+
+    With grad_accum = A, the batch [A·b, S] is split into A micro-batches whose gradients are
+    summed, each weighted by its share of the real tokens, so the update equals the one-batch
+    update. Metrics: loss, loss/<component>, grad_norm, learning_rate, tokens.
+    """
+    grad_fn = jax.value_and_grad(functools.partial(distill_loss, sc), has_aux=True)
+
+    def step(state: TrainState, teacher_params, batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        n_tokens = jnp.maximum((batch["segment_ids"] > 0).sum(), 1).astype(jnp.float32)
+        if sc.grad_accum == 1:
+            (_, metrics), grads = grad_fn(state.params, teacher_params, batch, rng)
+        else:
+            A = sc.grad_accum
+            micro = jax.tree_util.tree_map(lambda x: x.reshape((A, -1) + x.shape[1:]), batch)
+
+            def body(carry, mb_i):
+                mb, i = mb_i
+                w = (mb["segment_ids"] > 0).sum().astype(jnp.float32) / n_tokens
+                (_, m), g = grad_fn(state.params, teacher_params, mb, jax.random.fold_in(rng, i))
+                acc_g, acc_m = carry
+                acc_g = jax.tree_util.tree_map(lambda a, b: a + w * b, acc_g, g)
+                acc_m = jax.tree_util.tree_map(lambda a, b: a + w * b, acc_m, m)
+                return (acc_g, acc_m), None
+
+            zeros_g = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+            m_shape = jax.eval_shape(lambda: grad_fn(state.params, teacher_params,
+                                                     jax.tree_util.tree_map(lambda x: x[0], micro), rng)[0][1])
+            zeros_m = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
+            (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), (micro, jnp.arange(A)))
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["learning_rate"] = schedule(state.step)
+        metrics["tokens"] = n_tokens
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def make_eval_step(config: GPT2Config, dtype=jnp.float32):
+    """Jitted `eval(params, batch) -> (token_logprob [B, S], valid [B, S])`: log p(next token)
+    at every position whose next token is in the same document (the perplexity numerator)."""
+
+    def eval_step(params, batch):
+        ids, seg = batch["input_ids"], batch["segment_ids"]
+        logits = gpt2.forward(config, params, ids, segment_ids=seg, dtype=dtype).logits
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        nxt = ids[:, 1:]
+        lp = jnp.take_along_axis(logp[:, :-1], nxt[..., None], axis=-1)[..., 0]
+        valid = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)
+        pad = lambda x: jnp.pad(x, ((0, 0), (0, 1)))  # noqa: E731  (keep [B, S])
+        return pad(jnp.where(valid, lp, 0.0)), pad(valid)
+
+    return jax.jit(eval_step)
+
+
+# ----------------------------------------------------------------------------- placement
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D mesh with axis `data` over all (or the given) devices."""
+    devices = np.array(devices if devices is not None else jax.devices())
+    return Mesh(devices, ("data",))
+
+
+def replicate(tree, mesh: Mesh):
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def shard_batch(batch: Mapping, mesh: Mesh) -> dict:
+    """Put a host batch on the devices, split along the batch axis."""
+    n = mesh.devices.size
+    b = next(iter(batch.values())).shape[0]
+    if b % n:
+        raise ValueError(f"batch size {b} is not divisible by the {n} devices of the data mesh; "
+                         f"use a multiple of {n}")
+    return {k: jax.device_put(np.asarray(v), NamedSharding(mesh, P("data"))) for k, v in batch.items()}
