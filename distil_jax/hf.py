@@ -300,11 +300,14 @@ def save_pretrained(
     out_dir: str | os.PathLike,
     tokenizer: Any = None,
     dtype: Any = None,
+    extra_files: Optional[Mapping[str, str | bytes]] = None,
 ) -> Path:
     """Write an HF GPT2LMHeadModel folder: config.json, model.safetensors (+ tokenizer files).
 
     dtype: weights' dtype in the file (default: as in `params`); `dtype` in config.json
-    says the same. Written atomically (see `atomic_folder`).
+    says the same. extra_files: file name -> text (UTF-8) or bytes, written into the same folder
+    last (e.g. the model card `README.md`). Written atomically (see `atomic_folder`): all files
+    appear together or none do.
     """
     from safetensors.flax import save_file
 
@@ -326,4 +329,13 @@ def save_pretrained(
             log.warning("could not write generation_config.json: %s", e)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, content in (extra_files or {}).items():
+            target = (tmp / name).resolve()
+            if tmp.resolve() not in target.parents:
+                raise ValueError(f"extra file {name!r} would be written outside the model folder")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                target.write_text(content, encoding="utf-8")
     return Path(out_dir)
