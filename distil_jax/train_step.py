@@ -133,17 +133,27 @@ def distill_loss(sc: StepConfig, trainable: Mapping, teacher_params: Mapping, ba
     chunked = obj.logits.active or obj.clm_weight
     chunked = bool(chunked and obj.chunk_tokens(B, S, sc.student.vocab_size))
     common = dict(segment_ids=seg, dtype=sc.dtype, return_last_hidden=chunked)
-    teacher_params = jax.lax.stop_gradient(teacher_params)
-    t_out = gpt2.forward(sc.teacher, teacher_params, ids, **feats["teacher"], **common)
-    t_out = jax.lax.stop_gradient(t_out)
+    needs_teacher = obj.logits.active or obj.hs.active or obj.attn.active
+    t_out = None
+    if needs_teacher:  # a clm-only objective (pretraining) runs no teacher at all
+        teacher_params = jax.lax.stop_gradient(teacher_params)
+        t_out = gpt2.forward(sc.teacher, teacher_params, ids, **feats["teacher"], **common)
+        t_out = jax.lax.stop_gradient(t_out)
     s_out = gpt2.forward(sc.student, trainable["student"], ids, **feats["student"], **common,
                          remat=sc.remat, deterministic=not sc.dropout,
                          dropout_rng=rng if sc.dropout else None)
     heads = {}
     if chunked:
         heads = dict(student_head=lm_head(sc.student, trainable["student"]),
-                     teacher_head=lm_head(sc.teacher, teacher_params))
+                     teacher_head=lm_head(sc.teacher, teacher_params) if needs_teacher else None)
     return obj(trainable.get("objective", {}), s_out, t_out, seg, ids, **heads)
+
+
+def _label_count(segment_ids: Array) -> Array:
+    """Number of next-token labels (the clm loss's denominator): positions whose next token is
+    in the same document."""
+    seg = segment_ids
+    return ((seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)).sum().astype(jnp.float32)
 
 
 def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -151,10 +161,25 @@ def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: 
     """The jitted `step(state, teacher_params, batch) -> (state, metrics)`.
 
     With grad_accum = A, the batch [A·b, S] is split into A micro-batches whose gradients are
-    summed, each weighted by its share of the real tokens, so the update equals the one-batch
-    update. Metrics: loss, loss/<component>, grad_norm, learning_rate, tokens.
+    summed, each weighted by its share of the real tokens (the clm loss, a mean over next-token
+    labels, by its share of the labels), so the update equals the one-batch update.
+    Metrics: loss, loss/<component>, grad_norm, learning_rate, tokens.
     """
-    grad_fn = jax.value_and_grad(functools.partial(distill_loss, sc), has_aux=True)
+    loss_fn = functools.partial(distill_loss, sc)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    clm_weight = sc.objective.clm_weight
+
+    def share_of_loss(params, teacher_params, mb, rng, w_tok, w_lab):
+        """A micro-batch's share of the full-batch loss. The feature components are means over
+        real tokens (weight w_tok); the clm loss is a mean over next-token labels, whose count is
+        not proportional to the real tokens (one label fewer per document), so it gets w_lab."""
+        loss, m = loss_fn(params, teacher_params, mb, rng)
+        if clm_weight:
+            clm = clm_weight * m["loss/clm"]
+            return w_tok * (loss - clm) + w_lab * clm, m
+        return w_tok * loss, m
+
+    accum_grad_fn = jax.value_and_grad(share_of_loss, has_aux=True)
 
     def step(state: TrainState, teacher_params, batch):
         rng = jax.random.fold_in(state.rng, state.step)
@@ -164,14 +189,19 @@ def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: 
         else:
             A = sc.grad_accum
             micro = jax.tree_util.tree_map(lambda x: x.reshape((A, -1) + x.shape[1:]), batch)
+            n_labels = jnp.maximum(_label_count(batch["segment_ids"]), 1.0)
 
             def body(carry, mb_i):
                 mb, i = mb_i
-                w = (mb["segment_ids"] > 0).sum().astype(jnp.float32) / n_tokens
-                (_, m), g = grad_fn(state.params, teacher_params, mb, jax.random.fold_in(rng, i))
+                w_tok = (mb["segment_ids"] > 0).sum().astype(jnp.float32) / n_tokens
+                w_lab = _label_count(mb["segment_ids"]) / n_labels
+                (share, m), g = accum_grad_fn(state.params, teacher_params, mb,
+                                              jax.random.fold_in(rng, i), w_tok, w_lab)
                 acc_g, acc_m = carry
-                acc_g = jax.tree_util.tree_map(lambda a, b: a + w * b, acc_g, g)
-                acc_m = jax.tree_util.tree_map(lambda a, b: a + w * b, acc_m, m)
+                acc_g = jax.tree_util.tree_map(jnp.add, acc_g, g)
+                acc_m = {k: acc_m[k] + (share if k == "loss" else
+                                        (w_lab if k == "loss/clm" else w_tok) * v)
+                         for k, v in m.items()}
                 return (acc_g, acc_m), None
 
             zeros_g = jax.tree_util.tree_map(jnp.zeros_like, state.params)

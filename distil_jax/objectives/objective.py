@@ -243,10 +243,12 @@ class Objective:
         label_ok = jnp.concatenate(
             [(segment_ids[:, 1:] == segment_ids[:, :-1]) & mask[:, :-1], jnp.zeros((B, 1), bool)], axis=1)
         if student_out.logits is not None:
-            return self._logits_chunk(student_out.logits, teacher_out.logits, mask, labels, label_ok,
-                                      mean=True)
+            t_logits = teacher_out.logits if teacher_out is not None else None
+            return self._logits_chunk(student_out.logits, t_logits, mask, labels, label_ok, mean=True)
         # Chunked over tokens: logits of neither model are ever held in full.
-        hs, ht = student_out.last_hidden_state, teacher_out.last_hidden_state
+        hs = student_out.last_hidden_state
+        # Without a teacher (clm only) the teacher slot carries the student's states, unused.
+        ht = teacher_out.last_hidden_state if teacher_out is not None else hs
         n = B * S
         c = min(self.chunk_tokens(B, S, s_head.shape[1]) or n, n)
         pad = (-n) % c
@@ -257,8 +259,9 @@ class Objective:
         @jax.checkpoint
         def chunk(carry, x):
             h_s, h_t, m, lab, lab_ok = x
-            ls, lc = self._logits_chunk(h_s @ s_head.astype(h_s.dtype), h_t @ t_head.astype(h_t.dtype),
-                                        m, lab, lab_ok, mean=False)
+            t_logits = h_t @ t_head.astype(h_t.dtype) if t_head is not None else None
+            ls, lc = self._logits_chunk(h_s @ s_head.astype(h_s.dtype), t_logits, m, lab, lab_ok,
+                                        mean=False)
             return (carry[0] + ls, carry[1] + lc), None
 
         zero = jnp.zeros((), jnp.float32)
@@ -268,9 +271,9 @@ class Objective:
     def _logits_chunk(self, s_logits, t_logits, mask, labels, label_ok, mean: bool):
         """Logits losses on one chunk [..., V]: means (mean=True) or sums over its tokens."""
         s = s_logits.astype(jnp.float32)
-        t = t_logits.astype(jnp.float32)
         ls = lc = jnp.zeros((), jnp.float32)
         if self.logits.active:
+            t = t_logits.astype(jnp.float32)
             T = self.temperature
             if self.logits.loss_fn in _DISTRIBUTION_LOSSES and T != 1.0:
                 # Softened distributions, scaled by T² so gradients keep their size (Hinton et al.).

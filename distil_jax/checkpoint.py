@@ -1,0 +1,102 @@
+"""Orbax checkpoints of a run: the train state and the data iterator's position.
+
+Layout: `WORKDIR/checkpoints/<step>/{state,data}`. `state` is the TrainState as a plain dict
+(step, params = {"student", "objective"}, opt_state, rng); `data` is the BatchIterator state
+(JSON). Orbax writes each step to a temporary folder and renames it when complete, so a run killed
+mid-save leaves the previous checkpoint intact. The teacher is never checkpointed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+_ITEMS = ("state", "data")
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> Path:
+    return Path(workdir).resolve() / "checkpoints"
+
+
+def manager(workdir: str | os.PathLike, max_to_keep: Optional[int] = None,
+            create: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=_ITEMS)
+
+
+def state_to_dict(state) -> dict:
+    return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "rng": state.rng}
+
+
+def save(mngr: ocp.CheckpointManager, state, data_state: Mapping[str, int]) -> None:
+    """Save asynchronously-safe: returns once the step is committed (so a kill after this keeps it)."""
+    step = int(jax.device_get(state.step))
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state_to_dict(state)),
+        data=ocp.args.JsonSave(dict(data_state))), force=True)
+    mngr.wait_until_finished()
+
+
+def _shapes(tree) -> dict:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(p): tuple(getattr(x, "shape", ())) for p, x in flat}
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, like_state) -> tuple[Any, dict]:
+    """Restore (state, data_state) at `step` into the structure and shardings of `like_state`.
+
+    A checkpoint whose parameter shapes differ from `like_state`'s (another config) is refused.
+    """
+    target = state_to_dict(like_state)
+    meta = mngr.item_metadata(step)["state"]
+    saved = _shapes(getattr(meta, "tree", meta)["params"])
+    want = _shapes(target["params"])
+    if saved != want:
+        diff = sorted(set(saved.items()) ^ set(want.items()))[:4]
+        raise ValueError(
+            f"checkpoint step {step} in {mngr.directory} was written by a run with different "
+            f"shapes (e.g. {diff}); use a new --workdir for a new config, or restore the old config"
+        )
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+    out = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+    s = out["state"]
+    state = like_state.replace(step=s["step"], params=s["params"], opt_state=s["opt_state"], rng=s["rng"])
+    return state, dict(out["data"])
+
+
+def available_steps(workdir: str | os.PathLike) -> list[int]:
+    d = checkpoint_dir(workdir)
+    if not d.is_dir():
+        return []
+    return sorted(manager(workdir, create=False).all_steps())
+
+
+def restore_params(workdir: str | os.PathLike, step: Optional[int] = None) -> tuple[int, dict]:
+    """(step, {"student": ..., "objective": ...}) of the latest (or given) checkpoint, on the host.
+
+    Needs no config: the tree is read as saved. For export and inspection.
+    """
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise FileNotFoundError(f"workdir {workdir} does not exist")
+    steps = available_steps(workdir)
+    if not steps:
+        raise FileNotFoundError(
+            f"no checkpoint in {checkpoint_dir(workdir)}: run training with --workdir {workdir} first"
+        )
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoint_dir(workdir)}; "
+                                f"available steps: {steps}")
+    mngr = manager(workdir, create=False)
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return step, jax.device_get(out["state"]["params"])

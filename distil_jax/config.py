@@ -1,0 +1,132 @@
+"""The run configuration: its schema, Distily's defaults, and validation.
+
+`default_config()` is the schema: every field a run may set, with a comment, and values that
+reproduce Distily's reference run (spec section 1). A config file (`configs/*.py`) returns a
+modified copy; `validate` refuses any key the schema does not have, naming the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.teacher = ml_collections.ConfigDict()
+    c.teacher.model_name_or_path = "gpt2"  # HF folder or hub id of a GPT-2 (model_type "gpt2")
+    c.teacher.dtype = "bfloat16"  # dtype the teacher's weights are held in (it is never trained)
+
+    c.tokenizer_name_or_path = ""  # "" = the teacher's tokenizer
+
+    c.student = ml_collections.ConfigDict()
+    c.student.model_name_or_path = ""  # a pretrained student (weights loaded); "" = random init
+    c.student.config_name_or_path = "distilbert/distilgpt2"  # student config; "" = the teacher's
+    c.student.overrides = ml_collections.ConfigDict()  # GPT-2 config fields, e.g. {"n_layer": 6}
+    c.student.copy_teacher_modules = [("lm_head", False)]  # (module, frozen) pairs
+    c.student.init_from_teacher_layers = ()  # one teacher block per student block, () = none
+    c.student.dropout = True  # HF trains in train mode: dropout as in the student's config
+
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.uri = "wikimedia/wikipedia"  # hub id, or a local .txt/.json(l)/.parquet/.csv path
+    c.dataset.subset = "20231101.en"
+    c.dataset.split = "train"
+    c.dataset.column = "text"
+    c.dataset.sample_size = 5000  # first N rows (None = all)
+    c.dataset.shuffle = False  # Distily takes the first N rows unshuffled
+    c.dataset.seed = 42  # seed of the train/test split
+    c.dataset.test_size = 0.002  # held-out fraction: 5000 rows -> 4990 train / 10 test
+    c.dataset.sample_by = "document"  # .txt only: document | paragraph | line
+    # "pack": documents joined with EOS into full rows, attention kept inside each document (no
+    # compute on padding). "pad": Distily's one document per row, padding masked out of losses.
+    c.dataset.layout = "pack"
+    c.dataset.max_seq_len = 1024  # rows are min(this, model n_positions, tokenizer max) long
+
+    c.objective = ml_collections.ConfigDict()
+    c.objective.logits = dict(weight=1.0, loss_fn="kl")
+    c.objective.hs = dict(weight=0.0)
+    c.objective.attn = dict(weight=5.0, loss_fn="raw_mse", layer_mapper="layer-2",
+                            norm="layernorm_teacher_only_affine", projector="orthogonal")
+    c.objective.clm_weight = 0.0  # hard next-token loss (distilgpt2 used 0.5); 0 = Distily
+    c.objective.temperature = 1.0  # logits losses on logits / T, scaled by T²
+    c.objective.logits_chunk_tokens = -1  # tokens per chunk of the logits losses; -1 auto, 0 off
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.optimizer = "adamw"  # adamw | adam | lion (weight_decay 0 makes adamw = Adam)
+    c.optimizer.learning_rate = 2e-4
+    c.optimizer.adam_beta1 = 0.9
+    c.optimizer.adam_beta2 = 0.999
+    c.optimizer.adam_epsilon = 1e-8
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.lr_end = 1e-7  # polynomial schedule's end value (HF default)
+    c.optimizer.power = 1.0  # polynomial schedule's power (1 = linear decay)
+    c.optimizer.warmup_steps = 0
+    c.optimizer.warmup_ratio = 0.0
+    c.optimizer.max_grad_norm = 1.0  # global-norm clipping; 0 = off
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 8  # rows per optimizer step and micro-batch, all devices together
+    c.train.grad_accum = 1  # micro-batches per optimizer step
+    c.train.num_epochs = 1.0
+    c.train.max_steps = -1  # > 0 overrides num_epochs
+    c.train.seed = 42
+    c.train.dtype = "bfloat16"  # compute dtype; master weights and optimizer state are float32
+    c.train.remat = True  # gradient checkpointing of the student's blocks
+    c.train.log_steps = 25
+    c.train.save_steps = 500
+    c.train.save_total_limit = 2  # checkpoints kept (the newest)
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.eval_steps = 500  # also evaluated at start and end; 0 = start and end only
+    c.eval.batch_size = 8
+    # Extra evaluators (like Distily's enwikippl / frwikippl): name -> dataset fields
+    # (uri, subset, split, column, sample_size). The held-out split is always "heldout".
+    c.eval.evaluators = ml_collections.ConfigDict()
+
+    # If set, the teacher is first trained by distil_jax itself on an offline corpus and saved
+    # in WORKDIR/teacher (the offline demo); see distil_jax/demo.py.
+    c.demo_teacher = ml_collections.ConfigDict()
+    c.demo_teacher.enabled = False
+    c.demo_teacher.vocab_size = 4096
+    c.demo_teacher.n_layer = 4
+    c.demo_teacher.n_embd = 192
+    c.demo_teacher.n_head = 4
+    c.demo_teacher.n_positions = 128
+    c.demo_teacher.steps = 600
+    c.demo_teacher.batch_size = 16
+    c.demo_teacher.learning_rate = 2e-3
+
+    c.license = "apache-2.0"  # for the model card
+    return c
+
+
+def _check(config: Any, schema: Any, prefix: str) -> None:
+    for key in config.keys():
+        path = f"{prefix}{key}"
+        if key not in schema:
+            close = difflib.get_close_matches(key, list(schema.keys()), n=1)
+            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+            raise ValueError(f"unknown config field {path!r}{hint} (valid: {', '.join(sorted(schema.keys()))})")
+        sub, ref = config[key], schema[key]
+        # Free-form sections: GPT-2 overrides and evaluators are checked where they are used.
+        if path in ("student.overrides", "eval.evaluators"):
+            continue
+        if isinstance(ref, ml_collections.ConfigDict) and isinstance(sub, (ml_collections.ConfigDict, dict)):
+            _check(sub, ref, path + ".")
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Raise ValueError on a key the schema lacks; returns the config."""
+    _check(config, default_config(), "")
+    if config.dataset.layout not in ("pack", "pad"):
+        raise ValueError(f"dataset.layout={config.dataset.layout!r}: use 'pack' or 'pad'")
+    for name in ("train.dtype", "teacher.dtype"):
+        section, field = name.split(".")
+        if config[section][field] not in ("float32", "bfloat16"):
+            raise ValueError(f"{name}={config[section][field]!r}: use 'float32' or 'bfloat16'")
+    if config.train.batch_size <= 0 or config.train.grad_accum <= 0:
+        raise ValueError("train.batch_size and train.grad_accum must be positive")
+    return config

@@ -1,0 +1,421 @@
+"""The training run: `python -m distil_jax.train --config CONFIG.py --workdir DIR [--config.x=y]`.
+
+`train(config, workdir)` does the whole Distily run: load the teacher and its tokenizer, build
+the data, the student and the objective, then the loop (progress bar, TensorBoard and JSON-lines
+metrics, evaluation at start / every eval_steps / end, orbax checkpoints) and a run summary for
+the model card. Re-running the same command with the same workdir resumes from the latest
+checkpoint, exactly: the data iterator's position and the RNG are part of the checkpoint.
+
+Workdir layout: config.json, tokenizer/, student/config.json, checkpoints/, metrics.jsonl,
+tb/ (TensorBoard events), evals.json, run_summary.json, cache/ (tokenized data),
+and for the offline demo teacher/ and data/.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from distil_jax import checkpoint, data, hf, student
+from distil_jax.config import validate
+from distil_jax.models import gpt2
+from distil_jax.objectives.objective import Objective
+from distil_jax.train_step import (StepConfig, create_train_state, make_eval_step, make_mesh,
+                                   make_optimizer, make_train_step, replicate, shard_batch)
+
+log = logging.getLogger("distil_jax")
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_VERSIONED = ("distil_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers",
+              "datasets", "safetensors", "huggingface_hub")
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    out = {}
+    for name in _VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def _peak_device_memory() -> Optional[int]:
+    peaks = []
+    for d in jax.local_devices():
+        stats = d.memory_stats() if hasattr(d, "memory_stats") else None
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(int(stats["peak_bytes_in_use"]))
+    return max(peaks) if peaks else None
+
+
+def _tokenizer(name_or_path: str):
+    import transformers
+
+    folder = hf.resolve_folder(name_or_path, allow_patterns=["*.json", "*.txt", "*.model"])
+    return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+class MetricsWriter:
+    """metrics.jsonl + TensorBoard scalars, one record per logged step."""
+
+    def __init__(self, workdir: Path, resume_step: int):
+        self.path = workdir / "metrics.jsonl"
+        if self.path.exists():
+            # Drop records past the checkpoint we resume from: they will be logged again.
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in keep))
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(str(workdir / "tb"))
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        rec = {"step": step, **{k: float(v) for k, v in scalars.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        for k, v in scalars.items():
+            self.tb.add_scalar(k, float(v), step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(eval_fn, params, arrays, batch_size: int, mesh) -> dict:
+    """Held-out perplexity of one model on one set of rows.
+
+    ppl: token-weighted, exp(total NLL / tokens) over every predicted token (the figure to use).
+    distily_ppl: Distily's figure, the mean over documents of each document's perplexity
+      (documents = (row, segment) pieces; with the pad layout, one per row).
+    """
+    nll = tokens = 0.0
+    doc_nll, doc_tok = [], []
+    t0, timed_tokens = None, 0.0
+    for batch in data.eval_batches(arrays, batch_size):
+        lp, valid = jax.device_get(eval_fn(params, shard_batch(batch, mesh)))
+        seg = batch["segment_ids"]
+        nll -= float(lp.sum())
+        tokens += float(valid.sum())
+        if t0 is None:
+            t0 = time.time()  # the first batch compiles: not timed
+        else:
+            timed_tokens += float(valid.sum())
+        S = seg.shape[1]
+        key = (np.arange(seg.shape[0])[:, None] * (S + 1) + seg).ravel()
+        per_nll = np.bincount(key, weights=-lp.ravel(), minlength=seg.shape[0] * (S + 1))
+        per_tok = np.bincount(key, weights=valid.ravel(), minlength=seg.shape[0] * (S + 1))
+        has = per_tok > 0
+        doc_nll.append(per_nll[has])
+        doc_tok.append(per_tok[has])
+    dt = time.time() - t0 if t0 is not None else 0.0
+    doc_nll, doc_tok = np.concatenate(doc_nll), np.concatenate(doc_tok)
+    return {
+        "ppl": float(np.exp(nll / max(tokens, 1.0))),
+        "distily_ppl": float(np.mean(np.exp(doc_nll / doc_tok))) if len(doc_tok) else float("nan"),
+        "tokens": int(tokens),
+        "documents": int(len(doc_tok)),
+        "tokens_per_s": float(timed_tokens / dt) if dt > 0 and timed_tokens else None,
+    }
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _prepare_demo(config, workdir: Path):
+    from distil_jax import demo
+
+    if not config.dataset.uri:
+        config.dataset.uri = str(demo.ensure_corpus(workdir))
+    if not config.teacher.model_name_or_path:
+        config.teacher.model_name_or_path = str(
+            demo.ensure_teacher(workdir, config.demo_teacher, config.dataset, seed=config.train.seed))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+    """Run (or resume) the distillation described by `config` in `workdir`; returns the final
+    metrics: {"step", "loss", ..., "eval": {evaluator: {"teacher", "student_start", "student_end"}}}."""
+    t_start = time.time()
+    config = validate(ml_collections.ConfigDict(config.to_dict()))
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    if config.demo_teacher.enabled:
+        _prepare_demo(config, workdir)
+    _write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
+
+    # Teacher, tokenizer, sequence length.
+    teacher_cfg, teacher_params = hf.load_pretrained(config.teacher.model_name_or_path,
+                                                     _DTYPES[config.teacher.dtype])
+    tokenizer = _tokenizer(config.tokenizer_name_or_path or config.teacher.model_name_or_path)
+    if not (workdir / "tokenizer").exists():
+        tokenizer.save_pretrained(workdir / "tokenizer")
+    tok_max = getattr(tokenizer, "model_max_length", None) or teacher_cfg.n_positions
+    seq_len = int(min(config.dataset.max_seq_len, teacher_cfg.n_positions, tok_max))
+
+    # Data.
+    train_rows, test_rows, data_stats = data.build_datasets(
+        config.dataset, tokenizer, seq_len, config.dataset.layout, cache_dir=workdir / "cache")
+    eval_sets = {"heldout": test_rows}
+    for name, spec in config.eval.evaluators.items():
+        spec = ml_collections.ConfigDict(dict(spec))
+        if "test_size" not in spec:
+            spec.test_size = 0  # all rows are evaluation rows
+        rows, _, _ = data.build_datasets(spec, tokenizer, seq_len, config.dataset.layout,
+                                         cache_dir=workdir / "cache")
+        eval_sets[name] = rows
+
+    # Student and objective.
+    rng = jax.random.PRNGKey(config.train.seed)
+    rng_student, rng_obj, rng_state = jax.random.split(rng, 3)
+    student_cfg, student_params, trainable = student.build_student(
+        teacher_cfg, teacher_params, config.student.to_dict(), rng_student)
+    if not config.student.dropout:
+        student_cfg = student_cfg.replace(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    if seq_len > student_cfg.n_positions:
+        raise ValueError(f"sequence length {seq_len} exceeds the student's n_positions="
+                         f"{student_cfg.n_positions}; lower dataset.max_seq_len")
+    hf.config_to_hf(student_cfg).save_pretrained(workdir / "student")
+    obj_cfg = config.objective.to_dict()
+    if obj_cfg.get("logits_chunk_tokens", -1) < 0:
+        obj_cfg["logits_chunk_tokens"] = None
+    objective = Objective.from_config(obj_cfg).bind(student_cfg, teacher_cfg)
+    params = {"student": student_params,
+              "objective": objective.init_params(rng_obj, student_cfg, teacher_cfg, seq_len)}
+    trainable = {"student": trainable,
+                 "objective": jax.tree_util.tree_map(lambda _: True, params["objective"])}
+
+    # Steps and optimizer.
+    rows_per_step = config.train.batch_size * config.train.grad_accum
+    batches = data.BatchIterator(train_rows, rows_per_step, shuffle=True, seed=config.train.seed,
+                                 drop_last=False)
+    if config.train.max_steps > 0:
+        total_steps = int(config.train.max_steps)
+    else:
+        total_steps = int(np.ceil(config.train.num_epochs * batches.steps_per_epoch))
+    tx, schedule = make_optimizer(config.optimizer.to_dict(), total_steps, trainable)
+    sc = StepConfig(teacher=teacher_cfg, student=student_cfg, objective=objective,
+                    dtype=_DTYPES[config.train.dtype], remat=config.train.remat,
+                    grad_accum=config.train.grad_accum, dropout=config.student.dropout)
+    mesh = make_mesh()
+    state = replicate(create_train_state(params, tx, rng_state), mesh)
+    teacher_params = replicate(teacher_params, mesh)
+    step_fn = make_train_step(sc, tx, schedule, mesh)
+    eval_student = make_eval_step(student_cfg, sc.dtype)
+    eval_teacher = make_eval_step(teacher_cfg, sc.dtype)
+
+    # Resume.
+    mngr = checkpoint.manager(workdir, max_to_keep=config.train.save_total_limit or None)
+    start = 0
+    if mngr.latest_step() is not None:
+        state, data_state = checkpoint.restore(mngr, mngr.latest_step(), state)
+        state = replicate(state, mesh)
+        batches.restore(data_state)
+        start = int(jax.device_get(state.step))
+        log.info("resumed from the checkpoint at step %d in %s", start, checkpoint.checkpoint_dir(workdir))
+    writer = MetricsWriter(workdir, start)
+    evals_path = workdir / "evals.json"
+    evals = json.loads(evals_path.read_text()) if evals_path.exists() and start else {}
+
+    n_teacher, n_student = gpt2.param_count(teacher_cfg), gpt2.param_count(student_cfg)
+    log.info("teacher %s: %d layers, %s params; student: %d layers, %s params; %d devices (%s)",
+             config.teacher.model_name_or_path, teacher_cfg.n_layer, f"{n_teacher:,}",
+             student_cfg.n_layer, f"{n_student:,}", mesh.devices.size, jax.devices()[0].device_kind)
+    log.info("train: %d rows of %d tokens (%s), %d real tokens, %.1f%% padding; %d steps of %d rows",
+             data_stats["train"]["rows"], seq_len, config.dataset.layout,
+             data_stats["train"]["real_tokens"], 100 * data_stats["train"]["padding_fraction"],
+             total_steps, rows_per_step)
+
+    def run_eval(which: str, step: int):
+        for name, rows in eval_sets.items():
+            rec = evals.setdefault(name, {})
+            if "teacher" not in rec:  # the teacher does not change: once
+                rec["teacher"] = evaluate(eval_teacher, teacher_params, rows, config.eval.batch_size, mesh)
+            res = evaluate(eval_student, state.params["student"], rows, config.eval.batch_size, mesh)
+            res["step"] = step
+            if which:
+                rec[which] = res
+            rec.setdefault("history", []).append({"step": step, "ppl": res["ppl"]})
+            writer.write(step, {f"eval/{name}/student_ppl": res["ppl"],
+                                f"eval/{name}/teacher_ppl": rec["teacher"]["ppl"]})
+            log.info("eval %s step %d: student ppl %.3f (Distily's per-document mean %.3f), "
+                     "teacher ppl %.3f", name, step, res["ppl"], res["distily_ppl"], rec["teacher"]["ppl"])
+        _write_json(evals_path, evals)
+
+    if start == 0:
+        run_eval("student_start", 0)
+
+    # The loop. Metrics stay on the device until a log step: one host sync per log interval.
+    pending, grad_norms = [], collections.deque(maxlen=16)
+    untimed = []  # host metrics of the first step (compilation): logged, not in tokens/s
+    train_tokens, train_time, last = 0.0, 0.0, {}
+    bar = tqdm(total=total_steps, initial=start, desc="distill", unit="step", dynamic_ncols=True)
+    t_log = time.time()
+    step, last_saved = start, (start or None)
+    while step < total_steps:
+        state, metrics = step_fn(state, teacher_params, shard_batch(next(batches), mesh))
+        step += 1
+        if step == start + 1:
+            untimed = [jax.device_get(metrics)]
+            log.info("first step (compilation included): %.1f s", time.time() - t_log)
+            t_log = time.time()
+        else:
+            pending.append(metrics)
+        do_log = step % config.train.log_steps == 0 or step == total_steps
+        do_save = config.train.save_steps > 0 and step % config.train.save_steps == 0
+        do_eval = config.eval.eval_steps > 0 and step % config.eval.eval_steps == 0 and step < total_steps
+        if do_log or do_save or do_eval:
+            timed = jax.device_get(pending)
+            dt = time.time() - t_log
+            tokens = float(sum(m["tokens"] for m in timed))
+            host = untimed + timed
+            untimed, pending = [], []
+            train_tokens += float(sum(m["tokens"] for m in host))
+            train_time += dt if timed else 0.0
+            grad_norms.extend(float(m["grad_norm"]) for m in host)
+            last = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
+            last["learning_rate"] = float(host[-1]["learning_rate"])
+            last["grad_norm_var"] = float(np.var(grad_norms))
+            if timed and dt > 0:
+                last["tokens_per_s"] = tokens / dt
+            if not np.isfinite(last["loss"]):
+                raise FloatingPointError(
+                    f"loss became {last['loss']} by step {step}: lower optimizer.learning_rate or "
+                    f"use train.dtype=float32; the last good checkpoint (step {last_saved}) is kept")
+            writer.write(step, {k: v for k, v in last.items() if k != "tokens"})
+            bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last.get('tokens_per_s', 0):.0f}")
+        bar.update(1)
+        if do_eval:
+            run_eval("", step)
+        if do_save or step == total_steps:
+            checkpoint.save(mngr, state, batches.state())
+            last_saved = step
+        if do_log or do_save or do_eval:
+            t_log = time.time()  # eval and checkpoint time is not training time
+    bar.close()
+    if start < total_steps or "student_end" not in evals.get("heldout", {}):
+        run_eval("student_end", step)
+    writer.close()
+    mngr.close()
+
+    summary = {
+        "teacher": {"name_or_path": config.teacher.model_name_or_path, "params": n_teacher,
+                    "n_layer": teacher_cfg.n_layer, "config": hf.config_to_hf(teacher_cfg).to_dict()},
+        "student": {"params": n_student, "n_layer": student_cfg.n_layer,
+                    "config": hf.config_to_hf(student_cfg).to_dict()},
+        "dataset": {k: config.dataset[k] for k in ("uri", "subset", "split", "column")}
+        | {"layout": config.dataset.layout, "seq_len": seq_len,
+           "train": data_stats["train"], "test": data_stats["test"]},
+        "evaluation": {k: {kk: vv for kk, vv in v.items() if kk != "history"} for k, v in evals.items()},
+        "resources": {
+            "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
+            "platform": jax.devices()[0].platform,
+            "peak_memory_bytes": _peak_device_memory(),
+            "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "cpus": os.cpu_count(), "host_ram_bytes": _host_ram(),
+            "wall_time_s": time.time() - t_start,
+            "tokens_per_s": train_tokens / train_time if train_time > 0 else None,
+            "train_tokens": int(train_tokens),
+        },
+        "steps": total_steps,
+        "final_metrics": last,
+        "versions": _versions(),
+        "finished_at": _now(),
+    }
+    prev = workdir / "run_summary.json"
+    summary["started_at"] = (json.loads(prev.read_text()).get("started_at") if prev.exists() and start
+                             else datetime.datetime.fromtimestamp(t_start, datetime.timezone.utc)
+                             .isoformat(timespec="seconds"))
+    _write_json(workdir / "run_summary.json", summary)
+    _print_table(summary)
+    return {"step": step, **last, "eval": summary["evaluation"]}
+
+
+def _host_ram() -> Optional[int]:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except Exception:
+        return None
+
+
+def _print_table(summary: Mapping) -> None:
+    ev = summary["evaluation"].get("heldout", {})
+    rows = [("teacher", ev.get("teacher"), summary["teacher"]["params"]),
+            ("student at start", ev.get("student_start"), summary["student"]["params"]),
+            ("student at end", ev.get("student_end"), summary["student"]["params"])]
+    lines = [f"{'model':<18} {'held-out ppl':>13} {'Distily ppl*':>13} {'params':>13} {'eval tok/s':>11}"]
+    for name, rec, n in rows:
+        rec = rec or {}
+        fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else "n/a"  # noqa: E731
+        lines.append(f"{name:<18} {fmt(rec.get('ppl'), '13.3f')} {fmt(rec.get('distily_ppl'), '13.3f')} "
+                     f"{n:>13,} {fmt(rec.get('tokens_per_s'), '11.0f')}")
+    res = summary["resources"]
+    tps = res.get("tokens_per_s")
+    lines.append(f"training: {summary['steps']} steps, {res['train_tokens']:,} real tokens, "
+                 f"{tps:,.0f} tokens/s, wall {res['wall_time_s']:.0f} s" if tps else
+                 f"training: {summary['steps']} steps")
+    lines.append("* Distily's figure: mean of per-document perplexities (for comparison only)")
+    print("\n".join(lines), flush=True)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv=None) -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    flags_ = flags.FLAGS
+    config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run directory (created; re-use it to resume).")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+    def _main(_):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S", stream=sys.stderr)
+        for noisy in ("absl", "orbax", "jax._src", "datasets", "httpx"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        try:
+            train(flags_.config, flags_.workdir)
+        except (ValueError, FileNotFoundError, FloatingPointError, ConnectionError, ImportError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(_main, argv=argv)
+
+
+if __name__ == "__main__":
+    main()
