@@ -283,6 +283,7 @@ def atomic_folder(out_dir: str | os.PathLike):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        _default_permissions(tmp)
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -292,6 +293,25 @@ def atomic_folder(out_dir: str | os.PathLike):
             shutil.rmtree(old, ignore_errors=True)
 
     return _cm()
+
+
+def _default_permissions(folder: Path) -> None:
+    """mkdtemp makes 0700 folders and safetensors 0600 files; give the finished folder the
+    permissions an ordinary mkdir / open would (0777 / 0666 minus the umask)."""
+    umask = None
+    try:  # Linux: read it without changing it (os.umask is process-wide, racy with threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                umask = int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    if umask is None:
+        umask = os.umask(0o022)
+        os.umask(umask)
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)
 
 
 def save_pretrained(
