@@ -75,6 +75,17 @@ def _ppl(x: Any) -> str:
     return f"{v:,.2f}" if abs(v) >= 10 else f"{v:.4f}"
 
 
+def _layers(n: Any) -> str:
+    return f"{_int(n)} layer{'' if _num(n) == 1 else 's'}"
+
+
+def _short(v: Any) -> str:
+    """A metric value: floats to 6 significant digits."""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return _value(v)
+
+
 def _bytes(n: Any) -> str:
     v = _num(n)
     if v is None:
@@ -324,17 +335,25 @@ def _summary_section(summary, config, export, model_name) -> str:
     lines.append("")
     lines.append(f"- **Teacher:** {f'`{teacher}`' if teacher else NOT_RECORDED}"
                  + (f", {_int(t_params)} parameters" if t_params is not None else "")
-                 + (f", {t_layers} layers" if t_layers is not None else ""))
+                 + (f", {_layers(t_layers)}" if t_layers is not None else ""))
     lines.append("- **Student:** " + (f"{_int(s_params)} parameters" if s_params is not None
                                        else f"parameter count {NOT_RECORDED}")
-                 + (f", {s_layers} layers" if s_layers is not None else ""))
+                 + (f", {_layers(s_layers)}" if s_layers is not None else ""))
+    src = f"`{uri}`" if uri else f"a dataset ({'name ' + NOT_RECORDED})"
     if real is not None or docs is not None:
-        lines.append(f"- **Trained on:** {_int(real)} tokens ({_int(docs)} documents) of "
-                     f"{f'`{uri}`' if uri else 'a dataset whose name is ' + NOT_RECORDED}")
+        lines.append(f"- **Train split:** {_int(real)} real tokens in {_int(docs)} documents of {src}")
     else:
-        lines.append(f"- **Trained on:** {NOT_RECORDED}")
+        lines.append(f"- **Train split:** {NOT_RECORDED}")
     steps = _get(summary, "steps")
-    lines.append(f"- **Optimizer steps:** {_int(steps) if steps is not None else NOT_RECORDED}")
+    seen = _get(summary, "resources", "train_tokens")
+    if seen is not None:
+        epochs = _num(seen) / _num(real) if _num(real) else None
+        lines.append(f"- **Tokens trained on:** {_int(seen)} real tokens"
+                     + (f" in {_int(steps)} optimizer steps" if steps is not None else "")
+                     + (f" ({epochs:.3g} epochs of the train split)" if epochs is not None else ""))
+    else:
+        lines.append(f"- **Tokens trained on:** {NOT_RECORDED}"
+                     + (f" ({_int(steps)} optimizer steps)" if steps is not None else ""))
     lines.append(f"- **Objective:** {_objective_line(_get(config, 'objective')) or NOT_RECORDED}")
     lines.append(f"- **Final perplexity (token-weighted, lower is better):** "
                  f"{_final_eval(summary) or NOT_RECORDED}")
@@ -391,6 +410,8 @@ def _architecture_section(summary, config, export, _model_name) -> str:
 def _eval_rows(entry: Mapping, steps: Any, teacher_name: Any) -> list[tuple[str, str]]:
     """[(model key, row label)] in display order: teacher, student start, others, student end."""
     keys = [k for k, v in entry.items() if isinstance(v, Mapping)]
+    end_step = _get(entry, "student_end", "step")
+    steps = end_step if end_step is not None else steps
     order = (["teacher"] if "teacher" in keys else []) + (["student_start"] if "student_start" in keys else [])
     order += sorted(k for k in keys if k not in ("teacher", "student_start", "student_end"))
     order += ["student_end"] if "student_end" in keys else []
@@ -440,7 +461,9 @@ def _evaluation_section(summary, config, export, _model_name) -> str:
     if any(_num(_get(ev[n], k, "distily_ppl")) is not None for n in names for k, _ in row_keys):
         parts.append("For comparison with Distily's cards only: **Distily's perplexity**, the mean over "
                      "documents of each document's own perplexity (not token-weighted; short documents "
-                     "weigh as much as long ones). Lower is better; lowest in bold.")
+                     "weigh as much as long ones). Lower is better; lowest in bold."
+                     + (" Here the documents are the pieces of documents in the packed evaluation rows."
+                        if _get(summary, "dataset", "layout") == "pack" else ""))
         parts.append(table("distily_ppl"))
     measured = []
     for n in names:
@@ -456,19 +479,22 @@ def _evaluation_section(summary, config, export, _model_name) -> str:
             src = "the run's held-out test split of the train dataset (never trained on)"
         else:
             src = "source " + NOT_RECORDED
+        # With packed rows the evaluation counts (row, document) pieces, not whole documents.
+        docs = "document pieces (packed rows)" if _get(summary, "dataset", "layout") == "pack" else "documents"
         if len(counts) == 1:
             d, t = next(iter(counts))
-            what = f"{_int(d)} documents, {_int(t)} predicted tokens"
+            what = f"{_int(d)} {docs}, {_int(t)} predicted tokens"
         elif counts:
-            what = "; ".join(f"{_int(d)} documents / {_int(t)} tokens" for d, t in sorted(counts, key=str))
+            what = "; ".join(f"{_int(d)} {docs} / {_int(t)} tokens" for d, t in sorted(counts, key=str))
         else:
             what = "document and token counts " + NOT_RECORDED
         measured.append(f"- `{n}`: {src}; {what}.")
     parts.append("What was measured:\n\n" + "\n".join(measured))
     fm = _get(summary, "final_metrics")
     if isinstance(fm, Mapping) and fm:
-        parts.append(f"Final training metrics (step {_int(steps) if steps is not None else '?'}):\n\n"
-                     + _table(["metric", "value"], [(k, _value(v)) for k, v in _flatten(fm)]))
+        parts.append("Last logged training metrics (means over the final logging interval"
+                     + (f", up to step {_int(steps)}" if steps is not None else "") + "):\n\n"
+                     + _table(["metric", "value"], [(k, _short(v)) for k, v in _flatten(fm)]))
     return "\n\n".join(parts)
 
 
@@ -486,12 +512,15 @@ def _resources_section(summary, config, export, _model_name) -> str:
     kind, count = _get(res, "device_kind"), _get(res, "device_count")
     devices = (f"{_int(count)} × {kind}" if kind and count is not None else kind or
                (_int(count) if count is not None else NOT_RECORDED))
+    if _get(res, "platform"):
+        devices += f" (platform {res['platform']})"
     tps = _num(_get(res, "tokens_per_s"))
     rows = [
         ("peak accelerator memory (measured during the run)", peak),
         ("devices", devices),
         ("CPUs", _int(_get(res, "cpus")) if _get(res, "cpus") is not None else NOT_RECORDED),
         ("host RAM", _bytes(_get(res, "host_ram_bytes"))),
+        ("peak host memory (RSS of the training process)", _bytes(_get(res, "peak_host_rss_bytes"))),
         ("wall time", _duration(_get(res, "wall_time_s"))),
         ("throughput", f"{tps:,.0f} tokens/s" if tps is not None else NOT_RECORDED),
         ("training tokens processed", _int(_get(res, "train_tokens")) if _get(res, "train_tokens") is not None

@@ -1,0 +1,262 @@
+"""Export a run's student as a Hugging Face model folder with its model card; optionally push it.
+
+    python -m distil_jax.export --workdir DIR --out OUT [--step N] [--dtype float32|bfloat16]
+                                [--push-to-hub REPO_ID [--private] [--revision BRANCH]]
+
+OUT is a complete `transformers` folder: config.json (GPT2LMHeadModel), model.safetensors,
+generation_config.json, the teacher's tokenizer files and README.md (the model card, generated
+from the run's records by `distil_jax.modelcard`). It is written atomically: OUT appears complete
+or not at all, and an OUT from an earlier export is replaced only once the new one is complete.
+
+`--push-to-hub` uploads OUT after it is written (creating the repo if needed) with the token that
+huggingface_hub finds itself (HF_TOKEN, or the one saved by `hf auth login`); without a token or a
+network the push fails with a one-line error and OUT stays as written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from distil_jax import hf
+from distil_jax.modelcard import model_card
+from distil_jax.models.gpt2 import param_shapes
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_VERSIONED = ("distil_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers",
+              "datasets", "safetensors", "huggingface_hub")
+_MODEL_FILES = ("config.json", "model.safetensors")
+
+
+class PushError(RuntimeError):
+    """The push to the hub failed (no token, offline, network or hub error). One line, no token."""
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    out = {}
+    for name in _VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.exists():
+        log.warning("%s not found (%s): the model card will say it was not recorded", what, path)
+        return {}
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        log.warning("cannot read %s (%s): %s; the model card will say it was not recorded", what, path, e)
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def _check_out(workdir: Path, out: Path) -> None:
+    """Refuse an OUT whose replacement would destroy the run or an unrelated folder."""
+    w, o = workdir.resolve(), out.resolve()
+    if o == w or o in w.parents:
+        raise ValueError(f"--out {out} would replace the workdir {workdir} (or a folder holding it); "
+                         "choose another output folder")
+    if o.exists():
+        if not o.is_dir():
+            raise ValueError(f"--out {out} exists and is not a folder")
+        if any(o.iterdir()) and not all((o / f).exists() for f in _MODEL_FILES):
+            raise ValueError(f"--out {out} exists and is not a model folder (no config.json + "
+                             "model.safetensors); refusing to replace it: choose a new or empty folder")
+
+
+def _check_params(config, params: Mapping, workdir: Path, step: int) -> None:
+    want = hf._flatten(param_shapes(config))
+    got = hf._flatten(params)
+    problems = [f"{'/'.join(p)}: checkpoint {tuple(np.shape(got[p]))}, config {tuple(want[p].shape)}"
+                for p in want if p in got and tuple(np.shape(got[p])) != tuple(want[p].shape)]
+    missing = ["/".join(p) for p in want if p not in got]
+    extra = ["/".join(p) for p in got if p not in want]
+    if problems or missing or extra:
+        raise ValueError(
+            f"the student of checkpoint step {step} in {workdir} does not match "
+            f"{workdir / 'student' / 'config.json'}: "
+            + "; ".join(x for x in (", ".join(problems[:4]), "missing " + ", ".join(missing[:4]) if missing
+                                    else "", "unexpected " + ", ".join(extra[:4]) if extra else "") if x))
+
+
+def export(workdir: str | Path, out: str | Path, step: Optional[int] = None, dtype: str = "float32",
+           *, model_name: Optional[str] = None) -> Path:
+    """Write the student of `workdir`'s checkpoint (the latest, or `step`) to the HF folder `out`.
+
+    Args:
+      workdir: a training run's workdir (config.json, student/, tokenizer/, checkpoints/,
+        run_summary.json).
+      out: the output folder (created, or replaced if it holds an earlier export).
+      step: the checkpoint step (default: the latest).
+      dtype: "float32" (the master weights, exactly) or "bfloat16" (half the size).
+      model_name: the name in the card's title and loading snippet (default: the folder name).
+
+    Returns:
+      `out` as a Path.
+
+    Raises:
+      FileNotFoundError: no workdir, no checkpoint in it (train first), no such step (the message
+        lists the available ones), no student config or tokenizer.
+      ValueError: an unknown dtype, an `out` that would replace the run or a non-model folder, a
+        checkpoint that does not match the student's config.
+    """
+    from distil_jax import checkpoint
+
+    workdir, out = Path(workdir), Path(out)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: use one of {', '.join(DTYPES)}")
+    if not workdir.is_dir():
+        raise FileNotFoundError(f"workdir {workdir} does not exist (or is not a folder); pass the "
+                                "--workdir of a training run")
+    steps = checkpoint.available_steps(workdir)
+    if not steps:
+        raise FileNotFoundError(
+            f"no checkpoint in workdir {workdir} (nothing in {workdir / 'checkpoints'}): run training "
+            f"first, e.g. python -m distil_jax.train --config CONFIG.py --workdir {workdir}")
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"no checkpoint for step {step} in {workdir}; available steps: "
+                                f"{', '.join(map(str, steps))}")
+    _check_out(workdir, out)
+    if not (workdir / "student" / "config.json").exists():
+        raise FileNotFoundError(f"no student config in {workdir / 'student'} (config.json): this "
+                                "workdir was not written by distil_jax.train")
+    if not (workdir / "tokenizer").is_dir():
+        raise FileNotFoundError(f"no tokenizer in {workdir / 'tokenizer'}: this workdir was not "
+                                "written by distil_jax.train")
+    import transformers
+
+    config = hf.load_config(workdir / "student")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(workdir / "tokenizer")
+    step, tree = checkpoint.restore_params(workdir, step)
+    if not isinstance(tree, Mapping) or "student" not in tree:
+        raise ValueError(f"checkpoint step {step} in {workdir} holds no student parameters")
+    params = jax.tree_util.tree_map(np.asarray, tree["student"])
+    _check_params(config, params, workdir, step)
+
+    n_params = sum(math.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(params))
+    itemsize = jnp.dtype(DTYPES[dtype]).itemsize
+    info = {
+        "step": int(step),
+        "dtype": dtype,
+        "params": int(n_params),
+        "weight_bytes": int(n_params * itemsize),
+        "student_config": hf.config_to_hf(config).to_dict(),
+        "versions": _versions(),
+        "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    summary = _read_json(workdir / "run_summary.json", "the run summary")
+    run_config = _read_json(workdir / "config.json", "the run's config")
+    card = model_card(summary, run_config, export=info, model_name=model_name or out.resolve().name)
+    hf.save_pretrained(config, params, out, tokenizer=tokenizer, dtype=DTYPES[dtype],
+                       extra_files={"README.md": card})
+    log.info("exported the student of step %d (%s params, %s) from %s to %s", step, f"{n_params:,}",
+             dtype, workdir, out)
+    return out
+
+
+def _one_line(e: BaseException, secret: Optional[str]) -> str:
+    msg = f"{type(e).__name__}: {e}".strip().splitlines()
+    text = msg[0] if msg else type(e).__name__
+    return text.replace(secret, "***") if secret else text
+
+
+def push_to_hub(out: str | Path, repo_id: str, private: bool = False, revision: Optional[str] = None,
+                token: Optional[str] = None, *, endpoint: Optional[str] = None,
+                commit_message: Optional[str] = None) -> str:
+    """Upload the exported folder `out` to the hub model repo `repo_id` (created if needed).
+
+    token: default huggingface_hub's own resolution (HF_TOKEN, then the saved login). revision: a
+    branch, created if needed (default: main). endpoint: default huggingface_hub's (HF_ENDPOINT).
+    Returns the commit URL. Raises PushError (one line, never containing the token) when there is
+    no token, the hub is offline or unreachable, or it refuses; `out` is never modified.
+    """
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    out = Path(out)
+    if not all((out / f).exists() for f in _MODEL_FILES):
+        raise FileNotFoundError(f"{out} is not an exported model folder (no config.json + model.safetensors)")
+    where = f"the exported folder is intact at {out}"
+    if constants.is_offline_mode():
+        raise PushError(f"cannot push to {repo_id}: huggingface_hub is in offline mode (HF_HUB_OFFLINE); "
+                        f"unset it to push; {where}")
+    token = token or huggingface_hub.get_token()
+    if not token:
+        raise PushError(f"cannot push to {repo_id}: no Hugging Face token (set HF_TOKEN or run "
+                        f"`hf auth login`); {where}")
+    card = out / "README.md"
+    if card.exists() and token in card.read_text(encoding="utf-8", errors="replace"):
+        raise PushError(f"refusing to push {out}: its README.md contains the hub token")
+    api = huggingface_hub.HfApi(endpoint=endpoint, token=token)
+    try:
+        url = api.create_repo(repo_id, private=private or None, exist_ok=True, repo_type="model")
+        if revision:
+            api.create_branch(url.repo_id, branch=revision, exist_ok=True)
+        info = api.upload_folder(
+            repo_id=url.repo_id, folder_path=out, revision=revision, repo_type="model",
+            commit_message=commit_message or f"Upload distil_jax student ({out.name})")
+    except Exception as e:  # network, auth, hub errors: one line, token scrubbed
+        raise PushError(f"could not push {out} to {repo_id}: {_one_line(e, token)}; {where}") from None
+    log.info("pushed %s to %s", out, info.commit_url)
+    return info.commit_url
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m distil_jax.export",
+        description="Export a training run's student to a Hugging Face model folder (safetensors, "
+                    "config, tokenizer, model card), and optionally push it to the hub.")
+    p.add_argument("--workdir", required=True, help="the training run's workdir")
+    p.add_argument("--out", required=True, help="the output folder (created or replaced)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="weights' dtype in model.safetensors (default: float32)")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
+                   help="upload OUT to this hub model repo (created if needed)")
+    p.add_argument("--private", action="store_true", help="create the hub repo private")
+    p.add_argument("--revision", metavar="BRANCH", default=None,
+                   help="hub branch to push to (created if needed; default main)")
+    args = p.parse_args(argv)
+    if (args.private or args.revision) and not args.push_to_hub:
+        p.error("--private and --revision need --push-to-hub")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("absl", "orbax", "jax._src", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        out = export(args.workdir, args.out, step=args.step, dtype=args.dtype,
+                     model_name=args.push_to_hub)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported to {out}")
+    if args.push_to_hub:
+        try:
+            url = push_to_hub(out, args.push_to_hub, private=args.private, revision=args.revision)
+        except (PushError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"pushed to {url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
