@@ -4,7 +4,7 @@
 
 1. distil_jax writes a corpus of the Python standard library's docstrings (every machine with
    Python has it), trains a 4096-token byte-level BPE on it, and trains a 4-layer GPT-2 teacher
-   (192 wide) with the next-token loss: WORKDIR/teacher, an ordinary HF folder, cached.
+   (128 wide) with the next-token loss: WORKDIR/teacher, an ordinary HF folder, cached.
 2. It distills a 2-layer student from that teacher with the reference objective (KL on the
    logits + 5.0 x MSE of layer-2 attention maps through the teacher-only affine LayerNorm and the
    orthogonal projector), Adam with linear decay, packed rows of 128 tokens.
@@ -28,6 +28,8 @@ def get_config(arg: str = ""):
     c.dataset.sample_size = None
     c.dataset.test_size = 0.05
     c.dataset.max_seq_len = 128
+    c.demo_teacher.update(n_layer=4, n_embd=128, n_head=4, n_positions=128, steps=400,
+                          batch_size=16, learning_rate=3e-3)
     c.student.config_name_or_path = ""  # the teacher's config with overrides
     c.student.overrides = {"n_layer": 2}
     c.student.dropout = False

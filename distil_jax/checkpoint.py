@@ -18,8 +18,6 @@ import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
-_ITEMS = ("state", "data")
-
 
 def checkpoint_dir(workdir: str | os.PathLike) -> Path:
     return Path(workdir).resolve() / "checkpoints"
@@ -28,7 +26,9 @@ def checkpoint_dir(workdir: str | os.PathLike) -> Path:
 def manager(workdir: str | os.PathLike, max_to_keep: Optional[int] = None,
             create: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=_ITEMS)
+    # Explicit handlers, so metadata and restores work in a fresh process before any save.
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
 
 
 def state_to_dict(state) -> dict:

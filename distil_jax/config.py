@@ -108,7 +108,7 @@ def _check(config: Any, schema: Any, prefix: str) -> None:
         path = f"{prefix}{key}"
         if key not in schema:
             close = difflib.get_close_matches(key, list(schema.keys()), n=1)
-            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+            hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
             raise ValueError(f"unknown config field {path!r}{hint} (valid: {', '.join(sorted(schema.keys()))})")
         sub, ref = config[key], schema[key]
         # Free-form sections: GPT-2 overrides and evaluators are checked where they are used.
@@ -130,3 +130,16 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if config.train.batch_size <= 0 or config.train.grad_accum <= 0:
         raise ValueError("train.batch_size and train.grad_accum must be positive")
     return config
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+    """Load `path/to/config.py[:arg]` the way `--config` does (get_config(arg) if arg given)."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_distil_jax_config", path)
+    if module_spec is None:
+        raise FileNotFoundError(f"config file not found: {path}")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return validate(module.get_config(arg) if arg else module.get_config())

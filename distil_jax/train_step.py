@@ -212,7 +212,7 @@ def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = schedule(state.step)
         metrics["tokens"] = n_tokens
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

@@ -1,0 +1,184 @@
+"""The training run end to end on the seconds-long demo config (configs/tiny.py:test)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from distil_jax import checkpoint, config as config_lib
+from distil_jax.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.py")
+
+
+def tiny_config(**overrides):
+    c = config_lib.load(TINY + ":test")
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        c[section][field] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One complete tiny run (demo teacher included); other tests copy its teacher and data."""
+    workdir = tmp_path_factory.mktemp("run")
+    result = train(tiny_config(), workdir)
+    return workdir, result
+
+
+def _seed_workdir(src: Path, dst: Path) -> Path:
+    """A fresh workdir that reuses the (deterministic) demo teacher and corpus of `src`."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("teacher", "data", "cache"):
+        shutil.copytree(src / name, dst / name)
+    return dst
+
+
+@pytest.mark.slow
+def test_end_to_end_writes_records_and_distills(trained):
+    workdir, result = trained
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    logged = {k for rec in lines for k in rec}
+    for key in ("loss", "loss/logits", "loss/attn", "grad_norm", "grad_norm_var", "learning_rate",
+                "tokens_per_s", "eval/heldout/student_ppl", "eval/heldout/teacher_ppl"):
+        assert key in logged, key
+    assert "loss/hs" not in logged  # weight 0: not computed
+    assert list((workdir / "tb").glob("events.out.tfevents.*"))
+    assert checkpoint.available_steps(workdir) == [20, 30]  # save_steps 10, save_total_limit 2
+    ev = result["eval"]["heldout"]
+    # Distillation works: the student's held-out perplexity falls towards the teacher's.
+    assert ev["student_end"]["ppl"] < 0.8 * ev["student_start"]["ppl"]
+    summary = json.loads((workdir / "run_summary.json").read_text())
+    assert summary["student"]["n_layer"] == 1 and summary["teacher"]["n_layer"] == 2
+    assert summary["dataset"]["train"]["real_tokens"] > 0
+    assert summary["resources"]["train_tokens"] > 0
+    assert (workdir / "tokenizer" / "tokenizer.json").exists()
+    assert (workdir / "student" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_rerun_reuses_teacher_and_finished_run(trained):
+    workdir, result = trained
+    mtime = (workdir / "teacher" / "model.safetensors").stat().st_mtime
+    again = train(tiny_config(), workdir)
+    assert (workdir / "teacher" / "model.safetensors").stat().st_mtime == mtime
+    assert again["step"] == result["step"] == 30
+    assert again["eval"]["heldout"]["student_end"] == result["eval"]["heldout"]["student_end"]
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_equals_uninterrupted(trained, tmp_path):
+    """Kill the CLI with SIGKILL mid-run, rerun the same command: the final student parameters
+    equal those of an uninterrupted run with the same config. Tolerance: bitwise (CPU)."""
+    src, _ = trained
+    killed = _seed_workdir(src, tmp_path / "killed")
+    cmd = [sys.executable, "-m", "distil_jax.train", "--config", TINY + ":test", "--workdir", str(killed)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "10").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps_at_kill = checkpoint.available_steps(killed)
+    assert steps_at_kill and steps_at_kill[-1] < 30, steps_at_kill
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resumed from the checkpoint at step {steps_at_kill[-1]}" in done.stderr
+
+    step_a, resumed = checkpoint.restore_params(killed)
+    step_b, uninterrupted = checkpoint.restore_params(src)
+    assert step_a == step_b == 30
+    flat_a, flat_b = jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)
+    assert len(flat_a) == len(flat_b)
+    for a, b in zip(flat_a, flat_b):
+        np.testing.assert_array_equal(a, b)
+    # metrics.jsonl holds each step once, though steps after the checkpoint ran twice.
+    steps = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [s for s, line in zip(steps, (killed / "metrics.jsonl").read_text().splitlines())
+                   if '"loss"' in line]
+    assert train_steps == sorted(set(train_steps))
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_config_is_refused(trained, tmp_path):
+    src, _ = trained
+    workdir = _seed_workdir(src, tmp_path / "w")
+    shutil.copytree(src / "checkpoints", workdir / "checkpoints")
+    cfg = tiny_config()
+    cfg.student.overrides = {"n_layer": 2}
+    with pytest.raises(ValueError, match="different shapes.*use a new --workdir"):
+        train(cfg, workdir)
+
+
+@pytest.mark.slow
+def test_nan_loss_is_an_error_and_leaves_no_checkpoint(trained, tmp_path):
+    src, _ = trained
+    workdir = _seed_workdir(src, tmp_path / "nan")
+    cfg = tiny_config()
+    cfg.optimizer.learning_rate = 1e30
+    cfg.optimizer.max_grad_norm = 0.0
+    with pytest.raises(FloatingPointError, match="loss became nan by step 5: lower optimizer.learning_rate"):
+        train(cfg, workdir)
+    assert checkpoint.available_steps(workdir) == []
+
+
+def test_every_config_file_builds_and_matches_the_schema():
+    files = sorted((ROOT / "configs").glob("*.py"))
+    assert {f.name for f in files} >= {"base.py", "tiny.py"}
+    for f in files:
+        cfg = config_lib.load(str(f))
+        config_lib.validate(cfg)
+    base = config_lib.load(str(ROOT / "configs" / "base.py"))
+    # The reference run (spec section 1).
+    assert base.teacher.model_name_or_path == "gpt2"
+    assert base.student.config_name_or_path == "distilbert/distilgpt2"
+    assert base.dataset.sample_size == 5000 and base.dataset.test_size == 0.002
+    assert base.optimizer.learning_rate == 2e-4 and base.optimizer.lr_end == 1e-7
+    assert base.train.batch_size == 8 and base.train.seed == 42
+    assert base.objective.attn.weight == 5.0 and base.objective.attn.layer_mapper == "layer-2"
+    assert config_lib.load(TINY + ":test").train.max_steps == 30
+
+
+def test_unknown_config_key_is_an_error():
+    cfg = config_lib.default_config()
+    cfg.train.batch_sizes = 4
+    with pytest.raises(ValueError, match="unknown config field 'train.batch_sizes'; did you mean 'train.batch_size'"):
+        config_lib.validate(cfg)
+
+
+def test_cli_rejects_unknown_override(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "distil_jax.train", "--config", TINY, "--workdir", str(tmp_path),
+         "--config.train.nope=1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "nope" in out.stderr
+
+
+def test_missing_teacher_is_a_clear_error(tmp_path):
+    cfg = tiny_config()
+    cfg.demo_teacher.enabled = False
+    cfg.teacher.model_name_or_path = str(tmp_path / "no-such-teacher")
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
+        train(cfg, tmp_path / "w")
+
+
+@pytest.mark.slow
+def test_sequence_longer_than_student_positions(trained, tmp_path):
+    src, _ = trained
+    cfg = tiny_config()
+    cfg.student.overrides = {"n_layer": 1, "n_positions": 16}
+    with pytest.raises(ValueError, match="sequence length 32 exceeds the student's n_positions=16"):
+        train(cfg, _seed_workdir(src, tmp_path / "w"))
