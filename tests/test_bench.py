@@ -1,0 +1,170 @@
+"""tools/bench_throughput.py and its PyTorch baseline: a smoke run of both sides on tiny shapes,
+the JSON the CLI writes, and the baseline's objective against distil_jax's on the same weights."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from distil_jax import hf
+from distil_jax import train_step as ts
+from distil_jax.objectives.objective import Objective
+from tools import bench_throughput as bt
+from tools import torch_baseline as tb
+
+SIDE_KEYS = ("real_tokens_per_s", "tokens_per_s", "step_time_s_median", "peak_memory_bytes", "mfu")
+
+
+def _tiny(**kw):
+    base = dict(teacher="tiny", batch=2, seq_len=16, steps=2, warmup_steps=1, windows=2)
+    base.update(kw)
+    return bt.BenchConfig(**base)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_make_batch_layouts(layout):
+    cfg = _tiny(batch=4, seq_len=64, layout=layout).resolved()
+    b = bt.make_batch(cfg)
+    assert b["input_ids"].shape == b["segment_ids"].shape == (4, 64)
+    assert b["real_tokens"] == int((b["segment_ids"] > 0).sum()) == int(b["attention_mask"].sum())
+    if layout == "padded":
+        assert b["real_tokens"] == round(4 * 64 * (1 - 0.24))
+        # One document per row, right-padded with EOS.
+        assert set(np.unique(b["segment_ids"])) <= {0, 1}
+        for row_ids, row_seg in zip(b["input_ids"], b["segment_ids"]):
+            n = int(row_seg.sum())
+            assert row_seg[:n].all() and not row_seg[n:].any()
+            assert (row_ids[n:] == bt.TEACHERS["tiny"]["vocab_size"] - 1).all()
+    else:
+        assert b["real_tokens"] == 4 * 64
+        assert b["segment_ids"].max() > 1  # several documents per row
+
+
+def test_smoke_both_sides_in_process():
+    cfg = _tiny()
+    for side, run in (("jax", bt.run_jax), ("torch", bt.run_torch)):
+        r = run(cfg)
+        assert r["side"] == side
+        for k in SIDE_KEYS:
+            assert k in r, (side, k)
+        assert r["tokens_per_s"] > r["real_tokens_per_s"] > 0  # padded: real < all positions
+        assert r["step_time_s_min"] <= r["step_time_s_median"] <= r["step_time_s_max"]
+        assert np.isfinite(r["loss_first"]) and np.isfinite(r["loss_last"])
+        assert r["peak_memory_bytes"] > 0
+
+
+def test_cli_json_keys(tmp_path):
+    out = tmp_path / "bench.json"
+    # Each side in its own subprocess, as the CLI runs by default.
+    assert bt.main(["--teacher", "tiny", "--batch", "2", "--seq-len", "16", "--steps", "2",
+                    "--warmup-steps", "1", "--windows", "1", "--layout", "packed", "--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert {"jax", "torch", "ratio_real_tokens_per_s"} <= set(d)
+    for side in ("jax", "torch"):
+        for k in SIDE_KEYS:
+            assert k in d[side], (side, k)
+    assert d["ratio_real_tokens_per_s"] == pytest.approx(
+        d["jax"]["real_tokens_per_s"] / d["torch"]["real_tokens_per_s"])
+    # packed: every position is a real token
+    assert d["jax"]["real_tokens_per_s"] == pytest.approx(d["jax"]["tokens_per_s"])
+
+
+def test_flops_formula():
+    f = bt.flops_per_token(_tiny(teacher="gpt2-config", seq_len=1024).resolved())
+    D, V = 768, 50257
+    assert f["student"] == 6 * 12 * D * D * 6 + 12 * 6 * 1024 * D + 6 * D * V
+    assert f["teacher"] == 2 * 12 * D * D * 12 + 4 * 12 * 1024 * D + 2 * D * V
+    assert f["objective"] == 6 * 12 * 1024 * 1024
+    assert f["total"] == f["student"] + f["teacher"] + f["objective"]
+
+
+# ----------------------------------------------------------------------------- parity
+
+N_TEACHER, N_STUDENT, S = 4, 3, 16  # layer-2 maps student block 1 <-> teacher block 2
+
+
+def _perturb(model, seed):
+    """Non-trivial biases and LayerNorms, so that a mix-up of parameters would show."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name or name.startswith("transformer.ln_f"):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def _same_weights_both_sides():
+    """HF teacher/student + Distily objective in torch, and the same weights in distil_jax."""
+    t_cfg = tb.hf_gpt2_config(n_layer=N_TEACHER, n_embd=32, n_head=4, vocab_size=97, n_positions=32)
+    teacher, student, objective = tb.build(t_cfg, N_STUDENT, S, remat=False, seed=3)
+    _perturb(teacher, 1)
+    _perturb(student, 2)
+    with torch.no_grad():
+        objective.norm.weight.add_(0.1 * torch.randn(S))
+        objective.norm.bias.add_(0.1 * torch.randn(S))
+    # No dropout, so that both sides compute the same function (the benchmark trains the
+    # baseline's student in train mode, as Distily does).
+    student.eval()
+
+    tc = hf.config_from_hf(teacher.config)
+    sc_cfg = hf.config_from_hf(student.config)
+    # Copies: jax may alias a numpy buffer on the CPU, and torch's optimizer updates in place.
+    sd = lambda m: {k: v.detach().numpy().copy() for k, v in m.state_dict().items()}  # noqa: E731
+    host = lambda t: jnp.asarray(t.detach().numpy().copy())  # noqa: E731
+    teacher_params = hf.hf_state_dict_to_params(tc, sd(teacher))
+    student_params = hf.hf_state_dict_to_params(sc_cfg, sd(student))
+    np.testing.assert_array_equal(student_params["wte"]["embedding"], teacher_params["wte"]["embedding"])
+    obj = Objective.from_config(bt.REFERENCE_OBJECTIVE).bind(sc_cfg, tc)
+    assert obj.attn_pairs(N_STUDENT, N_TEACHER) == ((objective.s_layer, objective.t_layer),) == ((1, 2),)
+    obj_params = {"attn": {
+        "projector": {"weight": host(objective.projector_weight)},
+        "norm": {"teacher": {"scale": host(objective.norm.weight), "bias": host(objective.norm.bias)}},
+    }}
+    layout = obj.init_params(jax.random.PRNGKey(0), sc_cfg, tc, S)
+    assert jax.tree_util.tree_structure(layout) == jax.tree_util.tree_structure(obj_params)
+    assert jax.tree_util.tree_map(jnp.shape, layout) == jax.tree_util.tree_map(jnp.shape, obj_params)
+    params = {"student": student_params, "objective": obj_params}
+    sc = ts.StepConfig(tc, sc_cfg, obj)
+    return (teacher, student, objective), (sc, params, teacher_params)
+
+
+def test_baseline_loss_equals_distil_jax_loss_on_full_rows():
+    # Full rows, no padding: Distily averages its losses over every position, padding included,
+    # while distil_jax averages over real tokens only, so the two objectives agree only when
+    # there is no padding (on padded rows they differ by design: spec defect 1).
+    (teacher, student, objective), (sc, params, teacher_params) = _same_weights_both_sides()
+    ids = np.random.RandomState(0).randint(0, 97, (3, S))
+    ones = np.ones((3, S), np.int32)
+
+    t_loss, t_parts = tb.forward_loss(teacher, student, objective, torch.as_tensor(ids),
+                                      torch.as_tensor(ones))
+    j_loss, j_parts = ts.distill_loss(sc, params, teacher_params,
+                                      {"input_ids": jnp.asarray(ids), "segment_ids": jnp.asarray(ones)}, None)
+    assert float(t_parts["loss/attn"]) > 1e-3 and float(t_parts["loss/logits"]) > 1e-3  # non-trivial
+    assert abs(float(t_parts["loss/logits"]) - float(j_parts["loss/logits"])) < 1e-4
+    assert abs(float(t_parts["loss/attn"]) - float(j_parts["loss/attn"])) < 1e-4
+    assert abs(float(t_loss.detach()) - float(j_loss)) < 1e-4
+
+
+def test_baseline_optimizer_step_matches_distil_jax():
+    # One Adam step (clipping, schedule, projector and norm trained too) on both sides, then the
+    # loss again: the baseline trains the same parameters with the same update rule.
+    (teacher, student, objective), (sc, params, teacher_params) = _same_weights_both_sides()
+    ids = np.random.RandomState(1).randint(0, 97, (2, S))
+    ones = np.ones((2, S), np.int32)
+    batch = {"input_ids": jnp.asarray(ids), "segment_ids": jnp.asarray(ones)}
+    total = 10
+
+    trainer = tb.Trainer(teacher, student, objective, total_steps=total)
+    trainer.step(torch.as_tensor(ids), torch.as_tensor(ones))
+    t_after, _ = tb.forward_loss(teacher, student, objective, torch.as_tensor(ids), torch.as_tensor(ones))
+
+    tmask = jax.tree_util.tree_map(lambda _: True, params)
+    tx, sched = ts.make_optimizer(dict(optimizer="adam", learning_rate=2e-4, max_grad_norm=1.0,
+                                       adam_epsilon=1e-8, weight_decay=0.0), total, tmask)
+    state = ts.create_train_state(params, tx, jax.random.PRNGKey(0))
+    state, _ = ts.make_train_step(sc, tx, sched)(state, teacher_params, batch)
+    j_after, _ = ts.distill_loss(sc, state.params, teacher_params, batch, None)
+    assert abs(float(t_after.detach()) - float(j_after)) < 1e-4

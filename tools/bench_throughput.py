@@ -1,0 +1,534 @@
+#!/usr/bin/env python
+"""Training throughput of distil_jax's jitted step against a PyTorch baseline that trains the way
+Distily does (`tools/torch_baseline.py`), in one invocation, same machine, same shapes, random
+weights (nothing is downloaded).
+
+    python tools/bench_throughput.py --teacher gpt2-config --student-layers 6 --batch 4 \\
+        --seq-len 256 --steps 6 --warmup-steps 2 --layout padded --json bench.json
+
+Each side runs in its own subprocess (so that peak RSS / device memory do not mix) and reports:
+median step time with min / max over timing windows, tokens/s over all positions and over real
+(non-padding) tokens, compile and warm-up time, peak memory (device memory on a GPU: jax
+`memory_stats()["peak_bytes_in_use"]` / `torch.cuda.max_memory_allocated`; peak RSS on a CPU),
+model FLOPs per token, MFU against a stated peak, and the ratios distil_jax / baseline.
+
+Timing: after the warm-up steps, `--steps` steps are timed in `--windows` equal windows. Inside a
+window there is no host synchronization at all (jax: steps are dispatched back to back and the
+window ends with `jax.block_until_ready` on the state and metrics; torch: CPU ops are synchronous,
+and on a GPU the window ends with `torch.cuda.synchronize()`; the loss is never read inside a
+window). The per-step time of a window is its wall time / its steps; the table shows the median
+over windows and their min / max.
+
+Layouts (`--layout`):
+  padded  one document per row, right-padded with EOS; `--pad-fraction` (default 0.24, like the
+          reference run) of all positions are padding. Both sides compute on every position;
+          distil_jax masks padding out of its losses, the baseline (like Distily) averages over it.
+  packed  full rows; distil_jax gets segment_ids with several documents per row (attention and
+          positions stay inside a document), the baseline gets the same rows as plain sequences.
+
+Model FLOPs per token (all positions; the same count for both sides, since both compute the same
+model math; rematerialization is not counted, as usual for MFU). With D = width, V = vocabulary,
+S = sequence length, H = heads, L_s / L_t = student / teacher blocks, P = mapped attention pairs:
+
+    student (forward + backward = 3 x forward):
+        6 * 12 * D^2 * L_s          block matmuls (qkv 3D^2, out D^2, MLP 8D^2; N = 12 D^2 per block)
+      + 12 * L_s * S * D            attention scores QK^T and P.V (2 * 2 * S * D per layer, x3)
+      + 6 * D * V                   LM head
+    teacher (forward only):
+        2 * 12 * D^2 * L_t + 4 * L_t * S * D + 2 * D * V
+    objective:
+      + 6 * H * S^2 * P             orthogonal projection of the mapped [H, S] attention rows by an
+                                    S x S matrix, forward + backward
+    (embedding lookups, LayerNorms, softmaxes, the KL itself, the S x S matrix exponential and the
+    optimizer are not counted; attention is counted over the full S x S square, not the causal
+    half.)
+
+MFU = FLOPs/token * tokens/s (all positions) / peak. Peak (`--peak-tflops`): default 989 TFLOP/s
+on a GPU (H100/H200 SXM dense bf16); on a CPU a nominal float32 figure
+cores x (bogomips / 2) MHz x (64 FLOP/cycle with AVX-512 [two 512-bit FMA pipes], else 32),
+stated in the output as "nominal".
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# The teacher shapes. gpt2-config = GPT-2 small (the reference run's teacher), random init.
+TEACHERS = {
+    "gpt2-config": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
+    "tiny": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=512, n_positions=256),
+}
+
+# The reference run's objective (configs/base.py): KL on logits + 5 x raw_mse on the layer -2
+# attention maps, orthogonal projector on the student side, trainable LayerNorm on the teacher's.
+REFERENCE_OBJECTIVE = dict(
+    logits=dict(weight=1.0, loss_fn="kl"),
+    attn=dict(weight=5.0, loss_fn="raw_mse", layer_mapper="layer-2",
+              norm="layernorm_teacher_only_affine", projector="orthogonal"),
+)
+ATTN_LAYER_K = 2  # layer-2
+
+GPU_PEAK_TFLOPS = 989.0  # H100 / H200 SXM, dense bf16
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    teacher: str = "tiny"
+    student_layers: Optional[int] = None  # default: 6 for gpt2-config, 2 for tiny
+    batch: int = 2
+    seq_len: int = 32
+    steps: int = 2  # timed steps (all windows together)
+    warmup_steps: int = 1
+    windows: int = 2
+    layout: str = "padded"
+    pad_fraction: float = 0.24
+    docs_per_row: float = 4.0  # packed layout: mean documents per row
+    dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on a CPU
+    remat: bool = True
+    seed: int = 0
+    logits_chunk_tokens: Optional[int] = None  # distil_jax only; None = its automatic choice
+    jax_dropout: bool = False  # distil_jax only; StepConfig.dropout (its default: off)
+    peak_tflops: Optional[float] = None
+
+    def resolved(self) -> "BenchConfig":
+        c = dataclasses.replace(self)
+        if c.teacher not in TEACHERS:
+            raise ValueError(f"unknown --teacher {c.teacher!r}; valid: {', '.join(TEACHERS)}")
+        if c.student_layers is None:
+            c.student_layers = 6 if c.teacher == "gpt2-config" else max(ATTN_LAYER_K, TEACHERS[c.teacher]["n_layer"] // 2)
+        if c.student_layers < ATTN_LAYER_K:
+            raise ValueError(f"--student-layers must be >= {ATTN_LAYER_K} (the layer-2 attention mapper)")
+        if c.seq_len > TEACHERS[c.teacher]["n_positions"]:
+            raise ValueError(f"--seq-len {c.seq_len} > n_positions {TEACHERS[c.teacher]['n_positions']}")
+        if c.layout not in ("padded", "packed"):
+            raise ValueError(f"unknown --layout {c.layout!r}; valid: padded, packed")
+        if not 0.0 <= c.pad_fraction < 1.0:
+            raise ValueError("--pad-fraction must be in [0, 1)")
+        if c.steps < 1:
+            raise ValueError("--steps must be >= 1")
+        c.windows = max(1, min(c.windows, c.steps))
+        return c
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+def make_batch(cfg: BenchConfig) -> dict:
+    """The one batch both sides train on (numpy int32 arrays, [B, S]).
+
+    input_ids; attention_mask (1 = real token, the baseline's input); segment_ids (distil_jax's
+    input: 0 = padding, 1.. = document within the row); real_tokens (int).
+    padded: row lengths uniform in [S(1 - 2p), S] (p = pad fraction), then adjusted so that the
+    batch holds exactly round(B S (1 - p)) real tokens; the rest is EOS padding.
+    packed: every position is real; documents of random length (mean S / docs_per_row).
+    """
+    import numpy as np
+
+    B, S = cfg.batch, cfg.seq_len
+    V = TEACHERS[cfg.teacher]["vocab_size"]
+    eos = V - 1
+    rng = np.random.RandomState(cfg.seed + 1234)
+    ids = rng.randint(0, V - 1, (B, S)).astype(np.int32)
+    seg = np.zeros((B, S), np.int32)
+    if cfg.layout == "padded":
+        p = cfg.pad_fraction
+        lo = max(1, int(round(S * max(0.0, 1.0 - 2.0 * p))))
+        lengths = rng.randint(lo, S + 1, B)
+        target = max(B, int(round(B * S * (1.0 - p))))
+        # Nudge row lengths (within [1, S]) until the total is exactly the target.
+        i = 0
+        while lengths.sum() != target:
+            r = i % B
+            if lengths.sum() < target and lengths[r] < S:
+                lengths[r] += 1
+            elif lengths.sum() > target and lengths[r] > 1:
+                lengths[r] -= 1
+            i += 1
+        for r, n in enumerate(lengths):
+            seg[r, :n] = 1
+            ids[r, n:] = eos
+    else:
+        mean = max(1.0, S / cfg.docs_per_row)
+        for r in range(B):
+            pos, doc = 0, 1
+            while pos < S:
+                n = int(np.clip(rng.exponential(mean), 1, S - pos))
+                seg[r, pos:pos + n] = doc
+                ids[r, pos + n - 1] = eos  # documents end with EOS, as the data layer packs them
+                pos, doc = pos + n, doc + 1
+    mask = (seg > 0).astype(np.int32)
+    return dict(input_ids=ids, attention_mask=mask, segment_ids=seg, real_tokens=int(mask.sum()))
+
+
+def flops_per_token(cfg: BenchConfig) -> dict:
+    """Model FLOPs per token position (see the module docstring for the formula)."""
+    t = TEACHERS[cfg.teacher]
+    D, V, H, Lt = t["n_embd"], t["vocab_size"], t["n_head"], t["n_layer"]
+    Ls, S, P = cfg.student_layers, cfg.seq_len, 1
+    student = 6 * 12 * D * D * Ls + 12 * Ls * S * D + 6 * D * V
+    teacher = 2 * 12 * D * D * Lt + 4 * Lt * S * D + 2 * D * V
+    objective = 6 * H * S * S * P
+    return dict(student=student, teacher=teacher, objective=objective, total=student + teacher + objective)
+
+
+def cpu_nominal_peak_tflops() -> tuple[float, str]:
+    """(TFLOP/s, how it was derived): a nominal float32 FMA peak of this CPU."""
+    ncpu = os.cpu_count() or 1
+    mhz, avx512, fma = 0.0, False, False
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        for line in info.splitlines():
+            if line.startswith("bogomips") and not mhz:
+                mhz = float(line.split(":")[1]) / 2.0
+            elif line.startswith("flags") and not (avx512 or fma):
+                flags = line.split(":")[1].split()
+                avx512, fma = "avx512f" in flags, "fma" in flags
+    except OSError:
+        pass
+    if not mhz:
+        return float("nan"), "n/a (CPU frequency unknown)"
+    per_cycle = 64 if avx512 else (32 if fma else 8)
+    tf = ncpu * mhz * 1e6 * per_cycle / 1e12
+    return tf, f"nominal f32: {ncpu} cores x {mhz / 1e3:.2f} GHz x {per_cycle} FLOP/cycle"
+
+
+def _peak(cfg: BenchConfig, on_gpu: bool) -> tuple[float, str]:
+    if cfg.peak_tflops is not None:
+        return cfg.peak_tflops, "--peak-tflops"
+    if on_gpu:
+        return GPU_PEAK_TFLOPS, "H100/H200 dense bf16"
+    return cpu_nominal_peak_tflops()
+
+
+def _rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _summarize(cfg: BenchConfig, batch: dict, window_times: list, extra: dict, on_gpu: bool) -> dict:
+    med = statistics.median(window_times)
+    B, S = cfg.batch, cfg.seq_len
+    fpt = flops_per_token(cfg)
+    peak, peak_src = _peak(cfg, on_gpu)
+    tps = B * S / med
+    mfu = fpt["total"] * tps / (peak * 1e12) if peak == peak and peak > 0 else None
+    out = dict(
+        step_time_s_median=med,
+        step_time_s_min=min(window_times),
+        step_time_s_max=max(window_times),
+        step_time_s_windows=window_times,
+        tokens_per_s=tps,
+        real_tokens_per_s=batch["real_tokens"] / med,
+        real_tokens_per_step=batch["real_tokens"],
+        tokens_per_step=B * S,
+        flops_per_token=fpt["total"],
+        flops_per_token_parts=fpt,
+        achieved_tflops=fpt["total"] * tps / 1e12,
+        peak_tflops=peak if peak == peak else None,
+        peak_source=peak_src,
+        mfu=mfu,
+    )
+    out.update(extra)
+    return out
+
+
+# ----------------------------------------------------------------------------- distil_jax
+
+
+def run_jax(cfg: BenchConfig) -> dict:
+    """Time distil_jax's jitted train step (the library's own step, mesh and placement)."""
+    cfg = cfg.resolved()
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from distil_jax import student as student_lib
+    from distil_jax import train_step as ts
+    from distil_jax.models import gpt2
+    from distil_jax.objectives.objective import Objective
+
+    on_gpu = jax.default_backend() in ("gpu", "cuda", "rocm")
+    dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+    dtype = jnp.dtype(dtype_name)
+    t_setup = time.perf_counter()
+
+    tc = gpt2.GPT2Config(**TEACHERS[cfg.teacher], bos_token_id=TEACHERS[cfg.teacher]["vocab_size"] - 1,
+                         eos_token_id=TEACHERS[cfg.teacher]["vocab_size"] - 1)
+    k_t, k_s, k_o, k_r = jax.random.split(jax.random.PRNGKey(cfg.seed), 4)
+    teacher_params = jax.jit(lambda k: gpt2.init_params(tc, k))(k_t)
+    sconf, sparams, trainable = student_lib.build_student(
+        tc, teacher_params, {"overrides": {"n_layer": cfg.student_layers},
+                             "copy_teacher_modules": [("lm_head", False)]}, k_s)
+    obj_cfg = dict(REFERENCE_OBJECTIVE, logits_chunk_tokens=cfg.logits_chunk_tokens)
+    obj = Objective.from_config(obj_cfg).bind(sconf, tc)
+    params = {"student": sparams, "objective": obj.init_params(k_o, sconf, tc, cfg.seq_len)}
+    tmask = {"student": trainable, "objective": jax.tree_util.tree_map(lambda _: True, params["objective"])}
+    total_steps = cfg.warmup_steps + cfg.steps
+    tx, sched = ts.make_optimizer(dict(optimizer="adam", learning_rate=2e-4, adam_beta1=0.9, adam_beta2=0.999,
+                                       adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=1.0,
+                                       warmup_steps=0), total_steps, tmask)
+    # The frozen teacher is kept in the compute dtype (it is never trained); the student keeps
+    # float32 master weights and computes in `dtype`.
+    teacher_params = jax.tree_util.tree_map(lambda x: x.astype(dtype), teacher_params)
+    sc = ts.StepConfig(tc, sconf, obj, dtype=dtype, remat=cfg.remat, dropout=cfg.jax_dropout)
+
+    mesh = ts.make_mesh()
+    state = ts.replicate(ts.create_train_state(params, tx, k_r), mesh)
+    teacher_params = ts.replicate(teacher_params, mesh)
+    del params, sparams
+    host = make_batch(cfg)
+    batch = ts.shard_batch({"input_ids": host["input_ids"], "segment_ids": host["segment_ids"]}, mesh)
+    step = ts.make_train_step(sc, tx, sched, mesh)
+    jax.block_until_ready((state, teacher_params, batch))
+    setup_s = time.perf_counter() - t_setup
+    rss_setup = _rss_bytes()
+
+    t0 = time.perf_counter()
+    compiled = step.lower(state, teacher_params, batch).compile()
+    compile_s = time.perf_counter() - t0
+
+    first_loss = None
+    t0 = time.perf_counter()
+    for i in range(cfg.warmup_steps):
+        state, metrics = compiled(state, teacher_params, batch)
+        if i == 0:
+            first_loss = float(metrics["loss"])  # outside the timed windows
+    jax.block_until_ready(state)
+    warmup_s = time.perf_counter() - t0
+
+    per_window = _window_sizes(cfg)
+    window_times = []
+    for n in per_window:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            state, metrics = compiled(state, teacher_params, batch)
+        jax.block_until_ready((state, metrics))  # the only sync of the window
+        window_times.append((time.perf_counter() - t0) / n)
+    last_loss = float(metrics["loss"])
+
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if on_gpu else None
+    if stats and "peak_bytes_in_use" in stats:
+        peak_mem, mem_kind = int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+    else:
+        peak_mem, mem_kind = _rss_bytes(), "peak RSS of the process"
+    extra = dict(
+        side="jax", device=f"{dev.platform}:{getattr(dev, 'device_kind', '')}", dtype=dtype_name,
+        remat=cfg.remat, layout=cfg.layout, setup_s=setup_s, compile_s=compile_s, warmup_s=warmup_s,
+        peak_memory_bytes=peak_mem, peak_memory_kind=mem_kind, rss_after_setup_bytes=rss_setup,
+        loss_first=first_loss, loss_last=last_loss,
+        logits_chunk_tokens=obj.chunk_tokens(cfg.batch, cfg.seq_len, tc.vocab_size),
+        versions=dict(jax=jax.__version__),
+    )
+    return _summarize(cfg, host, window_times, extra, on_gpu)
+
+
+def _window_sizes(cfg: BenchConfig) -> list[int]:
+    base, rem = divmod(cfg.steps, cfg.windows)
+    return [base + (1 if i < rem else 0) for i in range(cfg.windows)]
+
+
+# ----------------------------------------------------------------------------- PyTorch baseline
+
+
+def run_torch(cfg: BenchConfig) -> dict:
+    """Time the Distily-equivalent PyTorch step (tools/torch_baseline.py)."""
+    cfg = cfg.resolved()
+    import torch
+    import transformers
+
+    from tools import torch_baseline as tb
+
+    on_gpu = torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+    dtype = getattr(torch, dtype_name)
+    t_setup = time.perf_counter()
+    teacher_cfg = tb.hf_gpt2_config(**TEACHERS[cfg.teacher])
+    teacher, student, objective = tb.build(teacher_cfg, cfg.student_layers, cfg.seq_len, device=device,
+                                           dtype=dtype, remat=cfg.remat, seed=cfg.seed)
+    trainer = tb.Trainer(teacher, student, objective, total_steps=cfg.warmup_steps + cfg.steps)
+    host = make_batch(cfg)
+    ids = torch.as_tensor(host["input_ids"], dtype=torch.long, device=device)
+    # Distily's collator always passes an attention mask (all ones for full rows).
+    am = torch.as_tensor(host["attention_mask"], dtype=torch.long, device=device)
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    sync()
+    setup_s = time.perf_counter() - t_setup
+    rss_setup = _rss_bytes()
+
+    first_loss = None
+    t0 = time.perf_counter()
+    for i in range(cfg.warmup_steps):
+        loss = trainer.step(ids, am)
+        if i == 0:
+            first_loss = float(loss)
+    sync()
+    warmup_s = time.perf_counter() - t0
+
+    window_times = []
+    for n in _window_sizes(cfg):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            loss = trainer.step(ids, am)
+        sync()
+        window_times.append((time.perf_counter() - t0) / n)
+    last_loss = float(loss)
+
+    if on_gpu:
+        peak_mem, mem_kind = int(torch.cuda.max_memory_allocated()), "torch.cuda.max_memory_allocated"
+        dev = f"cuda:{torch.cuda.get_device_name()}"
+    else:
+        peak_mem, mem_kind = _rss_bytes(), "peak RSS of the process"
+        dev = "cpu"
+    extra = dict(
+        side="torch", device=dev, dtype=dtype_name, remat=cfg.remat, layout=cfg.layout, setup_s=setup_s,
+        compile_s=0.0, warmup_s=warmup_s, peak_memory_bytes=peak_mem, peak_memory_kind=mem_kind,
+        rss_after_setup_bytes=rss_setup, loss_first=first_loss, loss_last=last_loss,
+        torch_threads=torch.get_num_threads(),
+        versions=dict(torch=torch.__version__, transformers=transformers.__version__),
+    )
+    return _summarize(cfg, host, window_times, extra, on_gpu)
+
+
+RUNNERS = {"jax": run_jax, "torch": run_torch}
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+
+def run_side_subprocess(cfg: BenchConfig, side: str, timeout: Optional[float] = None) -> dict:
+    """Run one side in a fresh Python process (its own peak RSS / device memory)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / f"{side}.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child-config",
+               json.dumps(dataclasses.asdict(cfg)), "--sides", side, "--json", str(out)]
+        proc = subprocess.run(cmd, cwd=str(REPO), timeout=timeout)
+        if proc.returncode != 0 or not out.exists():
+            raise RuntimeError(f"the {side} benchmark process failed (exit code {proc.returncode})")
+        return json.loads(out.read_text())[side]
+
+
+def bench(cfg: BenchConfig, sides=("jax", "torch"), isolate: bool = True) -> dict:
+    """Both sides (each in its own process unless isolate=False) -> the JSON result."""
+    cfg = cfg.resolved()
+    result = {"config": dataclasses.asdict(cfg)}
+    for side in sides:
+        if side not in RUNNERS:
+            raise ValueError(f"unknown side {side!r}; valid: {', '.join(RUNNERS)}")
+        result[side] = run_side_subprocess(cfg, side) if isolate else RUNNERS[side](cfg)
+    if "jax" in result and "torch" in result:
+        j, t = result["jax"], result["torch"]
+        result["ratio_real_tokens_per_s"] = j["real_tokens_per_s"] / t["real_tokens_per_s"]
+        result["ratio_tokens_per_s"] = j["tokens_per_s"] / t["tokens_per_s"]
+        result["ratio_peak_memory"] = j["peak_memory_bytes"] / t["peak_memory_bytes"]
+    return result
+
+
+def _fmt_bytes(n) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def format_table(result: dict) -> str:
+    c = result["config"]
+    sides = [s for s in ("jax", "torch") if s in result]
+    head = (f"teacher {c['teacher']} -> student {c['student_layers']} layers | batch {c['batch']} x seq "
+            f"{c['seq_len']} | layout {c['layout']}"
+            + (f" (pad {c['pad_fraction']:.2f})" if c["layout"] == "padded" else "")
+            + f" | remat {'on' if c['remat'] else 'off'} | {c['steps']} timed steps in {c['windows']} windows")
+    rows = [
+        ("device", lambda r: r["device"]),
+        ("dtype", lambda r: r["dtype"]),
+        ("step time median (s)", lambda r: f"{r['step_time_s_median']:.4f}"),
+        ("step time min..max (s)", lambda r: f"{r['step_time_s_min']:.4f}..{r['step_time_s_max']:.4f}"),
+        ("tokens/s (all positions)", lambda r: f"{r['tokens_per_s']:,.0f}"),
+        ("tokens/s (real tokens)", lambda r: f"{r['real_tokens_per_s']:,.0f}"),
+        ("compile (s)", lambda r: f"{r['compile_s']:.1f}"),
+        ("warm-up steps (s)", lambda r: f"{r['warmup_s']:.1f}"),
+        ("peak memory", lambda r: f"{_fmt_bytes(r['peak_memory_bytes'])} ({r['peak_memory_kind']})"),
+        ("model GFLOP/token", lambda r: f"{r['flops_per_token'] / 1e9:.3f}"),
+        ("achieved TFLOP/s", lambda r: f"{r['achieved_tflops']:.3f}"),
+        ("MFU", lambda r: "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.2f}% of {r['peak_tflops']:.3g} TFLOP/s ({r['peak_source']})"),
+        ("loss first / last", lambda r: f"{r['loss_first'] if r['loss_first'] is None else round(r['loss_first'], 4)} / {r['loss_last']:.4f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    names = {"jax": "distil_jax", "torch": "torch baseline (Distily)"}
+    lines = [head, f"{'':<{width}}  " + " | ".join(f"{names[s]:<28}" for s in sides)]
+    for k, f in rows:
+        lines.append(f"{k:<{width}}  " + " | ".join(f"{f(result[s]):<28}" for s in sides))
+    if "ratio_real_tokens_per_s" in result:
+        lines.append(f"ratio distil_jax / baseline: real tokens/s {result['ratio_real_tokens_per_s']:.2f}x, "
+                     f"all-position tokens/s {result['ratio_tokens_per_s']:.2f}x, peak memory "
+                     f"{result['ratio_peak_memory']:.2f}x")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> tuple[BenchConfig, list, Optional[str], bool]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="gpt2-config", choices=sorted(TEACHERS))
+    p.add_argument("--student-layers", type=int, default=None)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=6, help="timed steps (all windows)")
+    p.add_argument("--warmup-steps", type=int, default=2)
+    p.add_argument("--windows", type=int, default=3, help="timing windows (median / min / max over them)")
+    p.add_argument("--sides", default="jax,torch")
+    p.add_argument("--layout", default="padded", choices=["padded", "packed"])
+    p.add_argument("--pad-fraction", type=float, default=0.24)
+    p.add_argument("--docs-per-row", type=float, default=4.0)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True,
+                   help="gradient checkpointing on both sides (the reference run: on)")
+    p.add_argument("--logits-chunk-tokens", type=int, default=None,
+                   help="distil_jax's objective.logits_chunk_tokens (default: automatic; 0: never chunk)")
+    p.add_argument("--jax-dropout", action="store_true", help="distil_jax StepConfig.dropout (default off)")
+    p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-isolate", action="store_true", help="run both sides in this process")
+    p.add_argument("--json", default=None, help="write the result here")
+    p.add_argument("--child-config", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    sides = [s.strip() for s in a.sides.split(",") if s.strip()]
+    if a.child_config:
+        cfg = BenchConfig(**json.loads(a.child_config))
+    else:
+        cfg = BenchConfig(teacher=a.teacher, student_layers=a.student_layers, batch=a.batch, seq_len=a.seq_len,
+                          steps=a.steps, warmup_steps=a.warmup_steps, windows=a.windows, layout=a.layout,
+                          pad_fraction=a.pad_fraction, docs_per_row=a.docs_per_row, dtype=a.dtype,
+                          remat=a.remat, seed=a.seed, logits_chunk_tokens=a.logits_chunk_tokens,
+                          jax_dropout=a.jax_dropout, peak_tflops=a.peak_tflops)
+    return cfg, sides, a.json, bool(a.child_config) or a.no_isolate
+
+
+def main(argv=None) -> int:
+    cfg, sides, json_path, in_process = parse_args(argv)
+    result = bench(cfg, sides, isolate=not in_process and len(sides) > 0)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    if not cfg_is_child(argv):
+        print(format_table(result), flush=True)
+    return 0
+
+
+def cfg_is_child(argv) -> bool:
+    return "--child-config" in (argv if argv is not None else sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
