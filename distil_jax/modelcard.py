@@ -159,7 +159,11 @@ def _redact(d: Any) -> Any:
 
 
 def _is_hub_id(s: Any) -> bool:
-    return isinstance(s, str) and bool(_HUB_ID.match(s)) and ".." not in s
+    """A hub repo id ("name" or "org/name") and not a local folder: the hub refuses front matter
+    whose base_model / datasets are not repos on it."""
+    import os
+
+    return isinstance(s, str) and bool(_HUB_ID.match(s)) and ".." not in s and not os.path.exists(s)
 
 
 # ----------------------------------------------------------------------------- module summary
