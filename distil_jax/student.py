@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from distil_jax import hf
-from distil_jax.models.gpt2 import GPT2Config, init_params
+from distil_jax.models.gpt2 import GPT2Config, init_params, param_shapes
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,16 @@ def build_student(
     config = student_config(teacher_config, cfg)
     if cfg.get("model_name_or_path"):
         _, params = hf.load_pretrained(cfg["model_name_or_path"], jnp.float32)
+        # Overrides that change the architecture would leave weights the config does not use
+        # (e.g. n_layer=1 on a 2-block checkpoint silently ignores block 1): refuse them.
+        want = jax.tree_util.tree_map(lambda x: x.shape, param_shapes(config))
+        got = jax.tree_util.tree_map(jnp.shape, params)
+        if want != got:
+            raise ValueError(
+                f"the student overrides {dict(cfg.get('overrides') or {})} change the architecture "
+                f"of the pretrained student {cfg['model_name_or_path']!r}, whose weights no longer "
+                "fit; use config_name_or_path (random init) to change its shape"
+            )
     else:
         params = init_params(config, rng)
     trainable = jax.tree_util.tree_map(lambda _: True, params)

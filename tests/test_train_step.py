@@ -1,0 +1,256 @@
+"""distil_jax.train_step: training reduces the loss, frozen/teacher weights stay put, gradient
+accumulation equals one big batch, the schedule follows the spec's formula, 4-device data
+parallel equals one device, the eval step's log-likelihoods, optimizers.
+
+Tolerances:
+  STATE_TOL = 1e-6   parameters after one step, same computation reordered (float32).
+  LOSS_TOL = 1e-5    loss metrics / summed log-likelihoods against a reordered or float64 run.
+  DP_TOL = 1e-5      parameters, 4-device data parallel vs 1 device (reductions reordered).
+  LR_TOL = 1e-6      learning rates against the float64 formula, relative to lr0: the schedule
+                     runs in float32, so 1 - (t - w)/(T - w) near t = T carries an absolute
+                     error of about one float32 ulp of 1 (relative to lr(t) it can reach 1e-5).
+Comparisons of parameters after an Adam step use learning_rate=1, adam_epsilon=1: the first
+update is then g / (|g| + 1), a smooth function of the gradient, so the parameter difference
+bounds the gradient difference. (With eps=1e-8 Adam maps float noise on an exactly-zero
+gradient, such as the attention key bias's, to ±lr.)
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from distil_jax import train_step as ts
+from distil_jax.models import gpt2
+from tests import tiny_setup as T
+
+STATE_TOL = 1e-6
+LOSS_TOL = 1e-5
+DP_TOL = 1e-5
+LR_TOL = 1e-6
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return T.teacher()
+
+
+def _jnp(batch):
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def _setup(tc, tp, objective=None, **student_cfg):
+    sc, sp, trainable = T.student(tc, tp, **student_cfg)
+    obj = T.objective(sc, tc, **(objective or {}))
+    params = T.params_tree(obj, sc, tc, sp)
+    return sc, obj, params, T.trainable_mask(trainable, params["objective"])
+
+
+def _spec_lr(t, lr0, total, warmup, lr_end, power):
+    if t < warmup:
+        return lr0 * t / warmup
+    return (lr0 - lr_end) * (1 - (t - warmup) / (total - warmup)) ** power + lr_end
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_training_reduces_loss_and_keeps_frozen_weights(teacher):
+    tc, tp = teacher
+    sc, obj, params, mask = _setup(tc, tp, copy_teacher_modules=[("lm_head", True)])
+    assert mask["student"]["wte"]["embedding"] is False
+    steps = 30
+    opt_cfg = dict(optimizer="adam", learning_rate=1e-2, max_grad_norm=1.0)  # the reference's Adam
+    tx, sched = ts.make_optimizer(opt_cfg, steps, mask)
+    p0 = T.to_numpy(params)
+    t0 = T.to_numpy(tp)
+    state = ts.create_train_state(params, tx, jax.random.PRNGKey(0))
+    step = ts.make_train_step(ts.StepConfig(tc, sc, obj), tx, sched)
+    batch = _jnp(T.batch(T.ROWS_4))
+    losses = []
+    for i in range(steps):
+        state, m = step(state, tp, batch)
+        losses.append(float(m["loss"]))
+        # The learning rate reported is the one the schedule gives this step.
+        assert abs(float(m["learning_rate"]) - _spec_lr(i, 1e-2, steps, 0, 1e-7, 1.0)) <= LR_TOL * 1e-2
+        assert float(m["tokens"]) == (T.batch(T.ROWS_4)["segment_ids"] > 0).sum()
+    assert int(state.step) == steps
+    assert np.all(np.isfinite(losses))
+    assert losses[-1] < 0.8 * losses[0], losses
+    # The teacher is untouched, bitwise.
+    assert T.max_abs_diff(t0, tp) == 0.0
+    jax.tree_util.tree_map(np.testing.assert_array_equal, t0, T.to_numpy(tp))
+    # The frozen copied LM head (= tied wte) is bitwise unchanged; the rest of the student moved.
+    new = T.to_numpy(state.params)
+    np.testing.assert_array_equal(new["student"]["wte"]["embedding"], p0["student"]["wte"]["embedding"])
+    np.testing.assert_array_equal(new["student"]["wte"]["embedding"], t0["wte"]["embedding"])
+    assert not np.array_equal(new["student"]["h"]["0"]["attn"]["c_attn"]["kernel"],
+                              p0["student"]["h"]["0"]["attn"]["c_attn"]["kernel"])
+    # Projector and norm parameters are trained with the student.
+    for path in (("projector", "weight"), ("norm", "teacher", "scale"), ("norm", "teacher", "bias")):
+        before, after = p0["objective"]["attn"], new["objective"]["attn"]
+        for k in path:
+            before, after = before[k], after[k]
+        assert np.abs(after - before).max() > 1e-4, path
+
+
+def test_grad_accumulation_equals_one_batch(teacher):
+    """Eight rows with different numbers of real tokens (and of documents): 4 micro-batches of 2
+    rows give the same update and metrics as one batch of 8. The clm loss is a mean over
+    next-token labels (one fewer per document than real tokens), so it needs its own weights."""
+    tc, tp = teacher
+    sc, obj, params, mask = _setup(tc, tp, objective=dict(clm_weight=0.5))
+    tx, sched = ts.make_optimizer(dict(learning_rate=1.0, adam_epsilon=1.0, max_grad_norm=1.0), 10, mask)
+    batch = _jnp(T.batch(T.ROWS_8))
+    out = {}
+    for accum in (1, 4):
+        state = ts.create_train_state(T.to_numpy(params), tx, jax.random.PRNGKey(0))
+        step = ts.make_train_step(ts.StepConfig(tc, sc, obj, grad_accum=accum), tx, sched)
+        state, m = step(state, tp, batch)
+        out[accum] = T.to_numpy(state.params), {k: float(v) for k, v in m.items()}
+    (p1, m1), (p4, m4) = out[1], out[4]
+    assert T.max_abs_diff(p1, p4) < STATE_TOL
+    assert T.max_abs_diff(p1, T.to_numpy(params)) > 1e-2  # the step did move the parameters
+    assert set(m1) == set(m4)
+    for k in m1:
+        assert abs(m1[k] - m4[k]) < LOSS_TOL * max(1.0, abs(m1[k])), (k, m1[k], m4[k])
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+@pytest.mark.parametrize("warmup", [0, 10])
+@pytest.mark.parametrize("power", [1.0, 2.0])
+def test_schedule_follows_spec_formula(warmup, power):
+    lr0, lr_end, total = 2e-4, 1e-7, 100
+    sched = ts.lr_schedule(lr0, total, warmup, lr_end, power)
+    points = [0, total // 2, total - 1] + ([warmup // 2, warmup] if warmup else [])
+    for t in points:
+        expected = _spec_lr(t, lr0, total, warmup, lr_end, power)
+        assert abs(float(sched(t)) - expected) <= LR_TOL * lr0, (t, float(sched(t)), expected)
+    # make_optimizer builds the same schedule from a config (warmup_ratio -> ceil(ratio * T)).
+    _, sched2 = ts.make_optimizer(dict(learning_rate=lr0, lr_end=lr_end, power=power,
+                                       warmup_ratio=warmup / total), total, {"w": True})
+    for t in points:
+        assert float(sched2(t)) == float(sched(t))
+    # The reference run: 624 steps, no warmup, power 1.
+    ref = ts.lr_schedule(2e-4, 624, 0)
+    for t in (0, 312, 623):
+        assert abs(float(ref(t)) - _spec_lr(t, 2e-4, 624, 0, 1e-7, 1.0)) <= LR_TOL * 2e-4
+
+
+# ----------------------------------------------------------------------------- data parallel
+
+_DP_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    from distil_jax import train_step as ts
+    from tests import tiny_setup as T
+
+    tc, tp = T.teacher()
+    sc, sp, trainable = T.student(tc, tp)
+    obj = T.objective(sc, tc, clm_weight=0.5)
+    params = T.params_tree(obj, sc, tc, sp)
+    mask = T.trainable_mask(trainable, params["objective"])
+    tx, sched = ts.make_optimizer(dict(learning_rate=1.0, adam_epsilon=1.0, max_grad_norm=1.0), 10, mask)
+    host_batch = T.batch(T.ROWS_8)
+    out = {"n_devices": jax.device_count()}
+    results = {}
+    for name, devices in (("dp4", jax.devices()[:4]), ("dp1", jax.devices()[:1])):
+        mesh = ts.make_mesh(devices)
+        state = ts.replicate(ts.create_train_state(T.to_numpy(params), tx, jax.random.PRNGKey(0)), mesh)
+        batch = ts.shard_batch(host_batch, mesh)
+        out[name + "_batch_devices"] = len(batch["input_ids"].sharding.device_set)
+        step = ts.make_train_step(ts.StepConfig(tc, sc, obj), tx, sched, mesh)
+        state, m = step(state, ts.replicate(tp, mesh), batch)
+        results[name] = (T.to_numpy(state.params), float(m["loss"]))
+    out["max_param_diff"] = T.max_abs_diff(results["dp4"][0], results["dp1"][0])
+    out["param_change"] = T.max_abs_diff(results["dp1"][0], T.to_numpy(params))
+    out["loss_diff"] = abs(results["dp4"][1] - results["dp1"][1])
+    try:
+        ts.shard_batch(T.batch(T.ROWS_4[:3]), ts.make_mesh(jax.devices()[:4]))
+        out["indivisible_error"] = None
+    except ValueError as e:
+        out["indivisible_error"] = str(e)
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def test_data_parallel_4_devices_equals_1():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", _DP_SCRIPT], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    out = json.loads(line[len("RESULT "):])
+    assert out["n_devices"] == 4
+    assert out["dp4_batch_devices"] == 4 and out["dp1_batch_devices"] == 1
+    assert out["param_change"] > 1e-2
+    assert out["max_param_diff"] < DP_TOL, out
+    assert out["loss_diff"] < LOSS_TOL, out
+    assert out["indivisible_error"] and "divisible" in out["indivisible_error"]
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def test_eval_step_log_likelihood_matches_float64(teacher):
+    tc, tp = teacher
+    b = T.batch(T.ROWS_4)
+    lp, valid = ts.make_eval_step(tc)(tp, _jnp(b))
+    lp, valid = np.asarray(lp), np.asarray(valid)
+    assert lp.shape == valid.shape == b["input_ids"].shape
+
+    logits = np.asarray(gpt2.forward(tc, tp, b["input_ids"], segment_ids=b["segment_ids"]).logits,
+                        np.float64)
+    logits = logits - logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    seg, ids = b["segment_ids"], b["input_ids"]
+    expected_valid = np.zeros_like(valid)
+    expected_lp = np.zeros(lp.shape, np.float64)
+    for r in range(seg.shape[0]):
+        for t in range(seg.shape[1] - 1):
+            if seg[r, t] > 0 and seg[r, t + 1] == seg[r, t]:  # next token in the same document
+                expected_valid[r, t] = True
+                expected_lp[r, t] = logp[r, t, ids[r, t + 1]]
+    np.testing.assert_array_equal(valid, expected_valid)
+    # 15 + 9 + (4 + 3 + 2) + (6 + 8) next-token pairs inside documents.
+    assert expected_valid.sum() == 47
+    assert np.all(lp[~valid] == 0)
+    np.testing.assert_allclose(lp, expected_lp, rtol=0, atol=LOSS_TOL)
+    assert abs(lp.sum() - expected_lp.sum()) < LOSS_TOL * max(1.0, abs(expected_lp.sum()))
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+
+def test_lion_optimizer_runs(teacher):
+    """Lion (adam runs in the training test above)."""
+    name = "lion"
+    tc, tp = teacher
+    sc, obj, params, mask = _setup(tc, tp, copy_teacher_modules=[("lm_head", True)])
+    lr = 1e-3
+    tx, sched = ts.make_optimizer(dict(optimizer=name, learning_rate=lr, max_grad_norm=1.0), 10, mask)
+    p0 = T.to_numpy(params)
+    state = ts.create_train_state(params, tx, jax.random.PRNGKey(0))
+    step = ts.make_train_step(ts.StepConfig(tc, sc, obj), tx, sched)
+    state, m = step(state, tp, _jnp(T.batch(T.ROWS_4)))
+    assert np.isfinite(float(m["loss"]))
+    new = T.to_numpy(state.params)
+    np.testing.assert_array_equal(new["student"]["wte"]["embedding"], p0["student"]["wte"]["embedding"])
+    delta = np.abs(new["student"]["h"]["0"]["mlp"]["c_fc"]["kernel"] - p0["student"]["h"]["0"]["mlp"]["c_fc"]["kernel"])
+    # Lion's step is lr · sign(update) in every coordinate with a nonzero gradient.
+    assert np.median(delta) == pytest.approx(lr, rel=1e-3)
+
+
+def test_unknown_optimizer_is_an_error():
+    with pytest.raises(ValueError, match="sgd.*adamw.*lion"):
+        ts.make_optimizer(dict(optimizer="sgd", learning_rate=1e-3), 10, {"w": True})

@@ -1,0 +1,100 @@
+"""Tiny, deterministic teacher / student / objective / batches shared by the objective, student
+and train-step tests (4-layer teacher, width 32, vocab 101, sequences of 16)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from distil_jax import student as student_lib
+from distil_jax.models import gpt2
+from distil_jax.objectives.objective import Objective
+
+VOCAB = 101
+SEQ = 16
+TEACHER_CONFIG = gpt2.GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=32,
+                                 bos_token_id=0, eos_token_id=0)
+
+# The reference run's objective (spec section 2), on the tiny models.
+REFERENCE_OBJECTIVE = dict(
+    logits=dict(weight=1, loss_fn="kl"),
+    attn=dict(weight=5.0, loss_fn="raw_mse", layer_mapper="layer-2",
+              norm="layernorm_teacher_only_affine", projector="orthogonal"),
+)
+
+
+def teacher(seed=0, sharpness=4.0):
+    """(config, params): a random GPT-2 whose token embedding (= tied LM head) is scaled up so
+    that its next-token distributions are far from uniform (a non-trivial target)."""
+    params = gpt2.init_params(TEACHER_CONFIG, jax.random.PRNGKey(seed))
+    params = dict(params, wte={"embedding": params["wte"]["embedding"] * sharpness})
+    return TEACHER_CONFIG, params
+
+
+def student(t_config, t_params, seed=1, **cfg):
+    """build_student with a 2-layer student by default."""
+    cfg.setdefault("overrides", {"n_layer": 2})
+    return student_lib.build_student(t_config, t_params, cfg, jax.random.PRNGKey(seed))
+
+
+def objective(s_config, t_config, **cfg):
+    """A bound Objective: the reference objective, updated by `cfg`."""
+    full = dict(REFERENCE_OBJECTIVE)
+    full.update(cfg)
+    return Objective.from_config(full).bind(s_config, t_config)
+
+
+def params_tree(obj, s_config, t_config, s_params, seed=2, seq=SEQ):
+    """{"student", "objective"} with the objective's norm scale/bias moved away from 1/0, so a
+    mix-up of the affine terms would show."""
+    obj_params = obj.init_params(jax.random.PRNGKey(seed), s_config, t_config, seq)
+    rs = np.random.RandomState(seed)
+
+    def perturb(path, x):
+        key = getattr(path[-1], "key", None)
+        if key == "scale":
+            return x + jnp.asarray(0.3 * rs.standard_normal(x.shape), jnp.float32)
+        if key == "bias":
+            return x + jnp.asarray(0.1 * rs.standard_normal(x.shape), jnp.float32)
+        return x
+
+    obj_params = jax.tree_util.tree_map_with_path(perturb, obj_params)
+    return {"student": s_params, "objective": obj_params}
+
+
+def segments(lengths, seq=SEQ):
+    """One row of segment ids from a list of document lengths; the rest is padding (0)."""
+    row = np.zeros(seq, np.int32)
+    pos = 0
+    for i, n in enumerate(lengths):
+        row[pos:pos + n] = i + 1
+        pos += n
+    assert pos <= seq
+    return row
+
+
+# Rows: one full document; a padded document; three packed documents then padding; two packed
+# documents filling the row.
+ROWS_4 = [[SEQ], [10], [5, 4, 3], [7, 9]]
+# Eight rows with different numbers of real tokens (for gradient accumulation).
+ROWS_8 = [[SEQ], [3], [5, 4, 3], [7, 9], [1], [12], [2, 2, 2, 2], [8, 1]]
+
+
+def batch(rows=ROWS_4, seed=0, seq=SEQ):
+    """{"input_ids", "segment_ids"} as numpy int32; padded positions hold token 0 (EOS)."""
+    seg = np.stack([segments(r, seq) for r in rows])
+    ids = np.random.RandomState(seed).randint(1, VOCAB, seg.shape).astype(np.int32)
+    ids = np.where(seg > 0, ids, 0).astype(np.int32)
+    return {"input_ids": ids, "segment_ids": seg}
+
+
+def trainable_mask(trainable, obj_params):
+    return {"student": trainable, "objective": jax.tree_util.tree_map(lambda _: True, obj_params)}
+
+
+def to_numpy(tree):
+    return jax.tree_util.tree_map(lambda x: np.array(x, copy=True), tree)
+
+
+def max_abs_diff(a, b):
+    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+               for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
