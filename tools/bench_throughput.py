@@ -219,6 +219,14 @@ def _rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+def _load_avg() -> Optional[list]:
+    """The 1/5/15-minute load averages (a shared CPU makes timings noisy: recorded with them)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def _summarize(cfg: BenchConfig, batch: dict, window_times: list, extra: dict, on_gpu: bool) -> dict:
     med = statistics.median(window_times)
     B, S = cfg.batch, cfg.seq_len
@@ -241,6 +249,8 @@ def _summarize(cfg: BenchConfig, batch: dict, window_times: list, extra: dict, o
         peak_tflops=peak if peak == peak else None,
         peak_source=peak_src,
         mfu=mfu,
+        cpu_count=os.cpu_count(),
+        load_avg_end=_load_avg(),
     )
     out.update(extra)
     return out
@@ -261,6 +271,7 @@ def run_jax(cfg: BenchConfig) -> dict:
     from distil_jax.models import gpt2
     from distil_jax.objectives.objective import Objective
 
+    load_start = _load_avg()
     on_gpu = jax.default_backend() in ("gpu", "cuda", "rocm")
     dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
     dtype = jnp.dtype(dtype_name)
@@ -330,7 +341,7 @@ def run_jax(cfg: BenchConfig) -> dict:
         side="jax", device=f"{dev.platform}:{getattr(dev, 'device_kind', '')}", dtype=dtype_name,
         remat=cfg.remat, layout=cfg.layout, setup_s=setup_s, compile_s=compile_s, warmup_s=warmup_s,
         peak_memory_bytes=peak_mem, peak_memory_kind=mem_kind, rss_after_setup_bytes=rss_setup,
-        loss_first=first_loss, loss_last=last_loss,
+        loss_first=first_loss, loss_last=last_loss, load_avg_start=load_start,
         logits_chunk_tokens=obj.chunk_tokens(cfg.batch, cfg.seq_len, tc.vocab_size),
         versions=dict(jax=jax.__version__),
     )
@@ -353,6 +364,7 @@ def run_torch(cfg: BenchConfig) -> dict:
 
     from tools import torch_baseline as tb
 
+    load_start = _load_avg()
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
     dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
@@ -399,7 +411,7 @@ def run_torch(cfg: BenchConfig) -> dict:
         side="torch", device=dev, dtype=dtype_name, remat=cfg.remat, layout=cfg.layout, setup_s=setup_s,
         compile_s=0.0, warmup_s=warmup_s, peak_memory_bytes=peak_mem, peak_memory_kind=mem_kind,
         rss_after_setup_bytes=rss_setup, loss_first=first_loss, loss_last=last_loss,
-        torch_threads=torch.get_num_threads(),
+        load_avg_start=load_start, torch_threads=torch.get_num_threads(),
         versions=dict(torch=torch.__version__, transformers=transformers.__version__),
     )
     return _summarize(cfg, host, window_times, extra, on_gpu)
@@ -462,14 +474,18 @@ def format_table(result: dict) -> str:
         ("peak memory", lambda r: f"{_fmt_bytes(r['peak_memory_bytes'])} ({r['peak_memory_kind']})"),
         ("model GFLOP/token", lambda r: f"{r['flops_per_token'] / 1e9:.3f}"),
         ("achieved TFLOP/s", lambda r: f"{r['achieved_tflops']:.3f}"),
-        ("MFU", lambda r: "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.2f}% of {r['peak_tflops']:.3g} TFLOP/s ({r['peak_source']})"),
+        ("MFU", lambda r: "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.2f}% of {r['peak_tflops']:.3g} TFLOP/s"),
+        ("peak FLOP/s basis", lambda r: r["peak_source"]),
+        ("load avg start / end", lambda r: f"{r['load_avg_start']} / {r['load_avg_end']}"),
         ("loss first / last", lambda r: f"{r['loss_first'] if r['loss_first'] is None else round(r['loss_first'], 4)} / {r['loss_last']:.4f}"),
     ]
     width = max(len(k) for k, _ in rows)
     names = {"jax": "distil_jax", "torch": "torch baseline (Distily)"}
-    lines = [head, f"{'':<{width}}  " + " | ".join(f"{names[s]:<28}" for s in sides)]
-    for k, f in rows:
-        lines.append(f"{k:<{width}}  " + " | ".join(f"{f(result[s]):<28}" for s in sides))
+    cells = {k: [f(result[s]) for s in sides] for k, f in rows}
+    col = [max([len(names[s])] + [len(cells[k][i]) for k, _ in rows]) for i, s in enumerate(sides)]
+    lines = [head, f"{'':<{width}}  " + " | ".join(f"{names[s]:<{col[i]}}" for i, s in enumerate(sides))]
+    for k, _ in rows:
+        lines.append(f"{k:<{width}}  " + " | ".join(f"{c:<{col[i]}}" for i, c in enumerate(cells[k])))
     if "ratio_real_tokens_per_s" in result:
         lines.append(f"ratio distil_jax / baseline: real tokens/s {result['ratio_real_tokens_per_s']:.2f}x, "
                      f"all-position tokens/s {result['ratio_tokens_per_s']:.2f}x, peak memory "

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# GPU device check, one script, < 8 minutes on one H200 (bare machine with jax[cuda], torch,
+# transformers, flax, optax, orbax preinstalled for python3; no internet; this repo as the cwd):
+#   1. environment (GPU, versions)
+#   2. parity tests against transformers: tests/test_gpt2.py tests/test_hf.py
+#   3. throughput, distil_jax vs the Distily-equivalent PyTorch baseline, at the reference shapes:
+#      gpt2-config teacher -> 6-layer student, batch 8 x seq 1024, bf16, remat on,
+#      (a) padded rows, 24 % padding   (b) packed rows
+#   4. a short summary table
+# Logs and JSON go to "$OUT" (default: ./device_check_out). Each part has its own `timeout`, and the
+# whole script keeps to a global deadline (DEADLINE_S, default 465 s), so a hung part cannot eat
+# the budget; a failed part is reported and the script goes on, exiting non-zero at the end.
+#
+#   bash tools/device_check.sh            # or: OUT=/somewhere bash tools/device_check.sh
+#   DEVICE_CHECK_SMOKE=1 bash tools/device_check.sh   # tiny shapes: checks the script on a CPU
+set -euo pipefail
+export PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+export TOKENIZERS_PARALLELISM=false TF_CPP_MIN_LOG_LEVEL=2
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY="${PYTHON:-python3}"
+OUT="${OUT:-$PWD/device_check_out}"
+mkdir -p "$OUT"
+DEADLINE_S="${DEADLINE_S:-465}"
+START=$(date +%s)
+FAILED=()
+
+# run_part NAME SECONDS CMD... : run CMD with `timeout`, capped by the time left before the
+# deadline; stdout+stderr to $OUT/NAME.log (and the terminal); never aborts the script.
+run_part() {
+  local name="$1" limit="$2"; shift 2
+  local left=$(( DEADLINE_S - ($(date +%s) - START) ))
+  if (( left < 20 )); then
+    echo "== $name: SKIPPED (only ${left}s left before the ${DEADLINE_S}s deadline)" | tee "$OUT/$name.log"
+    FAILED+=("$name(skipped)"); return 0
+  fi
+  (( limit > left )) && limit=$left
+  echo "== $name (timeout ${limit}s): $*"
+  local t0=$(date +%s) rc=0
+  set +e
+  timeout --kill-after=10 "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1
+  rc=$?
+  set -e
+  echo "== $name: rc=$rc in $(( $(date +%s) - t0 ))s"
+  if (( rc != 0 )); then FAILED+=("$name(rc=$rc)"); fi
+  return 0
+}
+
+run_part env 45 bash -c '
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  '"$PY"' - <<EOF
+import jax, torch, transformers, flax, optax
+print("jax", jax.__version__, jax.devices())
+print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+print("transformers", transformers.__version__, "flax", flax.__version__, "optax", optax.__version__)
+EOF'
+
+# The parity tests run as the test suite defines them (tests/conftest.py: jax on the CPU, float32).
+run_part parity_tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpt2.py tests/test_hf.py
+
+BENCH=(tools/bench_throughput.py --teacher gpt2-config --student-layers 6 --batch 8 --seq-len 1024
+       --dtype bfloat16 --remat --warmup-steps 3 --steps 20 --windows 4)
+if [[ "${DEVICE_CHECK_SMOKE:-0}" == 1 ]]; then  # a dry run of this script's logic on a CPU
+  BENCH=(tools/bench_throughput.py --teacher tiny --batch 2 --seq-len 32 --dtype float32 --remat
+         --warmup-steps 1 --steps 2 --windows 1)
+fi
+run_part bench_padded 160 "$PY" "${BENCH[@]}" --layout padded --pad-fraction 0.24 --json "$OUT/bench_padded.json"
+run_part bench_packed 130 "$PY" "${BENCH[@]}" --layout packed --json "$OUT/bench_packed.json"
+
+echo "== summary (reference shapes: gpt2-config -> 6 layers, 8 x 1024, bf16, remat)"
+"$PY" - "$OUT" <<'EOF' | tee "$OUT/summary.txt" || true
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+print(f"{'layout':<8} {'side':<6} {'step s':>8} {'tok/s all':>11} {'tok/s real':>11} {'peak GiB':>9} {'MFU':>7} {'compile s':>9}")
+for layout in ("padded", "packed"):
+    f = out / f"bench_{layout}.json"
+    if not f.exists():
+        print(f"{layout:<8} (no result)"); continue
+    d = json.loads(f.read_text())
+    for side in ("jax", "torch"):
+        r = d.get(side)
+        if not r:
+            continue
+        mfu = "n/a" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
+        print(f"{layout:<8} {side:<6} {r['step_time_s_median']:>8.3f} {r['tokens_per_s']:>11,.0f} "
+              f"{r['real_tokens_per_s']:>11,.0f} {r['peak_memory_bytes'] / 2**30:>9.2f} {mfu:>7} {r['compile_s']:>9.1f}")
+    if "ratio_real_tokens_per_s" in d:
+        print(f"{layout:<8} ratio jax/torch: real tokens/s {d['ratio_real_tokens_per_s']:.2f}x, "
+              f"peak memory {d['ratio_peak_memory']:.2f}x")
+EOF
+
+echo "== total $(( $(date +%s) - START ))s; logs and JSON in $OUT"
+if (( ${#FAILED[@]} )); then
+  echo "== FAILED parts: ${FAILED[*]}"
+  exit 1
+fi
+echo "== all parts passed"
