@@ -218,7 +218,13 @@ def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: 
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=(0,))
+    if mesh is None:
+        return jax.jit(step, donate_argnums=(0,))
+    # Explicit placement: parameters, optimizer state and teacher replicated, the batch split
+    # over `data`; XLA inserts the gradient all-reduce.
+    rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    return jax.jit(step, donate_argnums=(0,), in_shardings=(rep, rep, split),
+                   out_shardings=(rep, rep))
 
 
 # ----------------------------------------------------------------------------- eval
