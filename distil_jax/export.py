@@ -22,7 +22,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -31,29 +31,16 @@ import numpy as np
 from distil_jax import hf
 from distil_jax.modelcard import model_card
 from distil_jax.models.gpt2 import param_shapes
+from distil_jax.versions import package_versions
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_VERSIONED = ("distil_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers",
-              "datasets", "safetensors", "huggingface_hub")
 _MODEL_FILES = ("config.json", "model.safetensors")
 
 
 class PushError(RuntimeError):
     """The push to the hub failed (no token, offline, network or hub error). One line, no token."""
-
-
-def _versions() -> dict:
-    from importlib import metadata
-
-    out = {}
-    for name in _VERSIONED:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -159,7 +146,7 @@ def export(workdir: str | Path, out: str | Path, step: Optional[int] = None, dty
         "params": int(n_params),
         "weight_bytes": int(n_params * itemsize),
         "student_config": hf.config_to_hf(config).to_dict(),
-        "versions": _versions(),
+        "versions": package_versions(),
         "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     summary = _read_json(workdir / "run_summary.json", "the run summary")

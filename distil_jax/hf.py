@@ -20,7 +20,6 @@ from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from distil_jax.models.gpt2 import GPT2Config, param_count, param_shapes  # noqa: F401
 

@@ -9,9 +9,8 @@ student blocks initialized from chosen teacher blocks (distilgpt2 used [0, 2, 4,
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from typing import Any, Mapping, Optional, Sequence
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp

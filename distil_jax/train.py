@@ -36,27 +36,14 @@ from distil_jax.models import gpt2
 from distil_jax.objectives.objective import Objective
 from distil_jax.train_step import (StepConfig, create_train_state, make_eval_step, make_mesh,
                                    make_optimizer, make_train_step, replicate, shard_batch)
+from distil_jax.versions import package_versions
 
 log = logging.getLogger("distil_jax")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_VERSIONED = ("distil_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers",
-              "datasets", "safetensors", "huggingface_hub")
 
 
 # ----------------------------------------------------------------------------- small helpers
-
-
-def _versions() -> dict:
-    from importlib import metadata
-
-    out = {}
-    for name in _VERSIONED:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def _now() -> str:
@@ -350,7 +337,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         },
         "steps": total_steps,
         "final_metrics": last,
-        "versions": _versions(),
+        "versions": package_versions(),
         "finished_at": _now(),
     }
     prev = workdir / "run_summary.json"

@@ -10,7 +10,6 @@ import pytest
 import transformers
 
 from distil_jax import student as student_lib
-from distil_jax.models import gpt2
 from tests import hf_utils
 from tests import tiny_setup as T
 

@@ -13,8 +13,7 @@ and norms) are an ordinary pytree that lives next to the student's parameters.
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
