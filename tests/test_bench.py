@@ -43,6 +43,7 @@ def test_make_batch_layouts(layout):
         assert b["segment_ids"].max() > 1  # several documents per row
 
 
+@pytest.mark.slow
 def test_smoke_both_sides_in_process():
     cfg = _tiny()
     for side, run in (("jax", bt.run_jax), ("torch", bt.run_torch)):
@@ -56,6 +57,7 @@ def test_smoke_both_sides_in_process():
         assert r["peak_memory_bytes"] > 0
 
 
+@pytest.mark.slow
 def test_cli_json_keys(tmp_path):
     out = tmp_path / "bench.json"
     # Each side in its own subprocess, as the CLI runs by default.

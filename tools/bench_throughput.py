@@ -16,7 +16,7 @@ Timing: after the warm-up steps, `--steps` steps are timed in `--windows` equal 
 window there is no host synchronization at all (jax: steps are dispatched back to back and the
 window ends with `jax.block_until_ready` on the state and metrics; torch: CPU ops are synchronous,
 and on a GPU the window ends with `torch.cuda.synchronize()`; the loss is never read inside a
-window). The per-step time of a window is its wall time / its steps; the table shows the median
+window, unless `--host-sync` asks for it to measure what a per-step host read costs). The per-step time of a window is its wall time / its steps; the table shows the median
 over windows and their min / max.
 
 Layouts (`--layout`):
@@ -44,9 +44,9 @@ S = sequence length, H = heads, L_s / L_t = student / teacher blocks, P = mapped
     half.)
 
 MFU = FLOPs/token * tokens/s (all positions) / peak. Peak (`--peak-tflops`): default 989 TFLOP/s
-on a GPU (H100/H200 SXM dense bf16); on a CPU a nominal float32 figure
-cores x (bogomips / 2) MHz x (64 FLOP/cycle with AVX-512 [two 512-bit FMA pipes], else 32),
-stated in the output as "nominal".
+on a GPU (H100/H200 SXM dense bf16); on a CPU no default ("n/a"): a VM reports only its base clock
+(from which a nominal figure came out below the f32 GEMM rate XLA actually reaches), so pass
+`--peak-tflops` with a stated figure, e.g. a measured f32 GEMM rate (docs/benchmarks.md does).
 """
 
 from __future__ import annotations
@@ -103,6 +103,8 @@ class BenchConfig:
     seed: int = 0
     logits_chunk_tokens: Optional[int] = None  # distil_jax only; None = its automatic choice
     jax_dropout: bool = False  # distil_jax only; StepConfig.dropout (its default: off)
+    torch_dropout: bool = True  # baseline only; False zeroes the student's dropout (investigation)
+    host_sync: bool = False  # read the loss on the host after every timed step (a lever measurement)
     peak_tflops: Optional[float] = None
 
     def resolved(self) -> "BenchConfig":
@@ -186,33 +188,16 @@ def flops_per_token(cfg: BenchConfig) -> dict:
     return dict(student=student, teacher=teacher, objective=objective, total=student + teacher + objective)
 
 
-def cpu_nominal_peak_tflops() -> tuple[float, str]:
-    """(TFLOP/s, how it was derived): a nominal float32 FMA peak of this CPU."""
-    ncpu = os.cpu_count() or 1
-    mhz, avx512, fma = 0.0, False, False
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        for line in info.splitlines():
-            if line.startswith("bogomips") and not mhz:
-                mhz = float(line.split(":")[1]) / 2.0
-            elif line.startswith("flags") and not (avx512 or fma):
-                flags = line.split(":")[1].split()
-                avx512, fma = "avx512f" in flags, "fma" in flags
-    except OSError:
-        pass
-    if not mhz:
-        return float("nan"), "n/a (CPU frequency unknown)"
-    per_cycle = 64 if avx512 else (32 if fma else 8)
-    tf = ncpu * mhz * 1e6 * per_cycle / 1e12
-    return tf, f"nominal f32: {ncpu} cores x {mhz / 1e3:.2f} GHz x {per_cycle} FLOP/cycle"
+CPU_PEAK_NOTE = ("n/a: no stated CPU peak (a VM hides the boost clock; pass --peak-tflops, e.g. a "
+                 "measured f32 GEMM rate)")
 
 
-def _peak(cfg: BenchConfig, on_gpu: bool) -> tuple[float, str]:
+def _peak(cfg: BenchConfig, on_gpu: bool) -> tuple[Optional[float], str]:
     if cfg.peak_tflops is not None:
         return cfg.peak_tflops, "--peak-tflops"
     if on_gpu:
         return GPU_PEAK_TFLOPS, "H100/H200 dense bf16"
-    return cpu_nominal_peak_tflops()
+    return None, CPU_PEAK_NOTE
 
 
 def _rss_bytes() -> int:
@@ -233,7 +218,7 @@ def _summarize(cfg: BenchConfig, batch: dict, window_times: list, extra: dict, o
     fpt = flops_per_token(cfg)
     peak, peak_src = _peak(cfg, on_gpu)
     tps = B * S / med
-    mfu = fpt["total"] * tps / (peak * 1e12) if peak == peak and peak > 0 else None
+    mfu = fpt["total"] * tps / (peak * 1e12) if peak else None
     out = dict(
         step_time_s_median=med,
         step_time_s_min=min(window_times),
@@ -246,7 +231,7 @@ def _summarize(cfg: BenchConfig, batch: dict, window_times: list, extra: dict, o
         flops_per_token=fpt["total"],
         flops_per_token_parts=fpt,
         achieved_tflops=fpt["total"] * tps / 1e12,
-        peak_tflops=peak if peak == peak else None,
+        peak_tflops=peak,
         peak_source=peak_src,
         mfu=mfu,
         cpu_count=os.cpu_count(),
@@ -327,6 +312,8 @@ def run_jax(cfg: BenchConfig) -> dict:
         t0 = time.perf_counter()
         for _ in range(n):
             state, metrics = compiled(state, teacher_params, batch)
+            if cfg.host_sync:
+                float(metrics["loss"])  # only with --host-sync: what a log-every-step loop does
         jax.block_until_ready((state, metrics))  # the only sync of the window
         window_times.append((time.perf_counter() - t0) / n)
     last_loss = float(metrics["loss"])
@@ -342,7 +329,7 @@ def run_jax(cfg: BenchConfig) -> dict:
         remat=cfg.remat, layout=cfg.layout, setup_s=setup_s, compile_s=compile_s, warmup_s=warmup_s,
         peak_memory_bytes=peak_mem, peak_memory_kind=mem_kind, rss_after_setup_bytes=rss_setup,
         loss_first=first_loss, loss_last=last_loss, load_avg_start=load_start,
-        logits_chunk_tokens=obj.chunk_tokens(cfg.batch, cfg.seq_len, tc.vocab_size),
+        student_dropout=cfg.jax_dropout, logits_chunk_tokens=obj.chunk_tokens(cfg.batch, cfg.seq_len, tc.vocab_size),
         versions=dict(jax=jax.__version__),
     )
     return _summarize(cfg, host, window_times, extra, on_gpu)
@@ -372,7 +359,8 @@ def run_torch(cfg: BenchConfig) -> dict:
     t_setup = time.perf_counter()
     teacher_cfg = tb.hf_gpt2_config(**TEACHERS[cfg.teacher])
     teacher, student, objective = tb.build(teacher_cfg, cfg.student_layers, cfg.seq_len, device=device,
-                                           dtype=dtype, remat=cfg.remat, seed=cfg.seed)
+                                           dtype=dtype, remat=cfg.remat, seed=cfg.seed,
+                                           dropout=cfg.torch_dropout)
     trainer = tb.Trainer(teacher, student, objective, total_steps=cfg.warmup_steps + cfg.steps)
     host = make_batch(cfg)
     ids = torch.as_tensor(host["input_ids"], dtype=torch.long, device=device)
@@ -397,6 +385,8 @@ def run_torch(cfg: BenchConfig) -> dict:
         t0 = time.perf_counter()
         for _ in range(n):
             loss = trainer.step(ids, am)
+            if cfg.host_sync:
+                float(loss)
         sync()
         window_times.append((time.perf_counter() - t0) / n)
     last_loss = float(loss)
@@ -411,7 +401,7 @@ def run_torch(cfg: BenchConfig) -> dict:
         side="torch", device=dev, dtype=dtype_name, remat=cfg.remat, layout=cfg.layout, setup_s=setup_s,
         compile_s=0.0, warmup_s=warmup_s, peak_memory_bytes=peak_mem, peak_memory_kind=mem_kind,
         rss_after_setup_bytes=rss_setup, loss_first=first_loss, loss_last=last_loss,
-        load_avg_start=load_start, torch_threads=torch.get_num_threads(),
+        load_avg_start=load_start, student_dropout=cfg.torch_dropout, torch_threads=torch.get_num_threads(),
         versions=dict(torch=torch.__version__, transformers=transformers.__version__),
     )
     return _summarize(cfg, host, window_times, extra, on_gpu)
@@ -513,6 +503,10 @@ def parse_args(argv=None) -> tuple[BenchConfig, list, Optional[str], bool]:
     p.add_argument("--logits-chunk-tokens", type=int, default=None,
                    help="distil_jax's objective.logits_chunk_tokens (default: automatic; 0: never chunk)")
     p.add_argument("--jax-dropout", action="store_true", help="distil_jax StepConfig.dropout (default off)")
+    p.add_argument("--no-torch-dropout", action="store_true",
+                   help="baseline student without dropout (Distily trains with it; for comparisons only)")
+    p.add_argument("--host-sync", action="store_true",
+                   help="read the loss on the host after every timed step (default: never inside a window)")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-isolate", action="store_true", help="run both sides in this process")
@@ -527,7 +521,7 @@ def parse_args(argv=None) -> tuple[BenchConfig, list, Optional[str], bool]:
                           steps=a.steps, warmup_steps=a.warmup_steps, windows=a.windows, layout=a.layout,
                           pad_fraction=a.pad_fraction, docs_per_row=a.docs_per_row, dtype=a.dtype,
                           remat=a.remat, seed=a.seed, logits_chunk_tokens=a.logits_chunk_tokens,
-                          jax_dropout=a.jax_dropout, peak_tflops=a.peak_tflops)
+                          jax_dropout=a.jax_dropout, torch_dropout=not a.no_torch_dropout, host_sync=a.host_sync, peak_tflops=a.peak_tflops)
     return cfg, sides, a.json, bool(a.child_config) or a.no_isolate
 
 

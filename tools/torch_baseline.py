@@ -101,17 +101,19 @@ class DistilyObjective(torch.nn.Module):
 def build(teacher_cfg: transformers.GPT2Config, student_layers: int, seq_len: int, *,
           device: str = "cpu", dtype: torch.dtype = torch.float32, remat: bool = True,
           seed: int = 0, teacher: Optional[transformers.GPT2LMHeadModel] = None,
-          student: Optional[transformers.GPT2LMHeadModel] = None):
+          student: Optional[transformers.GPT2LMHeadModel] = None, dropout: bool = True):
     """(teacher, student, objective), all on `device` in `dtype`, random HF init unless given.
 
     The student is the teacher's config with `student_layers` blocks; its tied LM head (= token
-    embedding) is copied from the teacher.
+    embedding) is copied from the teacher. dropout=False zeroes the student's dropout rates
+    (Distily trains with them; only for like-for-like comparisons).
     """
     torch.manual_seed(seed)
     if teacher is None:
         teacher = transformers.GPT2LMHeadModel(teacher_cfg)
     if student is None:
-        s_cfg = transformers.GPT2Config(**{**teacher_cfg.to_dict(), "n_layer": student_layers})
+        no_drop = {} if dropout else dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        s_cfg = transformers.GPT2Config(**{**teacher_cfg.to_dict(), "n_layer": student_layers, **no_drop})
         s_cfg._attn_implementation = "eager"
         student = transformers.GPT2LMHeadModel(s_cfg)
         with torch.no_grad():
