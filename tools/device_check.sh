@@ -65,8 +65,8 @@ if [[ "${DEVICE_CHECK_SMOKE:-0}" == 1 ]]; then  # a dry run of this script's log
   BENCH=(tools/bench_throughput.py --teacher tiny --batch 2 --seq-len 32 --dtype float32 --remat
          --warmup-steps 1 --steps 2 --windows 1)
 fi
-run_part bench_padded 160 "$PY" "${BENCH[@]}" --layout padded --pad-fraction 0.24 --json "$OUT/bench_padded.json"
-run_part bench_packed 130 "$PY" "${BENCH[@]}" --layout packed --json "$OUT/bench_packed.json"
+run_part bench_padded 210 "$PY" "${BENCH[@]}" --layout padded --pad-fraction 0.24 --json "$OUT/bench_padded.json"
+run_part bench_packed 190 "$PY" "${BENCH[@]}" --layout packed --json "$OUT/bench_packed.json"
 
 echo "== summary (reference shapes: gpt2-config -> 6 layers, 8 x 1024, bf16, remat)"
 "$PY" - "$OUT" <<'EOF' | tee "$OUT/summary.txt" || true
