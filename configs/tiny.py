@@ -28,7 +28,7 @@ def get_config(arg: str = ""):
     c.dataset.sample_size = None
     c.dataset.test_size = 0.05
     c.dataset.max_seq_len = 128
-    c.demo_teacher.update(n_layer=4, n_embd=128, n_head=4, n_positions=128, steps=400,
+    c.demo_teacher.update(n_layer=4, n_embd=128, n_head=4, n_positions=128, steps=1000,
                           batch_size=16, learning_rate=3e-3)
     c.student.config_name_or_path = ""  # the teacher's config with overrides
     c.student.overrides = {"n_layer": 2}

@@ -256,6 +256,22 @@ def split_indices(n: int, test_size: float | int, seed: int) -> tuple[np.ndarray
     return perm[n_test:], perm[:n_test]
 
 
+def load_all_texts(spec: Any, cache_dir: str | None = None) -> list[str]:
+    """Every sampled row of ``spec`` (no train/test split): for extra evaluators.
+
+    Same fields and errors as ``load_texts`` (test_size and seed of the split are not used).
+    """
+    if cache_dir is None:
+        cache_dir = _field(spec, "cache_dir", None)
+    texts = _load_rows(spec, cache_dir)
+    if not texts:
+        raise ValueError(
+            f"dataset {str(_field(spec, 'uri', ''))!r} (split {_field(spec, 'split', 'train')!r}) "
+            "has no rows: check uri/split/sample_size or add data"
+        )
+    return texts
+
+
 def load_texts(spec: Any, cache_dir: str | None = None) -> tuple[list[str], list[str]]:
     """Loads a dataset and returns (train_texts, test_texts).
 
@@ -293,14 +309,7 @@ def load_texts(spec: Any, cache_dir: str | None = None) -> tuple[list[str], list
       ConnectionError: a hub id could not be reached (offline): pass a local path instead.
     """
     uri = str(_field(spec, "uri", ""))
-    if cache_dir is None:
-        cache_dir = _field(spec, "cache_dir", None)
-    texts = _load_rows(spec, cache_dir)
-    if not texts:
-        raise ValueError(
-            f"dataset {uri!r} (split {_field(spec, 'split', 'train')!r}) has no rows: "
-            "check uri/split/sample_size or add data"
-        )
+    texts = load_all_texts(spec, cache_dir)
     train_idx, test_idx = split_indices(
         len(texts), _field(spec, "test_size", 0.002), int(_field(spec, "seed", 42))
     )
@@ -523,6 +532,26 @@ def build_datasets(
       texts), segments, rows, real_tokens, padding_fraction, tokens (before truncation) and
       truncated_documents.
     """
+    train_texts, test_texts = load_texts(spec)
+    stats: dict[str, Any] = {"layout": layout, "seq_len": seq_len}
+    train, stats["train"] = texts_to_rows(train_texts, tokenizer, seq_len, layout, cache_dir, "train")
+    test, stats["test"] = texts_to_rows(test_texts, tokenizer, seq_len, layout, cache_dir, "test")
+    return train, test, stats
+
+
+def texts_to_rows(
+    texts: Sequence[str],
+    tokenizer: Any,
+    seq_len: int,
+    layout: str,
+    cache_dir: str | os.PathLike | None = None,
+    name: str = "rows",
+) -> tuple[Arrays, dict[str, Any]]:
+    """Texts -> ({input_ids, segment_ids} [N, S] in `layout`, stats of those rows).
+
+    stats: documents (input texts), segments, rows, real_tokens, padding_fraction, tokens (before
+    truncation) and truncated_documents. Used for each split and for extra evaluators.
+    """
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is not supported: use 'pack' or 'pad'")
     seq_len = _check_seq_len(seq_len)
@@ -530,30 +559,22 @@ def build_datasets(
     # Distily pads with EOS (GPT-2 has no pad token); a tokenizer's own pad token wins.
     pad_id = getattr(tokenizer, "pad_token_id", None)
     pad_id = eos_id if pad_id is None else int(pad_id)
-    train_texts, test_texts = load_texts(spec)
-
-    stats: dict[str, Any] = {"layout": layout, "seq_len": seq_len}
-    outputs = []
-    for name, texts in (("train", train_texts), ("test", test_texts)):
-        if cache_dir is not None:
-            docs = tokenize_cached(texts, tokenizer, cache_dir)
-        else:
-            docs = tokenize(texts, tokenizer)
-        arrays = pack(docs, seq_len, eos_id) if layout == "pack" else pad(docs, seq_len, pad_id)
-        s = layout_stats(arrays)
-        s["segments"] = s.pop("documents")
-        s["documents"] = len(docs)
-        s["tokens"] = int(sum(len(d) for d in docs))
-        truncated = sum(len(d) > seq_len for d in docs) if layout == "pad" else 0
-        s["truncated_documents"] = int(truncated)
-        stats[name] = s
-        outputs.append(arrays)
-        logger.info(
-            "%s: %d documents, %d tokens -> %d rows of %d (%s), %d real tokens, %.1f%% padding",
-            name, s["documents"], s["tokens"], s["rows"], seq_len, layout, s["real_tokens"],
-            100 * s["padding_fraction"],
-        )
-    return outputs[0], outputs[1], stats
+    if cache_dir is not None:
+        docs = tokenize_cached(texts, tokenizer, cache_dir)
+    else:
+        docs = tokenize(texts, tokenizer)
+    arrays = pack(docs, seq_len, eos_id) if layout == "pack" else pad(docs, seq_len, pad_id)
+    s = layout_stats(arrays)
+    s["segments"] = s.pop("documents")
+    s["documents"] = len(docs)
+    s["tokens"] = int(sum(len(d) for d in docs))
+    s["truncated_documents"] = int(sum(len(d) > seq_len for d in docs) if layout == "pad" else 0)
+    logger.info(
+        "%s: %d documents, %d tokens -> %d rows of %d (%s), %d real tokens, %.1f%% padding",
+        name, s["documents"], s["tokens"], s["rows"], seq_len, layout, s["real_tokens"],
+        100 * s["padding_fraction"],
+    )
+    return arrays, s
 
 
 # ------------------------------------------------------------------------------------ batching

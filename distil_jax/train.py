@@ -176,12 +176,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         config.dataset, tokenizer, seq_len, config.dataset.layout, cache_dir=workdir / "cache")
     eval_sets = {"heldout": test_rows}
     for name, spec in config.eval.evaluators.items():
-        spec = ml_collections.ConfigDict(dict(spec))
-        if "test_size" not in spec:
-            spec.test_size = 0  # all rows are evaluation rows
-        rows, _, _ = data.build_datasets(spec, tokenizer, seq_len, config.dataset.layout,
-                                         cache_dir=workdir / "cache")
-        eval_sets[name] = rows
+        # Every sampled row of an extra evaluator is an evaluation row.
+        eval_sets[name], _ = data.texts_to_rows(data.load_all_texts(spec), tokenizer, seq_len,
+                                                config.dataset.layout, workdir / "cache", name)
 
     # Student and objective.
     rng = jax.random.PRNGKey(config.train.seed)
@@ -225,12 +222,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     # Resume.
     mngr = checkpoint.manager(workdir, max_to_keep=config.train.save_total_limit or None)
     start = 0
+    # Totals over every session of this run, saved with each checkpoint.
+    progress = {"train_tokens": 0.0, "train_time_s": 0.0, "wall_time_s": 0.0, "started_at": _now()}
     if mngr.latest_step() is not None:
         state, data_state = checkpoint.restore(mngr, mngr.latest_step(), state)
         state = replicate(state, mesh)
         batches.restore(data_state)
+        progress.update(data_state.get("progress", {}))
         start = int(jax.device_get(state.step))
         log.info("resumed from the checkpoint at step %d in %s", start, checkpoint.checkpoint_dir(workdir))
+        summary_path = workdir / "run_summary.json"
+        if start >= total_steps and summary_path.exists():
+            log.info("the run in %s is complete (step %d); nothing to do", workdir, start)
+            summary = json.loads(summary_path.read_text())
+            mngr.close()
+            _print_table(summary)
+            return {"step": start, **summary.get("final_metrics", {}), "eval": summary["evaluation"]}
     writer = MetricsWriter(workdir, start)
     evals_path = workdir / "evals.json"
     evals = json.loads(evals_path.read_text()) if evals_path.exists() and start else {}
@@ -262,6 +269,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
 
     if start == 0:
         run_eval("student_start", 0)
+
+    def totals() -> dict:
+        return {"train_tokens": progress["train_tokens"] + train_tokens,
+                "train_time_s": progress["train_time_s"] + train_time,
+                "wall_time_s": progress["wall_time_s"] + time.time() - t_start,
+                "started_at": progress["started_at"]}
 
     # The loop. Metrics stay on the device until a log step: one host sync per log interval.
     pending, grad_norms = [], collections.deque(maxlen=16)
@@ -306,7 +319,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         if do_eval:
             run_eval("", step)
         if do_save or step == total_steps:
-            checkpoint.save(mngr, state, batches.state())
+            checkpoint.save(mngr, state, {**batches.state(), "progress": totals()})
             last_saved = step
         if do_log or do_save or do_eval:
             t_log = time.time()  # eval and checkpoint time is not training time
@@ -316,7 +329,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     writer.close()
     mngr.close()
 
+    run = totals()
     summary = {
+        "started_at": run["started_at"],
         "teacher": {"name_or_path": config.teacher.model_name_or_path, "params": n_teacher,
                     "n_layer": teacher_cfg.n_layer, "config": hf.config_to_hf(teacher_cfg).to_dict()},
         "student": {"params": n_student, "n_layer": student_cfg.n_layer,
@@ -331,19 +346,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
             "peak_memory_bytes": _peak_device_memory(),
             "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "cpus": os.cpu_count(), "host_ram_bytes": _host_ram(),
-            "wall_time_s": time.time() - t_start,
-            "tokens_per_s": train_tokens / train_time if train_time > 0 else None,
-            "train_tokens": int(train_tokens),
+            "wall_time_s": run["wall_time_s"],
+            "tokens_per_s": run["train_tokens"] / run["train_time_s"] if run["train_time_s"] > 0 else None,
+            "train_tokens": int(run["train_tokens"]),
         },
         "steps": total_steps,
         "final_metrics": last,
         "versions": package_versions(),
         "finished_at": _now(),
     }
-    prev = workdir / "run_summary.json"
-    summary["started_at"] = (json.loads(prev.read_text()).get("started_at") if prev.exists() and start
-                             else datetime.datetime.fromtimestamp(t_start, datetime.timezone.utc)
-                             .isoformat(timespec="seconds"))
     _write_json(workdir / "run_summary.json", summary)
     _print_table(summary)
     return {"step": step, **last, "eval": summary["evaluation"]}

@@ -32,7 +32,11 @@ def tiny_config(**overrides):
 def trained(tmp_path_factory):
     """One complete tiny run (demo teacher included); other tests copy its teacher and data."""
     workdir = tmp_path_factory.mktemp("run")
-    result = train(tiny_config(), workdir)
+    cfg = tiny_config()
+    # An extra evaluator (like Distily's enwikippl): 12 documents of the demo corpus.
+    cfg.eval.evaluators = {"stdlib12": {"uri": str(workdir / "data" / "stdlib_docstrings.jsonl"),
+                                        "sample_size": 12}}
+    result = train(cfg, workdir)
     return workdir, result
 
 
@@ -53,6 +57,10 @@ def test_end_to_end_writes_records_and_distills(trained):
                 "tokens_per_s", "eval/heldout/student_ppl", "eval/heldout/teacher_ppl"):
         assert key in logged, key
     assert "loss/hs" not in logged  # weight 0: not computed
+    assert "eval/stdlib12/student_ppl" in logged
+    extra = result["eval"]["stdlib12"]
+    assert extra["student_end"]["ppl"] < extra["student_start"]["ppl"]
+    assert extra["teacher"]["tokens"] > 0
     assert list((workdir / "tb").glob("events.out.tfevents.*"))
     assert checkpoint.available_steps(workdir) == [20, 30]  # save_steps 10, save_total_limit 2
     ev = result["eval"]["heldout"]
@@ -105,6 +113,9 @@ def test_sigkill_and_resume_equals_uninterrupted(trained, tmp_path):
     assert len(flat_a) == len(flat_b)
     for a, b in zip(flat_a, flat_b):
         np.testing.assert_array_equal(a, b)
+    # Totals span both sessions: tokens trained on are those of the uninterrupted run.
+    summaries = [json.loads((w / "run_summary.json").read_text())["resources"] for w in (killed, src)]
+    assert summaries[0]["train_tokens"] == summaries[1]["train_tokens"] > 0
     # metrics.jsonl holds each step once, though steps after the checkpoint ran twice.
     steps = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
     train_steps = [s for s, line in zip(steps, (killed / "metrics.jsonl").read_text().splitlines())
