@@ -254,9 +254,10 @@ def load_config(name_or_path: str | os.PathLike) -> GPT2Config:
 
 def load_pretrained(name_or_path: str | os.PathLike, dtype=jnp.float32) -> tuple[GPT2Config, dict]:
     """An HF GPT-2 (folder or hub id) -> (GPT2Config, params in `dtype`)."""
-    folder = resolve_folder(
-        name_or_path, allow_patterns=["config.json", "*.safetensors", "*.json", "*.bin"]
-    )
+    # From the hub: safetensors only, unless the repo has none (then pytorch_model.bin).
+    folder = resolve_folder(name_or_path, allow_patterns=["config.json", "model.safetensors*"])
+    if not any((folder / f).exists() for f in _WEIGHT_FILES) and not Path(name_or_path).is_dir():
+        folder = resolve_folder(name_or_path, allow_patterns=["config.json", "pytorch_model.bin*"])
     config = load_config(folder)
     state = _read_state_dict(folder)
     return config, hf_state_dict_to_params(config, state, dtype)

@@ -225,7 +225,9 @@ def test_unknown_loss_name_lists_valid_names():
 def test_head_count_mismatch_with_attn_is_an_error(setup):
     tc, _, _, _, _ = setup
     sc = tc.replace(n_layer=2, n_head=2)
-    obj = Objective.from_config(T.REFERENCE_OBJECTIVE).bind(sc, tc)
+    obj = Objective.from_config(T.REFERENCE_OBJECTIVE)
+    with pytest.raises(ValueError, match="the student has 2 heads and the teacher 4"):
+        obj.bind(sc, tc)
     with pytest.raises(ValueError, match="heads"):
         obj.init_params(jax.random.PRNGKey(0), sc, tc, T.SEQ)
     # Without the attn component the head counts may differ.

@@ -71,6 +71,15 @@ def _component(d: Optional[Mapping], kind: str) -> Component:
     return comp
 
 
+def _check_heads(student: GPT2Config, teacher: GPT2Config) -> None:
+    if student.n_head != teacher.n_head:
+        raise ValueError(
+            f"the attn component compares attention maps head by head, but the student has "
+            f"{student.n_head} heads and the teacher {teacher.n_head}; give the student "
+            f"n_head={teacher.n_head} or set objective.attn.weight=0"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
     """The static description of the objective (hashable: usable as a jit static argument).
@@ -154,12 +163,7 @@ class Objective:
                 "norm": init_norm(self.hs.norm, teacher.n_embd),
             }
         if self.attn.active:
-            if student.n_head != teacher.n_head:
-                raise ValueError(
-                    f"the attn component compares attention maps head by head, but the student has "
-                    f"{student.n_head} heads and the teacher {teacher.n_head}; give the student "
-                    f"n_head={teacher.n_head} or set objective.attn.weight=0"
-                )
+            _check_heads(student, teacher)
             params["attn"] = {
                 "projector": init_projector(self.attn.projector, k_attn, seq_len, seq_len),
                 "norm": init_norm(self.attn.norm, seq_len),
@@ -222,6 +226,8 @@ class Objective:
         bound = dataclasses.replace(self, n_student=student.n_layer, n_teacher=teacher.n_layer)
         bound.hs_pairs(student.n_layer, teacher.n_layer)
         bound.attn_pairs(student.n_layer, teacher.n_layer)
+        if self.attn.active:
+            _check_heads(student, teacher)
         return bound
 
     def _pairs_loss(self, comp: Component, params, pairs, student_feats, teacher_feats, mask):
