@@ -112,21 +112,16 @@ def evaluate(eval_fn, params, arrays, batch_size: int, mesh) -> dict:
     doc_nll, doc_tok = [], []
     t0, timed_tokens = None, 0.0
     for batch in data.eval_batches(arrays, batch_size):
-        lp, valid = jax.device_get(eval_fn(params, shard_batch(batch, mesh)))
-        seg = batch["segment_ids"]
-        nll -= float(lp.sum())
-        tokens += float(valid.sum())
+        out = jax.device_get(eval_fn(params, shard_batch(batch, mesh)))
+        nll -= float(out["logprob_sum"])
+        tokens += float(out["tokens"])
         if t0 is None:
             t0 = time.time()  # the first batch compiles: not timed
         else:
-            timed_tokens += float(valid.sum())
-        S = seg.shape[1]
-        key = (np.arange(seg.shape[0])[:, None] * (S + 1) + seg).ravel()
-        per_nll = np.bincount(key, weights=-lp.ravel(), minlength=seg.shape[0] * (S + 1))
-        per_tok = np.bincount(key, weights=valid.ravel(), minlength=seg.shape[0] * (S + 1))
-        has = per_tok > 0
-        doc_nll.append(per_nll[has])
-        doc_tok.append(per_tok[has])
+            timed_tokens += float(out["tokens"])
+        has = out["doc_tokens"] > 0
+        doc_nll.append(-out["doc_logprob"][has])
+        doc_tok.append(out["doc_tokens"][has])
     dt = time.time() - t0 if t0 is not None else 0.0
     doc_nll, doc_tok = np.concatenate(doc_nll), np.concatenate(doc_tok)
     return {

@@ -231,18 +231,25 @@ def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: 
 
 
 def make_eval_step(config: GPT2Config, dtype=jnp.float32):
-    """Jitted `eval(params, batch) -> (token_logprob [B, S], valid [B, S])`: log p(next token)
-    at every position whose next token is in the same document (the perplexity numerator)."""
+    """Jitted `eval(params, batch) -> dict` of summed next-token log-likelihoods (the perplexity
+    numerator) and token counts, counting every position whose next token is in its document:
+
+      logprob_sum, tokens: scalars over the batch (token-weighted perplexity);
+      doc_logprob, doc_tokens: [B, S] sums per (row, segment id) (Distily's per-document mean).
+    """
 
     def eval_step(params, batch):
         ids, seg = batch["input_ids"], batch["segment_ids"]
+        S = ids.shape[1]
         logits = gpt2.forward(config, params, ids, segment_ids=seg, dtype=dtype).logits
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        nxt = ids[:, 1:]
-        lp = jnp.take_along_axis(logp[:, :-1], nxt[..., None], axis=-1)[..., 0]
+        lp = jnp.take_along_axis(logp[:, :-1], ids[:, 1:, None], axis=-1)[..., 0]
         valid = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)
-        pad = lambda x: jnp.pad(x, ((0, 0), (0, 1)))  # noqa: E731  (keep [B, S])
-        return pad(jnp.where(valid, lp, 0.0)), pad(valid)
+        lp = jnp.where(valid, lp, 0.0)
+        per_doc = jax.vmap(lambda v, s: jax.ops.segment_sum(v, s, num_segments=S))
+        return {"logprob_sum": lp.sum(), "tokens": valid.sum(),
+                "doc_logprob": per_doc(lp, seg[:, :-1]),
+                "doc_tokens": per_doc(valid.astype(jnp.int32), seg[:, :-1])}
 
     return jax.jit(eval_step)
 

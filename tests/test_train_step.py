@@ -205,28 +205,28 @@ def test_data_parallel_4_devices_equals_1():
 def test_eval_step_log_likelihood_matches_float64(teacher):
     tc, tp = teacher
     b = T.batch(T.ROWS_4)
-    lp, valid = ts.make_eval_step(tc)(tp, _jnp(b))
-    lp, valid = np.asarray(lp), np.asarray(valid)
-    assert lp.shape == valid.shape == b["input_ids"].shape
+    out = jax.device_get(ts.make_eval_step(tc)(tp, _jnp(b)))
 
     logits = np.asarray(gpt2.forward(tc, tp, b["input_ids"], segment_ids=b["segment_ids"]).logits,
                         np.float64)
     logits = logits - logits.max(-1, keepdims=True)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     seg, ids = b["segment_ids"], b["input_ids"]
-    expected_valid = np.zeros_like(valid)
-    expected_lp = np.zeros(lp.shape, np.float64)
+    expected_lp, expected_n = 0.0, 0
+    doc_lp = np.zeros(seg.shape, np.float64)  # [row, segment id]
+    doc_n = np.zeros(seg.shape, np.int64)
     for r in range(seg.shape[0]):
         for t in range(seg.shape[1] - 1):
             if seg[r, t] > 0 and seg[r, t + 1] == seg[r, t]:  # next token in the same document
-                expected_valid[r, t] = True
-                expected_lp[r, t] = logp[r, t, ids[r, t + 1]]
-    np.testing.assert_array_equal(valid, expected_valid)
+                expected_lp += logp[r, t, ids[r, t + 1]]
+                expected_n += 1
+                doc_lp[r, seg[r, t]] += logp[r, t, ids[r, t + 1]]
+                doc_n[r, seg[r, t]] += 1
     # 15 + 9 + (4 + 3 + 2) + (6 + 8) next-token pairs inside documents.
-    assert expected_valid.sum() == 47
-    assert np.all(lp[~valid] == 0)
-    np.testing.assert_allclose(lp, expected_lp, rtol=0, atol=LOSS_TOL)
-    assert abs(lp.sum() - expected_lp.sum()) < LOSS_TOL * max(1.0, abs(expected_lp.sum()))
+    assert expected_n == int(out["tokens"]) == 47
+    assert abs(float(out["logprob_sum"]) - expected_lp) < LOSS_TOL * max(1.0, abs(expected_lp))
+    np.testing.assert_array_equal(out["doc_tokens"], doc_n)
+    np.testing.assert_allclose(out["doc_logprob"], doc_lp, rtol=0, atol=LOSS_TOL)
 
 
 # ----------------------------------------------------------------------------- optimizers
