@@ -193,3 +193,27 @@ def test_sequence_longer_than_student_positions(trained, tmp_path):
     cfg.student.overrides = {"n_layer": 1, "n_positions": 16}
     with pytest.raises(ValueError, match="sequence length 32 exceeds the student's n_positions=16"):
         train(cfg, _seed_workdir(src, tmp_path / "w"))
+
+
+@pytest.mark.slow
+def test_pad_layout_masks_padding(trained, tmp_path):
+    """Distily's layout (one document per row): short documents leave padding, which is counted
+    and masked (only real tokens are trained on)."""
+    src, _ = trained
+    docs = [json.loads(x)["text"] for x in (src / "data" / "stdlib_docstrings.jsonl").read_text().splitlines()]
+    short = [line.strip() for d in docs for line in d.splitlines() if 20 < len(line.strip()) < 80][:80]
+    (tmp_path / "short.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in short))
+    cfg = tiny_config()
+    cfg.dataset.uri = str(tmp_path / "short.jsonl")
+    cfg.dataset.sample_size = None
+    cfg.dataset.layout = "pad"
+    cfg.train.max_steps = 6
+    cfg.train.grad_accum = 2
+    result = train(cfg, _seed_workdir(src, tmp_path / "pad"))
+    summary = json.loads((tmp_path / "pad" / "run_summary.json").read_text())
+    train_stats = summary["dataset"]["train"]
+    assert train_stats["rows"] == train_stats["documents"] == 72  # 80 docs, 10% held out
+    assert train_stats["padding_fraction"] > 0.1
+    # 6 steps of 2 x 8 rows of 32 positions, but only the real tokens count.
+    assert 0 < summary["resources"]["train_tokens"] < 0.9 * 6 * 16 * 32
+    assert np.isfinite(result["loss"])
