@@ -57,7 +57,8 @@ def ensure_teacher(workdir: Path, cfg, dataset_spec, seed: int = 0) -> Path:
         vocab_size=len(tokenizer), n_positions=cfg.n_positions, n_embd=cfg.n_embd,
         n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    docs = data.tokenize(train_texts, tokenizer)
+    # Cached where the distillation looks, so its tokenization of the same texts is a cache hit.
+    docs = data.tokenize_cached(train_texts, tokenizer, Path(workdir) / "cache")
     rows = data.pack(docs, cfg.n_positions, tokenizer.eos_token_id)
     batches = data.BatchIterator(rows, cfg.batch_size, shuffle=True, seed=seed)
 
