@@ -10,7 +10,11 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
+import jax.numpy as jnp
 import ml_collections
+
+# The dtype names a config (and the export) accepts.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -125,7 +129,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ValueError(f"dataset.layout={config.dataset.layout!r}: use 'pack' or 'pad'")
     for name in ("train.dtype", "teacher.dtype"):
         section, field = name.split(".")
-        if config[section][field] not in ("float32", "bfloat16"):
+        if config[section][field] not in DTYPES:
             raise ValueError(f"{name}={config[section][field]!r}: use 'float32' or 'bfloat16'")
     if config.train.batch_size <= 0 or config.train.grad_accum <= 0:
         raise ValueError("train.batch_size and train.grad_accum must be positive")

@@ -29,13 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from distil_jax import hf
+from distil_jax.config import DTYPES
 from distil_jax.modelcard import model_card
 from distil_jax.models.gpt2 import param_shapes
 from distil_jax.versions import package_versions
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _MODEL_FILES = ("config.json", "model.safetensors")
 
 

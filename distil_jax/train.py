@@ -25,13 +25,12 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
 from distil_jax import checkpoint, data, hf, student
-from distil_jax.config import validate
+from distil_jax.config import DTYPES, validate
 from distil_jax.models import gpt2
 from distil_jax.objectives.objective import Objective
 from distil_jax.train_step import (StepConfig, create_train_state, make_eval_step, make_mesh,
@@ -40,7 +39,6 @@ from distil_jax.versions import package_versions
 
 log = logging.getLogger("distil_jax")
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -159,7 +157,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
 
     # Teacher, tokenizer, sequence length.
     teacher_cfg, teacher_params = hf.load_pretrained(config.teacher.model_name_or_path,
-                                                     _DTYPES[config.teacher.dtype])
+                                                     DTYPES[config.teacher.dtype])
     tokenizer = _tokenizer(config.tokenizer_name_or_path or config.teacher.model_name_or_path)
     if not (workdir / "tokenizer").exists():
         tokenizer.save_pretrained(workdir / "tokenizer")
@@ -205,7 +203,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         total_steps = int(np.ceil(config.train.num_epochs * batches.steps_per_epoch))
     tx, schedule = make_optimizer(config.optimizer.to_dict(), total_steps, trainable)
     sc = StepConfig(teacher=teacher_cfg, student=student_cfg, objective=objective,
-                    dtype=_DTYPES[config.train.dtype], remat=config.train.remat,
+                    dtype=DTYPES[config.train.dtype], remat=config.train.remat,
                     grad_accum=config.train.grad_accum, dropout=config.student.dropout)
     mesh = make_mesh()
     state = replicate(create_train_state(params, tx, rng_state), mesh)

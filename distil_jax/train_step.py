@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from distil_jax.models import gpt2
 from distil_jax.models.gpt2 import GPT2Config
-from distil_jax.objectives.objective import Objective
+from distil_jax.objectives.objective import Objective, next_token_targets
 
 Array = jax.Array
 
@@ -152,8 +152,8 @@ def distill_loss(sc: StepConfig, trainable: Mapping, teacher_params: Mapping, ba
 def _label_count(segment_ids: Array) -> Array:
     """Number of next-token labels (the clm loss's denominator): positions whose next token is
     in the same document."""
-    seg = segment_ids
-    return ((seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)).sum().astype(jnp.float32)
+    _, valid = next_token_targets(segment_ids, segment_ids)  # only the validity is used
+    return valid.sum().astype(jnp.float32)
 
 
 def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -243,13 +243,11 @@ def make_eval_step(config: GPT2Config, dtype=jnp.float32):
         S = ids.shape[1]
         logits = gpt2.forward(config, params, ids, segment_ids=seg, dtype=dtype).logits
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        lp = jnp.take_along_axis(logp[:, :-1], ids[:, 1:, None], axis=-1)[..., 0]
-        valid = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)
-        lp = jnp.where(valid, lp, 0.0)
+        labels, valid = next_token_targets(ids, seg)
+        lp = jnp.where(valid, jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0], 0.0)
         per_doc = jax.vmap(lambda v, s: jax.ops.segment_sum(v, s, num_segments=S))
         return {"logprob_sum": lp.sum(), "tokens": valid.sum(),
-                "doc_logprob": per_doc(lp, seg[:, :-1]),
-                "doc_tokens": per_doc(valid.astype(jnp.int32), seg[:, :-1])}
+                "doc_logprob": per_doc(lp, seg), "doc_tokens": per_doc(valid.astype(jnp.int32), seg)}
 
     return jax.jit(eval_step)
 

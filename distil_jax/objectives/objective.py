@@ -71,6 +71,16 @@ def _component(d: Optional[Mapping], kind: str) -> Component:
     return comp
 
 
+def next_token_targets(input_ids: Array, segment_ids: Array) -> tuple[Array, Array]:
+    """(labels [B, S], valid [B, S] bool): the token after each position, valid only where it is
+    in the same document (the hard loss's and the perplexity's targets). The last column is
+    never valid."""
+    labels = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
+    same_doc = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, :-1] > 0)
+    valid = jnp.concatenate([same_doc, jnp.zeros_like(same_doc[:, :1])], axis=1)
+    return labels, valid
+
+
 def _check_heads(student: GPT2Config, teacher: GPT2Config) -> None:
     if student.n_head != teacher.n_head:
         raise ValueError(
@@ -243,10 +253,7 @@ class Objective:
         """(distillation loss on logits, hard next-token loss), each a mean over real tokens."""
         B, S = segment_ids.shape
         mask = segment_ids > 0
-        # Next-token labels, valid only inside a document.
-        labels = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
-        label_ok = jnp.concatenate(
-            [(segment_ids[:, 1:] == segment_ids[:, :-1]) & mask[:, :-1], jnp.zeros((B, 1), bool)], axis=1)
+        labels, label_ok = next_token_targets(input_ids, segment_ids)
         if student_out.logits is not None:
             t_logits = teacher_out.logits if teacher_out is not None else None
             return self._logits_chunk(student_out.logits, t_logits, mask, labels, label_ok, mean=True)
