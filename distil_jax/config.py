@@ -79,6 +79,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.seed = 42
     c.train.dtype = "bfloat16"  # compute dtype; master weights and optimizer state are float32
     c.train.remat = True  # gradient checkpointing of the student's blocks
+    # Padding-aware logits: LM heads and logits losses run on the real tokens only, rounded up
+    # to 1/N of each device's share of the batch (N compiled variants at most); 0 = off.
+    c.train.logits_buckets = 8
     c.train.log_steps = 25
     c.train.save_steps = 500
     c.train.save_total_limit = 2  # checkpoints kept (the newest)
@@ -133,6 +136,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             raise ValueError(f"{name}={config[section][field]!r}: use 'float32' or 'bfloat16'")
     if config.train.batch_size <= 0 or config.train.grad_accum <= 0:
         raise ValueError("train.batch_size and train.grad_accum must be positive")
+    if config.train.logits_buckets < 0:
+        raise ValueError(f"train.logits_buckets={config.train.logits_buckets}: use 0 (off) or a "
+                         "positive number of buckets (default 8)")
     return config
 
 

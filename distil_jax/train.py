@@ -33,8 +33,8 @@ from distil_jax import checkpoint, data, hf, student
 from distil_jax.config import DTYPES, validate
 from distil_jax.models import gpt2
 from distil_jax.objectives.objective import Objective
-from distil_jax.train_step import (StepConfig, create_train_state, make_eval_step, make_mesh,
-                                   make_optimizer, make_train_step, replicate, shard_batch)
+from distil_jax.train_step import (BucketedTrainStep, StepConfig, create_train_state, make_eval_step,
+                                   make_mesh, make_optimizer, replicate, shard_batch)
 from distil_jax.versions import package_versions
 
 log = logging.getLogger("distil_jax")
@@ -208,7 +208,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     mesh = make_mesh()
     state = replicate(create_train_state(params, tx, rng_state), mesh)
     teacher_params = replicate(teacher_params, mesh)
-    step_fn = make_train_step(sc, tx, schedule, mesh)
+    compiles = []  # (capacity, seconds): compilations after the first step, kept out of tokens/s
+
+    def on_compile(capacity):
+        compiles.append([capacity, time.time()])
+        if capacity is not None:
+            log.info("compiling the step for batches with at most %d real tokens per device share "
+                     "(train.logits_buckets=%d: the LM heads skip padding)", capacity,
+                     config.train.logits_buckets)
+
+    step_fn = BucketedTrainStep(sc, tx, schedule, mesh, buckets=config.train.logits_buckets,
+                                on_compile=on_compile)
     eval_student = make_eval_step(student_cfg, sc.dtype)
     eval_teacher = make_eval_step(teacher_cfg, sc.dtype)
 
@@ -277,8 +287,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     t_log = time.time()
     step, last_saved = start, (start or None)
     while step < total_steps:
-        state, metrics = step_fn(state, teacher_params, shard_batch(next(batches), mesh))
+        n_compiles = len(compiles)
+        state, metrics = step_fn(state, teacher_params, next(batches))
         step += 1
+        if len(compiles) > n_compiles and step > start + 1:
+            t_log += time.time() - compiles[-1][1]  # a new bucket's compilation is not training time
         if step == start + 1:
             untimed = [jax.device_get(metrics)]
             log.info("first step (compilation included): %.1f s", time.time() - t_log)

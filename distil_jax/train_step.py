@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from distil_jax.models import gpt2
 from distil_jax.models.gpt2 import GPT2Config
-from distil_jax.objectives.objective import Objective, next_token_targets
+from distil_jax.objectives.objective import Objective, next_token_targets, real_token_positions
 
 Array = jax.Array
 
@@ -114,6 +114,11 @@ class StepConfig:
     remat: bool = False
     grad_accum: int = 1
     dropout: bool = False  # student dropout, as HF's train mode (teacher never)
+    # Padding-aware logits: the LM heads and logits losses run on at most `logits_capacity` real
+    # tokens per group of each micro-batch (None: on every position). `logits_groups` is the
+    # number of data-parallel devices (a group per device). See `logits_capacity()`.
+    logits_capacity: Optional[int] = None
+    logits_groups: int = 1
 
 
 def lm_head(config: GPT2Config, params: Mapping) -> Array:
@@ -130,9 +135,11 @@ def distill_loss(sc: StepConfig, trainable: Mapping, teacher_params: Mapping, ba
     B, S = ids.shape
     obj = sc.objective
     feats = obj.features(sc.student, sc.teacher)
-    chunked = obj.logits.active or obj.clm_weight
-    chunked = bool(chunked and obj.chunk_tokens(B, S, sc.student.vocab_size))
-    common = dict(segment_ids=seg, dtype=sc.dtype, return_last_hidden=chunked)
+    uses_logits = bool(obj.logits.active or obj.clm_weight)
+    compact = uses_logits and sc.logits_capacity is not None
+    # The objective applies the LM heads itself when it chunks them or skips padding.
+    own_heads = compact or bool(uses_logits and obj.chunk_tokens(B, S, sc.student.vocab_size))
+    common = dict(segment_ids=seg, dtype=sc.dtype, return_last_hidden=own_heads)
     needs_teacher = obj.logits.active or obj.hs.active or obj.attn.active
     t_out = None
     if needs_teacher:  # a clm-only objective (pretraining) runs no teacher at all
@@ -143,10 +150,31 @@ def distill_loss(sc: StepConfig, trainable: Mapping, teacher_params: Mapping, ba
                          remat=sc.remat, deterministic=not sc.dropout,
                          dropout_rng=rng if sc.dropout else None)
     heads = {}
-    if chunked:
+    if own_heads:
         heads = dict(student_head=lm_head(sc.student, trainable["student"]),
                      teacher_head=lm_head(sc.teacher, teacher_params) if needs_teacher else None)
+    if compact:
+        heads["logits_positions"] = real_token_positions(seg > 0, sc.logits_groups, sc.logits_capacity)
     return obj(trainable.get("objective", {}), s_out, t_out, seg, ids, **heads)
+
+
+def logits_capacity(segment_ids: np.ndarray, groups: int = 1, grad_accum: int = 1,
+                    buckets: int = 8) -> Optional[int]:
+    """The `StepConfig.logits_capacity` for a host batch: the most real tokens in any group
+    (device share) of any micro-batch, rounded up to a 1/`buckets` step of the group's size, or
+    None when that is the whole group (packed rows) or `buckets` is 0 (off).
+
+    segment_ids: [A·b, S] host array (0 = padding). Rounding up to a bucket bounds the number of
+    distinct capacities, hence of compilations of the step, to `buckets`.
+    """
+    if buckets <= 0:
+        return None
+    real = (np.asarray(segment_ids) > 0).reshape(grad_accum, groups, -1)
+    size = real.shape[-1]
+    quantum = -(-size // buckets)
+    most = int(real.sum(-1).max())
+    capacity = max(quantum, -(-most // quantum) * quantum)
+    return None if capacity >= size else capacity
 
 
 def _label_count(segment_ids: Array) -> Array:
@@ -225,6 +253,50 @@ def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: 
     rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     return jax.jit(step, donate_argnums=(0,), in_shardings=(rep, rep, split),
                    out_shardings=(rep, rep))
+
+
+class BucketedTrainStep:
+    """`step(state, teacher_params, host_batch) -> (state, metrics)` with padding-aware logits.
+
+    Each host batch (numpy arrays, [A·b, S]) gets its `logits_capacity` bucket and runs the step
+    compiled for that capacity (compiled on first use; at most `buckets` + 1 variants). Packed
+    rows are nearly all real tokens, so they stay on the one step that covers every position.
+    `on_compile(capacity)` is called before a variant is first built (to tell the user why the
+    run pauses). buckets = 0: one step over every position.
+    """
+
+    def __init__(self, sc: StepConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                 mesh: Optional[Mesh] = None, buckets: int = 8, on_compile=None):
+        groups = mesh.devices.size if mesh is not None else 1
+        self._sc = dataclasses.replace(sc, logits_groups=groups)
+        self._args = (tx, schedule, mesh)
+        self._mesh = mesh
+        # Without logits losses there is nothing to compact: one step.
+        uses_logits = bool(sc.objective.logits.active or sc.objective.clm_weight)
+        self.buckets = buckets if uses_logits else 0
+        self._on_compile = on_compile
+        self._steps: dict = {}
+
+    def capacity(self, host_batch: Mapping) -> Optional[int]:
+        return logits_capacity(host_batch["segment_ids"], self._sc.logits_groups, self._sc.grad_accum,
+                               self.buckets)
+
+    def step_for(self, host_batch: Mapping):
+        """(the jitted step for this batch's bucket, the batch placed on the devices)."""
+        cap = self.capacity(host_batch)
+        if cap not in self._steps:
+            if self._on_compile is not None:
+                self._on_compile(cap)
+            self._steps[cap] = make_train_step(dataclasses.replace(self._sc, logits_capacity=cap), *self._args)
+        if self._mesh is not None:
+            batch = shard_batch(host_batch, self._mesh)
+        else:
+            batch = {k: jnp.asarray(v) for k, v in host_batch.items()}
+        return self._steps[cap], batch
+
+    def __call__(self, state: TrainState, teacher_params, host_batch: Mapping):
+        step, batch = self.step_for(host_batch)
+        return step(state, teacher_params, batch)
 
 
 # ----------------------------------------------------------------------------- eval

@@ -171,6 +171,15 @@ _DP_SCRIPT = textwrap.dedent("""
         step = ts.make_train_step(ts.StepConfig(tc, sc, obj), tx, sched, mesh)
         state, m = step(state, ts.replicate(tp, mesh), batch)
         results[name] = (T.to_numpy(state.params), float(m["loss"]))
+    # Padding-aware logits on 4 devices: each device compacts its own share of the batch.
+    mesh = ts.make_mesh(jax.devices()[:4])
+    state = ts.replicate(ts.create_train_state(T.to_numpy(params), tx, jax.random.PRNGKey(0)), mesh)
+    bucketed = ts.BucketedTrainStep(ts.StepConfig(tc, sc, obj), tx, sched, mesh, buckets=8)
+    out["dp4_capacity"] = bucketed.capacity(host_batch)
+    state, m = bucketed(state, ts.replicate(tp, mesh), host_batch)
+    results["dp4_bucketed"] = (T.to_numpy(state.params), float(m["loss"]))
+    out["bucketed_param_diff"] = T.max_abs_diff(results["dp4_bucketed"][0], results["dp1"][0])
+    out["bucketed_loss_diff"] = abs(results["dp4_bucketed"][1] - results["dp1"][1])
     out["max_param_diff"] = T.max_abs_diff(results["dp4"][0], results["dp1"][0])
     out["param_change"] = T.max_abs_diff(results["dp1"][0], T.to_numpy(params))
     out["loss_diff"] = abs(results["dp4"][1] - results["dp1"][1])
@@ -197,6 +206,61 @@ def test_data_parallel_4_devices_equals_1():
     assert out["max_param_diff"] < DP_TOL, out
     assert out["loss_diff"] < LOSS_TOL, out
     assert out["indivisible_error"] and "divisible" in out["indivisible_error"]
+    # ROWS_8 on 4 devices: shares of 2 rows x 16 = 32 positions with at most 28 real tokens -> 28.
+    assert out["dp4_capacity"] == 28
+    assert out["bucketed_param_diff"] < DP_TOL, out
+    assert out["bucketed_loss_diff"] < LOSS_TOL, out
+
+
+# ----------------------------------------------------------------------------- padding-aware logits
+
+
+def test_logits_capacity_buckets():
+    seg = np.zeros((4, 8), np.int32)
+    seg[0, :8] = 1  # 8 real
+    seg[1, :3] = 1  # 3
+    seg[2, :5] = 1  # 5
+    seg[3, :1] = 1  # 1
+    # One group of 32 positions, 17 real, buckets of 4: 20.
+    assert ts.logits_capacity(seg, groups=1, grad_accum=1, buckets=8) == 20
+    # Two groups (devices) of 16: the fuller holds 11 -> 12.
+    assert ts.logits_capacity(seg, groups=2, grad_accum=1, buckets=8) == 12
+    # Two micro-batches of one group each: max(11, 6) -> 12; the same shares as above.
+    assert ts.logits_capacity(seg, groups=1, grad_accum=2, buckets=8) == 12
+    # A full share needs every position: no compaction.
+    assert ts.logits_capacity(seg, groups=4, grad_accum=1, buckets=8) is None
+    assert ts.logits_capacity(seg, groups=1, grad_accum=1, buckets=0) is None
+    # Never below one bucket, even for a nearly empty batch.
+    assert ts.logits_capacity(seg[3:], groups=1, grad_accum=1, buckets=4) == 2
+
+
+@pytest.mark.parametrize("chunk", [0, 8])
+def test_padding_aware_logits_equal_every_position(teacher, chunk):
+    """The LM heads and logits losses on the real tokens only (capacity buckets) give the same
+    update and metrics as on every position: with gradient accumulation, the clm loss and
+    both the unchunked and the chunked logits path."""
+    tc, tp = teacher
+    sc, obj, params, mask = _setup(tc, tp, objective=dict(clm_weight=0.5, logits_chunk_tokens=chunk))
+    tx, sched = ts.make_optimizer(dict(learning_rate=1.0, adam_epsilon=1.0, max_grad_norm=1.0), 10, mask)
+    host = T.batch(T.ROWS_8)
+    step_cfg = ts.StepConfig(tc, sc, obj, grad_accum=2)
+    state = ts.create_train_state(T.to_numpy(params), tx, jax.random.PRNGKey(0))
+    p_all, m_all = ts.make_train_step(step_cfg, tx, sched)(state, tp, _jnp(host))
+    compiled = []
+    bucketed = ts.BucketedTrainStep(step_cfg, tx, sched, buckets=8, on_compile=compiled.append)
+    assert bucketed.capacity(host) == 48  # 4 rows x 16 = 64 positions per micro-batch, <= 47 real
+    state = ts.create_train_state(T.to_numpy(params), tx, jax.random.PRNGKey(0))
+    p_real, m_real = bucketed(state, tp, host)
+    assert compiled == [48]
+    assert T.max_abs_diff(T.to_numpy(p_all.params), T.to_numpy(p_real.params)) < STATE_TOL
+    assert T.max_abs_diff(T.to_numpy(p_all.params), T.to_numpy(params)) > 1e-2
+    for k in m_all:
+        a, b = float(m_all[k]), float(m_real[k])
+        assert abs(a - b) < LOSS_TOL * max(1.0, abs(a)), (k, a, b)
+    # A batch of full rows needs every position: the one step without compaction.
+    full = T.batch([[T.SEQ]] * 8)
+    bucketed(p_real, tp, full)
+    assert compiled == [48, None]
 
 
 # ----------------------------------------------------------------------------- eval

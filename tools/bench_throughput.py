@@ -103,6 +103,7 @@ class BenchConfig:
     seed: int = 0
     logits_chunk_tokens: Optional[int] = None  # distil_jax only; None = its automatic choice
     jax_dropout: bool = False  # distil_jax only; StepConfig.dropout (its default: off)
+    logits_buckets: int = 8  # distil_jax only; train.logits_buckets (0: LM heads on every position)
     torch_dropout: bool = True  # baseline only; False zeroes the student's dropout (investigation)
     host_sync: bool = False  # read the loss on the host after every timed step (a lever measurement)
     peak_tflops: Optional[float] = None
@@ -287,8 +288,10 @@ def run_jax(cfg: BenchConfig) -> dict:
     teacher_params = ts.replicate(teacher_params, mesh)
     del params, sparams
     host = make_batch(cfg)
-    batch = ts.shard_batch({"input_ids": host["input_ids"], "segment_ids": host["segment_ids"]}, mesh)
-    step = ts.make_train_step(sc, tx, sched, mesh)
+    # The library's padding-aware step: the batch's logits bucket picks the compiled variant.
+    bucketed = ts.BucketedTrainStep(sc, tx, sched, mesh, buckets=cfg.logits_buckets)
+    logits_capacity = bucketed.capacity(host)
+    step, batch = bucketed.step_for({"input_ids": host["input_ids"], "segment_ids": host["segment_ids"]})
     jax.block_until_ready((state, teacher_params, batch))
     setup_s = time.perf_counter() - t_setup
     rss_setup = _rss_bytes()
@@ -329,7 +332,8 @@ def run_jax(cfg: BenchConfig) -> dict:
         remat=cfg.remat, layout=cfg.layout, setup_s=setup_s, compile_s=compile_s, warmup_s=warmup_s,
         peak_memory_bytes=peak_mem, peak_memory_kind=mem_kind, rss_after_setup_bytes=rss_setup,
         loss_first=first_loss, loss_last=last_loss, load_avg_start=load_start,
-        student_dropout=cfg.jax_dropout, logits_chunk_tokens=obj.chunk_tokens(cfg.batch, cfg.seq_len, tc.vocab_size),
+        student_dropout=cfg.jax_dropout, logits_buckets=cfg.logits_buckets, logits_capacity=logits_capacity,
+        logits_chunk_tokens=obj.chunk_tokens(cfg.batch, cfg.seq_len, tc.vocab_size),
         versions=dict(jax=jax.__version__),
     )
     return _summarize(cfg, host, window_times, extra, on_gpu)
@@ -503,6 +507,9 @@ def parse_args(argv=None) -> tuple[BenchConfig, list, Optional[str], bool]:
     p.add_argument("--logits-chunk-tokens", type=int, default=None,
                    help="distil_jax's objective.logits_chunk_tokens (default: automatic; 0: never chunk)")
     p.add_argument("--jax-dropout", action="store_true", help="distil_jax StepConfig.dropout (default off)")
+    p.add_argument("--logits-buckets", type=int, default=8,
+                   help="distil_jax's train.logits_buckets: LM heads and logits losses on the real tokens "
+                        "rounded up to 1/N of the batch (default 8, the library's; 0: every position)")
     p.add_argument("--no-torch-dropout", action="store_true",
                    help="baseline student without dropout (Distily trains with it; for comparisons only)")
     p.add_argument("--host-sync", action="store_true",
@@ -521,7 +528,7 @@ def parse_args(argv=None) -> tuple[BenchConfig, list, Optional[str], bool]:
                           steps=a.steps, warmup_steps=a.warmup_steps, windows=a.windows, layout=a.layout,
                           pad_fraction=a.pad_fraction, docs_per_row=a.docs_per_row, dtype=a.dtype,
                           remat=a.remat, seed=a.seed, logits_chunk_tokens=a.logits_chunk_tokens,
-                          jax_dropout=a.jax_dropout, torch_dropout=not a.no_torch_dropout, host_sync=a.host_sync, peak_tflops=a.peak_tflops)
+                          jax_dropout=a.jax_dropout, logits_buckets=a.logits_buckets, torch_dropout=not a.no_torch_dropout, host_sync=a.host_sync, peak_tflops=a.peak_tflops)
     return cfg, sides, a.json, bool(a.child_config) or a.no_isolate
 
 

@@ -81,6 +81,28 @@ def next_token_targets(input_ids: Array, segment_ids: Array) -> tuple[Array, Arr
     return labels, valid
 
 
+def real_token_positions(mask: Array, groups: int, capacity: int) -> Array:
+    """Where the real tokens are, for the logits losses to skip padding.
+
+    mask: [B, S] bool (True = real token). The B·S positions are split into `groups` equal
+    contiguous groups (one per data-parallel device, so that the gather stays on its device) and
+    each group's real positions are listed in order: [groups, capacity] int32 offsets into the
+    group's B·S/groups positions, -1 after the last one. The caller guarantees that no group has
+    more than `capacity` real tokens (`train_step.logits_capacity` picks it from the batch).
+    """
+    return jax.vmap(lambda m: jnp.nonzero(m, size=capacity, fill_value=-1)[0].astype(jnp.int32))(
+        mask.reshape(groups, -1))
+
+
+def gather_positions(x: Array, positions: Array) -> Array:
+    """x [B, S, ...] -> [G·C, ...]: the entries at `positions` ([G, C] from
+    `real_token_positions`), flattened; the -1 fill gathers position 0 (the caller masks it)."""
+    G = positions.shape[0]
+    grouped = x.reshape((G, -1) + x.shape[2:])
+    picked = jax.vmap(lambda g, i: g[i])(grouped, jnp.maximum(positions, 0))
+    return picked.reshape((-1,) + x.shape[2:])
+
+
 def _check_heads(student: GPT2Config, teacher: GPT2Config) -> None:
     if student.n_head != teacher.n_head:
         raise ValueError(
@@ -191,13 +213,18 @@ class Objective:
         input_ids: Array,
         student_head: Optional[Array] = None,
         teacher_head: Optional[Array] = None,
+        logits_positions: Optional[Array] = None,
     ) -> tuple[Array, dict]:
         """The total loss and its components (float32 scalars).
 
         student_out / teacher_out: the models' outputs (teacher's already stop_gradient'ed).
         segment_ids: [B, S] (0 = padding); input_ids: [B, S] (labels for the clm loss).
-        student_head / teacher_head: [D, V] LM head matrices, needed when the logits losses run
-          chunked (then the outputs carry last_hidden_state instead of logits).
+        student_head / teacher_head: [D, V] LM head matrices, needed when the outputs carry no
+          logits (chunked logits losses, or `logits_positions`): the objective then applies the
+          heads to `last_hidden_state` itself.
+        logits_positions: [G, C] from `real_token_positions`: apply the LM heads and the logits
+          losses to these (real) tokens only. Padding never counts in a loss, so this changes
+          nothing but the work: no LM head or softmax over the vocabulary on padding.
         """
         if self.n_student is None:
             raise ValueError("call Objective.bind(student_config, teacher_config) before computing the loss")
@@ -206,7 +233,8 @@ class Objective:
         total = jnp.zeros((), jnp.float32)
         if self.logits.active or self.clm_weight:
             logit_loss, clm_loss = self._logits_losses(
-                student_out, teacher_out, segment_ids, input_ids, student_head, teacher_head)
+                student_out, teacher_out, segment_ids, input_ids, student_head, teacher_head,
+                logits_positions)
             if self.logits.active:
                 parts["loss/logits"] = logit_loss
                 total += self.logits.weight * logit_loss
@@ -249,7 +277,8 @@ class Objective:
             losses.append(loss_fn(s, t, mask))
         return sum(losses) / len(losses)
 
-    def _logits_losses(self, student_out, teacher_out, segment_ids, input_ids, s_head, t_head):
+    def _logits_losses(self, student_out, teacher_out, segment_ids, input_ids, s_head, t_head,
+                       positions=None):
         """(distillation loss on logits, hard next-token loss), each a mean over real tokens."""
         B, S = segment_ids.shape
         mask = segment_ids > 0
@@ -257,28 +286,43 @@ class Objective:
         if student_out.logits is not None:
             t_logits = teacher_out.logits if teacher_out is not None else None
             return self._logits_chunk(student_out.logits, t_logits, mask, labels, label_ok, mean=True)
-        # Chunked over tokens: logits of neither model are ever held in full.
+        # The objective applies the LM heads to the final hidden states itself.
         hs = student_out.last_hidden_state
         # Without a teacher (clm only) the teacher slot carries the student's states, unused.
         ht = teacher_out.last_hidden_state if teacher_out is not None else hs
-        n = B * S
-        c = min(self.chunk_tokens(B, S, s_head.shape[1]) or n, n)
-        pad = (-n) % c
-        flat = lambda x: jnp.pad(x.reshape((n,) + x.shape[2:]), [(0, pad)] + [(0, 0)] * (x.ndim - 2))  # noqa
-        xs = tuple(a.reshape((-1, c) + a.shape[1:]) for a in
-                   (flat(hs), flat(ht), flat(mask), flat(labels), flat(label_ok)))
+        n_tokens, n_labels = mask.sum(), label_ok.sum()  # before any compaction
+        tokens = (hs, ht, mask, labels, label_ok)
+        if positions is not None:  # only the real tokens (the fill entries are masked out)
+            tokens = tuple(gather_positions(x, positions) for x in tokens)
+            filled = (positions >= 0).reshape(-1)
+            tokens = tokens[:2] + (tokens[2] & filled, tokens[3], tokens[4] & filled)
+        else:
+            tokens = tuple(x.reshape((B * S,) + x.shape[2:]) for x in tokens)
+        n = tokens[0].shape[0]
+        c = self.chunk_tokens(B, S, s_head.shape[1])
 
-        @jax.checkpoint
-        def chunk(carry, x):
-            h_s, h_t, m, lab, lab_ok = x
+        def losses(h_s, h_t, m, lab, lab_ok):
             t_logits = h_t @ t_head.astype(h_t.dtype) if t_head is not None else None
-            ls, lc = self._logits_chunk(h_s @ s_head.astype(h_s.dtype), t_logits, m, lab, lab_ok,
-                                        mean=False)
-            return (carry[0] + ls, carry[1] + lc), None
+            return self._logits_chunk(h_s @ s_head.astype(h_s.dtype), t_logits, m, lab, lab_ok,
+                                      mean=False)
 
-        zero = jnp.zeros((), jnp.float32)
-        (ls, lc), _ = jax.lax.scan(chunk, (zero, zero), xs)
-        return ls / jnp.maximum(mask.sum(), 1), lc / jnp.maximum(label_ok.sum(), 1)
+        if not c or c >= n:
+            ls, lc = losses(*tokens)
+        else:
+            # Chunked over tokens: logits of neither model are ever held in full; each chunk's
+            # are recomputed in the backward pass.
+            pad = (-n) % c
+            xs = tuple(jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape((-1, c) + x.shape[1:])
+                       for x in tokens)
+
+            @jax.checkpoint
+            def chunk(carry, x):
+                ls, lc = losses(*x)
+                return (carry[0] + ls, carry[1] + lc), None
+
+            zero = jnp.zeros((), jnp.float32)
+            (ls, lc), _ = jax.lax.scan(chunk, (zero, zero), xs)
+        return ls / jnp.maximum(n_tokens, 1), lc / jnp.maximum(n_labels, 1)
 
     def _logits_chunk(self, s_logits, t_logits, mask, labels, label_ok, mean: bool):
         """Logits losses on one chunk [..., V]: means (mean=True) or sums over its tokens."""
