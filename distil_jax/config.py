@@ -82,6 +82,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Padding-aware logits: LM heads and logits losses run on the real tokens only, rounded up
     # to 1/N of each device's share of the batch (N compiled variants at most); 0 = off.
     c.train.logits_buckets = 8
+    # Attention of the layers whose maps no loss reads: "xla" (any backend) or "cudnn" (cuDNN
+    # flash attention; NVIDIA GPU and bfloat16 only; see docs/benchmarks.md).
+    c.train.attention = "xla"
     c.train.log_steps = 25
     c.train.save_steps = 500
     c.train.save_total_limit = 2  # checkpoints kept (the newest)
@@ -136,6 +139,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             raise ValueError(f"{name}={config[section][field]!r}: use 'float32' or 'bfloat16'")
     if config.train.batch_size <= 0 or config.train.grad_accum <= 0:
         raise ValueError("train.batch_size and train.grad_accum must be positive")
+    if config.train.attention not in ("xla", "cudnn"):
+        raise ValueError(f"train.attention={config.train.attention!r}: use 'xla' or 'cudnn'")
     if config.train.logits_buckets < 0:
         raise ValueError(f"train.logits_buckets={config.train.logits_buckets}: use 0 (off) or a "
                          "positive number of buckets (default 8)")

@@ -149,6 +149,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     metrics: {"step", "loss", ..., "eval": {evaluator: {"teacher", "student_start", "student_end"}}}."""
     t_start = time.time()
     config = validate(ml_collections.ConfigDict(config.to_dict()))
+    # Refuse an attention implementation this machine cannot run before any download or work.
+    gpt2.check_attention_impl(config.train.attention, DTYPES[config.train.dtype])
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     if config.demo_teacher.enabled:
@@ -204,7 +206,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     tx, schedule = make_optimizer(config.optimizer.to_dict(), total_steps, trainable)
     sc = StepConfig(teacher=teacher_cfg, student=student_cfg, objective=objective,
                     dtype=DTYPES[config.train.dtype], remat=config.train.remat,
-                    grad_accum=config.train.grad_accum, dropout=config.student.dropout)
+                    grad_accum=config.train.grad_accum, dropout=config.student.dropout,
+                    attention_impl=config.train.attention)
     mesh = make_mesh()
     state = replicate(create_train_state(params, tx, rng_state), mesh)
     teacher_params = replicate(teacher_params, mesh)

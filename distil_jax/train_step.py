@@ -119,6 +119,7 @@ class StepConfig:
     # number of data-parallel devices (a group per device). See `logits_capacity()`.
     logits_capacity: Optional[int] = None
     logits_groups: int = 1
+    attention_impl: str = "xla"  # fused attention of the unmapped layers: "xla" or "cudnn"
 
 
 def lm_head(config: GPT2Config, params: Mapping) -> Array:
@@ -139,7 +140,8 @@ def distill_loss(sc: StepConfig, trainable: Mapping, teacher_params: Mapping, ba
     compact = uses_logits and sc.logits_capacity is not None
     # The objective applies the LM heads itself when it chunks them or skips padding.
     own_heads = compact or bool(uses_logits and obj.chunk_tokens(B, S, sc.student.vocab_size))
-    common = dict(segment_ids=seg, dtype=sc.dtype, return_last_hidden=own_heads)
+    common = dict(segment_ids=seg, dtype=sc.dtype, return_last_hidden=own_heads,
+                  attention_impl=sc.attention_impl)
     needs_teacher = obj.logits.active or obj.hs.active or obj.attn.active
     t_out = None
     if needs_teacher:  # a clm-only objective (pretraining) runs no teacher at all

@@ -159,3 +159,46 @@ def test_init_statistics_follow_hf():
     assert abs(float(jnp.std(p["h"]["0"]["mlp"]["c_proj"]["kernel"])) - want) < 1e-3
     assert float(jnp.abs(p["h"]["0"]["mlp"]["c_fc"]["bias"]).max()) == 0.0
     assert float(jnp.min(p["ln_f"]["scale"])) == 1.0
+
+
+def test_cudnn_attention_contract(monkeypatch):
+    """No GPU here, so this checks distil_jax's side of the cuDNN path: the unmapped layers call
+    `jax.nn.dot_product_attention(implementation="cudnn", is_causal=True, mask=...)`, mapped
+    layers stay explicit, and those arguments mean the same attention as the default path
+    (run here through XLA's implementation of the same call), on packed rows with padding."""
+    model = tiny_hf_model(seed=5, n_layer=3)
+    config = hf.config_from_hf(model.config)
+    params = hf.hf_state_dict_to_params(config, {k: v.numpy() for k, v in model.state_dict().items()})
+    rng = np.random.RandomState(4)
+    ids = rng.randint(0, config.vocab_size, (2, 12))
+    seg = np.array([[1] * 5 + [2] * 4 + [0] * 3, [1] * 12])
+    real = jax.nn.dot_product_attention
+    calls = []
+
+    def cudnn_on_xla(q, k, v, bias=None, mask=None, *, implementation=None, **kw):
+        calls.append((implementation, kw.get("is_causal"), None if mask is None else mask.shape))
+        return real(q, k, v, bias, mask, implementation="xla", **kw)
+
+    default = gpt2.forward(config, params, ids, segment_ids=seg, output_attentions=(1,), dtype=jnp.bfloat16)
+    monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_on_xla)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    cudnn = gpt2.forward(config, params, ids, segment_ids=seg, output_attentions=(1,), dtype=jnp.bfloat16,
+                         attention_impl="cudnn")
+    assert calls == [("cudnn", True, (2, 1, 12, 12))] * 2  # layers 0 and 2; layer 1 is explicit
+    real_tokens = seg > 0
+    np.testing.assert_array_equal(np.asarray(cudnn.logits, np.float32)[real_tokens],
+                                  np.asarray(default.logits, np.float32)[real_tokens])
+    np.testing.assert_array_equal(np.asarray(cudnn.attentions[1]), np.asarray(default.attentions[1]))
+
+
+def test_attention_impl_errors(monkeypatch):
+    config = gpt2.GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+    params = gpt2.init_params(config, jax.random.PRNGKey(0))
+    ids = np.zeros((1, 4), np.int32)
+    with pytest.raises(ValueError, match=r"unknown attention implementation 'flash'; valid: xla, cudnn"):
+        gpt2.forward(config, params, ids, attention_impl="flash")
+    with pytest.raises(ValueError, match=r"needs an NVIDIA GPU, but jax runs on 'cpu'; use attention 'xla'"):
+        gpt2.forward(config, params, ids, attention_impl="cudnn", dtype=jnp.bfloat16)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.raises(ValueError, match=r"needs bfloat16 .* not float32; set the compute dtype to bfloat16"):
+        gpt2.forward(config, params, ids, attention_impl="cudnn")

@@ -170,6 +170,26 @@ def test_unknown_config_key_is_an_error():
         config_lib.validate(cfg)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("attention", "flash", r"train.attention='flash': use 'xla' or 'cudnn'"),
+    ("logits_buckets", -1, r"train.logits_buckets=-1: use 0 \(off\) or a positive number"),
+])
+def test_bad_train_values_are_errors(key, value, message):
+    cfg = config_lib.default_config()
+    cfg.train[key] = value
+    with pytest.raises(ValueError, match=message):
+        config_lib.validate(cfg)
+
+
+def test_cudnn_attention_on_cpu_is_refused_before_any_work(tmp_path):
+    cfg = tiny_config()
+    cfg.train.attention = "cudnn"
+    cfg.train.dtype = "bfloat16"
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU, but jax runs on 'cpu'"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_rejects_unknown_override(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "distil_jax.train", "--config", TINY, "--workdir", str(tmp_path),

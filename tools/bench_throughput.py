@@ -104,6 +104,7 @@ class BenchConfig:
     logits_chunk_tokens: Optional[int] = None  # distil_jax only; None = its automatic choice
     jax_dropout: bool = False  # distil_jax only; StepConfig.dropout (its default: off)
     logits_buckets: int = 8  # distil_jax only; train.logits_buckets (0: LM heads on every position)
+    attention: str = "xla"  # distil_jax only; train.attention ("xla" or "cudnn")
     torch_dropout: bool = True  # baseline only; False zeroes the student's dropout (investigation)
     host_sync: bool = False  # read the loss on the host after every timed step (a lever measurement)
     peak_tflops: Optional[float] = None
@@ -281,7 +282,9 @@ def run_jax(cfg: BenchConfig) -> dict:
     # The frozen teacher is kept in the compute dtype (it is never trained); the student keeps
     # float32 master weights and computes in `dtype`.
     teacher_params = jax.tree_util.tree_map(lambda x: x.astype(dtype), teacher_params)
-    sc = ts.StepConfig(tc, sconf, obj, dtype=dtype, remat=cfg.remat, dropout=cfg.jax_dropout)
+    sc = ts.StepConfig(tc, sconf, obj, dtype=dtype, remat=cfg.remat, dropout=cfg.jax_dropout,
+                       attention_impl=cfg.attention)
+    gpt2.check_attention_impl(sc.attention_impl, dtype)
 
     mesh = ts.make_mesh()
     state = ts.replicate(ts.create_train_state(params, tx, k_r), mesh)
@@ -332,7 +335,7 @@ def run_jax(cfg: BenchConfig) -> dict:
         remat=cfg.remat, layout=cfg.layout, setup_s=setup_s, compile_s=compile_s, warmup_s=warmup_s,
         peak_memory_bytes=peak_mem, peak_memory_kind=mem_kind, rss_after_setup_bytes=rss_setup,
         loss_first=first_loss, loss_last=last_loss, load_avg_start=load_start,
-        student_dropout=cfg.jax_dropout, logits_buckets=cfg.logits_buckets, logits_capacity=logits_capacity,
+        student_dropout=cfg.jax_dropout, attention=cfg.attention, logits_buckets=cfg.logits_buckets, logits_capacity=logits_capacity,
         logits_chunk_tokens=obj.chunk_tokens(cfg.batch, cfg.seq_len, tc.vocab_size),
         versions=dict(jax=jax.__version__),
     )
@@ -459,6 +462,8 @@ def format_table(result: dict) -> str:
     rows = [
         ("device", lambda r: r["device"]),
         ("dtype", lambda r: r["dtype"]),
+        ("attention / LM-head tokens", lambda r: (f"{r['attention']} / {r['logits_capacity'] or 'every position'}"
+                                                  if r["side"] == "jax" else "eager, all maps / every position")),
         ("step time median (s)", lambda r: f"{r['step_time_s_median']:.4f}"),
         ("step time min..max (s)", lambda r: f"{r['step_time_s_min']:.4f}..{r['step_time_s_max']:.4f}"),
         ("tokens/s (all positions)", lambda r: f"{r['tokens_per_s']:,.0f}"),
@@ -507,6 +512,9 @@ def parse_args(argv=None) -> tuple[BenchConfig, list, Optional[str], bool]:
     p.add_argument("--logits-chunk-tokens", type=int, default=None,
                    help="distil_jax's objective.logits_chunk_tokens (default: automatic; 0: never chunk)")
     p.add_argument("--jax-dropout", action="store_true", help="distil_jax StepConfig.dropout (default off)")
+    p.add_argument("--attention", default="xla", choices=["xla", "cudnn"],
+                   help="distil_jax's train.attention for the layers whose maps no loss reads "
+                        "(cudnn: NVIDIA GPU, bfloat16)")
     p.add_argument("--logits-buckets", type=int, default=8,
                    help="distil_jax's train.logits_buckets: LM heads and logits losses on the real tokens "
                         "rounded up to 1/N of the batch (default 8, the library's; 0: every position)")
@@ -528,7 +536,7 @@ def parse_args(argv=None) -> tuple[BenchConfig, list, Optional[str], bool]:
                           steps=a.steps, warmup_steps=a.warmup_steps, windows=a.windows, layout=a.layout,
                           pad_fraction=a.pad_fraction, docs_per_row=a.docs_per_row, dtype=a.dtype,
                           remat=a.remat, seed=a.seed, logits_chunk_tokens=a.logits_chunk_tokens,
-                          jax_dropout=a.jax_dropout, logits_buckets=a.logits_buckets, torch_dropout=not a.no_torch_dropout, host_sync=a.host_sync, peak_tflops=a.peak_tflops)
+                          jax_dropout=a.jax_dropout, attention=a.attention, logits_buckets=a.logits_buckets, torch_dropout=not a.no_torch_dropout, host_sync=a.host_sync, peak_tflops=a.peak_tflops)
     return cfg, sides, a.json, bool(a.child_config) or a.no_isolate
 
 

@@ -143,6 +143,7 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
     materialize: bool = False  # return post-softmax probabilities (explicit path)
     deterministic: bool = True
+    attention_impl: str = "xla"  # the fused path: "xla" or "cudnn" (see `forward`)
 
     @nn.compact
     def __call__(self, x: Array, mask: Array) -> tuple[Array, Optional[Array]]:
@@ -174,6 +175,12 @@ class Attention(nn.Module):
             out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v)
             if not self.materialize:
                 probs = None
+        elif self.attention_impl == "cudnn":
+            # cuDNN flash attention: is_causal lets it skip the blocks above the diagonal; the
+            # mask (documents, padding) becomes an additive bias [B, 1, S, S]. No [B, H, S, S]
+            # probabilities are written in either pass.
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
+                                               implementation="cudnn")
         else:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
         out = out.reshape(B, S, D)
@@ -210,6 +217,7 @@ class Block(nn.Module):
     dtype: Any = jnp.float32
     materialize: bool = False
     deterministic: bool = True
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: Array, mask: Array) -> tuple[Array, Optional[Array]]:
@@ -217,7 +225,8 @@ class Block(nn.Module):
         cfg = self.config
         h = _layer_norm(cfg, "ln_1")(x).astype(self.dtype)
         a, probs = Attention(
-            cfg, self.layer_idx, self.dtype, self.materialize, self.deterministic, name="attn"
+            cfg, self.layer_idx, self.dtype, self.materialize, self.deterministic,
+            self.attention_impl, name="attn",
         )(h, mask)
         x = x + a
         h = _layer_norm(cfg, "ln_2")(x).astype(self.dtype)
@@ -234,6 +243,7 @@ class Blocks(nn.Module):
     output_hidden_states: bool = False
     remat: bool = False
     deterministic: bool = True
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: Array, mask: Array):
@@ -244,7 +254,7 @@ class Blocks(nn.Module):
                 hidden.append(x)
             x, probs = block_cls(
                 self.config, i, self.dtype, i in self.attention_layers, self.deterministic,
-                name=str(i),
+                self.attention_impl, name=str(i),
             )(x, mask)
             if probs is not None:
                 attentions[i] = probs
@@ -261,6 +271,7 @@ class GPT2LMHeadModel(nn.Module):
     return_last_hidden: bool = False
     remat: bool = False
     deterministic: bool = True
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, input_ids: Array, mask: Array, positions: Array) -> GPT2Output:
@@ -272,7 +283,7 @@ class GPT2LMHeadModel(nn.Module):
         x = nn.Dropout(cfg.embd_pdrop)(x, deterministic=self.deterministic).astype(self.dtype)
         x, hidden, attentions = Blocks(
             cfg, self.dtype, self.attention_layers, self.output_hidden_states, self.remat,
-            self.deterministic, name="h",
+            self.deterministic, self.attention_impl, name="h",
         )(x, mask)
         x = _layer_norm(cfg, "ln_f")(x).astype(self.dtype)
         hidden_states = tuple(hidden) + (x,) if self.output_hidden_states else None
@@ -330,6 +341,25 @@ def attention_mask_4d(
     return mask
 
 
+ATTENTION_IMPLS = ("xla", "cudnn")
+
+
+def check_attention_impl(attention_impl: str, dtype: Any) -> None:
+    """ValueError naming the fix when `attention_impl` cannot run here (checked before tracing,
+    so the user gets this line rather than a lowering error)."""
+    if attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention implementation {attention_impl!r}; valid: "
+                         f"{', '.join(ATTENTION_IMPLS)}")
+    if attention_impl == "cudnn":
+        if jax.default_backend() != "gpu":
+            raise ValueError(f"attention 'cudnn' (cuDNN flash attention) needs an NVIDIA GPU, but "
+                             f"jax runs on {jax.default_backend()!r}; use attention 'xla'")
+        if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            raise ValueError(f"attention 'cudnn' needs bfloat16 (or float16) compute, not "
+                             f"{jnp.dtype(dtype).name}; set the compute dtype to bfloat16 or use "
+                             f"attention 'xla'")
+
+
 def forward(
     config: GPT2Config,
     params: Mapping,
@@ -345,6 +375,7 @@ def forward(
     dtype: Any = jnp.float32,
     remat: bool = False,
     return_last_hidden: bool = False,
+    attention_impl: str = "xla",
 ) -> GPT2Output:
     """Run GPT-2.
 
@@ -363,7 +394,12 @@ def forward(
       dtype: compute dtype (float32 or bfloat16); LayerNorm and softmax always run in float32.
       remat: rematerialize each block in the backward pass (gradient checkpointing).
       return_last_hidden: skip the LM head and return `last_hidden_state` only (logits None).
+      attention_impl: the layers that return no probabilities: "xla" (XLA's attention, any
+        backend) or "cudnn" (cuDNN flash attention: NVIDIA GPU, bfloat16 or float16 compute).
+        Layers in `output_attentions`, and every layer when attention dropout is on, compute
+        the probabilities explicitly either way.
     """
+    check_attention_impl(attention_impl, dtype)
     B, S = input_ids.shape
     if S > config.n_positions:
         raise ValueError(
@@ -384,6 +420,7 @@ def forward(
         return_last_hidden=return_last_hidden,
         remat=remat,
         deterministic=deterministic,
+        attention_impl=attention_impl,
     )
     rngs = None if deterministic else {"dropout": dropout_rng}
     if not deterministic and dropout_rng is None:
