@@ -139,7 +139,8 @@ def distill_loss(sc: StepConfig, trainable: Mapping, teacher_params: Mapping, ba
     uses_logits = bool(obj.logits.active or obj.clm_weight)
     compact = uses_logits and sc.logits_capacity is not None
     # The objective applies the LM heads itself when it chunks them or skips padding.
-    own_heads = compact or bool(uses_logits and obj.chunk_tokens(B, S, sc.student.vocab_size))
+    rows_per_device = max(B // sc.logits_groups, 1)
+    own_heads = compact or bool(uses_logits and obj.chunk_tokens(rows_per_device, S, sc.student.vocab_size))
     common = dict(segment_ids=seg, dtype=sc.dtype, return_last_hidden=own_heads,
                   attention_impl=sc.attention_impl)
     needs_teacher = obj.logits.active or obj.hs.active or obj.attn.active

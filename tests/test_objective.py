@@ -13,6 +13,7 @@ import scipy.linalg
 
 from distil_jax import train_step as ts
 from distil_jax.models import gpt2
+from distil_jax.objectives import objective as objective_lib
 from distil_jax.objectives.objective import Objective
 from tests import tiny_setup as T
 
@@ -233,3 +234,22 @@ def test_head_count_mismatch_with_attn_is_an_error(setup):
     # Without the attn component the head counts may differ.
     obj = Objective.from_config(dict(logits=dict(weight=1.0, loss_fn="kl"))).bind(sc, tc)
     assert obj.init_params(jax.random.PRNGKey(0), sc, tc, T.SEQ) == {}
+
+
+def test_automatic_chunking_follows_device_memory(monkeypatch):
+    """logits_chunk_tokens None: chunk only when the unchunked float32 logits arrays (16 bytes per
+    logit) would take more than a quarter of the device's memory."""
+    obj = Objective.from_config({})
+    assert obj.logits_chunk_tokens is None
+    B, S, V = 8, 1024, 50257  # the reference micro-batch: 412 M logits, 6.6 GB unchunked
+    monkeypatch.setattr(objective_lib, "device_memory_bytes", lambda: 141 * 10**9)  # an H200
+    assert obj.chunk_tokens(B, S, V) == 0
+    monkeypatch.setattr(objective_lib, "device_memory_bytes", lambda: 16 * 10**9)  # a 16 GB GPU
+    assert obj.chunk_tokens(B, S, V) == objective_lib.DEFAULT_CHUNK_TOKENS
+    assert obj.chunk_tokens(1, S, V) == 0  # 0.8 GB
+    # An explicit setting wins either way.
+    assert Objective.from_config({"logits_chunk_tokens": 0}).chunk_tokens(B, S, V) == 0
+    assert Objective.from_config({"logits_chunk_tokens": 512}).chunk_tokens(1, 8, 11) == 512
+    # The real query: a positive number of bytes on this machine.
+    monkeypatch.undo()
+    assert objective_lib.device_memory_bytes() > 2**30

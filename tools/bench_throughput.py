@@ -336,7 +336,7 @@ def run_jax(cfg: BenchConfig) -> dict:
         peak_memory_bytes=peak_mem, peak_memory_kind=mem_kind, rss_after_setup_bytes=rss_setup,
         loss_first=first_loss, loss_last=last_loss, load_avg_start=load_start,
         student_dropout=cfg.jax_dropout, attention=cfg.attention, logits_buckets=cfg.logits_buckets, logits_capacity=logits_capacity,
-        logits_chunk_tokens=obj.chunk_tokens(cfg.batch, cfg.seq_len, tc.vocab_size),
+        logits_chunk_tokens=obj.chunk_tokens(cfg.batch // mesh.devices.size, cfg.seq_len, tc.vocab_size),
         versions=dict(jax=jax.__version__),
     )
     return _summarize(cfg, host, window_times, extra, on_gpu)

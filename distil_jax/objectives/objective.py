@@ -13,6 +13,7 @@ and norms) are an ordinary pytree that lives next to the student's parameters.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Mapping, Optional
 
 import jax
@@ -28,9 +29,23 @@ Array = jax.Array
 
 # Losses whose inputs are logits over the vocabulary (temperature applies to these).
 _DISTRIBUTION_LOSSES = ("kl", "reverse_kl", "cakld", "jsd", "ce", "soft_mse")
-# Above this many logits (B·S·V) per model, the logits losses run chunked by default.
-AUTO_CHUNK_THRESHOLD = 1 << 26
+# By default the logits losses run chunked only when their full-size float32 arrays would take
+# more than this share of the device's memory: chunking recomputes both LM heads in the backward
+# pass (+27 % step time on a CPU at 4 x 256), so it is for memory that would not fit otherwise.
+AUTO_CHUNK_MEMORY_SHARE = 0.25
+# float32 bytes per logit (B·S·V entries) held at once unchunked: both models' logits, the
+# student's gradient and one softmax residual.
+BYTES_PER_LOGIT = 16
 DEFAULT_CHUNK_TOKENS = 2048
+
+
+def device_memory_bytes() -> int:
+    """Memory of the first local device: the allocator's limit on an accelerator, the physical
+    RAM on a CPU."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,10 +193,13 @@ class Objective:
         }
 
     def chunk_tokens(self, batch: int, seq: int, vocab: int) -> int:
-        """Tokens per chunk for the logits losses, 0 for unchunked."""
+        """Tokens per chunk for the logits losses, 0 for unchunked. batch: rows per device.
+        Automatic (logits_chunk_tokens None): chunked when the unchunked logits arrays would
+        take more than AUTO_CHUNK_MEMORY_SHARE of the device's memory."""
         if self.logits_chunk_tokens is not None:
             return int(self.logits_chunk_tokens)
-        return DEFAULT_CHUNK_TOKENS if batch * seq * vocab > AUTO_CHUNK_THRESHOLD else 0
+        need = BYTES_PER_LOGIT * batch * seq * vocab
+        return DEFAULT_CHUNK_TOKENS if need > AUTO_CHUNK_MEMORY_SHARE * device_memory_bytes() else 0
 
     # ------------------------------------------------------------------ parameters
 
@@ -299,7 +317,8 @@ class Objective:
         else:
             tokens = tuple(x.reshape((B * S,) + x.shape[2:]) for x in tokens)
         n = tokens[0].shape[0]
-        c = self.chunk_tokens(B, S, s_head.shape[1])
+        groups = positions.shape[0] if positions is not None else 1  # one per device
+        c = self.chunk_tokens(max(B // groups, 1), S, s_head.shape[1])
 
         def losses(h_s, h_t, m, lab, lab_ok):
             t_logits = h_t @ t_head.astype(h_t.dtype) if t_head is not None else None
