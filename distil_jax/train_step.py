@@ -5,6 +5,10 @@ once with `state` donated. The teacher's parameters are a separate, non-donated 
 in the optimizer, never in the checkpoint, run under `stop_gradient`. The trainable tree is
 `{"student": ..., "objective": ...}` (projector and norm parameters train with the student).
 
+`BucketedTrainStep` wraps it for the training loop: it takes host batches and runs the step
+compiled for the batch's padding-aware logits capacity (`logits_capacity`), so the LM heads and
+logits losses skip padding.
+
 Data parallel: batches are sharded over the `data` axis of a `Mesh` of all devices and the
 parameters replicated; XLA inserts the gradient all-reduce. One code path for 1..N devices.
 """
