@@ -211,10 +211,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     mesh = make_mesh()
     state = replicate(create_train_state(params, tx, rng_state), mesh)
     teacher_params = replicate(teacher_params, mesh)
-    compiles = []  # (capacity, seconds): compilations after the first step, kept out of tokens/s
+    compiles = []  # start times of the step's compilations (a new logits bucket's: not training time)
 
     def on_compile(capacity):
-        compiles.append([capacity, time.time()])
+        # Let the queued steps finish first, so the compilation is timed alone.
+        jax.block_until_ready(state)
+        compiles.append(time.time())
         if capacity is not None:
             log.info("compiling the step for batches with at most %d real tokens per device share "
                      "(train.logits_buckets=%d: the LM heads skip padding)", capacity,
@@ -294,7 +296,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         state, metrics = step_fn(state, teacher_params, next(batches))
         step += 1
         if len(compiles) > n_compiles and step > start + 1:
-            t_log += time.time() - compiles[-1][1]  # a new bucket's compilation is not training time
+            t_log += time.time() - compiles[-1]  # a new bucket's compilation is not training time
         if step == start + 1:
             untimed = [jax.device_get(metrics)]
             log.info("first step (compilation included): %.1f s", time.time() - t_log)
