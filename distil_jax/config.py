@@ -79,8 +79,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.seed = 42
     c.train.dtype = "bfloat16"  # compute dtype; master weights and optimizer state are float32
     c.train.remat = True  # gradient checkpointing of the student's blocks
-    # Padding-aware logits: LM heads and logits losses run on the real tokens only, rounded up
-    # to 1/N of each device's share of the batch (N compiled variants at most); 0 = off.
+    # Padding-aware logits (dataset.layout = "pad"): LM heads and logits losses run on the real
+    # tokens only, rounded up to 1/N of each device's share of the batch (at most N compiled
+    # variants of the step); 0 = off.
     c.train.logits_buckets = 8
     # Attention of the layers whose maps no loss reads: "xla" (any backend) or "cudnn" (cuDNN
     # flash attention; NVIDIA GPU and bfloat16 only; see docs/benchmarks.md).

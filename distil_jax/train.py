@@ -222,8 +222,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                      "(train.logits_buckets=%d: the LM heads skip padding)", capacity,
                      config.train.logits_buckets)
 
-    step_fn = BucketedTrainStep(sc, tx, schedule, mesh, buckets=config.train.logits_buckets,
-                                on_compile=on_compile)
+    # Packed rows are all real tokens but for the run's last, partial batch: compiling a second
+    # step for that one batch would cost more than it saves, so buckets are for padded rows.
+    buckets = config.train.logits_buckets if config.dataset.layout == "pad" else 0
+    step_fn = BucketedTrainStep(sc, tx, schedule, mesh, buckets=buckets, on_compile=on_compile)
     eval_student = make_eval_step(student_cfg, sc.dtype)
     eval_teacher = make_eval_step(teacher_cfg, sc.dtype)
 
