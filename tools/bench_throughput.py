@@ -251,7 +251,6 @@ def run_jax(cfg: BenchConfig) -> dict:
     cfg = cfg.resolved()
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from distil_jax import student as student_lib
     from distil_jax import train_step as ts

@@ -312,8 +312,8 @@ class Objective:
         tokens = (hs, ht, mask, labels, label_ok)
         if positions is not None:  # only the real tokens (the fill entries are masked out)
             tokens = tuple(gather_positions(x, positions) for x in tokens)
-            filled = (positions >= 0).reshape(-1)
-            tokens = tokens[:2] + (tokens[2] & filled, tokens[3], tokens[4] & filled)
+            listed = (positions >= 0).reshape(-1)  # False on the -1 fill
+            tokens = tokens[:2] + (tokens[2] & listed, tokens[3], tokens[4] & listed)
         else:
             tokens = tuple(x.reshape((B * S,) + x.shape[2:]) for x in tokens)
         n = tokens[0].shape[0]
