@@ -170,3 +170,14 @@ def test_baseline_optimizer_step_matches_distil_jax():
     state, _ = ts.make_train_step(sc, tx, sched)(state, teacher_params, batch)
     j_after, _ = ts.distill_loss(sc, state.params, teacher_params, batch, None)
     assert abs(float(t_after.detach()) - float(j_after)) < 1e-4
+
+
+def test_profile_steps_writes_a_trace_and_top_ops(tmp_path):
+    step = jax.jit(lambda x: jnp.tanh(x @ x.T) @ x)
+    out = bt.profile_steps(step, jnp.ones((64, 64)), str(tmp_path / "prof"), steps=2)
+    assert out == tmp_path / "prof" / "top_ops.txt"
+    assert list((tmp_path / "prof").glob("**/*.trace.json.gz"))
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("jax.profiler trace of 2 steps")
+    assert len(lines) > 2  # at least one timed event
+    assert float(lines[2].split()[0]) >= 0.0

@@ -105,6 +105,7 @@ class BenchConfig:
     jax_dropout: bool = False  # distil_jax only; StepConfig.dropout (its default: off)
     logits_buckets: int = 8  # distil_jax only; train.logits_buckets (0: LM heads on every position)
     attention: str = "xla"  # distil_jax only; train.attention ("xla" or "cudnn")
+    jax_profile: Optional[str] = None  # distil_jax only: trace 2 extra steps into this folder
     torch_dropout: bool = True  # baseline only; False zeroes the student's dropout (investigation)
     host_sync: bool = False  # read the loss on the host after every timed step (a lever measurement)
     peak_tflops: Optional[float] = None
@@ -322,6 +323,13 @@ def run_jax(cfg: BenchConfig) -> dict:
         jax.block_until_ready((state, metrics))  # the only sync of the window
         window_times.append((time.perf_counter() - t0) / n)
     last_loss = float(metrics["loss"])
+    profile = None
+    if cfg.jax_profile:  # after the timed windows, so the trace costs them nothing
+        try:
+            profile = str(profile_steps(lambda s: compiled(s, teacher_params, batch)[0], state, cfg.jax_profile))
+        except Exception as e:  # a profiler that cannot start (no CUPTI, ...) must not lose the timings
+            profile = f"failed: {type(e).__name__}: {e}"
+            print(f"warning: --jax-profile {profile}", file=sys.stderr)
 
     dev = jax.devices()[0]
     stats = dev.memory_stats() if on_gpu else None
@@ -334,11 +342,50 @@ def run_jax(cfg: BenchConfig) -> dict:
         remat=cfg.remat, layout=cfg.layout, setup_s=setup_s, compile_s=compile_s, warmup_s=warmup_s,
         peak_memory_bytes=peak_mem, peak_memory_kind=mem_kind, rss_after_setup_bytes=rss_setup,
         loss_first=first_loss, loss_last=last_loss, load_avg_start=load_start,
-        student_dropout=cfg.jax_dropout, attention=cfg.attention, logits_buckets=cfg.logits_buckets, logits_capacity=logits_capacity,
+        student_dropout=cfg.jax_dropout, attention=cfg.attention, profile=profile, logits_buckets=cfg.logits_buckets, logits_capacity=logits_capacity,
         logits_chunk_tokens=obj.chunk_tokens(cfg.batch // mesh.devices.size, cfg.seq_len, tc.vocab_size),
         versions=dict(jax=jax.__version__),
     )
     return _summarize(cfg, host, window_times, extra, on_gpu)
+
+
+def profile_steps(step, state, folder: str, steps: int = 2, top: int = 40) -> Path:
+    """Trace `steps` calls of `state = step(state)` with jax.profiler into `folder` (a Perfetto
+    trace, `*.trace.json.gz`, for ui.perfetto.dev) and write `folder/top_ops.txt`: the events with
+    the most total time (device kernels on a GPU, XLA thunks on a CPU), so the trace can be read
+    without a viewer. Returns the path of top_ops.txt."""
+    import gzip
+
+    import jax
+
+    folder = Path(folder)
+    jax.profiler.start_trace(str(folder), create_perfetto_trace=True)
+    try:
+        for _ in range(steps):
+            state = step(state)
+        jax.block_until_ready(state)
+    finally:
+        jax.profiler.stop_trace()
+    traces = sorted(folder.glob("**/*.trace.json.gz"), key=lambda f: f.stat().st_mtime)
+    if not traces:
+        raise RuntimeError(f"jax.profiler wrote no *.trace.json.gz under {folder}")
+    events = json.load(gzip.open(traces[-1]))["traceEvents"]
+    processes = {e["pid"]: e["args"].get("name", "") for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"}
+    total, count = {}, {}
+    for e in events:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        key = (processes.get(e.get("pid"), str(e.get("pid"))), e["name"])
+        total[key] = total.get(key, 0.0) + e["dur"]
+        count[key] = count.get(key, 0) + 1
+    lines = [f"jax.profiler trace of {steps} steps: {traces[-1].name}",
+             f"{'total ms':>10} {'calls':>6}  process | event"]
+    for key in sorted(total, key=total.get, reverse=True)[:top]:
+        lines.append(f"{total[key] / 1e3:>10.1f} {count[key]:>6}  {key[0][:40]} | {key[1][:120]}")
+    out = folder / "top_ops.txt"
+    out.write_text("\n".join(lines) + "\n")
+    return out
 
 
 def _window_sizes(cfg: BenchConfig) -> list[int]:
@@ -514,6 +561,9 @@ def parse_args(argv=None) -> tuple[BenchConfig, list, Optional[str], bool]:
     p.add_argument("--attention", default="xla", choices=["xla", "cudnn"],
                    help="distil_jax's train.attention for the layers whose maps no loss reads "
                         "(cudnn: NVIDIA GPU, bfloat16)")
+    p.add_argument("--jax-profile", default=None, metavar="DIR",
+                   help="after timing, trace 2 distil_jax steps with jax.profiler into DIR (Perfetto trace "
+                        "and DIR/top_ops.txt, the events with the most time)")
     p.add_argument("--logits-buckets", type=int, default=8,
                    help="distil_jax's train.logits_buckets: LM heads and logits losses on the real tokens "
                         "rounded up to 1/N of the batch (default 8, the library's; 0: every position)")
@@ -535,7 +585,10 @@ def parse_args(argv=None) -> tuple[BenchConfig, list, Optional[str], bool]:
                           steps=a.steps, warmup_steps=a.warmup_steps, windows=a.windows, layout=a.layout,
                           pad_fraction=a.pad_fraction, docs_per_row=a.docs_per_row, dtype=a.dtype,
                           remat=a.remat, seed=a.seed, logits_chunk_tokens=a.logits_chunk_tokens,
-                          jax_dropout=a.jax_dropout, attention=a.attention, logits_buckets=a.logits_buckets, torch_dropout=not a.no_torch_dropout, host_sync=a.host_sync, peak_tflops=a.peak_tflops)
+                          jax_dropout=a.jax_dropout, attention=a.attention,
+                          jax_profile=str(Path(a.jax_profile).resolve()) if a.jax_profile else None,
+                          logits_buckets=a.logits_buckets, torch_dropout=not a.no_torch_dropout,
+                          host_sync=a.host_sync, peak_tflops=a.peak_tflops)
     return cfg, sides, a.json, bool(a.child_config) or a.no_isolate
 
 
