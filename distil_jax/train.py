@@ -207,7 +207,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     sc = StepConfig(teacher=teacher_cfg, student=student_cfg, objective=objective,
                     dtype=DTYPES[config.train.dtype], remat=config.train.remat,
                     grad_accum=config.train.grad_accum, dropout=config.student.dropout,
-                    attention_impl=config.train.attention)
+                    attention_impl=config.train.attention,
+                    single_document_rows=config.dataset.layout == "pad")
     mesh = make_mesh()
     state = replicate(create_train_state(params, tx, rng_state), mesh)
     teacher_params = replicate(teacher_params, mesh)

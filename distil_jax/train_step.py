@@ -124,6 +124,7 @@ class StepConfig:
     logits_capacity: Optional[int] = None
     logits_groups: int = 1
     attention_impl: str = "xla"  # fused attention of the unmapped layers: "xla" or "cudnn"
+    single_document_rows: bool = False  # the pad layout's rows (see gpt2.forward)
 
 
 def lm_head(config: GPT2Config, params: Mapping) -> Array:
@@ -146,7 +147,7 @@ def distill_loss(sc: StepConfig, trainable: Mapping, teacher_params: Mapping, ba
     rows_per_device = max(B // sc.logits_groups, 1)
     own_heads = compact or bool(uses_logits and obj.chunk_tokens(rows_per_device, S, sc.student.vocab_size))
     common = dict(segment_ids=seg, dtype=sc.dtype, return_last_hidden=own_heads,
-                  attention_impl=sc.attention_impl)
+                  attention_impl=sc.attention_impl, single_document_rows=sc.single_document_rows)
     needs_teacher = obj.logits.active or obj.hs.active or obj.attn.active
     t_out = None
     if needs_teacher:  # a clm-only objective (pretraining) runs no teacher at all

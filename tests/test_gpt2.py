@@ -161,17 +161,22 @@ def test_init_statistics_follow_hf():
     assert float(jnp.min(p["ln_f"]["scale"])) == 1.0
 
 
-def test_cudnn_attention_contract(monkeypatch):
+@pytest.mark.parametrize("single_document_rows", [False, True])
+def test_cudnn_attention_contract(monkeypatch, single_document_rows):
     """No GPU here, so this checks distil_jax's side of the cuDNN path: the unmapped layers call
-    `jax.nn.dot_product_attention(implementation="cudnn", is_causal=True, mask=...)`, mapped
-    layers stay explicit, and those arguments mean the same attention as the default path
-    (run here through XLA's implementation of the same call), on packed rows with padding."""
+    `jax.nn.dot_product_attention(implementation="cudnn", is_causal=True, mask=...)` (no mask
+    for single-document rows), mapped layers stay explicit, and those arguments mean the same
+    attention as the default path for every real token (run here through XLA's implementation
+    of the same call): on packed rows with padding, or on the pad layout's rows."""
     model = tiny_hf_model(seed=5, n_layer=3)
     config = hf.config_from_hf(model.config)
     params = hf.hf_state_dict_to_params(config, {k: v.numpy() for k, v in model.state_dict().items()})
     rng = np.random.RandomState(4)
     ids = rng.randint(0, config.vocab_size, (2, 12))
-    seg = np.array([[1] * 5 + [2] * 4 + [0] * 3, [1] * 12])
+    if single_document_rows:  # the pad layout: one document from position 0, then padding
+        seg = np.array([[1] * 8 + [0] * 4, [1] * 12])
+    else:
+        seg = np.array([[1] * 5 + [2] * 4 + [0] * 3, [1] * 12])
     real = jax.nn.dot_product_attention
     calls = []
 
@@ -183,12 +188,14 @@ def test_cudnn_attention_contract(monkeypatch):
     monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_on_xla)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     cudnn = gpt2.forward(config, params, ids, segment_ids=seg, output_attentions=(1,), dtype=jnp.bfloat16,
-                         attention_impl="cudnn")
-    assert calls == [("cudnn", True, (2, 1, 12, 12))] * 2  # layers 0 and 2; layer 1 is explicit
+                         attention_impl="cudnn", single_document_rows=single_document_rows)
+    mask_shape = None if single_document_rows else (2, 1, 12, 12)
+    assert calls == [("cudnn", True, mask_shape)] * 2  # layers 0 and 2; layer 1 is explicit
     real_tokens = seg > 0
     np.testing.assert_array_equal(np.asarray(cudnn.logits, np.float32)[real_tokens],
                                   np.asarray(default.logits, np.float32)[real_tokens])
-    np.testing.assert_array_equal(np.asarray(cudnn.attentions[1]), np.asarray(default.attentions[1]))
+    np.testing.assert_array_equal(np.asarray(cudnn.attentions[1])[real_tokens[:, None, :].repeat(
+        config.n_head, 1)], np.asarray(default.attentions[1])[real_tokens[:, None, :].repeat(config.n_head, 1)])
 
 
 def test_attention_impl_errors(monkeypatch):

@@ -283,7 +283,7 @@ def run_jax(cfg: BenchConfig) -> dict:
     # float32 master weights and computes in `dtype`.
     teacher_params = jax.tree_util.tree_map(lambda x: x.astype(dtype), teacher_params)
     sc = ts.StepConfig(tc, sconf, obj, dtype=dtype, remat=cfg.remat, dropout=cfg.jax_dropout,
-                       attention_impl=cfg.attention)
+                       attention_impl=cfg.attention, single_document_rows=cfg.layout == "padded")
     gpt2.check_attention_impl(sc.attention_impl, dtype)
 
     mesh = ts.make_mesh()

@@ -144,6 +144,7 @@ class Attention(nn.Module):
     materialize: bool = False  # return post-softmax probabilities (explicit path)
     deterministic: bool = True
     attention_impl: str = "xla"  # the fused path: "xla" or "cudnn" (see `forward`)
+    single_document_rows: bool = False  # see `forward`
 
     @nn.compact
     def __call__(self, x: Array, mask: Array) -> tuple[Array, Optional[Array]]:
@@ -176,11 +177,13 @@ class Attention(nn.Module):
             if not self.materialize:
                 probs = None
         elif self.attention_impl == "cudnn":
-            # cuDNN flash attention: is_causal lets it skip the blocks above the diagonal; the
-            # mask (documents, padding) becomes an additive bias [B, 1, S, S]. No [B, H, S, S]
+            # cuDNN flash attention: is_causal lets it skip the blocks above the diagonal; a
+            # mask (documents, padding) becomes an additive bias [B, 1, S, S]. With one document
+            # per row and padding after it, causal alone is exact for every real token, and the
+            # plain causal kernel is cuDNN's fastest and best-trodden path. No [B, H, S, S]
             # probabilities are written in either pass.
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
-                                               implementation="cudnn")
+            out = jax.nn.dot_product_attention(q, k, v, mask=None if self.single_document_rows else mask,
+                                               scale=scale, is_causal=True, implementation="cudnn")
         else:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
         out = out.reshape(B, S, D)
@@ -218,6 +221,7 @@ class Block(nn.Module):
     materialize: bool = False
     deterministic: bool = True
     attention_impl: str = "xla"
+    single_document_rows: bool = False
 
     @nn.compact
     def __call__(self, x: Array, mask: Array) -> tuple[Array, Optional[Array]]:
@@ -226,7 +230,7 @@ class Block(nn.Module):
         h = _layer_norm(cfg, "ln_1")(x).astype(self.dtype)
         a, probs = Attention(
             cfg, self.layer_idx, self.dtype, self.materialize, self.deterministic,
-            self.attention_impl, name="attn",
+            self.attention_impl, self.single_document_rows, name="attn",
         )(h, mask)
         x = x + a
         h = _layer_norm(cfg, "ln_2")(x).astype(self.dtype)
@@ -244,6 +248,7 @@ class Blocks(nn.Module):
     remat: bool = False
     deterministic: bool = True
     attention_impl: str = "xla"
+    single_document_rows: bool = False
 
     @nn.compact
     def __call__(self, x: Array, mask: Array):
@@ -254,7 +259,7 @@ class Blocks(nn.Module):
                 hidden.append(x)
             x, probs = block_cls(
                 self.config, i, self.dtype, i in self.attention_layers, self.deterministic,
-                self.attention_impl, name=str(i),
+                self.attention_impl, self.single_document_rows, name=str(i),
             )(x, mask)
             if probs is not None:
                 attentions[i] = probs
@@ -272,6 +277,7 @@ class GPT2LMHeadModel(nn.Module):
     remat: bool = False
     deterministic: bool = True
     attention_impl: str = "xla"
+    single_document_rows: bool = False
 
     @nn.compact
     def __call__(self, input_ids: Array, mask: Array, positions: Array) -> GPT2Output:
@@ -283,7 +289,7 @@ class GPT2LMHeadModel(nn.Module):
         x = nn.Dropout(cfg.embd_pdrop)(x, deterministic=self.deterministic).astype(self.dtype)
         x, hidden, attentions = Blocks(
             cfg, self.dtype, self.attention_layers, self.output_hidden_states, self.remat,
-            self.deterministic, self.attention_impl, name="h",
+            self.deterministic, self.attention_impl, self.single_document_rows, name="h",
         )(x, mask)
         x = _layer_norm(cfg, "ln_f")(x).astype(self.dtype)
         hidden_states = tuple(hidden) + (x,) if self.output_hidden_states else None
@@ -376,6 +382,7 @@ def forward(
     remat: bool = False,
     return_last_hidden: bool = False,
     attention_impl: str = "xla",
+    single_document_rows: bool = False,
 ) -> GPT2Output:
     """Run GPT-2.
 
@@ -398,6 +405,10 @@ def forward(
         backend) or "cudnn" (cuDNN flash attention: NVIDIA GPU, bfloat16 or float16 compute).
         Layers in `output_attentions`, and every layer when attention dropout is on, compute
         the probabilities explicitly either way.
+      single_document_rows: the caller's promise that every row is one document from position 0
+        followed only by padding (the pad layout). The cudnn path then runs plain causal
+        attention without the mask: exact for every real token, since all padding comes after
+        them (padding positions differ, and no loss reads them). The xla path ignores it.
     """
     check_attention_impl(attention_impl, dtype)
     B, S = input_ids.shape
@@ -421,6 +432,7 @@ def forward(
         remat=remat,
         deterministic=deterministic,
         attention_impl=attention_impl,
+        single_document_rows=single_document_rows,
     )
     rngs = None if deterministic else {"dropout": dropout_rng}
     if not deterministic and dropout_rng is None:
