@@ -6,8 +6,8 @@
 #      background, while the GPU runs step 3)
 #   3. throughput at the reference shapes (gpt2-config teacher -> 6-layer student, batch 8 x seq
 #      1024, bf16, remat on): distil_jax vs the Distily-equivalent PyTorch baseline on padded rows
-#      (24 % padding); then distil_jax alone with cuDNN flash attention, with packed rows, and both;
-#      the two padded runs also trace 2 steps with jax.profiler (top ops as text)
+#      (24 % padding); then distil_jax alone with cuDNN flash attention, with packed rows, both,
+#      and both without remat; the two padded runs also trace 2 steps with jax.profiler (top ops)
 #   4. a short summary table
 # What comes back is kept to a few files in "$OUT" (default ./device_check_out; the device tool
 # returns at most 8), each rewritten after every part so that a run cut short still returns
@@ -114,6 +114,10 @@ run_part bench_packed 90 "${PIN_BENCH[@]}" "$PY" "${BENCH[@]}" --sides jax --lay
   --json "$WORK/bench_packed.json"
 run_part bench_packed_cudnn 90 "${PIN_BENCH[@]}" "$PY" "${BENCH[@]}" "${CUDNN[@]}" --sides jax \
   --layout packed --json "$WORK/bench_packed_cudnn.json"
+# Last, if time is left: what gradient checkpointing costs (the reference run keeps it on, as
+# Distily does; an H200 has the memory to do without).
+run_part bench_packed_cudnn_noremat 90 "${PIN_BENCH[@]}" "$PY" "${BENCH[@]}" "${CUDNN[@]}" --no-remat \
+  --sides jax --layout packed --json "$WORK/bench_packed_cudnn_noremat.json"
 
 left=$(( DEADLINE_S - ($(date +%s) - START) ))
 echo "== waiting for parity_tests (at most ${left}s)" | tee -a "$LOG"
@@ -134,7 +138,7 @@ results = json.load(open(sys.argv[1]))
 print(f"{'run':<20} {'side':<6} {'attn':<6} {'step s':>8} {'tok/s all':>11} {'tok/s real':>11} "
       f"{'peak GiB':>9} {'MFU':>7} {'compile s':>9}")
 torch_real = None
-for run in ("padded", "padded_cudnn", "packed", "packed_cudnn"):
+for run in ("padded", "padded_cudnn", "packed", "packed_cudnn", "packed_cudnn_noremat"):
     d = results.get(run)
     if d is None:
         print(f"{run:<20} (no result)"); continue
