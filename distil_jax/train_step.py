@@ -145,7 +145,8 @@ def distill_loss(sc: StepConfig, trainable: Mapping, teacher_params: Mapping, ba
     compact = uses_logits and sc.logits_capacity is not None
     # The objective applies the LM heads itself when it chunks them or skips padding.
     rows_per_device = max(B // sc.logits_groups, 1)
-    own_heads = compact or bool(uses_logits and obj.chunk_tokens(rows_per_device, S, sc.student.vocab_size))
+    chunked = uses_logits and bool(obj.chunk_tokens(rows_per_device, S, sc.student.vocab_size))
+    own_heads = compact or chunked
     common = dict(segment_ids=seg, dtype=sc.dtype, return_last_hidden=own_heads,
                   attention_impl=sc.attention_impl, single_document_rows=sc.single_document_rows)
     needs_teacher = obj.logits.active or obj.hs.active or obj.attn.active
@@ -295,7 +296,8 @@ class BucketedTrainStep:
         if cap not in self._steps:
             if self._on_compile is not None:
                 self._on_compile(cap)
-            self._steps[cap] = make_train_step(dataclasses.replace(self._sc, logits_capacity=cap), *self._args)
+            sc = dataclasses.replace(self._sc, logits_capacity=cap)
+            self._steps[cap] = make_train_step(sc, *self._args)
         if self._mesh is not None:
             batch = shard_batch(host_batch, self._mesh)
         else:

@@ -126,6 +126,15 @@ class GPT2Output:
     attentions: dict
 
 
+@dataclasses.dataclass(frozen=True)
+class FusedAttention:
+    """How the layers that return no probabilities attend (see `forward`'s attention_impl and
+    single_document_rows). One hashable field that the modules pass down unchanged."""
+
+    impl: str = "xla"
+    single_document_rows: bool = False
+
+
 def _normal(std: float):
     return nn.initializers.normal(stddev=std)
 
@@ -143,8 +152,7 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
     materialize: bool = False  # return post-softmax probabilities (explicit path)
     deterministic: bool = True
-    attention_impl: str = "xla"  # the fused path: "xla" or "cudnn" (see `forward`)
-    single_document_rows: bool = False  # see `forward`
+    fused: FusedAttention = FusedAttention()
 
     @nn.compact
     def __call__(self, x: Array, mask: Array) -> tuple[Array, Optional[Array]]:
@@ -176,14 +184,15 @@ class Attention(nn.Module):
             out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v)
             if not self.materialize:
                 probs = None
-        elif self.attention_impl == "cudnn":
+        elif self.fused.impl == "cudnn":
             # cuDNN flash attention: is_causal lets it skip the blocks above the diagonal; a
             # mask (documents, padding) becomes an additive bias [B, 1, S, S]. With one document
             # per row and padding after it, causal alone is exact for every real token, and the
             # plain causal kernel is cuDNN's fastest and best-trodden path. No [B, H, S, S]
             # probabilities are written in either pass.
-            out = jax.nn.dot_product_attention(q, k, v, mask=None if self.single_document_rows else mask,
-                                               scale=scale, is_causal=True, implementation="cudnn")
+            cudnn_mask = None if self.fused.single_document_rows else mask
+            out = jax.nn.dot_product_attention(q, k, v, mask=cudnn_mask, scale=scale, is_causal=True,
+                                               implementation="cudnn")
         else:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
         out = out.reshape(B, S, D)
@@ -220,8 +229,7 @@ class Block(nn.Module):
     dtype: Any = jnp.float32
     materialize: bool = False
     deterministic: bool = True
-    attention_impl: str = "xla"
-    single_document_rows: bool = False
+    fused: FusedAttention = FusedAttention()
 
     @nn.compact
     def __call__(self, x: Array, mask: Array) -> tuple[Array, Optional[Array]]:
@@ -230,7 +238,7 @@ class Block(nn.Module):
         h = _layer_norm(cfg, "ln_1")(x).astype(self.dtype)
         a, probs = Attention(
             cfg, self.layer_idx, self.dtype, self.materialize, self.deterministic,
-            self.attention_impl, self.single_document_rows, name="attn",
+            self.fused, name="attn",
         )(h, mask)
         x = x + a
         h = _layer_norm(cfg, "ln_2")(x).astype(self.dtype)
@@ -247,8 +255,7 @@ class Blocks(nn.Module):
     output_hidden_states: bool = False
     remat: bool = False
     deterministic: bool = True
-    attention_impl: str = "xla"
-    single_document_rows: bool = False
+    fused: FusedAttention = FusedAttention()
 
     @nn.compact
     def __call__(self, x: Array, mask: Array):
@@ -259,7 +266,7 @@ class Blocks(nn.Module):
                 hidden.append(x)
             x, probs = block_cls(
                 self.config, i, self.dtype, i in self.attention_layers, self.deterministic,
-                self.attention_impl, self.single_document_rows, name=str(i),
+                self.fused, name=str(i),
             )(x, mask)
             if probs is not None:
                 attentions[i] = probs
@@ -276,8 +283,7 @@ class GPT2LMHeadModel(nn.Module):
     return_last_hidden: bool = False
     remat: bool = False
     deterministic: bool = True
-    attention_impl: str = "xla"
-    single_document_rows: bool = False
+    fused: FusedAttention = FusedAttention()
 
     @nn.compact
     def __call__(self, input_ids: Array, mask: Array, positions: Array) -> GPT2Output:
@@ -289,7 +295,7 @@ class GPT2LMHeadModel(nn.Module):
         x = nn.Dropout(cfg.embd_pdrop)(x, deterministic=self.deterministic).astype(self.dtype)
         x, hidden, attentions = Blocks(
             cfg, self.dtype, self.attention_layers, self.output_hidden_states, self.remat,
-            self.deterministic, self.attention_impl, self.single_document_rows, name="h",
+            self.deterministic, self.fused, name="h",
         )(x, mask)
         x = _layer_norm(cfg, "ln_f")(x).astype(self.dtype)
         hidden_states = tuple(hidden) + (x,) if self.output_hidden_states else None
@@ -431,8 +437,7 @@ def forward(
         return_last_hidden=return_last_hidden,
         remat=remat,
         deterministic=deterministic,
-        attention_impl=attention_impl,
-        single_document_rows=single_document_rows,
+        fused=FusedAttention(attention_impl, single_document_rows),
     )
     rngs = None if deterministic else {"dropout": dropout_rng}
     if not deterministic and dropout_rng is None:
