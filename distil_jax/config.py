@@ -21,7 +21,8 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
     c.teacher = ml_collections.ConfigDict()
-    c.teacher.model_name_or_path = "gpt2"  # HF folder or hub id of a GPT-2 (model_type "gpt2")
+    # HF folder or hub id of a causal LM whose model_type is gpt2, llama, qwen2, qwen3 or mistral
+    c.teacher.model_name_or_path = "gpt2"
     c.teacher.dtype = "bfloat16"  # dtype the teacher's weights are held in (it is never trained)
 
     c.tokenizer_name_or_path = ""  # "" = the teacher's tokenizer
@@ -29,9 +30,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.student = ml_collections.ConfigDict()
     c.student.model_name_or_path = ""  # a pretrained student (weights loaded); "" = random init
     c.student.config_name_or_path = "distilbert/distilgpt2"  # student config; "" = the teacher's
-    c.student.overrides = ml_collections.ConfigDict()  # GPT-2 config fields, e.g. {"n_layer": 6}
-    c.student.copy_teacher_modules = [("lm_head", False)]  # (module, frozen) pairs
-    c.student.init_from_teacher_layers = ()  # one teacher block per student block, () = none
+    # HF config fields of the student's family, e.g. {"n_layer": 6} (GPT-2) or
+    # {"num_hidden_layers": 16} (Llama, Qwen, Mistral)
+    c.student.overrides = ml_collections.ConfigDict()
+    # (HF module name, frozen) pairs, e.g. ("lm_head", False), ("model.layers.0", True)
+    c.student.copy_teacher_modules = [("lm_head", False)]
+    # Student blocks initialized from teacher blocks: one teacher block index per student block,
+    # "uniform" (evenly spaced, first and last included), or () = none
+    c.student.init_from_teacher_layers = ()
     c.student.dropout = True  # HF trains in train mode: dropout as in the student's config
 
     c.dataset = ml_collections.ConfigDict()
@@ -122,7 +128,7 @@ def _check(config: Any, schema: Any, prefix: str) -> None:
             hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
             raise ValueError(f"unknown config field {path!r}{hint} (valid: {', '.join(sorted(schema.keys()))})")
         sub, ref = config[key], schema[key]
-        # Free-form sections: GPT-2 overrides and evaluators are checked where they are used.
+        # Free-form sections: model overrides and evaluators are checked where they are used.
         if path in ("student.overrides", "eval.evaluators"):
             continue
         if isinstance(ref, ml_collections.ConfigDict) and isinstance(sub, (ml_collections.ConfigDict, dict)):

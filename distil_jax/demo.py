@@ -17,8 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from distil_jax import corpus, data, hf
-from distil_jax.models import gpt2
+from distil_jax import corpus, data, hf, models
 from distil_jax.objectives.objective import Component, Objective
 from distil_jax.train_step import (StepConfig, create_train_state, make_optimizer,
                                    make_train_step)
@@ -53,10 +52,10 @@ def ensure_teacher(workdir: Path, cfg, dataset_spec, seed: int = 0) -> Path:
     train_texts, _ = data.load_texts(dataset_spec)
     tokenizer = corpus.train_tokenizer(train_texts, vocab_size=cfg.vocab_size,
                                        model_max_length=cfg.n_positions)
-    config = gpt2.GPT2Config(
-        vocab_size=len(tokenizer), n_positions=cfg.n_positions, n_embd=cfg.n_embd,
-        n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = models.config_from_hf(dict(
+        model_type="gpt2", vocab_size=len(tokenizer), n_positions=cfg.n_positions,
+        n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id))
     # Cached where the distillation looks, so its tokenization of the same texts is a cache hit.
     docs = data.tokenize_cached(train_texts, tokenizer, Path(workdir) / "cache")
     rows = data.pack(docs, cfg.n_positions, tokenizer.eos_token_id)
@@ -64,7 +63,7 @@ def ensure_teacher(workdir: Path, cfg, dataset_spec, seed: int = 0) -> Path:
 
     objective = Objective(logits=Component(weight=0.0), clm_weight=1.0).bind(config, config)
     sc = StepConfig(teacher=config, student=config, objective=objective, dtype=jnp.float32)
-    params = {"student": gpt2.init_params(config, jax.random.PRNGKey(seed))}
+    params = {"student": models.init_params(config, jax.random.PRNGKey(seed))}
     trainable = jax.tree_util.tree_map(lambda _: True, params)
     opt = dict(learning_rate=cfg.learning_rate, warmup_ratio=0.05, lr_end=cfg.learning_rate * 0.05,
                max_grad_norm=1.0, weight_decay=0.01)
@@ -72,7 +71,7 @@ def ensure_teacher(workdir: Path, cfg, dataset_spec, seed: int = 0) -> Path:
     state = create_train_state(params, tx, jax.random.PRNGKey(seed + 1))
     step = make_train_step(sc, tx, schedule)
     log.info("training the demo teacher (%d params, %d layers) for %d steps on %d rows of %d tokens",
-             gpt2.param_count(config), config.n_layer, cfg.steps, len(rows["input_ids"]), cfg.n_positions)
+             models.param_count(config), config.num_layers, cfg.steps, len(rows["input_ids"]), cfg.n_positions)
     bar = tqdm(range(cfg.steps), desc="demo teacher", unit="step", dynamic_ncols=True)
     losses = []
     for i in bar:

@@ -3,7 +3,8 @@
     python -m distil_jax.export --workdir DIR --out OUT [--step N] [--dtype float32|bfloat16]
                                 [--push-to-hub REPO_ID [--private] [--revision BRANCH]]
 
-OUT is a complete `transformers` folder: config.json (GPT2LMHeadModel), model.safetensors,
+OUT is a complete `transformers` folder: config.json (the family's class, e.g. GPT2LMHeadModel or
+LlamaForCausalLM), model.safetensors,
 generation_config.json, the teacher's tokenizer files and README.md (the model card, generated
 from the run's records by `distil_jax.modelcard`). It is written atomically: OUT appears complete
 or not at all, and an OUT from an earlier export is replaced only once the new one is complete.
@@ -28,10 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distil_jax import hf
+from distil_jax import hf, models
 from distil_jax.config import DTYPES
 from distil_jax.modelcard import model_card
-from distil_jax.models.gpt2 import param_shapes
 from distil_jax.versions import package_versions
 
 log = logging.getLogger(__name__)
@@ -70,18 +70,11 @@ def _check_out(workdir: Path, out: Path) -> None:
 
 
 def _check_params(config, params: Mapping, workdir: Path, step: int) -> None:
-    want = hf._flatten(param_shapes(config))
-    got = hf._flatten(params)
-    problems = [f"{'/'.join(p)}: checkpoint {tuple(np.shape(got[p]))}, config {tuple(want[p].shape)}"
-                for p in want if p in got and tuple(np.shape(got[p])) != tuple(want[p].shape)]
-    missing = ["/".join(p) for p in want if p not in got]
-    extra = ["/".join(p) for p in got if p not in want]
-    if problems or missing or extra:
+    problems = models.shape_problems(models.param_shapes(config), params)
+    if problems:
         raise ValueError(
             f"the student of checkpoint step {step} in {workdir} does not match "
-            f"{workdir / 'student' / 'config.json'}: "
-            + "; ".join(x for x in (", ".join(problems[:4]), "missing " + ", ".join(missing[:4]) if missing
-                                    else "", "unexpected " + ", ".join(extra[:4]) if extra else "") if x))
+            f"{workdir / 'student' / 'config.json'}: " + "; ".join(problems[:6]))
 
 
 def export(workdir: str | Path, out: str | Path, step: Optional[int] = None, dtype: str = "float32",

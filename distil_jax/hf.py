@@ -1,15 +1,16 @@
-"""Hugging Face <-> distil_jax: GPT-2 configs and weights in both directions.
+"""Hugging Face <-> distil_jax: configs and weights of every model family, in both directions.
 
-`load_pretrained` reads an HF GPT-2 folder or hub id (safetensors, sharded safetensors, or
-`pytorch_model.bin` through torch) into `(GPT2Config, params)`, checking every key and shape;
-`save_pretrained` writes a folder that `transformers.GPT2LMHeadModel.from_pretrained` loads with
-no missing or unexpected keys. Parameter paths are HF's names, so conversion is a rename:
-`transformer.h.0.attn.c_attn.weight` <-> `h/0/attn/c_attn/kernel`.
+`load_pretrained` reads an HF folder or hub id (safetensors, sharded safetensors, or
+`pytorch_model.bin` through torch) into `(config, params)`, checking every key and shape;
+`save_pretrained` writes a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads as
+the family's class with no missing or unexpected keys. Parameter paths are HF's names (each family
+owns its mapping, see `distil_jax.models`), so conversion is a rename, plus a transpose where HF
+stores a torch Linear ([out, in]): `model.layers.0.self_attn.q_proj.weight` <->
+`model/layers/0/self_attn/q_proj/kernel`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -20,135 +21,69 @@ from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
-from distil_jax.models.gpt2 import GPT2Config, param_count, param_shapes  # noqa: F401
+from distil_jax import models
 
 log = logging.getLogger(__name__)
 
-# HF GPT2Config fields that map one to one onto ours.
-_CONFIG_FIELDS = [f.name for f in dataclasses.fields(GPT2Config)]
-# HF options the model does not implement, with the value that is safe to ignore.
-_UNSUPPORTED_OPTIONS = {"add_cross_attention": False}
-# Buffers that older HF checkpoints store with the weights; not parameters.
-_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 
 
 class CheckpointError(ValueError):
-    """An HF checkpoint that does not fit the GPT-2 model (keys, shapes, type, options)."""
+    """An HF checkpoint that does not fit the model (keys, shapes, type, options)."""
 
 
 # ----------------------------------------------------------------------------- config
 
 
-def config_from_hf(hf_config: Any) -> GPT2Config:
-    """A `transformers.GPT2Config`, or a config.json dict, -> `GPT2Config` (strict)."""
-    d = hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict()
-    model_type = d.get("model_type")
-    if model_type != "gpt2":
-        raise CheckpointError(
-            f"unsupported model_type {model_type!r}: distil_jax supports GPT-2 models "
-            "(model_type 'gpt2') only"
-        )
-    for key, ok in _UNSUPPORTED_OPTIONS.items():
-        if d.get(key, ok) != ok:
-            raise CheckpointError(
-                f"unsupported GPT-2 option {key}={d[key]!r}: distil_jax does not implement it"
-            )
-    kwargs = {k: d[k] for k in _CONFIG_FIELDS if k in d}
+def config_from_hf(hf_config: Any):
+    """A transformers config, or a config.json dict, -> the family's config (strict)."""
     try:
-        return GPT2Config(**kwargs)
+        return models.config_from_hf(hf_config)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
 
 
-def config_to_hf(config: GPT2Config):
-    """`GPT2Config` -> `transformers.GPT2Config` for a GPT2LMHeadModel."""
-    import transformers
-
-    hf = transformers.GPT2Config(**dataclasses.asdict(config))
-    hf.architectures = ["GPT2LMHeadModel"]
-    return hf
+def config_to_hf(config):
+    """A distil_jax config -> the transformers config of its family (architectures set)."""
+    return models.config_to_hf(config)
 
 
-# ----------------------------------------------------------------------------- names
+# ----------------------------------------------------------------------------- weights
 
 
-def _hf_to_path(name: str) -> tuple[str, ...]:
-    """HF state-dict name -> our param path (without the leaf rename for lm_head)."""
-    name = name.removeprefix("transformer.")
-    *mod, leaf = name.split(".")
-    if mod and mod[0] in ("wte", "wpe"):
-        leaf = "embedding"
-    elif mod and mod[-1].startswith("ln_"):
-        leaf = {"weight": "scale", "bias": "bias"}[leaf]
-    else:
-        leaf = {"weight": "kernel", "bias": "bias"}.get(leaf, leaf)
-    return tuple(mod) + (leaf,)
-
-
-def _path_to_hf(path: tuple[str, ...]) -> str:
-    *mod, leaf = path
-    if mod[0] in ("wte", "wpe"):
-        leaf = "weight"
-    elif mod[-1].startswith("ln_"):
-        leaf = {"scale": "weight", "bias": "bias"}[leaf]
-    else:
-        leaf = {"kernel": "weight", "bias": "bias"}[leaf]
-    name = ".".join(list(mod) + [leaf])
-    return name if mod[0] == "lm_head" else "transformer." + name
-
-
-def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple[str, ...], Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return tree
-
-
-def hf_state_dict_to_params(config: GPT2Config, state: Mapping[str, Any], dtype=jnp.float32) -> dict:
+def hf_state_dict_to_params(config, state: Mapping[str, Any], dtype=jnp.float32) -> dict:
     """HF state dict (name -> array, any framework convertible by numpy) -> params, checked.
 
     Raises CheckpointError naming every missing or unexpected key and every wrong shape.
     """
-    expected = _flatten(param_shapes(config))
+    fam = models.family(config)
+    expected = traverse_util.flatten_dict(models.param_shapes(config))
+    head = fam.lm_head_path(config)
     flat, unexpected, wrong = {}, [], []
     for name, value in state.items():
-        if name.endswith(_IGNORED_SUFFIXES):
-            continue
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue  # the tied head is wte
-        path = _hf_to_path(name)
+        path = fam.hf_to_path(name)
+        if path is None:
+            continue  # a buffer, not a parameter
+        if config.tie_word_embeddings and path == ("lm_head", "kernel") and path != head:
+            continue  # the tied head is the embedding (some checkpoints store it anyway)
         if path not in expected:
             unexpected.append(name)
             continue
-        arr = value
-        if path == ("lm_head", "kernel"):
-            arr = jnp.asarray(arr).T  # torch Linear [V, D] -> Dense kernel [D, V]
-        if tuple(arr.shape) != tuple(expected[path].shape):
-            hf_shape = tuple(value.shape)
-            want = tuple(expected[path].shape)
-            if path == ("lm_head", "kernel"):
-                want = want[::-1]
-            wrong.append(f"{name}: checkpoint {hf_shape}, config expects {want}")
+        arr = jnp.asarray(value)
+        if fam.hf_transposed(path):
+            arr = arr.T  # torch Linear [out, in] -> Dense kernel [in, out]
+        want = tuple(expected[path].shape)
+        if tuple(arr.shape) != want:
+            wrong.append(f"{name}: checkpoint {tuple(value.shape)}, config expects "
+                         f"{want[::-1] if fam.hf_transposed(path) else want}")
             continue
-        flat[path] = jnp.asarray(arr, dtype=dtype)
-    missing = [_path_to_hf(p) for p in expected if p not in flat and _path_to_hf(p) not in
-               {w.split(":")[0] for w in wrong}]
+        flat[path] = arr.astype(dtype)
+    wrong_names = {w.split(":")[0] for w in wrong}
+    missing = [fam.path_to_hf(p) for p in expected
+               if p not in flat and fam.path_to_hf(p) not in wrong_names]
     problems = []
     if wrong:
         problems.append("wrong shapes: " + "; ".join(wrong))
@@ -157,19 +92,21 @@ def hf_state_dict_to_params(config: GPT2Config, state: Mapping[str, Any], dtype=
     if unexpected:
         problems.append("unexpected keys: " + ", ".join(unexpected))
     if problems:
-        raise CheckpointError("checkpoint does not match its GPT-2 config: " + " | ".join(problems))
-    return _unflatten(flat)
+        raise CheckpointError(f"checkpoint does not match its {config.model_type} config: "
+                              + " | ".join(problems))
+    return traverse_util.unflatten_dict(flat)
 
 
-def params_to_hf_state_dict(config: GPT2Config, params: Mapping, dtype=None) -> dict[str, jax.Array]:
-    """params -> HF state dict names (tied head omitted, as HF saves it)."""
+def params_to_hf_state_dict(config, params: Mapping, dtype=None) -> dict[str, jax.Array]:
+    """params -> HF state dict names (a tied head omitted, as HF saves it)."""
+    fam = models.family(config)
     out = {}
-    for path, value in _flatten(params).items():
-        if path == ("lm_head", "kernel"):
+    for path, value in traverse_util.flatten_dict(params).items():
+        if fam.hf_transposed(path):
             value = value.T
         if dtype is not None:
             value = value.astype(dtype)
-        out[_path_to_hf(path)] = value
+        out[fam.path_to_hf(path)] = value
     return out
 
 
@@ -243,7 +180,7 @@ def _read_state_dict(folder: Path) -> dict[str, Any]:
     )
 
 
-def load_config(name_or_path: str | os.PathLike) -> GPT2Config:
+def load_config(name_or_path: str | os.PathLike):
     """Only the config of a folder or hub id (no weights downloaded)."""
     folder = resolve_folder(name_or_path, allow_patterns=["config.json"])
     cfg_file = folder / "config.json"
@@ -252,8 +189,8 @@ def load_config(name_or_path: str | os.PathLike) -> GPT2Config:
     return config_from_hf(json.loads(cfg_file.read_text()))
 
 
-def load_pretrained(name_or_path: str | os.PathLike, dtype=jnp.float32) -> tuple[GPT2Config, dict]:
-    """An HF GPT-2 (folder or hub id) -> (GPT2Config, params in `dtype`)."""
+def load_pretrained(name_or_path: str | os.PathLike, dtype=jnp.float32) -> tuple[Any, dict]:
+    """An HF causal LM of a supported family (folder or hub id) -> (config, params in `dtype`)."""
     # From the hub: safetensors only, unless the repo has none (then pytorch_model.bin).
     folder = resolve_folder(name_or_path, allow_patterns=["config.json", "model.safetensors*"])
     if not any((folder / f).exists() for f in _WEIGHT_FILES) and not Path(name_or_path).is_dir():
@@ -315,14 +252,15 @@ def _default_permissions(folder: Path) -> None:
 
 
 def save_pretrained(
-    config: GPT2Config,
+    config,
     params: Mapping,
     out_dir: str | os.PathLike,
     tokenizer: Any = None,
     dtype: Any = None,
     extra_files: Optional[Mapping[str, str | bytes]] = None,
 ) -> Path:
-    """Write an HF GPT2LMHeadModel folder: config.json, model.safetensors (+ tokenizer files).
+    """Write an HF folder of the family's class (e.g. GPT2LMHeadModel, LlamaForCausalLM):
+    config.json, model.safetensors (+ tokenizer files).
 
     dtype: weights' dtype in the file (default: as in `params`); `dtype` in config.json
     says the same. extra_files: file name -> text (UTF-8) or bytes, written into the same folder

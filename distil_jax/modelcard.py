@@ -170,44 +170,61 @@ def _is_hub_id(s: Any) -> bool:
 
 
 def _hf_config(cfg: Any):
-    """An HF GPT-2 config dict -> distil_jax GPT2Config, or None."""
+    """An HF config dict (as the run recorded it) -> the distil_jax config, or None."""
     if not isinstance(cfg, Mapping) or not cfg:
         return None
     from distil_jax import hf
 
     d = dict(cfg)
-    d.setdefault("model_type", "gpt2")
+    d.setdefault("model_type", "gpt2")  # records of the first releases, GPT-2 only, lack it
     return hf.config_from_hf(d)
 
 
-def param_table(hf_config: Mapping) -> Optional[list[tuple[str, tuple[int, ...]]]]:
-    """[(HF state-dict name, shape)] of a GPT-2 config (no allocation), or None if no config.
+def _architecture(cfg) -> str:
+    """The transformers class a config loads as, e.g. "LlamaForCausalLM"."""
+    from distil_jax import models
 
-    A tied LM head is listed once, as `transformer.wte.weight` (as HF counts and saves it).
+    return models.family(cfg).HF_ARCHITECTURES[cfg.model_type]
+
+
+def arch_facts(cfg) -> dict[str, Any]:
+    """The architecture in a few generic figures (the card's tables), for any family."""
+    return {"layers": cfg.num_layers, "width": cfg.width, "query heads": cfg.num_heads,
+            "key/value heads": cfg.num_kv_heads, "MLP width": cfg.mlp_width,
+            "vocabulary": cfg.vocab_size, "positions": cfg.max_positions}
+
+
+def param_table(hf_config: Mapping) -> Optional[list[tuple[str, tuple[int, ...]]]]:
+    """[(HF state-dict name, shape)] of a config (no allocation), or None if no config.
+
+    A tied LM head is listed once, as the token embedding (as HF counts and saves it).
     """
     cfg = _hf_config(hf_config)
     if cfg is None:
         return None
-    from distil_jax import hf
-    from distil_jax.models.gpt2 import param_shapes
+    from flax import traverse_util
 
+    from distil_jax import models
+
+    fam = models.family(cfg)
     rows = []
-    for path, sds in hf._flatten(param_shapes(cfg)).items():
+    for path, sds in traverse_util.flatten_dict(models.param_shapes(cfg)).items():
         shape = tuple(int(d) for d in sds.shape)
-        if path == ("lm_head", "kernel"):
-            shape = shape[::-1]  # torch Linear [V, D]
-        rows.append((hf._path_to_hf(path), shape))
+        rows.append((fam.path_to_hf(path), shape[::-1] if fam.hf_transposed(path) else shape))
     return sorted(rows, key=lambda r: _order(r[0]))
 
 
-_MODULE_ORDER = ("wte", "wpe", "h", "ln_1", "attn", "ln_2", "mlp", "c_attn", "c_fc", "c_proj", "ln_f",
-                 "lm_head", "weight", "bias")
+_MODULE_ORDER = ("wte", "embed_tokens", "wpe", "h", "layers", "ln_1", "input_layernorm", "attn",
+                 "self_attn", "c_attn", "q_proj", "k_proj", "v_proj", "q_norm", "k_norm", "o_proj",
+                 "ln_2", "post_attention_layernorm", "mlp", "c_fc", "gate_proj", "up_proj",
+                 "down_proj", "c_proj", "ln_f", "norm", "lm_head", "weight", "bias")
 
 
 def _order(name: str) -> tuple:
-    """Sort key giving the model's own order: wte, wpe, h.0 (ln_1, attn, ln_2, mlp), ..., ln_f."""
+    """Sort key giving the model's own order: embeddings, block 0 (norm, attention, norm, MLP),
+    ..., the final norm, the head."""
     key = []
-    for part in name.removeprefix("transformer.").split("."):
+    for part in name.split(".")[1 if name.startswith(("transformer.", "model.")) else 0:]:
         if part.isdigit():
             key.append((0, int(part), ""))
         elif part in _MODULE_ORDER:
@@ -218,8 +235,8 @@ def _order(name: str) -> tuple:
 
 
 def module_summary(hf_config: Mapping) -> Optional[str]:
-    """A compact text tree of a GPT-2's parameters: module paths, shapes and counts, with runs of
-    identical blocks folded into one entry (`transformer.h.0-5 (6 × GPT2Block, each)`)."""
+    """A compact text tree of a model's parameters: module paths, shapes and counts, with runs of
+    identical blocks folded into one entry (`transformer.h.0-5 (6 blocks, each: N params)`)."""
     rows = param_table(hf_config)
     if rows is None:
         return None
@@ -227,9 +244,10 @@ def module_summary(hf_config: Mapping) -> Optional[str]:
     blocks: dict[int, list[tuple[str, tuple]]] = {}
     top_before, top_after = [], []
     for name, shape in rows:
-        m = re.match(r"transformer\.h\.(\d+)\.(.*)", name)
+        m = re.match(r"(.*?)\.(\d+)\.(.*)", name)  # the first numbered module: the blocks
         if m:
-            blocks.setdefault(int(m.group(1)), []).append((m.group(2), shape))
+            prefix = m.group(1)
+            blocks.setdefault(int(m.group(2)), []).append((m.group(3), shape))
         elif blocks:
             top_after.append((name, shape))
         else:
@@ -240,7 +258,7 @@ def module_summary(hf_config: Mapping) -> Optional[str]:
         return f"{'  ' * indent}{name:<{44 - 2 * indent}} {str(list(shape)):<14} {n:>14,}"
 
     total = sum(math.prod(s) for _, s in rows)
-    out = [f"GPT2LMHeadModel{'':<29} {'shape':<14} {'params':>14}"]
+    out = [f"{_architecture(cfg):<44} {'shape':<14} {'params':>14}"]
     out += [line(1, n, s) for n, s in top_before]
     # Fold consecutive blocks with identical parameter lists.
     idx = sorted(blocks)
@@ -252,12 +270,16 @@ def module_summary(hf_config: Mapping) -> Optional[str]:
         k = j - i + 1
         span = f"{idx[i]}" if k == 1 else f"{idx[i]}-{idx[j]}"
         each = sum(math.prod(s) for _, s in blocks[idx[i]])
-        out.append(f"  transformer.h.{span} ({k} × GPT2Block{', each' if k > 1 else ''}: {each:,} params)")
+        out.append(f"  {prefix}.{span} ({k} block{'s, each' if k > 1 else ''}: {each:,} params)")
         out += [line(2, n, s) for n, s in blocks[idx[i]]]
         i = j + 1
     out += [line(1, n, s) for n, s in top_after]
-    if cfg is not None and cfg.tie_word_embeddings:
-        out.append(f"  {'lm_head.weight':<42} tied to transformer.wte.weight (counted once)")
+    if cfg.tie_word_embeddings:
+        from distil_jax import models
+
+        fam = models.family(cfg)
+        out.append(f"  {'lm_head.weight':<42} tied to {fam.path_to_hf(fam.lm_head_path(cfg))} "
+                   "(counted once)")
     out.append(f"  {'total':<42} {'':<14} {total:>14,}")
     return "\n".join(out)
 
@@ -280,7 +302,8 @@ def _front_matter(summary: Mapping, config: Mapping) -> str:
     if isinstance(lic, str) and lic:
         meta["license"] = lic
     meta["pipeline_tag"] = "text-generation"
-    meta["tags"] = ["distillation", "distil_jax", "gpt2", "text-generation"]
+    s_type = _get(summary, "student", "config", "model_type") or "gpt2"
+    meta["tags"] = ["distillation", "distil_jax", str(s_type), "text-generation"]
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---"
 
 
@@ -333,9 +356,12 @@ def _summary_section(summary, config, export, model_name) -> str:
     real = _get(ds, "train", "real_tokens")
     docs = _get(ds, "train", "documents")
 
+    s_cfg = _hf_config(_get(summary, "student", "config") or _get(export, "student_config"))
+    arch = _architecture(s_cfg) if s_cfg is not None else None
     lines = []
     lines.append("This model is a student distilled from a teacher with distil_jax (a JAX/Flax "
-                 "reimplementation of Distily). It is a `GPT2LMHeadModel` that loads with `transformers`.")
+                 "reimplementation of Distily)." + (f" It is a `{arch}` that loads with `transformers`."
+                                                    if arch else ""))
     lines.append("")
     lines.append(f"- **Teacher:** {f'`{teacher}`' if teacher else NOT_RECORDED}"
                  + (f", {_int(t_params)} parameters" if t_params is not None else "")
@@ -390,20 +416,20 @@ def _architecture_section(summary, config, export, _model_name) -> str:
     if params is None:
         params = _get(export, "params")
     dtype = _get(export, "dtype") or _get(s_cfg, "dtype") or _get(s_cfg, "torch_dtype")
+    cfg = _hf_config(s_cfg) if s_cfg else None
     size = _get(export, "weight_bytes")
     rows = [
-        ("class", "GPT2LMHeadModel (transformers)" if s_cfg or export else NOT_RECORDED),
+        ("class", f"{_architecture(cfg)} (transformers)" if cfg is not None else NOT_RECORDED),
         ("total parameters", _int(params)),
         ("weights dtype (this export)", dtype or NOT_RECORDED),
         ("size of the weights", _bytes(size)),
         ("training compute dtype (config train.dtype)", _get(config, "train", "dtype") or NOT_RECORDED),
         ("teacher weights dtype (config teacher.dtype)", _get(config, "teacher", "dtype") or NOT_RECORDED),
     ]
-    cfg = _hf_config(s_cfg) if s_cfg else None
     if cfg is not None:
-        rows += [("layers / width / heads", f"{cfg.n_layer} / {cfg.n_embd} / {cfg.n_head}"),
-                 ("vocabulary / positions", f"{cfg.vocab_size:,} / {cfg.n_positions:,}"),
-                 ("tied LM head", str(cfg.tie_word_embeddings).lower())]
+        rows += [("model type", cfg.model_type)]
+        rows += [(k, _int(v)) for k, v in arch_facts(cfg).items()]
+        rows += [("tied LM head", str(cfg.tie_word_embeddings).lower())]
     text = "## Architecture\n\n" + _table(["", "student"], rows)
     tree = module_summary(s_cfg) if s_cfg else None
     text += "\n\nModule summary (parameter names as in the PyTorch state dict):\n\n"
@@ -551,13 +577,13 @@ def _diff_section(summary, config, export, _model_name) -> str:
         return f"{a / b:.3f}" if a is not None and b else "—"
 
     rows = [("parameters", _int(t_params), _int(s_params), ratio(s_params, t_params))]
-    t_layers = _get(summary, "teacher", "n_layer") or (t_cfg.n_layer if t_cfg else None)
-    s_layers = _get(summary, "student", "n_layer") or (s_cfg.n_layer if s_cfg else None)
+    t_layers = _get(summary, "teacher", "n_layer") or (t_cfg.num_layers if t_cfg else None)
+    s_layers = _get(summary, "student", "n_layer") or (s_cfg.num_layers if s_cfg else None)
     rows.append(("layers", _int(t_layers), _int(s_layers), ratio(s_layers, t_layers)))
     if t_cfg is not None and s_cfg is not None:
-        for f in ("n_embd", "n_head", "inner_dim", "vocab_size", "n_positions"):
-            a, b = getattr(t_cfg, f), getattr(s_cfg, f)
-            rows.append((f, _int(a), _int(b), ratio(b, a)))
+        t_facts, s_facts = arch_facts(t_cfg), arch_facts(s_cfg)
+        for f in list(t_facts)[1:]:
+            rows.append((f, _int(t_facts[f]), _int(s_facts[f]), ratio(s_facts[f], t_facts[f])))
     text = head + _table(["", "teacher", "student", "student / teacher"], rows)
     t_tree = module_summary(t_cfg_d) if t_cfg is not None else None
     s_tree = module_summary(s_cfg_d) if s_cfg is not None else None

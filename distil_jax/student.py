@@ -1,10 +1,12 @@
 """Build the student from the teacher: its config, its initial weights, and what stays frozen.
 
-Distily's student options (spec section 4): a pretrained student (weights loaded), a student
-config from a path or hub id (e.g. `distilbert/distilgpt2`), or the teacher's config with
-overrides (e.g. `{"n_layer": 6}`); the vocabulary is always the teacher's; random init as HF
-GPT-2 does; `copy_teacher_modules` copies teacher modules in (optionally frozen); and optionally
-student blocks initialized from chosen teacher blocks (distilgpt2 used [0, 2, 4, 7, 9, 11]).
+Distily's student options: a pretrained student (weights loaded), a student config from a path or
+hub id (e.g. `distilbert/distilgpt2`), or the teacher's config with overrides in the family's HF
+field names (e.g. `{"n_layer": 6}` for GPT-2, `{"num_hidden_layers": 16}` for Llama); the
+vocabulary is always the teacher's; random init as HF does; `copy_teacher_modules` copies teacher
+modules in by their HF module names (optionally frozen); and optionally student blocks initialized
+from chosen teacher blocks (distilgpt2 used [0, 2, 4, 7, 9, 11]; "uniform" picks evenly spaced
+ones). Everything architecture-specific goes through `distil_jax.models`.
 """
 
 from __future__ import annotations
@@ -14,16 +16,11 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from distil_jax import hf
-from distil_jax.models.gpt2 import GPT2Config, init_params, param_shapes
+from distil_jax import hf, models
 
 log = logging.getLogger(__name__)
-
-
-def _path(module: str) -> tuple[str, ...]:
-    """'transformer.h.0.attn' / 'h.0.attn' / 'lm_head' -> ('h', '0', 'attn')."""
-    return tuple(module.removeprefix("transformer.").split("."))
 
 
 def _get(tree: Mapping, path: tuple[str, ...], what: str):
@@ -47,12 +44,12 @@ def _set(tree: dict, path: tuple[str, ...], value) -> dict:
     return out
 
 
-def student_config(teacher: GPT2Config, cfg: Mapping) -> GPT2Config:
-    """The student's GPT2Config from the `student` config section.
+def student_config(teacher, cfg: Mapping):
+    """The student's config from the `student` config section.
 
     cfg.model_name_or_path: a pretrained student (its config); else cfg.config_name_or_path: a
-    config only; else the teacher's config. cfg.overrides (dict) is applied on top; an unknown
-    key is a ValueError. The vocabulary is forced to the teacher's.
+    config only; else the teacher's config. cfg.overrides (dict of the family's HF config fields)
+    is applied on top; an unknown key is a ValueError. The vocabulary is forced to the teacher's.
     """
     if cfg.get("model_name_or_path"):
         base = hf.load_config(cfg["model_name_or_path"])
@@ -72,80 +69,102 @@ def student_config(teacher: GPT2Config, cfg: Mapping) -> GPT2Config:
     return config
 
 
-def build_student(
-    teacher_config: GPT2Config,
-    teacher_params: Mapping,
-    cfg: Mapping,
-    rng: jax.Array,
-) -> tuple[GPT2Config, dict, dict]:
+def uniform_layers(n_student: int, n_teacher: int) -> list[int]:
+    """Evenly spaced teacher blocks for `n_student` student blocks, first and last included:
+    6 of 12 -> [0, 2, 4, 7, 9, 11] (the distilgpt2 recipe), 16 of 32 -> [0, 2, 4, ..., 29, 31]."""
+    if n_student > n_teacher:
+        raise ValueError(f"init_from_teacher_layers='uniform': the student has {n_student} blocks, "
+                         f"more than the teacher's {n_teacher}; list the teacher blocks explicitly")
+    if n_student == 1:
+        return [n_teacher - 1]
+    return [int(x) for x in np.round(np.linspace(0, n_teacher - 1, n_student))]
+
+
+def _teacher_layers(spec, n_student: int, n_teacher: int) -> list[int]:
+    """init_from_teacher_layers -> one non-negative teacher block index per student block."""
+    if isinstance(spec, str):
+        if spec != "uniform":
+            raise ValueError(f"init_from_teacher_layers={spec!r}: use 'uniform' or a list of "
+                             "teacher block indices, one per student block")
+        return uniform_layers(n_student, n_teacher)
+    layers = list(spec)
+    if len(layers) != n_student:
+        raise ValueError(
+            f"init_from_teacher_layers has {len(layers)} entries but the student has "
+            f"{n_student} blocks; give one teacher block index per student block"
+        )
+    out = []
+    for j in layers:
+        j = j + n_teacher if j < 0 else j
+        if not 0 <= j < n_teacher:
+            raise ValueError(f"init_from_teacher_layers: teacher block {j} out of range "
+                             f"(teacher has {n_teacher})")
+        out.append(j)
+    return out
+
+
+def build_student(teacher_config, teacher_params: Mapping, cfg: Mapping,
+                  rng: jax.Array) -> tuple[object, dict, dict]:
     """(student config, student params float32, trainable mask).
 
     cfg: the `student` config section: model_name_or_path, config_name_or_path, overrides,
-      copy_teacher_modules (list of (module, frozen) pairs; default [("lm_head", False)]),
-      init_from_teacher_layers (list, one teacher block index per student block, or None).
+      copy_teacher_modules (list of (HF module name, frozen) pairs; default [("lm_head", False)]),
+      init_from_teacher_layers ("uniform", a list with one teacher block index per student block,
+      or empty).
     The trainable mask is a pytree of bools like params (False = frozen, never updated).
     """
     config = student_config(teacher_config, cfg)
+    copies = list(cfg.get("copy_teacher_modules", [("lm_head", False)]) or [])
+    if config.model_type != teacher_config.model_type and (
+            cfg.get("init_from_teacher_layers") or any(m != "lm_head" for m, _ in copies)):
+        # Only the LM head means the same in both families (its shape is checked below).
+        raise ValueError(f"the student ({config.model_type}) and the teacher "
+                         f"({teacher_config.model_type}) are different model families: only "
+                         "'lm_head' can be copied between them")
     if cfg.get("model_name_or_path"):
         _, params = hf.load_pretrained(cfg["model_name_or_path"], jnp.float32)
         # Overrides that change the architecture would leave weights the config does not use
         # (e.g. n_layer=1 on a 2-block checkpoint silently ignores block 1): refuse them.
-        want = jax.tree_util.tree_map(lambda x: x.shape, param_shapes(config))
-        got = jax.tree_util.tree_map(jnp.shape, params)
-        if want != got:
+        if models.shape_problems(models.param_shapes(config), params):
             raise ValueError(
                 f"the student overrides {dict(cfg.get('overrides') or {})} change the architecture "
                 f"of the pretrained student {cfg['model_name_or_path']!r}, whose weights no longer "
                 "fit; use config_name_or_path (random init) to change its shape"
             )
     else:
-        params = init_params(config, rng)
+        params = models.init_params(config, rng)
     trainable = jax.tree_util.tree_map(lambda _: True, params)
+    fam, t_fam = models.family(config), models.family(teacher_config)
 
-    layers = cfg.get("init_from_teacher_layers")
-    if layers:
-        layers = list(layers)
-        if len(layers) != config.n_layer:
-            raise ValueError(
-                f"init_from_teacher_layers has {len(layers)} entries but the student has "
-                f"{config.n_layer} blocks; give one teacher block index per student block"
-            )
-        h = dict(params["h"])
+    spec = cfg.get("init_from_teacher_layers")
+    if spec:
+        layers = _teacher_layers(spec, config.num_layers, teacher_config.num_layers)
         for i, j in enumerate(layers):
-            j = j + teacher_config.n_layer if j < 0 else j
-            if not 0 <= j < teacher_config.n_layer:
-                raise ValueError(f"init_from_teacher_layers: teacher block {j} out of range "
-                                 f"(teacher has {teacher_config.n_layer})")
-            h[str(i)] = _copy_checked(teacher_params["h"][str(j)], params["h"][str(i)], f"h.{j}")
-        params = dict(params, h=h)
+            dst = fam.block_path(i)
+            value = _copy_checked(_get(teacher_params, t_fam.block_path(j), "teacher"),
+                                  _get(params, dst, "student"), f"block {j}")
+            params = _set(params, dst, value)
+        log.info("student blocks initialized from teacher blocks %s", layers)
 
-    for module, frozen in cfg.get("copy_teacher_modules", [("lm_head", False)]) or []:
-        path = _path(module)
-        if path == ("lm_head",):
-            # GPT-2 ties lm_head to wte: copying the head is copying the token embedding.
-            src = _head_as_embedding(teacher_config, teacher_params)
-            dst_path = ("wte", "embedding") if config.tie_word_embeddings else ("lm_head", "kernel")
-            if not config.tie_word_embeddings:
-                src = src.T
-            value = _copy_checked(src, _get(params, dst_path, "student"), module)
-            params = _set(params, dst_path, value)
-            mask_path = dst_path
+    for module, frozen in copies:
+        if module == "lm_head":
+            # Whether the head is tied is the family's business: copy the teacher's [D, V] head
+            # into wherever the student's head lives (its token embedding when tied).
+            head = _copy_checked(models.lm_head(teacher_config, teacher_params),
+                                 models.lm_head(config, params), module)
+            params = models.with_lm_head(config, params, head)
+            mask_path = fam.lm_head_path(config)
         else:
-            value = _copy_checked(_get(teacher_params, path, "teacher"), _get(params, path, "student"), module)
+            path = fam.module_path(module)
+            value = _copy_checked(_get(teacher_params, t_fam.module_path(module), "teacher"),
+                                  _get(params, path, "student"), module)
             params = _set(params, path, value)
             mask_path = path
         if frozen:
-            trainable = _set(trainable, mask_path, jax.tree_util.tree_map(lambda _: False,
-                                                                       _get(trainable, mask_path, "student")))
+            trainable = _set(trainable, mask_path, jax.tree_util.tree_map(
+                lambda _: False, _get(trainable, mask_path, "student")))
         log.info("copied teacher module %s into the student%s", module, " (frozen)" if frozen else "")
     return config, params, trainable
-
-
-def _head_as_embedding(config: GPT2Config, params: Mapping):
-    """The teacher's LM head as a [V, D] matrix (the tied wte, or lm_head transposed)."""
-    if config.tie_word_embeddings:
-        return params["wte"]["embedding"]
-    return params["lm_head"]["kernel"].T
 
 
 def _copy_checked(src, dst, name: str):
@@ -158,3 +177,4 @@ def _copy_checked(src, dst, name: str):
             f"(teacher {s_shapes}, student {d_shapes}); the student needs the teacher's width"
         )
     return jax.tree_util.tree_map(lambda x: jnp.array(x, dtype=jnp.float32, copy=True), src)
+

@@ -29,9 +29,8 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from distil_jax import checkpoint, data, hf, student
+from distil_jax import checkpoint, data, hf, models, student
 from distil_jax.config import DTYPES, validate
-from distil_jax.models import gpt2
 from distil_jax.objectives.objective import Objective
 from distil_jax.train_step import (BucketedTrainStep, StepConfig, create_train_state, make_eval_step,
                                    make_mesh, make_optimizer, replicate, shard_batch)
@@ -150,7 +149,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     t_start = time.time()
     config = validate(ml_collections.ConfigDict(config.to_dict()))
     # Refuse an attention implementation this machine cannot run before any download or work.
-    gpt2.check_attention_impl(config.train.attention, DTYPES[config.train.dtype])
+    models.check_attention_impl(config.train.attention, DTYPES[config.train.dtype])
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     if config.demo_teacher.enabled:
@@ -163,8 +162,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     tokenizer = _tokenizer(config.tokenizer_name_or_path or config.teacher.model_name_or_path)
     if not (workdir / "tokenizer").exists():
         tokenizer.save_pretrained(workdir / "tokenizer")
-    tok_max = getattr(tokenizer, "model_max_length", None) or teacher_cfg.n_positions
-    seq_len = int(min(config.dataset.max_seq_len, teacher_cfg.n_positions, tok_max))
+    tok_max = getattr(tokenizer, "model_max_length", None) or teacher_cfg.max_positions
+    seq_len = int(min(config.dataset.max_seq_len, teacher_cfg.max_positions, tok_max))
 
     # Data.
     train_rows, test_rows, data_stats = data.build_datasets(
@@ -181,10 +180,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     student_cfg, student_params, trainable = student.build_student(
         teacher_cfg, teacher_params, config.student.to_dict(), rng_student)
     if not config.student.dropout:
-        student_cfg = student_cfg.replace(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    if seq_len > student_cfg.n_positions:
-        raise ValueError(f"sequence length {seq_len} exceeds the student's n_positions="
-                         f"{student_cfg.n_positions}; lower dataset.max_seq_len")
+        student_cfg = student_cfg.without_dropout()
+    if seq_len > student_cfg.max_positions:
+        raise ValueError(f"sequence length {seq_len} exceeds the student's maximum of "
+                         f"{student_cfg.max_positions} positions; lower dataset.max_seq_len")
     hf.config_to_hf(student_cfg).save_pretrained(workdir / "student")
     obj_cfg = config.objective.to_dict()
     if obj_cfg.get("logits_chunk_tokens", -1) < 0:
@@ -253,10 +252,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     evals_path = workdir / "evals.json"
     evals = json.loads(evals_path.read_text()) if evals_path.exists() and start else {}
 
-    n_teacher, n_student = gpt2.param_count(teacher_cfg), gpt2.param_count(student_cfg)
-    log.info("teacher %s: %d layers, %s params; student: %d layers, %s params; %d devices (%s)",
-             config.teacher.model_name_or_path, teacher_cfg.n_layer, f"{n_teacher:,}",
-             student_cfg.n_layer, f"{n_student:,}", mesh.devices.size, jax.devices()[0].device_kind)
+    n_teacher, n_student = models.param_count(teacher_cfg), models.param_count(student_cfg)
+    log.info("teacher %s (%s): %d layers, %s params; student: %d layers, %s params; %d devices (%s)",
+             config.teacher.model_name_or_path, teacher_cfg.model_type, teacher_cfg.num_layers,
+             f"{n_teacher:,}", student_cfg.num_layers, f"{n_student:,}", mesh.devices.size, jax.devices()[0].device_kind)
     log.info("train: %d rows of %d tokens (%s), %d real tokens, %.1f%% padding; %d steps of %d rows",
              data_stats["train"]["rows"], seq_len, config.dataset.layout,
              data_stats["train"]["real_tokens"], 100 * data_stats["train"]["padding_fraction"],
@@ -347,8 +346,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     summary = {
         "started_at": run["started_at"],
         "teacher": {"name_or_path": config.teacher.model_name_or_path, "params": n_teacher,
-                    "n_layer": teacher_cfg.n_layer, "config": hf.config_to_hf(teacher_cfg).to_dict()},
-        "student": {"params": n_student, "n_layer": student_cfg.n_layer,
+                    "n_layer": teacher_cfg.num_layers, "config": hf.config_to_hf(teacher_cfg).to_dict()},
+        "student": {"params": n_student, "n_layer": student_cfg.num_layers,
                     "config": hf.config_to_hf(student_cfg).to_dict()},
         "dataset": {k: config.dataset[k] for k in ("uri", "subset", "split", "column")}
         | {"layout": config.dataset.layout, "seq_len": seq_len,

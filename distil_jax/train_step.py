@@ -26,8 +26,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from distil_jax.models import gpt2
-from distil_jax.models.gpt2 import GPT2Config
+from distil_jax import models
 from distil_jax.objectives.objective import Objective, next_token_targets, real_token_positions
 
 Array = jax.Array
@@ -111,8 +110,8 @@ def create_train_state(params: Mapping, tx: optax.GradientTransformation, rng: A
 class StepConfig:
     """Static settings of the step (hashable)."""
 
-    teacher: GPT2Config
-    student: GPT2Config
+    teacher: Any  # the models' configs (any family of distil_jax.models)
+    student: Any
     objective: Objective
     dtype: Any = jnp.float32  # compute dtype
     remat: bool = False
@@ -123,15 +122,19 @@ class StepConfig:
     # number of data-parallel devices (a group per device). See `logits_capacity()`.
     logits_capacity: Optional[int] = None
     logits_groups: int = 1
+    # Tokens per chunk of the logits losses, 0 = unchunked: decided once on the host by
+    # `Objective.chunk_tokens` (see `with_logits_chunk`), never while tracing.
+    logits_chunk: int = 0
     attention_impl: str = "xla"  # fused attention of the unmapped layers: "xla" or "cudnn"
-    single_document_rows: bool = False  # the pad layout's rows (see gpt2.forward)
+    single_document_rows: bool = False  # the pad layout's rows (see the models' forward)
 
 
-def lm_head(config: GPT2Config, params: Mapping) -> Array:
-    """The LM head as a [D, V] matrix."""
-    if config.tie_word_embeddings:
-        return params["wte"]["embedding"].T
-    return params["lm_head"]["kernel"]
+def with_logits_chunk(sc: StepConfig, rows: int, seq: int) -> StepConfig:
+    """`sc` with `logits_chunk` decided for batches of `rows` rows of `seq` tokens (all devices
+    together): the objective's explicit setting, or its automatic choice for each device's share."""
+    per_device = max(rows // (sc.logits_groups * sc.grad_accum), 1)
+    return dataclasses.replace(sc, logits_chunk=sc.objective.chunk_tokens(per_device, seq,
+                                                                         sc.student.vocab_size))
 
 
 def distill_loss(sc: StepConfig, trainable: Mapping, teacher_params: Mapping, batch: Mapping,
@@ -144,24 +147,22 @@ def distill_loss(sc: StepConfig, trainable: Mapping, teacher_params: Mapping, ba
     uses_logits = bool(obj.logits.active or obj.clm_weight)
     compact = uses_logits and sc.logits_capacity is not None
     # The objective applies the LM heads itself when it chunks them or skips padding.
-    rows_per_device = max(B // sc.logits_groups, 1)
-    chunked = uses_logits and bool(obj.chunk_tokens(rows_per_device, S, sc.student.vocab_size))
-    own_heads = compact or chunked
+    own_heads = compact or (uses_logits and sc.logits_chunk > 0)
     common = dict(segment_ids=seg, dtype=sc.dtype, return_last_hidden=own_heads,
                   attention_impl=sc.attention_impl, single_document_rows=sc.single_document_rows)
     needs_teacher = obj.logits.active or obj.hs.active or obj.attn.active
     t_out = None
     if needs_teacher:  # a clm-only objective (pretraining) runs no teacher at all
         teacher_params = jax.lax.stop_gradient(teacher_params)
-        t_out = gpt2.forward(sc.teacher, teacher_params, ids, **feats["teacher"], **common)
+        t_out = models.forward(sc.teacher, teacher_params, ids, **feats["teacher"], **common)
         t_out = jax.lax.stop_gradient(t_out)
-    s_out = gpt2.forward(sc.student, trainable["student"], ids, **feats["student"], **common,
+    s_out = models.forward(sc.student, trainable["student"], ids, **feats["student"], **common,
                          remat=sc.remat, deterministic=not sc.dropout,
                          dropout_rng=rng if sc.dropout else None)
-    heads = {}
+    heads = dict(logits_chunk=sc.logits_chunk)
     if own_heads:
-        heads = dict(student_head=lm_head(sc.student, trainable["student"]),
-                     teacher_head=lm_head(sc.teacher, teacher_params) if needs_teacher else None)
+        heads.update(student_head=models.lm_head(sc.student, trainable["student"]),
+                     teacher_head=models.lm_head(sc.teacher, teacher_params) if needs_teacher else None)
     if compact:
         heads["logits_positions"] = real_token_positions(seg > 0, sc.logits_groups, sc.logits_capacity)
     return obj(trainable.get("objective", {}), s_out, t_out, seg, ids, **heads)
@@ -296,7 +297,8 @@ class BucketedTrainStep:
         if cap not in self._steps:
             if self._on_compile is not None:
                 self._on_compile(cap)
-            sc = dataclasses.replace(self._sc, logits_capacity=cap)
+            sc = with_logits_chunk(dataclasses.replace(self._sc, logits_capacity=cap),
+                                   *np.shape(host_batch["input_ids"]))
             self._steps[cap] = make_train_step(sc, *self._args)
         if self._mesh is not None:
             batch = shard_batch(host_batch, self._mesh)
@@ -312,7 +314,7 @@ class BucketedTrainStep:
 # ----------------------------------------------------------------------------- eval
 
 
-def make_eval_step(config: GPT2Config, dtype=jnp.float32):
+def make_eval_step(config, dtype=jnp.float32):
     """Jitted `eval(params, batch) -> dict` of summed next-token log-likelihoods (the perplexity
     numerator) and token counts, counting every position whose next token is in its document:
 
@@ -323,7 +325,7 @@ def make_eval_step(config: GPT2Config, dtype=jnp.float32):
     def eval_step(params, batch):
         ids, seg = batch["input_ids"], batch["segment_ids"]
         S = ids.shape[1]
-        logits = gpt2.forward(config, params, ids, segment_ids=seg, dtype=dtype).logits
+        logits = models.forward(config, params, ids, segment_ids=seg, dtype=dtype).logits
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         labels, valid = next_token_targets(ids, seg)
         lp = jnp.where(valid, jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0], 0.0)

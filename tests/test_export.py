@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from distil_jax import checkpoint, export as export_lib, hf
 from distil_jax.export import PushError, export, main, push_to_hub
-from distil_jax.models import gpt2
+from distil_jax import models
 
 ROOT = Path(__file__).resolve().parents[1]
 F32_TOL = 1e-5  # max abs logit difference, float32 export vs the JAX student
@@ -67,7 +67,7 @@ def _jax_logits(run, ids, mask, step=None, dtype=None):
     params = tree["student"]
     if dtype is not None:  # round as the export does, then compute in float32
         params = jax.tree_util.tree_map(lambda x: jnp.asarray(x).astype(dtype).astype(jnp.float32), params)
-    out = gpt2.forward(config, params, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    out = models.forward(config, params, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     return np.asarray(out.logits)
 
 

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from distil_jax import hf
-from distil_jax.models import gpt2
+from distil_jax import models
+from distil_jax.models import common
+from distil_jax.models.gpt2 import GPT2Config
 from tests.hf_utils import tiny_hf_model, torch_forward
 
 TOL = 1e-5  # float32, max abs difference
@@ -38,7 +40,7 @@ def test_parity_with_transformers(overrides, padded):
     ref = torch_forward(model, ids, mask if padded else None)
     # Request the first and the last layer (negative index): the others go through fused attention.
     out = jax.jit(
-        lambda p, i, m: gpt2.forward(config, p, i, m, output_hidden_states=True,
+        lambda p, i, m: models.forward(config, p, i, m, output_hidden_states=True,
                                      output_attentions=(0, -1))
     )(params, ids, mask if padded else None)
     assert _maxdiff(out.logits, ref.logits.numpy()) < TOL
@@ -57,8 +59,8 @@ def test_all_layers_materialized_equals_fused():
     config = hf.config_from_hf(model.config)
     params = hf.hf_state_dict_to_params(config, {k: v.numpy() for k, v in model.state_dict().items()})
     ids = np.random.RandomState(1).randint(0, config.vocab_size, (2, 9))
-    fused = gpt2.forward(config, params, ids)
-    explicit = gpt2.forward(config, params, ids, output_attentions=(0, 1, 2))
+    fused = models.forward(config, params, ids)
+    explicit = models.forward(config, params, ids, output_attentions=(0, 1, 2))
     assert fused.attentions == {}
     assert _maxdiff(fused.logits, explicit.logits) < TOL
 
@@ -71,9 +73,9 @@ def test_packed_rows_match_documents_alone():
     doc_a, doc_b = rng.randint(0, config.vocab_size, 7), rng.randint(0, config.vocab_size, 5)
     row = np.concatenate([doc_a, doc_b])[None]
     seg = np.array([[1] * 7 + [2] * 5])
-    packed = gpt2.forward(config, params, row, segment_ids=seg, output_attentions=(-1,))
-    alone_a = gpt2.forward(config, params, doc_a[None])
-    alone_b = gpt2.forward(config, params, doc_b[None])
+    packed = models.forward(config, params, row, segment_ids=seg, output_attentions=(-1,))
+    alone_a = models.forward(config, params, doc_a[None])
+    alone_b = models.forward(config, params, doc_b[None])
     assert _maxdiff(packed.logits[0, :7], alone_a.logits[0]) < TOL
     assert _maxdiff(packed.logits[0, 7:], alone_b.logits[0]) < TOL
     # No attention crosses the document boundary.
@@ -82,7 +84,7 @@ def test_packed_rows_match_documents_alone():
 
 def test_segment_positions_restart():
     seg = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0]])
-    assert gpt2.segment_positions(seg).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1]]
+    assert common.segment_positions(seg).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1]]
 
 
 def test_bfloat16_compute_close_to_float32():
@@ -90,9 +92,11 @@ def test_bfloat16_compute_close_to_float32():
     config = hf.config_from_hf(model.config)
     params = hf.hf_state_dict_to_params(config, {k: v.numpy() for k, v in model.state_dict().items()})
     ids = np.random.RandomState(3).randint(0, config.vocab_size, (2, 8))
-    f32 = gpt2.forward(config, params, ids, output_attentions=(0,))
-    bf16 = gpt2.forward(config, params, ids, output_attentions=(0,), dtype=jnp.bfloat16)
-    assert bf16.logits.dtype == jnp.bfloat16
+    f32 = models.forward(config, params, ids, output_attentions=(0,))
+    bf16 = models.forward(config, params, ids, output_attentions=(0,), dtype=jnp.bfloat16)
+    assert bf16.last_hidden_state.dtype == jnp.bfloat16
+    # The LM head accumulates in float32: the losses' log-softmax sees unrounded logits.
+    assert bf16.logits.dtype == jnp.float32
     assert bf16.attentions[0].dtype == jnp.float32  # softmax in float32
     # bf16 has ~3 significant digits; tiny logits are O(1).
     assert _maxdiff(bf16.logits, f32.logits) < 5e-2
@@ -103,56 +107,56 @@ def test_remat_and_last_hidden_same_values():
     config = hf.config_from_hf(model.config)
     params = hf.hf_state_dict_to_params(config, {k: v.numpy() for k, v in model.state_dict().items()})
     ids = np.random.RandomState(4).randint(0, config.vocab_size, (2, 8))
-    base = gpt2.forward(config, params, ids)
-    out = gpt2.forward(config, params, ids, remat=True, return_last_hidden=True)
+    base = models.forward(config, params, ids)
+    out = models.forward(config, params, ids, remat=True, return_last_hidden=True)
     assert out.logits is None
     logits = out.last_hidden_state @ params["lm_head"]["kernel"]
     assert _maxdiff(logits, base.logits) < TOL
 
     def loss(p, remat):
-        return jnp.mean(gpt2.forward(config, p, ids, remat=remat).logits ** 2)
+        return jnp.mean(models.forward(config, p, ids, remat=remat).logits ** 2)
 
     g0, g1 = jax.grad(loss)(params, False), jax.grad(loss)(params, True)
     assert max(_maxdiff(a, b) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1))) < TOL
 
 
 def test_dropout_needs_rng_and_changes_output():
-    config = gpt2.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=16)
-    params = gpt2.init_params(config, jax.random.PRNGKey(0))
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=16)
+    params = models.init_params(config, jax.random.PRNGKey(0))
     ids = jnp.zeros((1, 8), jnp.int32)
     with pytest.raises(ValueError, match="dropout_rng"):
-        gpt2.forward(config, params, ids, deterministic=False)
-    a = gpt2.forward(config, params, ids, deterministic=False, dropout_rng=jax.random.PRNGKey(1))
-    b = gpt2.forward(config, params, ids)
+        models.forward(config, params, ids, deterministic=False)
+    a = models.forward(config, params, ids, deterministic=False, dropout_rng=jax.random.PRNGKey(1))
+    b = models.forward(config, params, ids)
     assert _maxdiff(a.logits, b.logits) > 1e-4
 
 
 def test_too_long_sequence_is_refused():
-    config = gpt2.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=8)
-    params = gpt2.init_params(config, jax.random.PRNGKey(0))
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=8)
+    params = models.init_params(config, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="exceeds the model's n_positions=8"):
-        gpt2.forward(config, params, jnp.zeros((1, 9), jnp.int32))
+        models.forward(config, params, jnp.zeros((1, 9), jnp.int32))
 
 
 def test_unknown_override_and_unsupported_option():
     with pytest.raises(ValueError, match="unknown GPT-2 config field"):
-        gpt2.GPT2Config().replace(n_layers=6)
+        GPT2Config().replace(n_layers=6)
     with pytest.raises(ValueError, match="reorder_and_upcast_attn"):
-        gpt2.GPT2Config(reorder_and_upcast_attn=True)
+        GPT2Config(reorder_and_upcast_attn=True)
     with pytest.raises(ValueError, match="unsupported activation_function 'tanh'"):
-        gpt2.GPT2Config(activation_function="tanh")
+        GPT2Config(activation_function="tanh")
 
 
 def test_param_counts_match_hf():
-    assert gpt2.param_count(gpt2.GPT2Config()) == 124_439_808  # gpt2
-    assert gpt2.param_count(gpt2.GPT2Config(n_layer=6)) == 81_912_576  # distilgpt2
+    assert models.param_count(GPT2Config()) == 124_439_808  # gpt2
+    assert models.param_count(GPT2Config(n_layer=6)) == 81_912_576  # distilgpt2
     model = tiny_hf_model(n_layer=3, tie_word_embeddings=False)
-    assert gpt2.param_count(hf.config_from_hf(model.config)) == model.num_parameters()
+    assert models.param_count(hf.config_from_hf(model.config)) == model.num_parameters()
 
 
 def test_init_statistics_follow_hf():
-    config = gpt2.GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=512, n_positions=64)
-    p = gpt2.init_params(config, jax.random.PRNGKey(0))
+    config = GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=512, n_positions=64)
+    p = models.init_params(config, jax.random.PRNGKey(0))
     assert abs(float(jnp.std(p["wte"]["embedding"])) - 0.02) < 1e-3
     assert abs(float(jnp.std(p["h"]["0"]["attn"]["c_attn"]["kernel"])) - 0.02) < 1e-3
     want = 0.02 / np.sqrt(2 * 4)
@@ -184,10 +188,10 @@ def test_cudnn_attention_contract(monkeypatch, single_document_rows):
         calls.append((implementation, kw.get("is_causal"), None if mask is None else mask.shape))
         return real(q, k, v, bias, mask, implementation="xla", **kw)
 
-    default = gpt2.forward(config, params, ids, segment_ids=seg, output_attentions=(1,), dtype=jnp.bfloat16)
+    default = models.forward(config, params, ids, segment_ids=seg, output_attentions=(1,), dtype=jnp.bfloat16)
     monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_on_xla)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    cudnn = gpt2.forward(config, params, ids, segment_ids=seg, output_attentions=(1,), dtype=jnp.bfloat16,
+    cudnn = models.forward(config, params, ids, segment_ids=seg, output_attentions=(1,), dtype=jnp.bfloat16,
                          attention_impl="cudnn", single_document_rows=single_document_rows)
     mask_shape = None if single_document_rows else (2, 1, 12, 12)
     assert calls == [("cudnn", True, mask_shape)] * 2  # layers 0 and 2; layer 1 is explicit
@@ -199,13 +203,13 @@ def test_cudnn_attention_contract(monkeypatch, single_document_rows):
 
 
 def test_attention_impl_errors(monkeypatch):
-    config = gpt2.GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)
-    params = gpt2.init_params(config, jax.random.PRNGKey(0))
+    config = GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+    params = models.init_params(config, jax.random.PRNGKey(0))
     ids = np.zeros((1, 4), np.int32)
     with pytest.raises(ValueError, match=r"unknown attention implementation 'flash'; valid: xla, cudnn"):
-        gpt2.forward(config, params, ids, attention_impl="flash")
+        models.forward(config, params, ids, attention_impl="flash")
     with pytest.raises(ValueError, match=r"needs an NVIDIA GPU, but jax runs on 'cpu'; use attention 'xla'"):
-        gpt2.forward(config, params, ids, attention_impl="cudnn", dtype=jnp.bfloat16)
+        models.forward(config, params, ids, attention_impl="cudnn", dtype=jnp.bfloat16)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     with pytest.raises(ValueError, match=r"needs bfloat16 .* not float32; set the compute dtype to bfloat16"):
-        gpt2.forward(config, params, ids, attention_impl="cudnn")
+        models.forward(config, params, ids, attention_impl="cudnn")

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from distil_jax import hf
-from distil_jax.models import gpt2
+from distil_jax import models
 from tests.hf_utils import save_tiny, tiny_hf_model, torch_forward
 
 TOL = 1e-5  # float32 max abs
@@ -20,7 +20,7 @@ def test_round_trip_through_transformers(tmp_path):
     config, params = hf.load_pretrained(tmp_path / "src")
     assert config.n_layer == 3 and config.vocab_size == 97
     ids = np.random.RandomState(0).randint(0, 97, (2, 10))
-    ours = gpt2.forward(config, params, ids).logits
+    ours = models.forward(config, params, ids).logits
     np.testing.assert_allclose(np.asarray(ours), torch_forward(ref_model, ids).logits.numpy(), rtol=0, atol=TOL)
 
     hf.save_pretrained(config, params, tmp_path / "out")

@@ -12,7 +12,8 @@ import pytest
 import scipy.linalg
 
 from distil_jax import train_step as ts
-from distil_jax.models import gpt2
+from distil_jax import models
+from distil_jax.models.gpt2 import GPT2Config
 from distil_jax.objectives import objective as objective_lib
 from distil_jax.objectives.objective import Objective
 from tests import tiny_setup as T
@@ -61,7 +62,8 @@ def test_chunked_logits_loss_equals_unchunked_value_and_gradient(setup):
                           temperature=2.0)
         assert obj.chunk_tokens(B, S, T.VOCAB) == chunk
         params = T.params_tree(obj, sc, tc, sp)
-        step_cfg = ts.StepConfig(tc, sc, obj)
+        step_cfg = ts.with_logits_chunk(ts.StepConfig(tc, sc, obj), B, S)
+        assert step_cfg.logits_chunk == chunk
         fn = jax.jit(jax.value_and_grad(lambda p, b: ts.distill_loss(step_cfg, p, tp, b, None),
                                         has_aux=True))
         (loss, parts), grads = fn(params, batch)
@@ -88,8 +90,8 @@ def test_temperature_scales_kl_by_t_squared(setup, temperature):
     b = T.batch(T.ROWS_4)
     obj = Objective.from_config(dict(logits=dict(weight=1.0, loss_fn="kl"),
                                      temperature=temperature, logits_chunk_tokens=0)).bind(sc, tc)
-    s_out = gpt2.forward(sc, sp, b["input_ids"], segment_ids=b["segment_ids"])
-    t_out = gpt2.forward(tc, tp, b["input_ids"], segment_ids=b["segment_ids"])
+    s_out = models.forward(sc, sp, b["input_ids"], segment_ids=b["segment_ids"])
+    t_out = models.forward(tc, tp, b["input_ids"], segment_ids=b["segment_ids"])
     loss, parts = obj({}, s_out, t_out, jnp.asarray(b["segment_ids"]), jnp.asarray(b["input_ids"]))
     assert set(parts) == {"loss", "loss/logits"}
     s = np.asarray(s_out.logits, np.float64)
@@ -116,9 +118,9 @@ def test_reference_objective_matches_float64_numpy(setup):
         params, {k: jnp.asarray(v) for k, v in b.items()})
 
     s_layer, t_layer = sc.n_layer - 2, tc.n_layer - 2
-    s_out = gpt2.forward(sc, sp, b["input_ids"], segment_ids=b["segment_ids"],
+    s_out = models.forward(sc, sp, b["input_ids"], segment_ids=b["segment_ids"],
                          output_attentions=(s_layer,))
-    t_out = gpt2.forward(tc, tp, b["input_ids"], segment_ids=b["segment_ids"],
+    t_out = models.forward(tc, tp, b["input_ids"], segment_ids=b["segment_ids"],
                          output_attentions=(t_layer,))
     real = b["segment_ids"] > 0  # [B, S]
 
@@ -166,8 +168,8 @@ def test_weight_zero_component_requests_nothing_and_adds_no_key(setup):
 
 
 def test_only_mapped_attention_layers_are_requested():
-    s6 = gpt2.GPT2Config(n_layer=6, n_embd=32, n_head=4, vocab_size=T.VOCAB)
-    t12 = gpt2.GPT2Config(n_layer=12, n_embd=32, n_head=4, vocab_size=T.VOCAB)
+    s6 = GPT2Config(n_layer=6, n_embd=32, n_head=4, vocab_size=T.VOCAB)
+    t12 = GPT2Config(n_layer=12, n_embd=32, n_head=4, vocab_size=T.VOCAB)
     obj = Objective.from_config(T.REFERENCE_OBJECTIVE).bind(s6, t12)
     assert obj.features(s6, t12) == {
         "student": dict(output_hidden_states=False, output_attentions=(4,)),
@@ -227,7 +229,7 @@ def test_head_count_mismatch_with_attn_is_an_error(setup):
     tc, _, _, _, _ = setup
     sc = tc.replace(n_layer=2, n_head=2)
     obj = Objective.from_config(T.REFERENCE_OBJECTIVE)
-    with pytest.raises(ValueError, match="the student has 2 heads and the teacher 4"):
+    with pytest.raises(ValueError, match="the student has 2 query heads and the teacher 4"):
         obj.bind(sc, tc)
     with pytest.raises(ValueError, match="heads"):
         obj.init_params(jax.random.PRNGKey(0), sc, tc, T.SEQ)

@@ -211,7 +211,7 @@ def test_sequence_longer_than_student_positions(trained, tmp_path):
     src, _ = trained
     cfg = tiny_config()
     cfg.student.overrides = {"n_layer": 1, "n_positions": 16}
-    with pytest.raises(ValueError, match="sequence length 32 exceeds the student's n_positions=16"):
+    with pytest.raises(ValueError, match="sequence length 32 exceeds the student.s maximum of 16 positions"):
         train(cfg, _seed_workdir(src, tmp_path / "w"))
 
 

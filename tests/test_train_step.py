@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from distil_jax import train_step as ts
-from distil_jax.models import gpt2
+from distil_jax import models
 from tests import tiny_setup as T
 
 STATE_TOL = 1e-6
@@ -243,7 +243,8 @@ def test_padding_aware_logits_equal_every_position(teacher, chunk):
     sc, obj, params, mask = _setup(tc, tp, objective=dict(clm_weight=0.5, logits_chunk_tokens=chunk))
     tx, sched = ts.make_optimizer(dict(learning_rate=1.0, adam_epsilon=1.0, max_grad_norm=1.0), 10, mask)
     host = T.batch(T.ROWS_8)
-    step_cfg = ts.StepConfig(tc, sc, obj, grad_accum=2)
+    step_cfg = ts.with_logits_chunk(ts.StepConfig(tc, sc, obj, grad_accum=2), *host["input_ids"].shape)
+    assert step_cfg.logits_chunk == chunk
     state = ts.create_train_state(T.to_numpy(params), tx, jax.random.PRNGKey(0))
     p_all, m_all = ts.make_train_step(step_cfg, tx, sched)(state, tp, _jnp(host))
     compiled = []
@@ -271,7 +272,7 @@ def test_eval_step_log_likelihood_matches_float64(teacher):
     b = T.batch(T.ROWS_4)
     out = jax.device_get(ts.make_eval_step(tc)(tp, _jnp(b)))
 
-    logits = np.asarray(gpt2.forward(tc, tp, b["input_ids"], segment_ids=b["segment_ids"]).logits,
+    logits = np.asarray(models.forward(tc, tp, b["input_ids"], segment_ids=b["segment_ids"]).logits,
                         np.float64)
     logits = logits - logits.max(-1, keepdims=True)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))

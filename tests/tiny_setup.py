@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from distil_jax import student as student_lib
-from distil_jax.models import gpt2
+from distil_jax import models
+from distil_jax.models.gpt2 import GPT2Config
 from distil_jax.objectives.objective import Objective
 
 VOCAB = 101
 SEQ = 16
-TEACHER_CONFIG = gpt2.GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=32,
+TEACHER_CONFIG = GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=32,
                                  bos_token_id=0, eos_token_id=0)
 
 # The reference run's objective (spec section 2), on the tiny models.
@@ -25,7 +26,7 @@ REFERENCE_OBJECTIVE = dict(
 def teacher(seed=0, sharpness=4.0):
     """(config, params): a random GPT-2 whose token embedding (= tied LM head) is scaled up so
     that its next-token distributions are far from uniform (a non-trivial target)."""
-    params = gpt2.init_params(TEACHER_CONFIG, jax.random.PRNGKey(seed))
+    params = models.init_params(TEACHER_CONFIG, jax.random.PRNGKey(seed))
     params = dict(params, wte={"embedding": params["wte"]["embedding"] * sharpness})
     return TEACHER_CONFIG, params
 

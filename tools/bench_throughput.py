@@ -255,7 +255,7 @@ def run_jax(cfg: BenchConfig) -> dict:
 
     from distil_jax import student as student_lib
     from distil_jax import train_step as ts
-    from distil_jax.models import gpt2
+    from distil_jax import models
     from distil_jax.objectives.objective import Objective
 
     load_start = _load_avg()
@@ -264,10 +264,11 @@ def run_jax(cfg: BenchConfig) -> dict:
     dtype = jnp.dtype(dtype_name)
     t_setup = time.perf_counter()
 
-    tc = gpt2.GPT2Config(**TEACHERS[cfg.teacher], bos_token_id=TEACHERS[cfg.teacher]["vocab_size"] - 1,
-                         eos_token_id=TEACHERS[cfg.teacher]["vocab_size"] - 1)
+    tc = models.config_from_hf(dict(model_type="gpt2", **TEACHERS[cfg.teacher],
+                                    bos_token_id=TEACHERS[cfg.teacher]["vocab_size"] - 1,
+                                    eos_token_id=TEACHERS[cfg.teacher]["vocab_size"] - 1))
     k_t, k_s, k_o, k_r = jax.random.split(jax.random.PRNGKey(cfg.seed), 4)
-    teacher_params = jax.jit(lambda k: gpt2.init_params(tc, k))(k_t)
+    teacher_params = jax.jit(lambda k: models.init_params(tc, k))(k_t)
     sconf, sparams, trainable = student_lib.build_student(
         tc, teacher_params, {"overrides": {"n_layer": cfg.student_layers},
                              "copy_teacher_modules": [("lm_head", False)]}, k_s)
@@ -284,7 +285,7 @@ def run_jax(cfg: BenchConfig) -> dict:
     teacher_params = jax.tree_util.tree_map(lambda x: x.astype(dtype), teacher_params)
     sc = ts.StepConfig(tc, sconf, obj, dtype=dtype, remat=cfg.remat, dropout=cfg.jax_dropout,
                        attention_impl=cfg.attention, single_document_rows=cfg.layout == "padded")
-    gpt2.check_attention_impl(sc.attention_impl, dtype)
+    models.check_attention_impl(sc.attention_impl, dtype)
 
     mesh = ts.make_mesh()
     state = ts.replicate(ts.create_train_state(params, tx, k_r), mesh)
@@ -343,7 +344,8 @@ def run_jax(cfg: BenchConfig) -> dict:
         peak_memory_bytes=peak_mem, peak_memory_kind=mem_kind, rss_after_setup_bytes=rss_setup,
         loss_first=first_loss, loss_last=last_loss, load_avg_start=load_start,
         student_dropout=cfg.jax_dropout, attention=cfg.attention, profile=profile, logits_buckets=cfg.logits_buckets, logits_capacity=logits_capacity,
-        logits_chunk_tokens=obj.chunk_tokens(cfg.batch // mesh.devices.size, cfg.seq_len, tc.vocab_size),
+        logits_chunk_tokens=ts.with_logits_chunk(dataclasses.replace(sc, logits_groups=mesh.devices.size),
+                                                 cfg.batch, cfg.seq_len).logits_chunk,
         versions=dict(jax=jax.__version__),
     )
     return _summarize(cfg, host, window_times, extra, on_gpu)

@@ -1,0 +1,109 @@
+"""The one place that knows model architectures: a registry of families keyed by the HF
+`config.json` `model_type`, and the model interface everything else calls.
+
+A family is one module (`gpt2.py`, `llama.py`) that provides:
+
+  Config                      frozen, hashable config dataclass with HF's field names and the
+                              generic properties model_type, num_layers, num_heads (query heads),
+                              num_kv_heads, width (hidden size), mlp_width, max_positions, plus vocab_size,
+                              tie_word_embeddings, initializer_range; `replace(**fields)` (an
+                              unknown field is an error) and `without_dropout()`
+  MODEL_TYPES                 the HF model_type values it implements
+  HF_ARCHITECTURE             the transformers class an export loads as (e.g. "LlamaForCausalLM")
+  config_from_hf(d)           config.json dict -> Config, refusing options it does not implement
+  config_to_hf(config)        Config -> transformers config (architectures set)
+  init_params(config, rng, param_dtype)
+  forward(config, params, input_ids, attention_mask=None, *, ...) -> common.ModelOutput
+  lm_head(config, params)     the LM head as [D, V]: the only place that knows tying
+  with_lm_head(config, params, head)  params with the head set to `head` [D, V]
+  lm_head_path(config)        the parameter path that holds the head
+  hf_to_path(name)            HF state-dict name -> parameter path (None: a buffer to skip)
+  path_to_hf(path)            parameter path -> HF state-dict name
+  hf_transposed(path)         True where HF stores the leaf transposed (torch Linear [out, in])
+  module_path(name)           HF module name ("model.layers.3", "lm_head") -> parameter path
+  block_path(i)               the parameter path of block i
+
+A third family is one more module and one line in `_FAMILIES`.
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from distil_jax.models import gpt2
+from distil_jax.models.common import (ATTENTION_IMPLS, FusedAttention, ModelOutput,  # noqa: F401
+                                      check_attention_impl, normalize_layers)
+
+_FAMILIES: tuple[ModuleType, ...] = (gpt2,)
+FAMILIES: dict[str, ModuleType] = {t: fam for fam in _FAMILIES for t in fam.MODEL_TYPES}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+
+
+class UnsupportedModelError(ValueError):
+    """A model_type or option that distil_jax does not implement."""
+
+
+def family(model_type_or_config: Any) -> ModuleType:
+    """The family module for a model_type string or a config."""
+    t = model_type_or_config if isinstance(model_type_or_config, str) else \
+        getattr(model_type_or_config, "model_type", None)
+    if t not in FAMILIES:
+        raise UnsupportedModelError(
+            f"unsupported model_type {t!r}: distil_jax supports {', '.join(SUPPORTED_MODEL_TYPES)}")
+    return FAMILIES[t]
+
+
+def config_from_hf(hf_config: Any):
+    """A transformers config, or a config.json dict, -> the family's Config (strict)."""
+    d = hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict()
+    return family(d.get("model_type")).config_from_hf(d)
+
+
+def config_to_hf(config):
+    return family(config).config_to_hf(config)
+
+
+def forward(config, params: Mapping, input_ids, attention_mask=None, **kwargs) -> ModelOutput:
+    """Run the model (see the family's `forward` for the keyword arguments)."""
+    return family(config).forward(config, params, input_ids, attention_mask, **kwargs)
+
+
+def init_params(config, rng: jax.Array, param_dtype: Any = jnp.float32) -> dict:
+    return family(config).init_params(config, rng, param_dtype)
+
+
+def lm_head(config, params: Mapping) -> jax.Array:
+    """The LM head as a [D, V] matrix (the tied embedding transposed, or the separate head)."""
+    return family(config).lm_head(config, params)
+
+
+def with_lm_head(config, params: Mapping, head: jax.Array) -> dict:
+    return family(config).with_lm_head(config, params, head)
+
+
+def param_shapes(config) -> dict:
+    """The parameter tree as `jax.ShapeDtypeStruct`s (no allocation)."""
+    return jax.eval_shape(lambda r: init_params(config, r), jax.random.PRNGKey(0))
+
+
+def param_count(config) -> int:
+    """Number of parameters, as HF counts them (a tied head counted once). No allocation."""
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(param_shapes(config)))
+
+
+def shape_problems(want: Mapping, got: Mapping) -> list[str]:
+    """How parameter tree `got` differs from `want` (arrays or ShapeDtypeStructs): one entry per
+    wrong shape, missing leaf or unexpected leaf, paths written `a/b/c`; [] when they match."""
+    w, g = traverse_util.flatten_dict(dict(want)), traverse_util.flatten_dict(dict(got))
+    shape = lambda x: tuple(getattr(x, "shape", ()))  # noqa: E731
+    out = [f"{'/'.join(p)}: {shape(g[p])}, expected {shape(w[p])}"
+           for p in w if p in g and shape(g[p]) != shape(w[p])]
+    out += [f"missing {'/'.join(p)}" for p in w if p not in g]
+    out += [f"unexpected {'/'.join(p)}" for p in g if p not in w]
+    return out

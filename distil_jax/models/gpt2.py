@@ -1,8 +1,9 @@
 """GPT-2 in Flax, numerically matching `transformers.GPT2LMHeadModel`.
 
-This module owns the model: `GPT2Config` (the subset of the HF config the model implements; any
-other option is refused by name), the Flax Linen modules, and `forward`, a pure function of
-`(config, params, input_ids, ...)` used by everything else.
+This module is the `gpt2` family of `distil_jax.models` (see its docstring for the interface):
+`GPT2Config` (the subset of the HF config the model implements; any other option is refused by
+name), the Flax Linen modules, `forward`, a pure function of `(config, params, input_ids, ...)`,
+the LM head, and the mapping between parameter paths and HF state-dict names.
 
 Why Linen and not NNX: the train step is a pure function over parameter pytrees (teacher and
 student share one module definition and differ only in their params), orbax checkpoints plain
@@ -27,12 +28,24 @@ import dataclasses
 import math
 from typing import Any, Mapping, Optional, Sequence
 
+import flax
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 
+from distil_jax.models.common import (FusedAttention, ModelOutput, attend, attention_mask_4d,
+                                      check_attention_impl, default_positions, head_logits,
+                                      normalize_layers)
+
 Array = jax.Array
+GPT2Output = ModelOutput  # what `forward` returns
+
+MODEL_TYPES = ("gpt2",)
+HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel"}
+# HF options the model does not implement, with the value that is safe to ignore.
+_UNSUPPORTED_OPTIONS = {"add_cross_attention": False}
+# Buffers that older HF checkpoints store with the weights; not parameters.
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 # GELU variants that HF names in `activation_function`.
 _ACTIVATIONS = {
@@ -52,6 +65,8 @@ class GPT2Config:
 
     Frozen and hashable, so it can be a static argument of `jax.jit`.
     """
+
+    model_type = "gpt2"  # a class attribute, not a field: HF's config carries it itself
 
     vocab_size: int = 50257
     n_positions: int = 1024
@@ -92,6 +107,34 @@ class GPT2Config:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    # The generic names every family's config has (see distil_jax.models).
+    @property
+    def num_layers(self) -> int:
+        return self.n_layer
+
+    @property
+    def num_heads(self) -> int:
+        return self.n_head
+
+    @property
+    def width(self) -> int:
+        return self.n_embd
+
+    @property
+    def max_positions(self) -> int:
+        return self.n_positions
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        return self.inner_dim
+
+    def without_dropout(self) -> "GPT2Config":
+        return dataclasses.replace(self, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
     @property
     def inner_dim(self) -> int:
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
@@ -105,34 +148,6 @@ class GPT2Config:
                 f"unknown GPT-2 config field(s) {unknown}; valid fields: {', '.join(sorted(known))}"
             )
         return dataclasses.replace(self, **overrides)
-
-
-@flax.struct.dataclass
-class GPT2Output:
-    """What `forward` returns.
-
-    logits: [B, S, V] in the compute dtype, or None when `return_last_hidden` is set.
-    last_hidden_state: [B, S, D] after `ln_f` (always set; what the chunked loss multiplies by
-        the LM head).
-    hidden_states: tuple of n_layer + 1 arrays [B, S, D] (embedding output, then each block's
-        output, the last one after `ln_f` as in HF), or None.
-    attentions: dict {layer index (non-negative): [B, H, S, S] float32 post-softmax
-        probabilities} for exactly the requested layers.
-    """
-
-    logits: Optional[Array]
-    last_hidden_state: Array
-    hidden_states: Optional[tuple]
-    attentions: dict
-
-
-@dataclasses.dataclass(frozen=True)
-class FusedAttention:
-    """How the layers that return no probabilities attend (see `forward`'s attention_impl and
-    single_document_rows). One hashable field that the modules pass down unchanged."""
-
-    impl: str = "xla"
-    single_document_rows: bool = False
 
 
 def _normal(std: float):
@@ -170,31 +185,9 @@ class Attention(nn.Module):
             scale /= float(self.layer_idx + 1)
 
         use_dropout = not self.deterministic and cfg.attn_pdrop > 0.0
-        probs = None
-        if self.materialize or use_dropout:
-            # Explicit path: scores and softmax in float32 (the probabilities feed a loss).
-            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-            scores = scores * scale
-            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1)
-            weights = probs
-            if use_dropout:
-                # Fused attention has no dropout, so attention dropout forces this path.
-                weights = nn.Dropout(cfg.attn_pdrop)(weights, deterministic=False)
-            out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v)
-            if not self.materialize:
-                probs = None
-        elif self.fused.impl == "cudnn":
-            # cuDNN flash attention: is_causal lets it skip the blocks above the diagonal; a
-            # mask (documents, padding) becomes an additive bias [B, 1, S, S]. With one document
-            # per row and padding after it, causal alone is exact for every real token, and the
-            # plain causal kernel is cuDNN's fastest and best-trodden path. No [B, H, S, S]
-            # probabilities are written in either pass.
-            cudnn_mask = None if self.fused.single_document_rows else mask
-            out = jax.nn.dot_product_attention(q, k, v, mask=cudnn_mask, scale=scale, is_causal=True,
-                                               implementation="cudnn")
-        else:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+        dropout = nn.Dropout(cfg.attn_pdrop, deterministic=False) if use_dropout else None
+        out, probs = attend(q, k, v, mask, scale, materialize=self.materialize, dropout=dropout,
+                            fused=self.fused, dtype=self.dtype)
         out = out.reshape(B, S, D)
         c_proj_std = std / math.sqrt(2 * cfg.n_layer)  # HF scales residual projections
         out = nn.Dense(D, dtype=self.dtype, kernel_init=_normal(c_proj_std), name="c_proj")(out)
@@ -280,13 +273,13 @@ class GPT2LMHeadModel(nn.Module):
     dtype: Any = jnp.float32  # compute dtype; parameters stay in their own dtype
     attention_layers: tuple = ()
     output_hidden_states: bool = False
-    return_last_hidden: bool = False
     remat: bool = False
     deterministic: bool = True
     fused: FusedAttention = FusedAttention()
 
     @nn.compact
-    def __call__(self, input_ids: Array, mask: Array, positions: Array) -> GPT2Output:
+    def __call__(self, input_ids: Array, mask: Array, positions: Array):
+        """-> (last hidden state [B, S, D] after ln_f, hidden states or None, attentions)."""
         cfg = self.config
         std = cfg.initializer_range
         wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=_normal(std), name="wte")
@@ -299,77 +292,10 @@ class GPT2LMHeadModel(nn.Module):
         )(x, mask)
         x = _layer_norm(cfg, "ln_f")(x).astype(self.dtype)
         hidden_states = tuple(hidden) + (x,) if self.output_hidden_states else None
-        if cfg.tie_word_embeddings:
-            head = lambda h: h @ wte.embedding.astype(self.dtype).T  # noqa: E731
-        else:
-            dense = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype,
-                             kernel_init=_normal(std), name="lm_head")
-            head = dense
-        if self.return_last_hidden:
-            # Still create lm_head's parameters at init, so the tree is the same either way.
-            if self.is_initializing() and not cfg.tie_word_embeddings:
-                head(x[:, :1])
-            logits = None
-        else:
-            logits = head(x)
-        return GPT2Output(logits, x, hidden_states, attentions)
-
-
-def normalize_layers(layers: Sequence[int], n_layer: int) -> tuple[int, ...]:
-    """Layer indices (negative allowed) -> sorted unique non-negative indices; range-checked."""
-    out = set()
-    for i in layers:
-        j = i + n_layer if i < 0 else i
-        if not 0 <= j < n_layer:
-            raise ValueError(f"attention layer {i} out of range for a model with {n_layer} layers")
-        out.add(j)
-    return tuple(sorted(out))
-
-
-def segment_positions(segment_ids: Array) -> Array:
-    """Positions that restart at 0 at the start of each segment. [B, S] int -> [B, S] int32."""
-    S = segment_ids.shape[-1]
-    idx = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), segment_ids.shape)
-    starts = jnp.concatenate(
-        [jnp.ones_like(segment_ids[..., :1], dtype=bool), segment_ids[..., 1:] != segment_ids[..., :-1]],
-        axis=-1,
-    )
-    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=segment_ids.ndim - 1)
-    return idx - start_idx
-
-
-def attention_mask_4d(
-    batch: int, seq: int, attention_mask: Optional[Array], segment_ids: Optional[Array]
-) -> Array:
-    """The boolean [B, 1, S, S] mask: causal, keys not padded, and same segment when packed."""
-    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))[None, None]
-    mask = jnp.broadcast_to(causal, (batch, 1, seq, seq))
-    if segment_ids is not None:
-        # Padding carries segment 0 and attends only to padding, so no row is ever empty.
-        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-    if attention_mask is not None:
-        # HF semantics: padded keys are masked; a padded query still attends to earlier real keys.
-        mask = mask & attention_mask.astype(bool)[:, None, None, :]
-    return mask
-
-
-ATTENTION_IMPLS = ("xla", "cudnn")
-
-
-def check_attention_impl(attention_impl: str, dtype: Any) -> None:
-    """ValueError naming the fix when `attention_impl` cannot run here (checked before tracing,
-    so the user gets this line rather than a lowering error)."""
-    if attention_impl not in ATTENTION_IMPLS:
-        raise ValueError(f"unknown attention implementation {attention_impl!r}; valid: "
-                         f"{', '.join(ATTENTION_IMPLS)}")
-    if attention_impl == "cudnn":
-        if jax.default_backend() != "gpu":
-            raise ValueError(f"attention 'cudnn' (cuDNN flash attention) needs an NVIDIA GPU, but "
-                             f"jax runs on {jax.default_backend()!r}; use attention 'xla'")
-        if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-            raise ValueError(f"attention 'cudnn' needs bfloat16 (or float16) compute, not "
-                             f"{jnp.dtype(dtype).name}; set the compute dtype to bfloat16 or use "
-                             f"attention 'xla'")
+        if not cfg.tie_word_embeddings and self.is_initializing():
+            # The untied head's parameters; `forward` applies the head through `lm_head`.
+            nn.Dense(cfg.vocab_size, use_bias=False, kernel_init=_normal(std), name="lm_head")(x[:, :1])
+        return x, hidden_states, attentions
 
 
 def forward(
@@ -423,18 +349,13 @@ def forward(
             f"sequence length {S} exceeds the model's n_positions={config.n_positions}; "
             f"truncate inputs to at most {config.n_positions} tokens"
         )
-    if positions is None:
-        if segment_ids is not None:
-            positions = segment_positions(segment_ids)
-        else:
-            positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    positions = default_positions(input_ids, segment_ids, positions)
     mask = attention_mask_4d(B, S, attention_mask, segment_ids)
     model = GPT2LMHeadModel(
         config,
         dtype=dtype,
         attention_layers=normalize_layers(output_attentions, config.n_layer),
         output_hidden_states=output_hidden_states,
-        return_last_hidden=return_last_hidden,
         remat=remat,
         deterministic=deterministic,
         fused=FusedAttention(attention_impl, single_document_rows),
@@ -442,7 +363,10 @@ def forward(
     rngs = None if deterministic else {"dropout": dropout_rng}
     if not deterministic and dropout_rng is None:
         raise ValueError("forward(deterministic=False) needs a dropout_rng")
-    return model.apply({"params": params}, input_ids, mask, positions, rngs=rngs)
+    x, hidden_states, attentions = model.apply({"params": params}, input_ids, mask, positions,
+                                               rngs=rngs)
+    logits = None if return_last_hidden else head_logits(x, lm_head(config, params))
+    return ModelOutput(logits, x, hidden_states, attentions)
 
 
 def init_params(config: GPT2Config, rng: Array, param_dtype: Any = jnp.float32) -> dict:
@@ -456,11 +380,80 @@ def init_params(config: GPT2Config, rng: Array, param_dtype: Any = jnp.float32) 
     return jax.tree_util.tree_map(lambda p: p.astype(param_dtype), params)
 
 
-def param_shapes(config: GPT2Config) -> dict:
-    """The parameter tree as `jax.ShapeDtypeStruct`s (no allocation)."""
-    return jax.eval_shape(lambda r: init_params(config, r), jax.random.PRNGKey(0))
+# ----------------------------------------------------------------------------- the LM head
 
 
-def param_count(config: GPT2Config) -> int:
-    """Number of parameters, as HF counts them (a tied head counted once). No allocation."""
-    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(param_shapes(config)))
+def lm_head_path(config: GPT2Config) -> tuple[str, ...]:
+    """Where the head lives: the token embedding when tied (GPT-2's default), else lm_head."""
+    return ("wte", "embedding") if config.tie_word_embeddings else ("lm_head", "kernel")
+
+
+def lm_head(config: GPT2Config, params: Mapping) -> Array:
+    """The LM head as a [D, V] matrix."""
+    if config.tie_word_embeddings:
+        return params["wte"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def with_lm_head(config: GPT2Config, params: Mapping, head: Array) -> dict:
+    """A copy of `params` whose LM head is `head` [D, V] (tied: the token embedding is head.T)."""
+    if config.tie_word_embeddings:
+        return {**params, "wte": {**params["wte"], "embedding": head.T}}
+    return {**params, "lm_head": {**params.get("lm_head", {}), "kernel": head}}
+
+
+# ----------------------------------------------------------------------------- HF names
+
+
+def config_from_hf(d: Mapping) -> GPT2Config:
+    """An HF GPT-2 config.json dict -> `GPT2Config` (strict: options not implemented are refused)."""
+    for key, ok in _UNSUPPORTED_OPTIONS.items():
+        if d.get(key, ok) != ok:
+            raise ValueError(f"unsupported GPT-2 option {key}={d[key]!r}: distil_jax does not implement it")
+    names = {f.name for f in dataclasses.fields(GPT2Config)}
+    return GPT2Config(**{k: d[k] for k in names if k in d})
+
+
+def config_to_hf(config: GPT2Config):
+    """`GPT2Config` -> `transformers.GPT2Config` for a GPT2LMHeadModel."""
+    import transformers
+
+    hf = transformers.GPT2Config(**dataclasses.asdict(config))
+    hf.architectures = [HF_ARCHITECTURES["gpt2"]]
+    return hf
+
+
+def hf_to_path(name: str) -> Optional[tuple[str, ...]]:
+    """HF state-dict name -> parameter path; None for the buffers old checkpoints carry.
+    `transformer.h.0.attn.c_attn.weight` -> ("h", "0", "attn", "c_attn", "kernel")."""
+    if name.endswith(_IGNORED_SUFFIXES):
+        return None
+    *mod, leaf = name.removeprefix("transformer.").split(".")
+    if mod and mod[0] in ("wte", "wpe"):
+        leaf = "embedding" if leaf == "weight" else leaf
+    elif mod and mod[-1].startswith("ln_"):
+        leaf = {"weight": "scale"}.get(leaf, leaf)
+    else:
+        leaf = {"weight": "kernel"}.get(leaf, leaf)
+    return tuple(mod) + (leaf,)
+
+
+def path_to_hf(path: tuple[str, ...]) -> str:
+    *mod, leaf = path
+    leaf = {"embedding": "weight", "scale": "weight", "kernel": "weight"}.get(leaf, leaf)
+    name = ".".join(list(mod) + [leaf])
+    return name if mod[0] == "lm_head" else "transformer." + name
+
+
+def hf_transposed(path: tuple[str, ...]) -> bool:
+    """HF's Conv1D stores [in, out] like a Dense kernel; only the torch Linear head is [V, D]."""
+    return path == ("lm_head", "kernel")
+
+
+def module_path(name: str) -> tuple[str, ...]:
+    """'transformer.h.0.attn' / 'h.0.attn' / 'lm_head' -> ('h', '0', 'attn')."""
+    return tuple(name.removeprefix("transformer.").split("."))
+
+
+def block_path(i: int) -> tuple[str, ...]:
+    return ("h", str(i))

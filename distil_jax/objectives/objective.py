@@ -19,7 +19,7 @@ from typing import Any, Mapping, Optional
 import jax
 import jax.numpy as jnp
 
-from distil_jax.models.gpt2 import GPT2Config, GPT2Output
+from distil_jax.models.common import ModelOutput, head_logits
 from distil_jax.objectives.layer_mappers import get_layer_mapper
 from distil_jax.objectives.losses import LOSSES, get_loss
 from distil_jax.objectives.norms import apply_norm, init_norm
@@ -118,12 +118,13 @@ def gather_positions(x: Array, positions: Array) -> Array:
     return picked.reshape((-1,) + x.shape[2:])
 
 
-def _check_heads(student: GPT2Config, teacher: GPT2Config) -> None:
-    if student.n_head != teacher.n_head:
+def _check_heads(student, teacher) -> None:
+    if student.num_heads != teacher.num_heads:
+        field = "n_head" if student.model_type == "gpt2" else "num_attention_heads"
         raise ValueError(
             f"the attn component compares attention maps head by head, but the student has "
-            f"{student.n_head} heads and the teacher {teacher.n_head}; give the student "
-            f"n_head={teacher.n_head} or set objective.attn.weight=0"
+            f"{student.num_heads} query heads and the teacher {teacher.num_heads}; give the "
+            f"student {field}={teacher.num_heads} or set objective.attn.weight=0"
         )
 
 
@@ -181,10 +182,10 @@ class Objective:
             return ()
         return tuple(get_layer_mapper(self.attn.layer_mapper)(n_student, n_teacher))
 
-    def features(self, student: GPT2Config, teacher: GPT2Config) -> dict:
+    def features(self, student, teacher) -> dict:
         """What each model must return: {"student"/"teacher": dict(output_hidden_states,
         output_attentions)}; only mapped attention layers are materialized."""
-        pairs = self.attn_pairs(student.n_layer, teacher.n_layer)
+        pairs = self.attn_pairs(student.num_layers, teacher.num_layers)
         return {
             "student": dict(output_hidden_states=self.hs.active,
                             output_attentions=tuple(sorted({s for s, _ in pairs}))),
@@ -193,7 +194,8 @@ class Objective:
         }
 
     def chunk_tokens(self, batch: int, seq: int, vocab: int) -> int:
-        """Tokens per chunk for the logits losses, 0 for unchunked. batch: rows per device.
+        """Tokens per chunk for the logits losses, 0 for unchunked: the one place that decides
+        it, on the host (train_step.with_logits_chunk), never while tracing. batch: rows per device.
         Automatic (logits_chunk_tokens None): chunked when the unchunked logits arrays would
         take more than AUTO_CHUNK_MEMORY_SHARE of the device's memory."""
         if self.logits_chunk_tokens is not None:
@@ -203,14 +205,14 @@ class Objective:
 
     # ------------------------------------------------------------------ parameters
 
-    def init_params(self, rng: Array, student: GPT2Config, teacher: GPT2Config, seq_len: int) -> dict:
+    def init_params(self, rng: Array, student, teacher, seq_len: int) -> dict:
         """Projector and norm parameters, sized from the configs (attention maps: seq_len)."""
         params = {}
         k_hs, k_attn = jax.random.split(rng)
         if self.hs.active:
             params["hs"] = {
-                "projector": init_projector(self.hs.projector, k_hs, student.n_embd, teacher.n_embd),
-                "norm": init_norm(self.hs.norm, teacher.n_embd),
+                "projector": init_projector(self.hs.projector, k_hs, student.width, teacher.width),
+                "norm": init_norm(self.hs.norm, teacher.width),
             }
         if self.attn.active:
             _check_heads(student, teacher)
@@ -225,13 +227,14 @@ class Objective:
     def __call__(
         self,
         params: Mapping,
-        student_out: GPT2Output,
-        teacher_out: GPT2Output,
+        student_out: ModelOutput,
+        teacher_out: ModelOutput,
         segment_ids: Array,
         input_ids: Array,
         student_head: Optional[Array] = None,
         teacher_head: Optional[Array] = None,
         logits_positions: Optional[Array] = None,
+        logits_chunk: int = 0,
     ) -> tuple[Array, dict]:
         """The total loss and its components (float32 scalars).
 
@@ -243,6 +246,8 @@ class Objective:
         logits_positions: [G, C] from `real_token_positions`: apply the LM heads and the logits
           losses to these (real) tokens only. Padding never counts in a loss, so this changes
           nothing but the work: no LM head or softmax over the vocabulary on padding.
+        logits_chunk: tokens per chunk when the objective applies the heads (0: in one piece),
+          decided on the host by `chunk_tokens`.
         """
         if self.n_student is None:
             raise ValueError("call Objective.bind(student_config, teacher_config) before computing the loss")
@@ -252,7 +257,7 @@ class Objective:
         if self.logits.active or self.clm_weight:
             logit_loss, clm_loss = self._logits_losses(
                 student_out, teacher_out, segment_ids, input_ids, student_head, teacher_head,
-                logits_positions)
+                logits_positions, logits_chunk)
             if self.logits.active:
                 parts["loss/logits"] = logit_loss
                 total += self.logits.weight * logit_loss
@@ -277,11 +282,11 @@ class Objective:
         parts["loss"] = total
         return total, parts
 
-    def bind(self, student: GPT2Config, teacher: GPT2Config) -> "Objective":
+    def bind(self, student, teacher) -> "Objective":
         """A copy with the models' layer counts fixed; mapper errors surface here, not in jit."""
-        bound = dataclasses.replace(self, n_student=student.n_layer, n_teacher=teacher.n_layer)
-        bound.hs_pairs(student.n_layer, teacher.n_layer)
-        bound.attn_pairs(student.n_layer, teacher.n_layer)
+        bound = dataclasses.replace(self, n_student=student.num_layers, n_teacher=teacher.num_layers)
+        bound.hs_pairs(student.num_layers, teacher.num_layers)
+        bound.attn_pairs(student.num_layers, teacher.num_layers)
         if self.attn.active:
             _check_heads(student, teacher)
         return bound
@@ -296,7 +301,7 @@ class Objective:
         return sum(losses) / len(losses)
 
     def _logits_losses(self, student_out, teacher_out, segment_ids, input_ids, s_head, t_head,
-                       positions=None):
+                       positions=None, c: int = 0):
         """(distillation loss on logits, hard next-token loss), each a mean over real tokens."""
         B, S = segment_ids.shape
         mask = segment_ids > 0
@@ -317,12 +322,10 @@ class Objective:
         else:
             tokens = tuple(x.reshape((B * S,) + x.shape[2:]) for x in tokens)
         n = tokens[0].shape[0]
-        groups = positions.shape[0] if positions is not None else 1  # one per device
-        c = self.chunk_tokens(max(B // groups, 1), S, s_head.shape[1])
 
         def losses(h_s, h_t, m, lab, lab_ok):
-            t_logits = h_t @ t_head.astype(h_t.dtype) if t_head is not None else None
-            return self._logits_chunk(h_s @ s_head.astype(h_s.dtype), t_logits, m, lab, lab_ok,
+            t_logits = head_logits(h_t, t_head) if t_head is not None else None
+            return self._logits_chunk(head_logits(h_s, s_head), t_logits, m, lab, lab_ok,
                                       mean=False)
 
         if not c or c >= n:

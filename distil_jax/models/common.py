@@ -1,0 +1,160 @@
+"""What every model family shares: the forward's output, masks and positions of packed rows,
+and the attention core (explicit probabilities for the layers a loss reads, fused otherwise).
+
+A family module (`gpt2.py`, `llama.py`) builds its own projections, norms and MLP around these;
+`distil_jax.models` (the package) is the registry that dispatches on `config.model_type`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    """What a family's `forward` returns.
+
+    logits: [B, S, V] float32 (the LM head accumulates in float32), or None when
+        `return_last_hidden` is set.
+    last_hidden_state: [B, S, D] after the final norm, in the compute dtype (what a caller that
+        applies the LM head itself, `lm_head(config, params)`, multiplies).
+    hidden_states: tuple of num_layers + 1 arrays [B, S, D] (embedding output, then each block's
+        output, the last one after the final norm as in HF), or None.
+    attentions: dict {layer index (non-negative): [B, H, S, S] float32 post-softmax
+        probabilities} for exactly the requested layers (H = query heads).
+    """
+
+    logits: Optional[Array]
+    last_hidden_state: Array
+    hidden_states: Optional[tuple]
+    attentions: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedAttention:
+    """How the layers that return no probabilities attend (see `forward`'s attention_impl and
+    single_document_rows). One hashable field that the modules pass down unchanged."""
+
+    impl: str = "xla"
+    single_document_rows: bool = False
+
+
+ATTENTION_IMPLS = ("xla", "cudnn")
+
+
+def check_attention_impl(attention_impl: str, dtype: Any) -> None:
+    """ValueError naming the fix when `attention_impl` cannot run here (checked before tracing,
+    so the user gets this line rather than a lowering error)."""
+    if attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention implementation {attention_impl!r}; valid: "
+                         f"{', '.join(ATTENTION_IMPLS)}")
+    if attention_impl == "cudnn":
+        if jax.default_backend() != "gpu":
+            raise ValueError(f"attention 'cudnn' (cuDNN flash attention) needs an NVIDIA GPU, but "
+                             f"jax runs on {jax.default_backend()!r}; use attention 'xla'")
+        if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            raise ValueError(f"attention 'cudnn' needs bfloat16 (or float16) compute, not "
+                             f"{jnp.dtype(dtype).name}; set the compute dtype to bfloat16 or use "
+                             f"attention 'xla'")
+
+
+def normalize_layers(layers: Sequence[int], n_layer: int) -> tuple[int, ...]:
+    """Layer indices (negative allowed) -> sorted unique non-negative indices; range-checked."""
+    out = set()
+    for i in layers:
+        j = i + n_layer if i < 0 else i
+        if not 0 <= j < n_layer:
+            raise ValueError(f"attention layer {i} out of range for a model with {n_layer} layers")
+        out.add(j)
+    return tuple(sorted(out))
+
+
+def segment_positions(segment_ids: Array) -> Array:
+    """Positions that restart at 0 at the start of each segment. [B, S] int -> [B, S] int32."""
+    S = segment_ids.shape[-1]
+    idx = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), segment_ids.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[..., :1], dtype=bool), segment_ids[..., 1:] != segment_ids[..., :-1]],
+        axis=-1,
+    )
+    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=segment_ids.ndim - 1)
+    return idx - start_idx
+
+
+def attention_mask_4d(
+    batch: int, seq: int, attention_mask: Optional[Array], segment_ids: Optional[Array]
+) -> Array:
+    """The boolean [B, 1, S, S] mask: causal, keys not padded, and same segment when packed."""
+    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))[None, None]
+    mask = jnp.broadcast_to(causal, (batch, 1, seq, seq))
+    if segment_ids is not None:
+        # Padding carries segment 0 and attends only to padding, so no row is ever empty.
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    if attention_mask is not None:
+        # HF semantics: padded keys are masked; a padded query still attends to earlier real keys.
+        mask = mask & attention_mask.astype(bool)[:, None, None, :]
+    return mask
+
+
+def default_positions(input_ids: Array, segment_ids: Optional[Array],
+                      positions: Optional[Array]) -> Array:
+    """[B, S] position ids: `positions` if given, else restarting per segment, else 0..S-1."""
+    if positions is not None:
+        return positions
+    if segment_ids is not None:
+        return segment_positions(segment_ids)
+    B, S = input_ids.shape
+    return jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array, scale: float, *, materialize: bool,
+           dropout: Optional[Callable[[Array], Array]], fused: FusedAttention,
+           dtype: Any) -> tuple[Array, Optional[Array]]:
+    """Scaled dot-product attention of one layer.
+
+    q: [B, S, H, Dh]; k, v: [B, S, K, Dh] with K dividing H (grouped-query attention: each group
+    of H/K query heads shares a key/value head); mask: [B, 1, S, S] bool (True = may attend).
+    materialize: return the post-softmax probabilities [B, H, S, S] float32 (scores and softmax
+      in float32; the explicit path). dropout: attention dropout on the probabilities (train
+      mode), or None; fused attention has no dropout, so dropout forces the explicit path too.
+    Returns (out [B, S, H, Dh] in `dtype`, probs or None).
+    """
+    H, K = q.shape[2], k.shape[2]
+    if materialize or dropout is not None:
+        if K != H:  # repeat each key/value head for its group of query heads (HF's repeat_kv)
+            k, v = jnp.repeat(k, H // K, axis=2), jnp.repeat(v, H // K, axis=2)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        weights = dropout(probs) if dropout is not None else probs
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(dtype), v.astype(dtype))
+        return out, probs if materialize else None
+    if fused.impl == "cudnn":
+        # cuDNN flash attention: is_causal lets it skip the blocks above the diagonal; a mask
+        # (documents, padding) becomes an additive bias [B, 1, S, S]. With one document per row
+        # and padding after it, causal alone is exact for every real token, and the plain causal
+        # kernel is cuDNN's fastest and best-trodden path. No [B, H, S, S] probabilities are
+        # written in either pass.
+        cudnn_mask = None if fused.single_document_rows else mask
+        out = jax.nn.dot_product_attention(q, k, v, mask=cudnn_mask, scale=scale, is_causal=True,
+                                           implementation="cudnn")
+    else:
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+    return out, None
+
+
+def head_logits(hidden: Array, head: Array) -> Array:
+    """hidden [..., D] (compute dtype) @ head [D, V] -> logits [..., V] float32.
+
+    The product accumulates in float32 (`preferred_element_type`) so the float32 log-softmax of
+    every loss sees unrounded logits: rounding them to bfloat16 first would move the KL of a
+    token with logits around -80 by up to 1e-2.
+    """
+    return jnp.matmul(hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
