@@ -35,9 +35,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.student.overrides = ml_collections.ConfigDict()
     # (HF module name, frozen) pairs, e.g. ("lm_head", False), ("model.layers.0", True)
     c.student.copy_teacher_modules = [("lm_head", False)]
-    # Student blocks initialized from teacher blocks: one teacher block index per student block,
-    # "uniform" (evenly spaced, first and last included), or () = none
-    c.student.init_from_teacher_layers = ()
+    # Student blocks initialized from teacher blocks: a tuple with one teacher block index per
+    # student block, "uniform" (evenly spaced, first and last included), or None = none
+    c.student.init_from_teacher_layers = None
     c.student.dropout = True  # HF trains in train mode: dropout as in the student's config
 
     c.dataset = ml_collections.ConfigDict()

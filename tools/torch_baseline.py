@@ -3,10 +3,10 @@
 What Distily does for the reference run (docs/distily-spec.md), reproduced with plain torch +
 transformers so that `tools/bench_throughput.py` can time it next to distil_jax:
 
-* teacher: `transformers.GPT2LMHeadModel`, eval mode, forward under `torch.no_grad()`;
-  student: the same class with fewer layers, train mode (dropout on, as HF's Trainer runs it),
-  its tied LM head / token embedding copied from the teacher (`copy_teacher_modules`
-  `[("lm_head", False)]`, trainable);
+* teacher: the HF causal LM of the config (`GPT2LMHeadModel`, `LlamaForCausalLM`, ...), eval mode,
+  forward under `torch.no_grad()`; student: the same class with fewer layers, train mode (dropout
+  on, as HF's Trainer runs it), its LM head (the tied token embedding) copied from the teacher
+  (`copy_teacher_modules` `[("lm_head", False)]`, trainable);
 * both models run eager attention with `output_attentions=True`, so every layer of both models
   materializes its [B, H, S, S] attention probabilities (spec defect 7), and
   `output_hidden_states` only when the hidden-state component has a weight (not here);
@@ -45,6 +45,14 @@ def hf_gpt2_config(n_layer: int, n_embd: int, n_head: int, vocab_size: int, n_po
     cfg = transformers.GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab_size,
                                   n_positions=n_positions, bos_token_id=vocab_size - 1,
                                   eos_token_id=vocab_size - 1, use_cache=False, **extra)
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def hf_llama_config(model_type: str = "llama", **fields) -> transformers.PretrainedConfig:
+    """A Llama-family config (llama, qwen2, qwen3, mistral) with eager attention."""
+    cls = transformers.AutoConfig.for_model(model_type).__class__
+    cfg = cls(use_cache=False, **fields)
     cfg._attn_implementation = "eager"
     return cfg
 
@@ -98,33 +106,41 @@ class DistilyObjective(torch.nn.Module):
         return loss, {"loss/logits": kl.detach(), "loss/attn": mse.detach()}
 
 
-def build(teacher_cfg: transformers.GPT2Config, student_layers: int, seq_len: int, *,
+_DROPOUT_FIELDS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout")
+
+
+def build(teacher_cfg: transformers.PretrainedConfig, student_layers: int, seq_len: int, *,
           device: str = "cpu", dtype: torch.dtype = torch.float32, remat: bool = True,
-          seed: int = 0, teacher: Optional[transformers.GPT2LMHeadModel] = None,
-          student: Optional[transformers.GPT2LMHeadModel] = None, dropout: bool = True):
+          seed: int = 0, teacher: Optional[transformers.PreTrainedModel] = None,
+          student: Optional[transformers.PreTrainedModel] = None, dropout: bool = True):
     """(teacher, student, objective), all on `device` in `dtype`, random HF init unless given.
 
-    The student is the teacher's config with `student_layers` blocks; its tied LM head (= token
-    embedding) is copied from the teacher. dropout=False zeroes the student's dropout rates
-    (Distily trains with them; only for like-for-like comparisons).
+    Any HF causal LM config (GPT-2, Llama, Qwen2/3, Mistral). The student is the teacher's config
+    with `student_layers` blocks; its LM head (the tied token embedding, or the separate head) is
+    copied from the teacher. dropout=False zeroes the student's dropout rates (Distily trains
+    with them; only for like-for-like comparisons).
     """
     torch.manual_seed(seed)
     if teacher is None:
-        teacher = transformers.GPT2LMHeadModel(teacher_cfg)
+        teacher = transformers.AutoModelForCausalLM.from_config(teacher_cfg)
     if student is None:
-        no_drop = {} if dropout else dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-        s_cfg = transformers.GPT2Config(**{**teacher_cfg.to_dict(), "n_layer": student_layers, **no_drop})
+        s_cfg = teacher_cfg.__class__(**teacher_cfg.to_dict())
+        s_cfg.num_hidden_layers = student_layers  # GPT-2 maps it to n_layer
+        if not dropout:
+            for f in _DROPOUT_FIELDS:
+                if hasattr(s_cfg, f):
+                    setattr(s_cfg, f, 0.0)
         s_cfg._attn_implementation = "eager"
-        student = transformers.GPT2LMHeadModel(s_cfg)
+        student = transformers.AutoModelForCausalLM.from_config(s_cfg)
         with torch.no_grad():
-            student.transformer.wte.weight.copy_(teacher.transformer.wte.weight)
+            student.get_output_embeddings().weight.copy_(teacher.get_output_embeddings().weight)
     teacher = teacher.to(device=device, dtype=dtype).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     student = student.to(device=device, dtype=dtype).train()
     if remat:
         enable_gradient_checkpointing(student)
-    objective = DistilyObjective(student.config.n_layer, teacher.config.n_layer, seq_len).to(device=device, dtype=dtype)
+    objective = DistilyObjective(student.config.num_hidden_layers, teacher.config.num_hidden_layers, seq_len).to(device=device, dtype=dtype)
     return teacher, student, objective
 
 
