@@ -41,7 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from distil_jax.models.common import (FusedAttention, ModelOutput, attend, attention_mask_4d,
-                                      check_attention_impl, default_positions, normalize_layers)
+                                      check_attention_impl, default_positions, head_logits,
+                                      normalize_layers)
 
 Array = jax.Array
 
@@ -79,7 +80,7 @@ class Config:
 
     Frozen and hashable, so it can be a static argument of `jax.jit`. Two fields may be None and
     are then derived, so that overriding the width or head count keeps them consistent:
-    `num_key_value_heads` (None: as many as query heads; see `kv_heads`) and `head_dim` (None:
+    `num_key_value_heads` (None: as many as query heads; see `num_kv_heads`) and `head_dim` (None:
     hidden_size // num_attention_heads; see `head_size`). `config_from_hf` stores them as None
     when they equal the derived value.
 
@@ -147,9 +148,9 @@ class Config:
             # transformers' LlamaConfig refuses this even with an explicit head_dim.
             raise ValueError(f"llama needs hidden_size={self.hidden_size} divisible by "
                              f"num_attention_heads={self.num_attention_heads}")
-        if self.kv_heads < 1 or self.num_attention_heads % self.kv_heads:
+        if self.num_kv_heads < 1 or self.num_attention_heads % self.num_kv_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                             f"num_key_value_heads={self.kv_heads}")
+                             f"num_key_value_heads={self.num_kv_heads}")
         if self.rope_theta <= 0:
             raise ValueError(f"rope_theta={self.rope_theta} must be positive")
         self._check_rope_scaling()
@@ -199,7 +200,7 @@ class Config:
     # ------------------------------------------------------------------ derived and generic
 
     @property
-    def kv_heads(self) -> int:
+    def num_kv_heads(self) -> int:
         """The number of key/value heads (num_key_value_heads, or all query heads)."""
         n = self.num_key_value_heads
         return self.num_attention_heads if n is None else n
@@ -249,6 +250,7 @@ class Config:
             return self.sliding_window if slides else None
         return None
 
+    # The generic names every family's config has (see distil_jax.models).
     @property
     def num_layers(self) -> int:
         return self.num_hidden_layers
@@ -265,6 +267,10 @@ class Config:
     @property
     def max_positions(self) -> int:
         return self.max_position_embeddings
+
+    @property
+    def mlp_width(self) -> int:
+        return self.intermediate_size
 
     def replace(self, **overrides: Any) -> "Config":
         """A copy with `overrides` (validated again); an unknown field is a ValueError naming it."""
@@ -385,7 +391,7 @@ def config_to_hf(config: Config):
 
     t = config.model_type
     kw = {k: getattr(config, k) for k in _TYPE_FIELDS[t] if k != "layer_types"}
-    kw["num_key_value_heads"] = config.kv_heads
+    kw["num_key_value_heads"] = config.num_kv_heads
     kw["head_dim"] = config.head_size  # explicit: Qwen3's class default (128) is not derived
     if isinstance(config.eos_token_id, tuple):
         kw["eos_token_id"] = list(config.eos_token_id)
@@ -490,7 +496,7 @@ class Attention(nn.Module):
         Returns ([B, S, D], probs [B, H, S, S] float32 or None)."""
         cfg = self.config
         B, S, _ = x.shape
-        H, K, Dh = cfg.num_attention_heads, cfg.kv_heads, cfg.head_size
+        H, K, Dh = cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_size
         init = _normal(cfg.initializer_range)
 
         def proj(n, name, bias):
@@ -581,9 +587,35 @@ class Layers(nn.Module):
         return x, hidden, attentions
 
 
-class Model(nn.Module):
-    """`model`: embed_tokens -> layers -> norm. Returns (last hidden [B, S, D], the per-layer
-    hidden states list, attentions dict, the embedding table [V, D] for a tied head)."""
+class ForCausalLM(nn.Module):
+    """The parameters of HF's *ForCausalLM: `model` (embed_tokens -> layers -> norm) and, when
+    untied, `lm_head`. Returns the last hidden state [B, S, D] after the final norm, the hidden
+    states (or None) and the attentions dict; `forward` applies the head through `lm_head`."""
+
+    config: Config
+    dtype: Any = jnp.float32  # compute dtype; parameters stay in their own dtype
+    attention_layers: tuple = ()
+    output_hidden_states: bool = False
+    remat: bool = False
+    deterministic: bool = True
+    fused: FusedAttention = FusedAttention()
+
+    @nn.compact
+    def __call__(self, input_ids: Array, mask: Array, positions: Array):
+        x, hidden, attentions = _Model(
+            self.config, self.dtype, self.attention_layers, self.output_hidden_states, self.remat,
+            self.deterministic, self.fused, name="model")(input_ids, mask, positions)
+        hidden_states = tuple(hidden) + (x,) if self.output_hidden_states else None
+        if not self.config.tie_word_embeddings and self.is_initializing():
+            # The untied head's parameter; `forward` applies the head through `lm_head`.
+            nn.Dense(self.config.vocab_size, use_bias=False,
+                     kernel_init=_normal(self.config.initializer_range), name="lm_head")(x[:, :1])
+        return x, hidden_states, attentions
+
+
+class _Model(nn.Module):
+    """`model`: embed_tokens -> layers -> norm. Returns (last hidden [B, S, D] after the norm,
+    the per-block inputs as a list, the attentions dict)."""
 
     config: Config
     dtype: Any = jnp.float32
@@ -603,49 +635,7 @@ class Model(nn.Module):
         x, hidden, attentions = Layers(cfg, self.dtype, self.attention_layers,
                                        self.output_hidden_states, self.remat, self.deterministic,
                                        self.fused, name="layers")(x, mask, cos, sin)
-        x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
-        return x, hidden, attentions, embed.embedding
-
-
-class ForCausalLM(nn.Module):
-    """The model with its LM head (HF's *ForCausalLM). See `forward` for the arguments."""
-
-    config: Config
-    dtype: Any = jnp.float32  # compute dtype; parameters stay in their own dtype
-    attention_layers: tuple = ()
-    output_hidden_states: bool = False
-    return_last_hidden: bool = False
-    remat: bool = False
-    deterministic: bool = True
-    fused: FusedAttention = FusedAttention()
-
-    @nn.compact
-    def __call__(self, input_ids: Array, mask: Array, positions: Array) -> ModelOutput:
-        cfg = self.config
-        x, hidden, attentions, embedding = Model(
-            cfg, self.dtype, self.attention_layers, self.output_hidden_states, self.remat,
-            self.deterministic, self.fused, name="model")(input_ids, mask, positions)
-        hidden_states = tuple(hidden) + (x,) if self.output_hidden_states else None
-        # The untied head's parameter is created even with return_last_hidden, so that the
-        # tree is the same either way.
-        head = embedding.T if cfg.tie_word_embeddings else _LMHead(cfg, name="lm_head")()
-        if self.return_last_hidden:
-            logits = None
-        else:
-            # Accumulate the vocabulary projection in float32: logits feed softmax-based losses.
-            logits = jnp.dot(x, head.astype(self.dtype), preferred_element_type=jnp.float32)
-        return ModelOutput(logits, x, hidden_states, attentions)
-
-
-class _LMHead(nn.Module):
-    """The untied head `lm_head` as a parameter `kernel` [D, V] (a Dense kernel's layout)."""
-
-    config: Config
-
-    @nn.compact
-    def __call__(self) -> Array:
-        cfg = self.config
-        return self.param("kernel", _normal(cfg.initializer_range), (cfg.hidden_size, cfg.vocab_size))
+        return RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x), hidden, attentions
 
 
 # ----------------------------------------------------------------------------- functions
@@ -711,13 +701,16 @@ def forward(
         dtype=dtype,
         attention_layers=normalize_layers(output_attentions, config.num_hidden_layers),
         output_hidden_states=output_hidden_states,
-        return_last_hidden=return_last_hidden,
         remat=remat,
         deterministic=deterministic,
         fused=FusedAttention(attention_impl, single_document_rows),
     )
     rngs = None if deterministic else {"dropout": dropout_rng}
-    return model.apply({"params": params}, input_ids, mask, positions, rngs=rngs)
+    x, hidden_states, attentions = model.apply({"params": params}, input_ids, mask, positions,
+                                               rngs=rngs)
+    # The head accumulates in float32 (head_logits): logits feed float32 softmax-based losses.
+    logits = None if return_last_hidden else head_logits(x, lm_head(config, params))
+    return ModelOutput(logits, x, hidden_states, attentions)
 
 
 def init_params(config: Config, rng: Array, param_dtype: Any = jnp.float32) -> dict:
