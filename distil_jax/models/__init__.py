@@ -36,11 +36,11 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from distil_jax.models import gpt2
+from distil_jax.models import gpt2, llama
 from distil_jax.models.common import (ATTENTION_IMPLS, FusedAttention, ModelOutput,  # noqa: F401
                                       check_attention_impl, normalize_layers)
 
-_FAMILIES: tuple[ModuleType, ...] = (gpt2,)
+_FAMILIES: tuple[ModuleType, ...] = (gpt2, llama)
 FAMILIES: dict[str, ModuleType] = {t: fam for fam in _FAMILIES for t in fam.MODEL_TYPES}
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
