@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 
+from distil_jax import hf, models
 from distil_jax.models import llama
 from tests.llama_utils import tiny_hf_model, torch_forward
 
@@ -49,39 +50,14 @@ def _flatten(tree, prefix=()):
     return out
 
 
-def _unflatten(flat):
-    tree = {}
-    for path, v in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return tree
-
-
 def hf_to_params(config, state):
-    """A generic HF state dict -> params converter, from the family's name mapping alone."""
-    expected = _flatten(llama.param_shapes(config))
-    flat = {}
-    for name, value in state.items():
-        path = llama.hf_to_path(name)
-        if path is None:
-            continue  # a buffer
-        if path not in expected:
-            # A tied model's state dict also lists the head under its own name.
-            assert name == "lm_head.weight" and config.tie_word_embeddings, name
-            continue
-        value = np.asarray(value)
-        value = value.T if llama.hf_transposed(path) else value
-        assert value.shape == expected[path].shape, (name, value.shape, expected[path].shape)
-        flat[path] = jnp.asarray(value)
-    assert set(flat) == set(expected), set(expected) ^ set(flat)
-    return _unflatten(flat)
+    """HF state dict -> params through hf.py's generic converter (the family's name mapping:
+    hf_to_path, hf_transposed, lm_head_path), which checks every key and shape."""
+    return hf.hf_state_dict_to_params(config, state)
 
 
-def params_to_hf(params):
-    return {llama.path_to_hf(p): np.asarray(v.T if llama.hf_transposed(p) else v)
-            for p, v in _flatten(params).items()}
+def params_to_hf(config, params):
+    return {k: np.asarray(v) for k, v in hf.params_to_hf_state_dict(config, params).items()}
 
 
 # One jitted forward for every test: a compile per (config, shapes, options) instead of the
@@ -201,12 +177,13 @@ def test_config_round_trip_and_architecture(key):
     assert back.architectures == [llama.HF_ARCHITECTURES[model_type]]
     assert llama.hf_architecture(config) == llama.HF_ARCHITECTURES[model_type]
     assert llama.config_from_hf(back.to_dict()) == config
+    assert models.family(model_type) is llama and models.config_from_hf(hf_config) == config
     assert hash(config) == hash(llama.config_from_hf(back.to_dict()))
     assert (config.num_layers, config.num_heads, config.width, config.max_positions) == (
         hf_config.num_hidden_layers, hf_config.num_attention_heads, hf_config.hidden_size,
         hf_config.max_position_embeddings)
     assert config.head_size == getattr(hf_config, "head_dim", 8)  # Qwen2Config has no head_dim
-    assert config.kv_heads == hf_config.num_key_value_heads
+    assert config.num_kv_heads == hf_config.num_key_value_heads
 
 
 def test_config_from_a_hub_config_json():
@@ -223,7 +200,7 @@ def test_config_from_a_hub_config_json():
          "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02, "use_cache": True}
     config = llama.config_from_hf(d)
     assert config.head_dim is None and config.head_size == 64  # derived: follows hidden/heads
-    assert config.kv_heads == 8 and config.tie_word_embeddings
+    assert config.num_kv_heads == 8 and config.tie_word_embeddings
     assert config.rope_theta == 500000.0 and config.rope_type == "llama3"
     assert config.rope_scaling_dict["factor"] == 32.0
     assert config.eos_token_id == (128001, 128008, 128009)
@@ -267,7 +244,7 @@ def test_config_refusals_and_replace():
     # Derived fields follow the overrides (a student narrower than its teacher).
     assert config.num_key_value_heads is None and config.head_dim is None
     narrow = config.replace(hidden_size=16, num_attention_heads=2)
-    assert narrow.head_size == 8 and narrow.kv_heads == 2
+    assert narrow.head_size == 8 and narrow.num_kv_heads == 2
     # pretraining_tp only sliced the same matmuls: accepted and ignored.
     assert llama.config_from_hf({**config_to_dict(config), "pretraining_tp": 2}) == config
 
@@ -305,7 +282,7 @@ def test_state_dict_round_trip_and_reload(key):
     state = {k: v.numpy() for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # HF saves the tied head once, as the embedding
-    back = params_to_hf(params)
+    back = params_to_hf(config, params)
     assert sorted(back) == sorted(state)
     for name, value in state.items():
         np.testing.assert_array_equal(back[name], value, err_msg=name)
@@ -320,6 +297,32 @@ def test_state_dict_round_trip_and_reload(key):
     ids = np.random.RandomState(4).randint(0, config.vocab_size, (2, 10))
     np.testing.assert_array_equal(torch_forward(rebuilt, ids).logits.numpy(),
                                   torch_forward(model, ids).logits.numpy())
+
+
+@pytest.mark.parametrize("key, dtype", [("mistral", None), ("qwen2", jnp.bfloat16)])
+def test_folder_round_trip_through_transformers(tmp_path, key, dtype):
+    """save_pretrained (transformers) -> hf.load_pretrained -> hf.save_pretrained ->
+    from_pretrained: the right class, no missing or unexpected keys, identical logits (float32),
+    and a bfloat16 export stays bfloat16."""
+    model, config, _ = _load(key)
+    model.save_pretrained(tmp_path / "src")
+    loaded_config, params = hf.load_pretrained(tmp_path / "src")
+    assert loaded_config == config
+    hf.save_pretrained(config, params, tmp_path / "out", dtype=dtype)
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", output_loading_info=True, attn_implementation="eager", dtype="auto")
+    assert type(back).__name__ == llama.HF_ARCHITECTURES[config.model_type]
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids = np.random.RandomState(8).randint(0, config.vocab_size, (2, 10))
+    if dtype is None:
+        np.testing.assert_array_equal(torch_forward(back.eval(), ids).logits.numpy(),
+                                      torch_forward(model, ids).logits.numpy())
+    else:
+        assert back.model.embed_tokens.weight.dtype == torch.bfloat16
+        _, reread = hf.load_pretrained(tmp_path / "out", dtype=jnp.bfloat16)
+        np.testing.assert_array_equal(
+            np.asarray(reread["model"]["norm"]["scale"], np.float32),
+            np.asarray(params["model"]["norm"]["scale"].astype(jnp.bfloat16), np.float32))
 
 
 @pytest.mark.parametrize("key", list(CONFIGS))
