@@ -4,6 +4,7 @@ Qwen3ForCausalLM and MistralForCausalLM (the references), on tiny random models 
 TOL: float32 max abs difference of logits, every hidden state and attention probabilities.
 """
 
+import copy
 import functools
 
 import jax
@@ -390,12 +391,12 @@ def test_lm_head_and_names():
 
 def test_bfloat16_compute_stays_close():
     """bf16 compute (float32 RMSNorm statistics, rotary tables and softmax; float32 logits) stays
-    within BF16_TOL of the float32 logits. bf16 keeps 8 mantissa bits (relative rounding 4e-3 per
-    op); two blocks of matmuls, SiLU and residual adds compound that to a few percent of logits
-    that reach ~3 here, so 0.15 bounds it while a real slip (a wrong norm, rope or head) moves
-    logits by O(1)."""
-    BF16_TOL = 0.15
-    _, config, params = _load("qwen3")
+    within BF16_TOL of the float32 logits, as transformers' own bf16 model does. bf16 keeps 8
+    mantissa bits (4e-3 relative per rounding); over three blocks that compounds to ~5% of
+    logits reaching ~4 with these weights: measured 0.05-0.18 here across the five configs, and
+    0.08-0.16 for transformers in bf16. A real slip (a norm, rope or head) moves logits by O(1)."""
+    BF16_TOL = 0.25
+    model, config, params = _load("llama")  # biases and llama3 rope: the largest bf16 error
     ids, ones = _inputs(config, 5)
     f32 = _run(config, params, ids, ones, ones)
     bf16 = fwd(config, params, ids, ones, segment_ids=ones, dtype=jnp.bfloat16,
@@ -404,6 +405,9 @@ def test_bfloat16_compute_stays_close():
     assert bf16.last_hidden_state.dtype == jnp.bfloat16
     assert float(jnp.abs(f32.logits).max()) > 1.0
     assert _maxdiff(bf16.logits, f32.logits) < BF16_TOL
+    # A copy: casting the cached model there and back would round its float32 weights.
+    hf_bf16 = torch_forward(copy.deepcopy(model).to(torch.bfloat16), ids).logits.float().numpy()
+    assert _maxdiff(bf16.logits, hf_bf16) < BF16_TOL
 
 
 def test_remat_identical_outputs_and_gradients():
