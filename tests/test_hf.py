@@ -97,9 +97,9 @@ def test_error_missing_weights(tmp_path):
 def test_error_wrong_model_type(tmp_path):
     save_tiny(tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    cfg["model_type"] = "llama"
+    cfg["model_type"] = "bert"
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(hf.CheckpointError, match="unsupported model_type 'llama'"):
+    with pytest.raises(hf.CheckpointError, match="unsupported model_type 'bert'"):
         hf.load_pretrained(tmp_path / "m")
 
 

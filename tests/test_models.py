@@ -81,3 +81,11 @@ def test_uniform_init_copies_evenly_spaced_teacher_blocks():
         T.student(tc, tp, overrides={"n_layer": 5}, init_from_teacher_layers="uniform")
     with pytest.raises(ValueError, match="use 'uniform' or a list"):
         T.student(tc, tp, init_from_teacher_layers="evenly")
+
+
+def test_gpt2_accepts_hf_generic_names_in_overrides():
+    """`student.overrides = {"num_hidden_layers": k}` serves every family (HF's attribute_map)."""
+    tc = T.TEACHER_CONFIG
+    assert tc.replace(num_hidden_layers=2, hidden_size=16) == tc.replace(n_layer=2, n_embd=16)
+    with pytest.raises(ValueError, match=r"unknown GPT-2 config field\(s\) \['num_layers'\]"):
+        tc.replace(num_layers=2)

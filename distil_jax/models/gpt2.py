@@ -59,6 +59,11 @@ _ACTIVATIONS = {
 }
 
 
+# transformers.GPT2Config.attribute_map: the generic HF names of GPT-2's fields.
+_HF_ALIASES = {"num_hidden_layers": "n_layer", "hidden_size": "n_embd", "num_attention_heads": "n_head",
+               "max_position_embeddings": "n_positions"}
+
+
 @dataclasses.dataclass(frozen=True)
 class GPT2Config:
     """The GPT-2 hyperparameters the model implements (names and defaults as in HF's GPT2Config).
@@ -140,7 +145,10 @@ class GPT2Config:
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
 
     def replace(self, **overrides: Any) -> "GPT2Config":
-        """A copy with `overrides`; an unknown field is a ValueError naming it."""
+        """A copy with `overrides`; an unknown field is a ValueError naming it. HF's generic
+        names (`num_hidden_layers`, `hidden_size`, ...) are accepted for GPT-2's own, as
+        transformers' GPT2Config does, so one override serves every family."""
+        overrides = {_HF_ALIASES.get(k, k): v for k, v in overrides.items()}
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
