@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from distil_jax import hf
+from distil_jax import hf, models
 from distil_jax import train_step as ts
 from distil_jax.objectives.objective import Objective
 from tools import bench_throughput as bt
@@ -93,13 +93,21 @@ def _perturb(model, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("bias") or ".ln_" in name or name.startswith("transformer.ln_f"):
+            if name.endswith("bias") or ".ln_" in name or name.startswith("transformer.ln_f") \
+                    or name.endswith("norm.weight"):
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
 
 
-def _same_weights_both_sides():
+GPT2_TEACHER = dict(model_type="gpt2", n_layer=N_TEACHER, n_embd=32, n_head=4, vocab_size=97, n_positions=32)
+# Grouped-query attention (4 query heads, 2 key/value heads), untied head.
+LLAMA_TEACHER = dict(model_type="llama", num_hidden_layers=N_TEACHER, hidden_size=32, intermediate_size=64,
+                     num_attention_heads=4, num_key_value_heads=2, vocab_size=97, max_position_embeddings=32,
+                     attention_bias=True, tie_word_embeddings=False)
+
+
+def _same_weights_both_sides(teacher_fields=GPT2_TEACHER):
     """HF teacher/student + Distily objective in torch, and the same weights in distil_jax."""
-    t_cfg = tb.hf_gpt2_config(n_layer=N_TEACHER, n_embd=32, n_head=4, vocab_size=97, n_positions=32)
+    t_cfg = tb.hf_config(**teacher_fields)
     teacher, student, objective = tb.build(t_cfg, N_STUDENT, S, remat=False, seed=3)
     _perturb(teacher, 1)
     _perturb(student, 2)
@@ -117,7 +125,7 @@ def _same_weights_both_sides():
     host = lambda t: jnp.asarray(t.detach().numpy().copy())  # noqa: E731
     teacher_params = hf.hf_state_dict_to_params(tc, sd(teacher))
     student_params = hf.hf_state_dict_to_params(sc_cfg, sd(student))
-    np.testing.assert_array_equal(student_params["wte"]["embedding"], teacher_params["wte"]["embedding"])
+    np.testing.assert_array_equal(models.lm_head(sc_cfg, student_params), models.lm_head(tc, teacher_params))
     obj = Objective.from_config(bt.REFERENCE_OBJECTIVE).bind(sc_cfg, tc)
     assert obj.attn_pairs(N_STUDENT, N_TEACHER) == ((objective.s_layer, objective.t_layer),) == ((1, 2),)
     obj_params = {"attn": {
@@ -132,11 +140,12 @@ def _same_weights_both_sides():
     return (teacher, student, objective), (sc, params, teacher_params)
 
 
-def test_baseline_loss_equals_distil_jax_loss_on_full_rows():
+@pytest.mark.parametrize("teacher_fields", [GPT2_TEACHER, LLAMA_TEACHER], ids=["gpt2", "llama"])
+def test_baseline_loss_equals_distil_jax_loss_on_full_rows(teacher_fields):
     # Full rows, no padding: Distily averages its losses over every position, padding included,
     # while distil_jax averages over real tokens only, so the two objectives agree only when
     # there is no padding (on padded rows they differ by design: spec defect 1).
-    (teacher, student, objective), (sc, params, teacher_params) = _same_weights_both_sides()
+    (teacher, student, objective), (sc, params, teacher_params) = _same_weights_both_sides(teacher_fields)
     ids = np.random.RandomState(0).randint(0, 97, (3, S))
     ones = np.ones((3, S), np.int32)
 

@@ -31,11 +31,13 @@ model math; rematerialization is not counted, as usual for MFU). With D = width,
 S = sequence length, H = heads, L_s / L_t = student / teacher blocks, P = mapped attention pairs:
 
     student (forward + backward = 3 x forward):
-        6 * 12 * D^2 * L_s          block matmuls (qkv 3D^2, out D^2, MLP 8D^2; N = 12 D^2 per block)
+        6 * N * L_s                 block matmuls (N per block: GPT-2 qkv 3D^2, out D^2, MLP 8D^2,
+                                    N = 12 D^2; Llama q, o D^2 each, k, v D * kv width, SwiGLU
+                                    3 D * mlp width; see `block_params`)
       + 12 * L_s * S * D            attention scores QK^T and P.V (2 * 2 * S * D per layer, x3)
       + 6 * D * V                   LM head
     teacher (forward only):
-        2 * 12 * D^2 * L_t + 4 * L_t * S * D + 2 * D * V
+        2 * N * L_t + 4 * L_t * S * D + 2 * D * V
     objective:
       + 6 * H * S^2 * P             orthogonal projection of the mapped [H, S] attention rows by an
                                     S x S matrix, forward + backward
@@ -68,11 +70,34 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-# The teacher shapes. gpt2-config = GPT-2 small (the reference run's teacher), random init.
+# The teacher shapes (HF config fields; random init). gpt2-config = GPT-2 small (the reference
+# run's teacher); smollm2-135m-config = HuggingFaceTB/SmolLM2-135M (a Llama: grouped-query
+# attention 9/3 heads, SwiGLU, tied embeddings), the Llama-family counterpart of the same size.
 TEACHERS = {
-    "gpt2-config": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
-    "tiny": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=512, n_positions=256),
+    "gpt2-config": dict(model_type="gpt2", n_layer=12, n_embd=768, n_head=12, vocab_size=50257,
+                        n_positions=1024),
+    "tiny": dict(model_type="gpt2", n_layer=2, n_embd=64, n_head=4, vocab_size=512, n_positions=256),
+    "smollm2-135m-config": dict(model_type="llama", num_hidden_layers=30, hidden_size=576,
+                                intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                                vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
+                                rms_norm_eps=1e-5, tie_word_embeddings=True),
+    "llama-tiny": dict(model_type="llama", num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                       max_position_embeddings=256, tie_word_embeddings=False),
 }
+
+
+def shape(teacher: str) -> dict:
+    """A teacher's sizes under generic names (GPT-2 and Llama spell them differently):
+    layers, width, heads, kv_heads, mlp (MLP width), vocab, positions, glu (gated MLP)."""
+    t = TEACHERS[teacher]
+    if t["model_type"] == "gpt2":
+        return dict(layers=t["n_layer"], width=t["n_embd"], heads=t["n_head"], kv_heads=t["n_head"],
+                    mlp=4 * t["n_embd"], vocab=t["vocab_size"], positions=t["n_positions"], glu=False)
+    return dict(layers=t["num_hidden_layers"], width=t["hidden_size"], heads=t["num_attention_heads"],
+                kv_heads=t.get("num_key_value_heads", t["num_attention_heads"]),
+                mlp=t["intermediate_size"], vocab=t["vocab_size"],
+                positions=t["max_position_embeddings"], glu=True)
 
 # The reference run's objective (configs/base.py): KL on logits + 5 x raw_mse on the layer -2
 # attention maps, orthogonal projector on the student side, trainable LayerNorm on the teacher's.
@@ -115,11 +140,11 @@ class BenchConfig:
         if c.teacher not in TEACHERS:
             raise ValueError(f"unknown --teacher {c.teacher!r}; valid: {', '.join(TEACHERS)}")
         if c.student_layers is None:
-            c.student_layers = 6 if c.teacher == "gpt2-config" else max(ATTN_LAYER_K, TEACHERS[c.teacher]["n_layer"] // 2)
+            c.student_layers = max(ATTN_LAYER_K, shape(c.teacher)["layers"] // 2)
         if c.student_layers < ATTN_LAYER_K:
             raise ValueError(f"--student-layers must be >= {ATTN_LAYER_K} (the layer-2 attention mapper)")
-        if c.seq_len > TEACHERS[c.teacher]["n_positions"]:
-            raise ValueError(f"--seq-len {c.seq_len} > n_positions {TEACHERS[c.teacher]['n_positions']}")
+        if c.seq_len > shape(c.teacher)["positions"]:
+            raise ValueError(f"--seq-len {c.seq_len} > the teacher's {shape(c.teacher)['positions']} positions")
         if c.layout not in ("padded", "packed"):
             raise ValueError(f"unknown --layout {c.layout!r}; valid: padded, packed")
         if not 0.0 <= c.pad_fraction < 1.0:
@@ -145,7 +170,7 @@ def make_batch(cfg: BenchConfig) -> dict:
     import numpy as np
 
     B, S = cfg.batch, cfg.seq_len
-    V = TEACHERS[cfg.teacher]["vocab_size"]
+    V = shape(cfg.teacher)["vocab"]
     eos = V - 1
     rng = np.random.RandomState(cfg.seed + 1234)
     ids = rng.randint(0, V - 1, (B, S)).astype(np.int32)
@@ -180,13 +205,22 @@ def make_batch(cfg: BenchConfig) -> dict:
     return dict(input_ids=ids, attention_mask=mask, segment_ids=seg, real_tokens=int(mask.sum()))
 
 
+def block_params(t: dict) -> int:
+    """Matmul weights of one block: q and out projections D^2 each, k and v D * (kv_heads * D /
+    heads) each, MLP 2 * D * mlp (3 * D * mlp when gated, as Llama's SwiGLU). 12 D^2 for GPT-2."""
+    D = t["width"]
+    kv = D * t["kv_heads"] // t["heads"]
+    return 2 * D * D + 2 * D * kv + (3 if t["glu"] else 2) * D * t["mlp"]
+
+
 def flops_per_token(cfg: BenchConfig) -> dict:
     """Model FLOPs per token position (see the module docstring for the formula)."""
-    t = TEACHERS[cfg.teacher]
-    D, V, H, Lt = t["n_embd"], t["vocab_size"], t["n_head"], t["n_layer"]
+    t = shape(cfg.teacher)
+    D, V, H, Lt = t["width"], t["vocab"], t["heads"], t["layers"]
     Ls, S, P = cfg.student_layers, cfg.seq_len, 1
-    student = 6 * 12 * D * D * Ls + 12 * Ls * S * D + 6 * D * V
-    teacher = 2 * 12 * D * D * Lt + 4 * Lt * S * D + 2 * D * V
+    N = block_params(t)
+    student = 6 * N * Ls + 12 * Ls * S * D + 6 * D * V
+    teacher = 2 * N * Lt + 4 * Lt * S * D + 2 * D * V
     objective = 6 * H * S * S * P
     return dict(student=student, teacher=teacher, objective=objective, total=student + teacher + objective)
 
@@ -264,13 +298,12 @@ def run_jax(cfg: BenchConfig) -> dict:
     dtype = jnp.dtype(dtype_name)
     t_setup = time.perf_counter()
 
-    tc = models.config_from_hf(dict(model_type="gpt2", **TEACHERS[cfg.teacher],
-                                    bos_token_id=TEACHERS[cfg.teacher]["vocab_size"] - 1,
-                                    eos_token_id=TEACHERS[cfg.teacher]["vocab_size"] - 1))
+    eos = shape(cfg.teacher)["vocab"] - 1
+    tc = models.config_from_hf(dict(TEACHERS[cfg.teacher], bos_token_id=eos, eos_token_id=eos))
     k_t, k_s, k_o, k_r = jax.random.split(jax.random.PRNGKey(cfg.seed), 4)
     teacher_params = jax.jit(lambda k: models.init_params(tc, k))(k_t)
     sconf, sparams, trainable = student_lib.build_student(
-        tc, teacher_params, {"overrides": {"n_layer": cfg.student_layers},
+        tc, teacher_params, {"overrides": {"num_hidden_layers": cfg.student_layers},
                              "copy_teacher_modules": [("lm_head", False)]}, k_s)
     obj_cfg = dict(REFERENCE_OBJECTIVE, logits_chunk_tokens=cfg.logits_chunk_tokens)
     obj = Objective.from_config(obj_cfg).bind(sconf, tc)
@@ -412,7 +445,7 @@ def run_torch(cfg: BenchConfig) -> dict:
     dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
     dtype = getattr(torch, dtype_name)
     t_setup = time.perf_counter()
-    teacher_cfg = tb.hf_gpt2_config(**TEACHERS[cfg.teacher])
+    teacher_cfg = tb.hf_config(**TEACHERS[cfg.teacher])
     teacher, student, objective = tb.build(teacher_cfg, cfg.student_layers, cfg.seq_len, device=device,
                                            dtype=dtype, remat=cfg.remat, seed=cfg.seed,
                                            dropout=cfg.torch_dropout)

@@ -49,10 +49,14 @@ def hf_gpt2_config(n_layer: int, n_embd: int, n_head: int, vocab_size: int, n_po
     return cfg
 
 
-def hf_llama_config(model_type: str = "llama", **fields) -> transformers.PretrainedConfig:
-    """A Llama-family config (llama, qwen2, qwen3, mistral) with eager attention."""
+def hf_config(model_type: str, **fields) -> transformers.PretrainedConfig:
+    """Any family's config (gpt2, llama, qwen2, qwen3, mistral) with eager attention; GPT-2's
+    bos/eos are the last token, as `hf_gpt2_config` sets them."""
+    if model_type == "gpt2":
+        return hf_gpt2_config(**fields)
     cls = transformers.AutoConfig.for_model(model_type).__class__
-    cfg = cls(use_cache=False, **fields)
+    V = fields["vocab_size"]
+    cfg = cls(use_cache=False, **{"bos_token_id": V - 1, "eos_token_id": V - 1, **fields})
     cfg._attn_implementation = "eager"
     return cfg
 
