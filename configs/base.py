@@ -1,4 +1,5 @@
-"""The reference run: Distily's published gpt2 -> distilgpt2-shaped distillation (spec section 1).
+"""The reference run: Distily's published gpt2 -> distilgpt2-shaped distillation
+(docs/design.md, "What is reimplemented").
 
     python -m distil_jax.train --config configs/base.py --workdir runs/base
 
@@ -10,7 +11,7 @@ clipping at 1.0, seed 42, bf16 compute, gradient checkpointing. Objective: KL on
 5.0 x MSE of the layer-2 attention maps (student block 4 <-> teacher block 10) through the
 teacher-only affine LayerNorm and the orthogonal projector.
 
-Differences from Distily, all deliberate (spec section 3): padding never counts in a loss; every
+Differences from Distily, all deliberate (docs/design.md): padding never counts in a loss; every
 loss is computed in float32; weights are float32 masters with bf16 compute (Distily trains pure
 bf16); `dataset.layout = "pack"` packs documents (each its own attention segment) into full rows
 instead of padding each to 1024, so no compute is spent on padding (Distily's runs are 25-45%

@@ -1,7 +1,7 @@
 """The run configuration: its schema, Distily's defaults, and validation.
 
 `default_config()` is the schema: every field a run may set, with a comment, and values that
-reproduce Distily's reference run (spec section 1). A config file (`configs/*.py`) returns a
+reproduce Distily's reference run (configs/base.py, docs/design.md). A config file (`configs/*.py`) returns a
 modified copy; `validate` refuses any key the schema does not have, naming the closest valid one.
 """
 

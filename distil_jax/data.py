@@ -14,7 +14,7 @@ Owns everything between a dataset spec and the arrays the train/eval steps consu
   ``eval_batches`` (finite, ordered, static shapes).
 
 Why segments rather than Distily's attention_mask: Distily pads every row to 1024 with EOS and
-trains on the padding (spec §3 defect 1); segment 0 lets every loss ignore padding, and packing
+trains on the padding (docs/design.md, difference 1); segment 0 lets every loss ignore padding, and packing
 several documents per row (each its own segment) removes most of it.
 """
 

@@ -144,7 +144,7 @@ def _same_weights_both_sides(teacher_fields=GPT2_TEACHER):
 def test_baseline_loss_equals_distil_jax_loss_on_full_rows(teacher_fields):
     # Full rows, no padding: Distily averages its losses over every position, padding included,
     # while distil_jax averages over real tokens only, so the two objectives agree only when
-    # there is no padding (on padded rows they differ by design: spec defect 1).
+    # there is no padding (on padded rows they differ by design: docs/design.md, difference 1).
     (teacher, student, objective), (sc, params, teacher_params) = _same_weights_both_sides(teacher_fields)
     ids = np.random.RandomState(0).randint(0, 97, (3, S))
     ones = np.ones((3, S), np.int32)

@@ -1,4 +1,4 @@
-"""distil_jax.objectives.losses against independent float64 NumPy formulas (spec section 2)."""
+"""distil_jax.objectives.losses against independent float64 NumPy formulas (the definitions in docs/design.md)."""
 
 import jax
 import jax.numpy as jnp

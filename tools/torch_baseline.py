@@ -1,6 +1,6 @@
 """A PyTorch baseline that trains the way Distily 0.5.0 does (benchmark use only; not the library).
 
-What Distily does for the reference run (docs/distily-spec.md), reproduced with plain torch +
+What Distily does for the reference run (docs/design.md), reproduced with plain torch +
 transformers so that `tools/bench_throughput.py` can time it next to distil_jax:
 
 * teacher: the HF causal LM of the config (`GPT2LMHeadModel`, `LlamaForCausalLM`, ...), eval mode,
@@ -8,10 +8,10 @@ transformers so that `tools/bench_throughput.py` can time it next to distil_jax:
   on, as HF's Trainer runs it), its LM head (the tied token embedding) copied from the teacher
   (`copy_teacher_modules` `[("lm_head", False)]`, trainable);
 * both models run eager attention with `output_attentions=True`, so every layer of both models
-  materializes its [B, H, S, S] attention probabilities (spec defect 7), and
+  materializes its [B, H, S, S] attention probabilities (docs/design.md, difference 7), and
   `output_hidden_states` only when the hidden-state component has a weight (not here);
 * padded rows go in with their `attention_mask`; the losses average over ALL positions,
-  padding included (spec defect 1);
+  padding included (docs/design.md, difference 1);
 * objective: KL(teacher || student) over the vocabulary (log_softmax of both, summed over the
   vocabulary, mean over positions) + 5.0 x MSE (torch `mse_loss`, mean) between the student's
   attention map at layer n_s-2, mixed over key positions by the orthogonal projector

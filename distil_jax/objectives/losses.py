@@ -4,7 +4,7 @@ This module owns the per-component loss functions (``kl``, ``reverse_kl``, ``cak
 ``raw_mse``, ``soft_mse``, ``cos``, ``ce``) plus the hard-label next-token loss ``clm`` and the
 masked reduction they share (:func:`masked_mean`). They are pure ``jax.numpy`` functions.
 
-Conventions (docs/distily-spec.md sections 2 and 3):
+Conventions (the "defects" are the numbered differences from Distily in docs/design.md):
 
 * ``fn(student [..., F], teacher [..., F], mask [...] bool | None) -> float32 scalar``.
   For the distribution losses (``kl``, ``reverse_kl``, ``cakld``, ``jsd``, ``ce``, ``soft_mse``)

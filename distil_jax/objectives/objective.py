@@ -4,7 +4,7 @@ Total loss = Σ_component weight · mean over mapped layer pairs of
 `loss_fn(norm(projector(student feature)), norm(teacher feature), mask)`, for the components
 `logits`, `hs` (hidden states) and `attn` (attention probabilities), plus an optional hard-label
 next-token cross-entropy (`clm`). A component with weight 0 computes nothing and asks the models
-for no extra features (spec section 2).
+for no extra features (docs/design.md, "The objective").
 
 `Objective` is static (hashable, built once from the config); its trainable parameters (projectors
 and norms) are an ordinary pytree that lives next to the student's parameters.
