@@ -18,8 +18,9 @@ import ast
 import json
 import os
 import sysconfig
-import tempfile
 from collections.abc import Iterable, Iterator
+
+from distil_jax import fsio
 
 # The one special token, as in GPT-2: it is bos, eos, unk and pad at once.
 EOS_TOKEN = "<|endoftext|>"
@@ -123,23 +124,12 @@ def stdlib_docstrings(min_chars: int = 200, max_docs: int | None = None) -> list
 
 
 def write_jsonl(texts: Iterable[str], path: str | os.PathLike) -> None:
-    """Writes one ``{"text": ...}`` JSON object per line, atomically (temp file + os.replace)."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    # The temp file lives next to the target so os.replace is a same-filesystem atomic rename:
-    # a reader (or a concurrent writer) never sees a half-written corpus.
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".jsonl")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for text in texts:
-                f.write(json.dumps({"text": text}, ensure_ascii=False))
-                f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Writes one ``{"text": ...}`` JSON object per line, atomically (``fsio.atomic_file``): a
+    reader (or a concurrent writer) never sees a half-written corpus."""
+    with fsio.atomic_file(path) as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}, ensure_ascii=False))
+            f.write("\n")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, model_max_length: int = 1024):

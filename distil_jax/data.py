@@ -25,11 +25,12 @@ import itertools
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+
+from distil_jax import fsio
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def _local_files(uri: str) -> tuple[str, list[str]] | None:
         files = []
         for dirpath, dirnames, filenames in os.walk(path):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            # Hidden files are skipped: they include write_jsonl's in-flight temp files.
+            # Hidden files are skipped: they include fsio's in-flight temp files.
             files += [
                 os.path.join(dirpath, f)
                 for f in sorted(filenames)
@@ -385,7 +386,7 @@ def tokenize_cached(
     """``tokenize`` with an on-disk cache: ``cache_dir/tokens-<key>.npz``.
 
     The .npz holds ``tokens`` int32 [sum len_i] and ``offsets`` int64 [n + 1]; written atomically
-    (temp file + os.replace), so concurrent runs and interrupted writes never leave a bad file.
+    (``fsio.atomic_file``), so concurrent runs and interrupted writes never leave a bad file.
     """
     _require_eos(tokenizer)
     cache_dir = os.fspath(cache_dir)
@@ -404,16 +405,8 @@ def tokenize_cached(
     offsets = np.zeros(len(docs) + 1, np.int64)
     np.cumsum([len(d) for d in docs], out=offsets[1:])
     tokens = np.concatenate(docs) if docs else np.zeros(0, np.int32)
-    os.makedirs(cache_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-tokens-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, tokens=tokens.astype(np.int32), offsets=offsets)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with fsio.atomic_file(path, "wb") as f:
+        np.savez(f, tokens=tokens.astype(np.int32), offsets=offsets)
     logger.info("token cache written: %s (%d docs, %d tokens)", path, len(docs), len(tokens))
     return docs
 

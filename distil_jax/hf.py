@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -23,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from distil_jax import models
+from distil_jax import fsio, models
 
 log = logging.getLogger(__name__)
 
@@ -203,54 +201,6 @@ def load_pretrained(name_or_path: str | os.PathLike, dtype=jnp.float32) -> tuple
 # ----------------------------------------------------------------------------- saving
 
 
-def atomic_folder(out_dir: str | os.PathLike):
-    """Context manager: yields a temp folder next to `out_dir`, moved into place on success.
-
-    A crash leaves `out_dir` untouched (the old one, or none) and no half-written folder.
-    """
-    import contextlib
-
-    @contextlib.contextmanager
-    def _cm():
-        out = Path(out_dir).resolve()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
-            yield tmp
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _default_permissions(tmp)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-    return _cm()
-
-
-def _default_permissions(folder: Path) -> None:
-    """mkdtemp makes 0700 folders and safetensors 0600 files; give the finished folder the
-    permissions an ordinary mkdir / open would (0777 / 0666 minus the umask)."""
-    umask = None
-    try:  # Linux: read it without changing it (os.umask is process-wide, racy with threads)
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                umask = int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    if umask is None:
-        umask = os.umask(0o022)
-        os.umask(umask)
-    for root, dirs, files in os.walk(folder):
-        os.chmod(root, 0o777 & ~umask)
-        for f in files:
-            os.chmod(os.path.join(root, f), 0o666 & ~umask)
-
-
 def save_pretrained(
     config,
     params: Mapping,
@@ -264,7 +214,7 @@ def save_pretrained(
 
     dtype: weights' dtype in the file (default: as in `params`); `dtype` in config.json
     says the same. extra_files: file name -> text (UTF-8) or bytes, written into the same folder
-    last (e.g. the model card `README.md`). Written atomically (see `atomic_folder`): all files
+    last (e.g. the model card `README.md`). Written atomically (`fsio.atomic_folder`): all files
     appear together or none do.
     """
     from safetensors.flax import save_file
@@ -274,7 +224,7 @@ def save_pretrained(
     hf = config_to_hf(config)
     # transformers >= 4.56 calls it `dtype`, older releases `torch_dtype`.
     setattr(hf, "dtype" if "dtype" in hf.to_dict() or hasattr(hf, "dtype") else "torch_dtype", file_dtype.name)
-    with atomic_folder(out_dir) as tmp:
+    with fsio.atomic_folder(out_dir) as tmp:
         hf.save_pretrained(tmp)
         # Contiguous host copies; "format": "pt" is what transformers expects in the metadata.
         save_file({k: jnp.asarray(v) for k, v in state.items()}, str(tmp / "model.safetensors"),

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from distil_jax import checkpoint, data, hf, models, student
+from distil_jax import checkpoint, data, fsio, hf, models, student
 from distil_jax.config import DTYPES, validate
 from distil_jax.objectives.objective import Objective
 from distil_jax.train_step import (BucketedTrainStep, StepConfig, create_train_state, make_eval_step,
@@ -45,12 +45,6 @@ log = logging.getLogger("distil_jax")
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
 
 
 def _peak_device_memory() -> Optional[int]:
@@ -154,7 +148,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     workdir.mkdir(parents=True, exist_ok=True)
     if config.demo_teacher.enabled:
         _prepare_demo(config, workdir)
-    _write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
+    fsio.write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
 
     # Teacher, tokenizer, sequence length.
     teacher_cfg, teacher_params = hf.load_pretrained(config.teacher.model_name_or_path,
@@ -275,7 +269,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                                 f"eval/{name}/teacher_ppl": rec["teacher"]["ppl"]})
             log.info("eval %s step %d: student ppl %.3f (Distily's per-document mean %.3f), "
                      "teacher ppl %.3f", name, step, res["ppl"], res["distily_ppl"], rec["teacher"]["ppl"])
-        _write_json(evals_path, evals)
+        fsio.write_json(evals_path, evals)
 
     if start == 0:
         run_eval("student_start", 0)
@@ -368,7 +362,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         "versions": package_versions(),
         "finished_at": _now(),
     }
-    _write_json(workdir / "run_summary.json", summary)
+    fsio.write_json(workdir / "run_summary.json", summary)
     _print_table(summary)
     return {"step": step, **last, "eval": summary["evaluation"]}
 
