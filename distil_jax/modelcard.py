@@ -18,6 +18,7 @@ perplexity as best; here the best perplexity is the lowest).
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import logging
 import math
@@ -137,15 +138,12 @@ def _code(text: str, lang: str = "") -> str:
     return f"{fence}{lang}\n{text}\n{fence}"
 
 
-def _flatten(d: Mapping, prefix: str = "") -> list[tuple[str, Any]]:
-    out = []
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and v:
-            out += _flatten(v, key + ".")
-        else:
-            out.append((key, v))
-    return out
+def _dotted(d: Mapping) -> list[tuple[str, Any]]:
+    """[("a.b.c", leaf)] of a nested dict, in insertion order; an empty dict is a leaf ({})."""
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(dict(d), keep_empty_nodes=True, sep=".")
+    return [(k, {} if v is traverse_util.empty_node else v) for k, v in flat.items()]
 
 
 def _redact(d: Any) -> Any:
@@ -284,25 +282,84 @@ def module_summary(hf_config: Mapping) -> Optional[str]:
     return "\n".join(out)
 
 
+# ----------------------------------------------------------------------------- facts
+
+
+class _Facts:
+    """The records, and the figures several sections show, each derived once with its fallbacks
+    (the run summary first, then the config or this export's facts). A figure whose record is
+    malformed raises when a section reads it, so only that section says it could not be rendered."""
+
+    def __init__(self, summary: Mapping, config: Mapping, export: Mapping, model_name: Optional[str]):
+        self.summary, self.config, self.export, self.model_name = summary, config, export, model_name
+
+    @functools.cached_property
+    def teacher_name(self) -> Any:
+        return _get(self.summary, "teacher", "name_or_path") or _get(self.config, "teacher", "model_name_or_path")
+
+    @functools.cached_property
+    def dataset_uri(self) -> Any:
+        return _get(self.summary, "dataset", "uri") or _get(self.config, "dataset", "uri")
+
+    @functools.cached_property
+    def steps(self) -> Any:
+        return _get(self.summary, "steps")
+
+    @functools.cached_property
+    def teacher_params(self) -> Any:
+        return _get(self.summary, "teacher", "params")
+
+    @functools.cached_property
+    def student_params(self) -> Any:
+        n = _get(self.summary, "student", "params")
+        return _get(self.export, "params") if n is None else n
+
+    @functools.cached_property
+    def teacher_hf_config(self) -> Optional[Mapping]:
+        """The teacher's HF config dict as recorded, or None."""
+        return _get(self.summary, "teacher", "config") or None
+
+    @functools.cached_property
+    def student_hf_config(self) -> Optional[Mapping]:
+        return _get(self.summary, "student", "config") or _get(self.export, "student_config") or None
+
+    @functools.cached_property
+    def teacher_config(self):
+        """The teacher's GPT2Config, or None (raises on an unsupported one)."""
+        return _hf_config(self.teacher_hf_config) if self.teacher_hf_config else None
+
+    @functools.cached_property
+    def student_config(self):
+        return _hf_config(self.student_hf_config) if self.student_hf_config else None
+
+    @functools.cached_property
+    def teacher_layers(self) -> Any:
+        n = _get(self.summary, "teacher", "n_layer")
+        return n if n is not None or self.teacher_config is None else self.teacher_config.num_layers
+
+    @functools.cached_property
+    def student_layers(self) -> Any:
+        n = _get(self.summary, "student", "n_layer")
+        return n if n is not None or self.student_config is None else self.student_config.num_layers
+
+
 # ----------------------------------------------------------------------------- sections
 
 
-def _front_matter(summary: Mapping, config: Mapping) -> str:
+def _front_matter(f: _Facts) -> str:
     import yaml
 
     meta: dict[str, Any] = {}
-    teacher = _get(summary, "teacher", "name_or_path") or _get(config, "teacher", "model_name_or_path")
-    if _is_hub_id(teacher):
-        meta["base_model"] = teacher
-    uri = _get(summary, "dataset", "uri") or _get(config, "dataset", "uri")
-    if _is_hub_id(uri):
-        meta["datasets"] = [uri]
+    if _is_hub_id(f.teacher_name):
+        meta["base_model"] = f.teacher_name
+    if _is_hub_id(f.dataset_uri):
+        meta["datasets"] = [f.dataset_uri]
     meta["library_name"] = "distil_jax"
-    lic = _get(config, "license")
+    lic = _get(f.config, "license")
     if isinstance(lic, str) and lic:
         meta["license"] = lic
     meta["pipeline_tag"] = "text-generation"
-    s_type = _get(summary, "student", "config", "model_type") or "gpt2"
+    s_type = _get(f.student_hf_config, "model_type") or "gpt2"
     meta["tags"] = ["distillation", "distil_jax", str(s_type), "text-generation"]
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---"
 
@@ -343,21 +400,15 @@ def _final_eval(summary: Mapping) -> Optional[str]:
     return "; ".join(bits) or None
 
 
-def _summary_section(summary, config, export, model_name) -> str:
-    teacher = _get(summary, "teacher", "name_or_path") or _get(config, "teacher", "model_name_or_path")
-    t_params, s_params = _get(summary, "teacher", "params"), _get(summary, "student", "params")
-    if s_params is None:
-        s_params = _get(export, "params")
-    t_layers = _get(summary, "teacher", "n_layer")
-    s_layers = _get(summary, "student", "n_layer") or _get(summary, "student", "config", "n_layer") \
-        or _get(export, "student_config", "n_layer")
+def _summary_section(f: _Facts) -> str:
+    summary, config, export, model_name = f.summary, f.config, f.export, f.model_name
+    teacher, uri = f.teacher_name, f.dataset_uri
+    t_params, s_params, t_layers, s_layers = f.teacher_params, f.student_params, f.teacher_layers, f.student_layers
     ds = _get(summary, "dataset") or {}
-    uri = _get(ds, "uri") or _get(config, "dataset", "uri")
     real = _get(ds, "train", "real_tokens")
     docs = _get(ds, "train", "documents")
 
-    s_cfg = _hf_config(_get(summary, "student", "config") or _get(export, "student_config"))
-    arch = _architecture(s_cfg) if s_cfg is not None else None
+    arch = _architecture(f.student_config) if f.student_config is not None else None
     lines = []
     lines.append("This model is a student distilled from a teacher with distil_jax (a JAX/Flax "
                  "reimplementation of Distily)." + (f" It is a `{arch}` that loads with `transformers`."
@@ -374,7 +425,7 @@ def _summary_section(summary, config, export, model_name) -> str:
         lines.append(f"- **Train split:** {_int(real)} real tokens in {_int(docs)} documents of {src}")
     else:
         lines.append(f"- **Train split:** {NOT_RECORDED}")
-    steps = _get(summary, "steps")
+    steps = f.steps
     seen = _get(summary, "resources", "train_tokens")
     if seen is not None:
         epochs = _num(seen) / _num(real) if _num(real) else None
@@ -410,13 +461,11 @@ def _summary_section(summary, config, export, model_name) -> str:
     return "## Summary\n\n" + "\n".join(lines)
 
 
-def _architecture_section(summary, config, export, _model_name) -> str:
-    s_cfg = _get(summary, "student", "config") or _get(export, "student_config")
-    params = _get(summary, "student", "params")
-    if params is None:
-        params = _get(export, "params")
+def _architecture_section(f: _Facts) -> str:
+    config, export = f.config, f.export
+    s_cfg, params = f.student_hf_config, f.student_params
     dtype = _get(export, "dtype") or _get(s_cfg, "dtype") or _get(s_cfg, "torch_dtype")
-    cfg = _hf_config(s_cfg) if s_cfg else None
+    cfg = f.student_config
     size = _get(export, "weight_bytes")
     rows = [
         ("class", f"{_architecture(cfg)} (transformers)" if cfg is not None else NOT_RECORDED),
@@ -462,12 +511,13 @@ def _bold_lowest(values: list[Optional[float]]) -> list[str]:
             for v in values]
 
 
-def _evaluation_section(summary, config, export, _model_name) -> str:
+def _evaluation_section(f: _Facts) -> str:
+    summary, config = f.summary, f.config
     ev = _get(summary, "evaluation")
     head = "## Evaluation\n\n"
     if not isinstance(ev, Mapping) or not ev:
         return head + f"Evaluation: {NOT_RECORDED}."
-    steps = _get(summary, "steps")
+    steps = f.steps
     teacher_name = _get(summary, "teacher", "name_or_path")
     names = [n for n, e in ev.items() if isinstance(e, Mapping)]
     # One row per model across evaluators, in a stable order.
@@ -524,12 +574,12 @@ def _evaluation_section(summary, config, export, _model_name) -> str:
     if isinstance(fm, Mapping) and fm:
         parts.append("Last logged training metrics (means over the final logging interval"
                      + (f", up to step {_int(steps)}" if steps is not None else "") + "):\n\n"
-                     + _table(["metric", "value"], [(k, _short(v)) for k, v in _flatten(fm)]))
+                     + _table(["metric", "value"], [(k, _short(v)) for k, v in _dotted(fm)]))
     return "\n\n".join(parts)
 
 
-def _resources_section(summary, config, export, _model_name) -> str:
-    res = _get(summary, "resources")
+def _resources_section(f: _Facts) -> str:
+    res = _get(f.summary, "resources")
     head = "## Resource usage\n\n"
     if not isinstance(res, Mapping) or not res:
         return head + f"Resource usage: {NOT_RECORDED}."
@@ -559,16 +609,11 @@ def _resources_section(summary, config, export, _model_name) -> str:
     return head + _table(["", "value"], rows)
 
 
-def _diff_section(summary, config, export, _model_name) -> str:
+def _diff_section(f: _Facts) -> str:
     head = "## Teacher → student\n\n"
-    t_cfg_d = _get(summary, "teacher", "config")
-    s_cfg_d = _get(summary, "student", "config") or _get(export, "student_config")
-    t_cfg = _hf_config(t_cfg_d) if t_cfg_d else None
-    s_cfg = _hf_config(s_cfg_d) if s_cfg_d else None
-    t_params = _get(summary, "teacher", "params")
-    s_params = _get(summary, "student", "params")
-    if s_params is None:
-        s_params = _get(export, "params")
+    t_cfg_d, s_cfg_d = f.teacher_hf_config, f.student_hf_config
+    t_cfg, s_cfg = f.teacher_config, f.student_config
+    t_params, s_params = f.teacher_params, f.student_params
     if t_params is None and t_cfg is None:
         return head + f"The teacher's architecture: {NOT_RECORDED}."
 
@@ -577,13 +622,12 @@ def _diff_section(summary, config, export, _model_name) -> str:
         return f"{a / b:.3f}" if a is not None and b else "—"
 
     rows = [("parameters", _int(t_params), _int(s_params), ratio(s_params, t_params))]
-    t_layers = _get(summary, "teacher", "n_layer") or (t_cfg.num_layers if t_cfg else None)
-    s_layers = _get(summary, "student", "n_layer") or (s_cfg.num_layers if s_cfg else None)
-    rows.append(("layers", _int(t_layers), _int(s_layers), ratio(s_layers, t_layers)))
+    rows.append(("layers", _int(f.teacher_layers), _int(f.student_layers),
+                 ratio(f.student_layers, f.teacher_layers)))
     if t_cfg is not None and s_cfg is not None:
         t_facts, s_facts = arch_facts(t_cfg), arch_facts(s_cfg)
-        for f in list(t_facts)[1:]:
-            rows.append((f, _int(t_facts[f]), _int(s_facts[f]), ratio(s_facts[f], t_facts[f])))
+        for name in list(t_facts)[1:]:
+            rows.append((name, _int(t_facts[name]), _int(s_facts[name]), ratio(s_facts[name], t_facts[name])))
     text = head + _table(["", "teacher", "student", "student / teacher"], rows)
     t_tree = module_summary(t_cfg_d) if t_cfg is not None else None
     s_tree = module_summary(s_cfg_d) if s_cfg is not None else None
@@ -597,9 +641,9 @@ def _diff_section(summary, config, export, _model_name) -> str:
     return text
 
 
-def _dataset_section(summary, config, export, _model_name) -> str:
-    ds = _get(summary, "dataset") or {}
-    cds = _get(config, "dataset") or {}
+def _dataset_section(f: _Facts) -> str:
+    ds = _get(f.summary, "dataset") or {}
+    cds = _get(f.config, "dataset") or {}
     head = "## Train dataset\n\n"
     if not ds and not cds:
         return head + f"The train dataset: {NOT_RECORDED}."
@@ -635,8 +679,8 @@ def _dataset_section(summary, config, export, _model_name) -> str:
     return text
 
 
-def _objective_section(summary, config, export, _model_name) -> str:
-    obj = _get(config, "objective")
+def _objective_section(f: _Facts) -> str:
+    obj = _get(f.config, "objective")
     head = "## Training objective\n\n"
     if not isinstance(obj, Mapping) or not obj:
         return head + f"The objective: {NOT_RECORDED}."
@@ -646,25 +690,26 @@ def _objective_section(summary, config, export, _model_name) -> str:
     return text
 
 
-def _hparams_section(summary, config, export, _model_name) -> str:
+def _hparams_section(f: _Facts) -> str:
+    config = f.config
     head = "## Hyperparameters\n\n"
     if not isinstance(config, Mapping) or not config:
         return head + f"The run's config: {NOT_RECORDED}."
-    rows = [(k, _value(v)) for k, v in _flatten(_redact(config))]
+    rows = [(k, _value(v)) for k, v in _dotted(_redact(config))]
     return head + "Every value of the run's config (`config.json` in the run's workdir):\n\n" + \
         _table(["config key", "value"], rows)
 
 
-def _versions_section(summary, config, export, _model_name) -> str:
+def _versions_section(f: _Facts) -> str:
     head = "## Framework versions\n\n"
-    ver = _get(summary, "versions")
+    ver = _get(f.summary, "versions")
     parts = []
     if isinstance(ver, Mapping) and ver:
         keys = [k for k in FRAMEWORKS if k in ver] + sorted(k for k in ver if k not in FRAMEWORKS)
         parts.append("Used for training:\n\n" + "\n".join(f"- {k} {ver[k]}" for k in keys))
     else:
         parts.append(f"Used for training: {NOT_RECORDED}.")
-    ex = _get(export, "versions")
+    ex = _get(f.export, "versions")
     if isinstance(ex, Mapping) and ex:
         keys = [k for k in FRAMEWORKS if k in ex] + sorted(k for k in ex if k not in FRAMEWORKS)
         parts.append("Used for this export:\n\n" + "\n".join(f"- {k} {ex[k]}" for k in keys))
@@ -698,8 +743,9 @@ def model_card(summary: Mapping | None, config: Mapping | None, *, export: Mappi
     summary = summary if isinstance(summary, Mapping) else {}
     config = config if isinstance(config, Mapping) else {}
     export = export if isinstance(export, Mapping) else {}
+    facts = _Facts(summary, config, export, model_name)
     try:
-        front = _front_matter(summary, config)
+        front = _front_matter(facts)
     except Exception as e:  # never fail the export on the card
         log.warning("model card front matter: %s: %s", type(e).__name__, e)
         front = "---\nlibrary_name: distil_jax\ntags:\n- distillation\n---"
@@ -707,7 +753,7 @@ def model_card(summary: Mapping | None, config: Mapping | None, *, export: Mappi
     parts = [front, "", title, ""]
     for name, fn in _SECTIONS:
         try:
-            parts.append(fn(summary, config, export, model_name))
+            parts.append(fn(facts))
         except Exception as e:  # a malformed record: say so, never crash
             log.warning("model card section %r: %s: %s", name, type(e).__name__, e)
             parts.append(f"## {name}\n\nThis section could not be rendered from the run's records "
