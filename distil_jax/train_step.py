@@ -2,7 +2,7 @@
 
 `make_train_step(...)` returns `step(state, teacher_params, batch) -> (state, metrics)`, jitted
 once with `state` donated. The teacher's parameters are a separate, non-donated argument: never
-in the optimizer, never in the checkpoint, run under `stop_gradient`. The trainable tree is
+in the optimizer, never in the checkpoint, run under `stop_gradient`. The trained tree is
 `{"student": ..., "objective": ...}` (projector and norm parameters train with the student).
 
 `BucketedTrainStep` wraps it for the training loop: it takes host batches and runs the step
@@ -137,9 +137,10 @@ def with_logits_chunk(sc: StepConfig, rows: int, seq: int) -> StepConfig:
                                                                          sc.student.vocab_size))
 
 
-def distill_loss(sc: StepConfig, trainable: Mapping, teacher_params: Mapping, batch: Mapping,
+def distill_loss(sc: StepConfig, params: Mapping, teacher_params: Mapping, batch: Mapping,
                  rng: Optional[Array]) -> tuple[Array, dict]:
-    """The objective on one (micro-)batch: (loss, metrics). batch: input_ids, segment_ids [B, S]."""
+    """The objective on one (micro-)batch: (loss, metrics). params: {"student", "objective"} (the
+    trained parameters); batch: input_ids, segment_ids [B, S]."""
     ids, seg = batch["input_ids"], batch["segment_ids"]
     B, S = ids.shape
     obj = sc.objective
@@ -156,16 +157,16 @@ def distill_loss(sc: StepConfig, trainable: Mapping, teacher_params: Mapping, ba
         teacher_params = jax.lax.stop_gradient(teacher_params)
         t_out = models.forward(sc.teacher, teacher_params, ids, **feats["teacher"], **common)
         t_out = jax.lax.stop_gradient(t_out)
-    s_out = models.forward(sc.student, trainable["student"], ids, **feats["student"], **common,
+    s_out = models.forward(sc.student, params["student"], ids, **feats["student"], **common,
                          remat=sc.remat, deterministic=not sc.dropout,
                          dropout_rng=rng if sc.dropout else None)
     heads = dict(logits_chunk=sc.logits_chunk)
     if own_heads:
-        heads.update(student_head=models.lm_head(sc.student, trainable["student"]),
+        heads.update(student_head=models.lm_head(sc.student, params["student"]),
                      teacher_head=models.lm_head(sc.teacher, teacher_params) if needs_teacher else None)
     if compact:
         heads["logits_positions"] = real_token_positions(seg > 0, sc.logits_groups, sc.logits_capacity)
-    return obj(trainable.get("objective", {}), s_out, t_out, seg, ids, **heads)
+    return obj(params.get("objective", {}), s_out, t_out, seg, ids, **heads)
 
 
 def logits_capacity(segment_ids: np.ndarray, groups: int = 1, grad_accum: int = 1,

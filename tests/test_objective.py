@@ -24,8 +24,8 @@ LOSS_TOL = 1e-5
 @pytest.fixture(scope="module")
 def setup():
     tc, tp = T.teacher()
-    sc, sp, trainable = T.student(tc, tp)
-    return tc, tp, sc, sp, trainable
+    s_cfg, sp, trainable = T.student(tc, tp)
+    return tc, tp, s_cfg, sp, trainable
 
 
 def _log_softmax64(x):
@@ -51,18 +51,18 @@ def _layer_norm64(x, scale, bias, eps=1e-5):
 
 
 def test_chunked_logits_loss_equals_unchunked_value_and_gradient(setup):
-    tc, tp, sc, sp, _ = setup
+    tc, tp, s_cfg, sp, _ = setup
     batch = {k: jnp.asarray(v) for k, v in T.batch(T.ROWS_4).items()}  # padding + packed rows
     B, S = batch["input_ids"].shape
     results = {}
     # 0: unchunked; 24: chunks that do not divide B*S = 64 (the last chunk is zero-padded).
     for chunk in (0, 24):
         # (The attention component is off: it does not depend on the chunking.)
-        obj = T.objective(sc, tc, attn=dict(weight=0.0), logits_chunk_tokens=chunk, clm_weight=0.5,
+        obj = T.objective(s_cfg, tc, attn=dict(weight=0.0), logits_chunk_tokens=chunk, clm_weight=0.5,
                           temperature=2.0)
         assert obj.chunk_tokens(B, S, T.VOCAB) == chunk
-        params = T.params_tree(obj, sc, tc, sp)
-        step_cfg = ts.with_logits_chunk(ts.StepConfig(tc, sc, obj), B, S)
+        params = T.params_tree(obj, s_cfg, tc, sp)
+        step_cfg = ts.with_logits_chunk(ts.StepConfig(tc, s_cfg, obj), B, S)
         assert step_cfg.logits_chunk == chunk
         fn = jax.jit(jax.value_and_grad(lambda p, b: ts.distill_loss(step_cfg, p, tp, b, None),
                                         has_aux=True))
@@ -86,11 +86,11 @@ def test_chunked_logits_loss_equals_unchunked_value_and_gradient(setup):
 
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 def test_temperature_scales_kl_by_t_squared(setup, temperature):
-    tc, tp, sc, sp, _ = setup
+    tc, tp, s_cfg, sp, _ = setup
     b = T.batch(T.ROWS_4)
     obj = Objective.from_config(dict(logits=dict(weight=1.0, loss_fn="kl"),
-                                     temperature=temperature, logits_chunk_tokens=0)).bind(sc, tc)
-    s_out = models.forward(sc, sp, b["input_ids"], segment_ids=b["segment_ids"])
+                                     temperature=temperature, logits_chunk_tokens=0)).bind(s_cfg, tc)
+    s_out = models.forward(s_cfg, sp, b["input_ids"], segment_ids=b["segment_ids"])
     t_out = models.forward(tc, tp, b["input_ids"], segment_ids=b["segment_ids"])
     loss, parts = obj({}, s_out, t_out, jnp.asarray(b["segment_ids"]), jnp.asarray(b["input_ids"]))
     assert set(parts) == {"loss", "loss/logits"}
@@ -110,15 +110,15 @@ def test_reference_objective_matches_float64_numpy(setup):
     """KL on logits + 5.0 * raw MSE of the layer-2 attention maps (student block n_s-2 vs teacher
     block n_t-2), student side through the orthogonal projector, teacher side through the
     trainable LayerNorm, masked over real query positions; recomputed in float64 NumPy."""
-    tc, tp, sc, sp, _ = setup
+    tc, tp, s_cfg, sp, _ = setup
     b = T.batch(T.ROWS_4)
-    obj = T.objective(sc, tc, logits_chunk_tokens=0)
-    params = T.params_tree(obj, sc, tc, sp)  # norm scale/bias moved away from 1/0
-    loss, parts = jax.jit(lambda p, bb: ts.distill_loss(ts.StepConfig(tc, sc, obj), p, tp, bb, None))(
+    obj = T.objective(s_cfg, tc, logits_chunk_tokens=0)
+    params = T.params_tree(obj, s_cfg, tc, sp)  # norm scale/bias moved away from 1/0
+    loss, parts = jax.jit(lambda p, bb: ts.distill_loss(ts.StepConfig(tc, s_cfg, obj), p, tp, bb, None))(
         params, {k: jnp.asarray(v) for k, v in b.items()})
 
-    s_layer, t_layer = sc.n_layer - 2, tc.n_layer - 2
-    s_out = models.forward(sc, sp, b["input_ids"], segment_ids=b["segment_ids"],
+    s_layer, t_layer = s_cfg.n_layer - 2, tc.n_layer - 2
+    s_out = models.forward(s_cfg, sp, b["input_ids"], segment_ids=b["segment_ids"],
                          output_attentions=(s_layer,))
     t_out = models.forward(tc, tp, b["input_ids"], segment_ids=b["segment_ids"],
                          output_attentions=(t_layer,))
@@ -147,22 +147,22 @@ def test_reference_objective_matches_float64_numpy(setup):
 
 
 def test_weight_zero_component_requests_nothing_and_adds_no_key(setup):
-    tc, tp, sc, sp, _ = setup
+    tc, tp, s_cfg, sp, _ = setup
     b = T.batch(T.ROWS_4)
     obj = Objective.from_config(dict(
         logits=dict(weight=1.0, loss_fn="kl"),
         hs=dict(weight=0.0, loss_fn="raw_mse", projector="linear"),
-        attn=dict(weight=0.0, loss_fn="raw_mse", layer_mapper="layer-2"))).bind(sc, tc)
-    feats = obj.features(sc, tc)
+        attn=dict(weight=0.0, loss_fn="raw_mse", layer_mapper="layer-2"))).bind(s_cfg, tc)
+    feats = obj.features(s_cfg, tc)
     assert feats == {"student": dict(output_hidden_states=False, output_attentions=()),
                      "teacher": dict(output_hidden_states=False, output_attentions=())}
-    assert obj.init_params(jax.random.PRNGKey(0), sc, tc, T.SEQ) == {}
-    loss, parts = ts.distill_loss(ts.StepConfig(tc, sc, obj), {"student": sp, "objective": {}}, tp,
+    assert obj.init_params(jax.random.PRNGKey(0), s_cfg, tc, T.SEQ) == {}
+    loss, parts = ts.distill_loss(ts.StepConfig(tc, s_cfg, obj), {"student": sp, "objective": {}}, tp,
                                   {k: jnp.asarray(v) for k, v in b.items()}, None)
     assert set(parts) == {"loss", "loss/logits"}
     # The logits component off, clm on: only the clm key.
-    obj = Objective.from_config(dict(logits=dict(weight=0.0), clm_weight=1.0)).bind(sc, tc)
-    loss, parts = ts.distill_loss(ts.StepConfig(tc, sc, obj), {"student": sp, "objective": {}}, tp,
+    obj = Objective.from_config(dict(logits=dict(weight=0.0), clm_weight=1.0)).bind(s_cfg, tc)
+    loss, parts = ts.distill_loss(ts.StepConfig(tc, s_cfg, obj), {"student": sp, "objective": {}}, tp,
                                   {k: jnp.asarray(v) for k, v in b.items()}, None)
     assert set(parts) == {"loss", "loss/clm"}
 
@@ -183,21 +183,21 @@ def test_hs_component_with_linear_projector_end_to_end(setup):
     """A student narrower than the teacher (16 vs 32): hidden states go through a linear
     projector; the step trains it and the loss has an hs key."""
     tc, tp, _, _, _ = setup
-    sc, sp, trainable = T.student(tc, tp, overrides={"n_layer": 2, "n_embd": 16},
+    s_cfg, sp, trainable = T.student(tc, tp, overrides={"n_layer": 2, "n_embd": 16},
                                   copy_teacher_modules=[])
     obj = Objective.from_config(dict(
         logits=dict(weight=1.0, loss_fn="kl"),
         hs=dict(weight=2.0, loss_fn="raw_mse", layer_mapper="uniform_cons", norm="layernorm",
-                projector="linear"))).bind(sc, tc)
+                projector="linear"))).bind(s_cfg, tc)
     assert obj.hs_pairs(2, 4) == ((0, 0), (0, 1), (1, 2), (1, 3), (2, 4))
-    params = T.params_tree(obj, sc, tc, sp)
+    params = T.params_tree(obj, s_cfg, tc, sp)
     proj = params["objective"]["hs"]["projector"]
     assert proj["kernel"].shape == (16, 32) and proj["bias"].shape == (32,)
     tx, sched = ts.make_optimizer(dict(learning_rate=1e-2), 10,
                                   T.trainable_mask(trainable, params["objective"]))
     state = ts.create_train_state(params, tx, jax.random.PRNGKey(0))
     kernel0 = np.array(proj["kernel"], copy=True)
-    step = ts.make_train_step(ts.StepConfig(tc, sc, obj), tx, sched)
+    step = ts.make_train_step(ts.StepConfig(tc, s_cfg, obj), tx, sched)
     batch = {k: jnp.asarray(v) for k, v in T.batch(T.ROWS_4).items()}
     losses = []
     for _ in range(2):
@@ -227,15 +227,15 @@ def test_unknown_loss_name_lists_valid_names():
 
 def test_head_count_mismatch_with_attn_is_an_error(setup):
     tc, _, _, _, _ = setup
-    sc = tc.replace(n_layer=2, n_head=2)
+    s_cfg = tc.replace(n_layer=2, n_head=2)
     obj = Objective.from_config(T.REFERENCE_OBJECTIVE)
     with pytest.raises(ValueError, match="the student has 2 query heads and the teacher 4"):
-        obj.bind(sc, tc)
+        obj.bind(s_cfg, tc)
     with pytest.raises(ValueError, match="heads"):
-        obj.init_params(jax.random.PRNGKey(0), sc, tc, T.SEQ)
+        obj.init_params(jax.random.PRNGKey(0), s_cfg, tc, T.SEQ)
     # Without the attn component the head counts may differ.
-    obj = Objective.from_config(dict(logits=dict(weight=1.0, loss_fn="kl"))).bind(sc, tc)
-    assert obj.init_params(jax.random.PRNGKey(0), sc, tc, T.SEQ) == {}
+    obj = Objective.from_config(dict(logits=dict(weight=1.0, loss_fn="kl"))).bind(s_cfg, tc)
+    assert obj.init_params(jax.random.PRNGKey(0), s_cfg, tc, T.SEQ) == {}
 
 
 def test_automatic_chunking_follows_device_memory(monkeypatch):

@@ -35,8 +35,8 @@ def _all_true(tree):
 
 def test_config_from_teacher_with_overrides(teacher):
     tc, _ = teacher
-    sc = student_lib.student_config(tc, {"overrides": {"n_layer": 2, "n_embd": 16}})
-    assert sc == tc.replace(n_layer=2, n_embd=16)
+    s_cfg = student_lib.student_config(tc, {"overrides": {"n_layer": 2, "n_embd": 16}})
+    assert s_cfg == tc.replace(n_layer=2, n_embd=16)
     assert student_lib.student_config(tc, {}) == tc
     with pytest.raises(ValueError, match="n_layers"):
         student_lib.student_config(tc, {"overrides": {"n_layers": 2}})
@@ -46,17 +46,17 @@ def test_vocab_is_forced_to_the_teachers(teacher, tmp_path):
     tc, _ = teacher
     assert student_lib.student_config(tc, {"overrides": {"vocab_size": 50}}).vocab_size == T.VOCAB
     transformers.GPT2Config(n_layer=3, n_embd=24, n_head=4, vocab_size=50, n_positions=32).save_pretrained(tmp_path)
-    sc = student_lib.student_config(tc, {"config_name_or_path": str(tmp_path)})
-    assert (sc.n_layer, sc.n_embd, sc.n_head, sc.n_positions, sc.vocab_size) == (3, 24, 4, 32, T.VOCAB)
+    s_cfg = student_lib.student_config(tc, {"config_name_or_path": str(tmp_path)})
+    assert (s_cfg.n_layer, s_cfg.n_embd, s_cfg.n_head, s_cfg.n_positions, s_cfg.vocab_size) == (3, 24, 4, 32, T.VOCAB)
 
 
 def test_student_from_config_path(teacher, tmp_path):
     tc, tp = teacher
     transformers.GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=T.VOCAB, n_positions=32,
                             n_inner=64).save_pretrained(tmp_path)
-    sc, sp, trainable = student_lib.build_student(
+    s_cfg, sp, trainable = student_lib.build_student(
         tc, tp, {"config_name_or_path": str(tmp_path), "overrides": {"n_layer": 2}}, RNG)
-    assert (sc.n_layer, sc.n_embd, sc.inner_dim) == (2, 32, 64)
+    assert (s_cfg.n_layer, s_cfg.n_embd, s_cfg.inner_dim) == (2, 32, 64)
     assert sorted(sp["h"]) == ["0", "1"] and sp["h"]["0"]["mlp"]["c_fc"]["kernel"].shape == (32, 64)
     # Default copy_teacher_modules: the (tied) LM head, i.e. the token embedding, trainable.
     assert np.array_equal(sp["wte"]["embedding"], tp["wte"]["embedding"])
@@ -73,9 +73,9 @@ def test_student_from_pretrained_path_loads_weights(teacher, tmp_path):
     hf_model = hf_utils.save_tiny(tmp_path, seed=3, vocab_size=T.VOCAB, n_layer=2, n_embd=32,
                                   n_head=4, n_positions=32)
     sd = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
-    sc, sp, _ = student_lib.build_student(tc, tp, {"model_name_or_path": str(tmp_path),
+    s_cfg, sp, _ = student_lib.build_student(tc, tp, {"model_name_or_path": str(tmp_path),
                                                    "copy_teacher_modules": []}, RNG)
-    assert sc.n_layer == 2
+    assert s_cfg.n_layer == 2
     np.testing.assert_array_equal(sp["wte"]["embedding"], sd["transformer.wte.weight"])
     np.testing.assert_array_equal(sp["h"]["1"]["attn"]["c_attn"]["kernel"], sd["transformer.h.1.attn.c_attn.weight"])
     np.testing.assert_array_equal(sp["h"]["0"]["ln_2"]["bias"], sd["transformer.h.0.ln_2.bias"])
@@ -102,7 +102,7 @@ def test_student_from_pretrained_path_loads_weights(teacher, tmp_path):
 
 def test_copy_lm_head_frozen_and_other_modules(teacher):
     tc, tp = teacher
-    sc, sp, trainable = T.student(tc, tp, copy_teacher_modules=[("lm_head", True),
+    s_cfg, sp, trainable = T.student(tc, tp, copy_teacher_modules=[("lm_head", True),
                                                                 ("transformer.h.1.mlp", False),
                                                                 ("ln_f", True)])
     assert np.array_equal(sp["wte"]["embedding"], tp["wte"]["embedding"])
@@ -119,7 +119,7 @@ def test_copy_lm_head_frozen_and_other_modules(teacher):
 
 def test_copy_lm_head_into_untied_student(teacher):
     tc, tp = teacher
-    sc, sp, trainable = T.student(tc, tp, overrides={"n_layer": 2, "tie_word_embeddings": False},
+    s_cfg, sp, trainable = T.student(tc, tp, overrides={"n_layer": 2, "tie_word_embeddings": False},
                                   copy_teacher_modules=[("lm_head", True)])
     np.testing.assert_array_equal(sp["lm_head"]["kernel"], np.asarray(tp["wte"]["embedding"]).T)
     assert trainable["lm_head"]["kernel"] is False and trainable["wte"]["embedding"] is True
@@ -148,8 +148,8 @@ def test_errors_bad_module_and_wrong_layer_count(teacher):
 
 def test_random_init_has_hf_statistics(teacher):
     tc, tp = teacher
-    sc, sp, _ = T.student(tc, tp, copy_teacher_modules=[])
-    std, n = sc.initializer_range, sc.n_layer
+    s_cfg, sp, _ = T.student(tc, tp, copy_teacher_modules=[])
+    std, n = s_cfg.initializer_range, s_cfg.n_layer
 
     def cat(name_fn):
         return np.concatenate([np.ravel(name_fn(sp["h"][str(i)])) for i in range(n)])

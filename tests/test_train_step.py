@@ -47,10 +47,10 @@ def _jnp(batch):
 
 
 def _setup(tc, tp, objective=None, **student_cfg):
-    sc, sp, trainable = T.student(tc, tp, **student_cfg)
-    obj = T.objective(sc, tc, **(objective or {}))
-    params = T.params_tree(obj, sc, tc, sp)
-    return sc, obj, params, T.trainable_mask(trainable, params["objective"])
+    s_cfg, sp, trainable = T.student(tc, tp, **student_cfg)
+    obj = T.objective(s_cfg, tc, **(objective or {}))
+    params = T.params_tree(obj, s_cfg, tc, sp)
+    return s_cfg, obj, params, T.trainable_mask(trainable, params["objective"])
 
 
 def _spec_lr(t, lr0, total, warmup, lr_end, power):
@@ -64,7 +64,7 @@ def _spec_lr(t, lr0, total, warmup, lr_end, power):
 
 def test_training_reduces_loss_and_keeps_frozen_weights(teacher):
     tc, tp = teacher
-    sc, obj, params, mask = _setup(tc, tp, copy_teacher_modules=[("lm_head", True)])
+    s_cfg, obj, params, mask = _setup(tc, tp, copy_teacher_modules=[("lm_head", True)])
     assert mask["student"]["wte"]["embedding"] is False
     steps = 30
     opt_cfg = dict(optimizer="adam", learning_rate=1e-2, max_grad_norm=1.0)  # the reference's Adam
@@ -72,7 +72,7 @@ def test_training_reduces_loss_and_keeps_frozen_weights(teacher):
     p0 = T.to_numpy(params)
     t0 = T.to_numpy(tp)
     state = ts.create_train_state(params, tx, jax.random.PRNGKey(0))
-    step = ts.make_train_step(ts.StepConfig(tc, sc, obj), tx, sched)
+    step = ts.make_train_step(ts.StepConfig(tc, s_cfg, obj), tx, sched)
     batch = _jnp(T.batch(T.ROWS_4))
     losses = []
     for i in range(steps):
@@ -106,13 +106,13 @@ def test_grad_accumulation_equals_one_batch(teacher):
     rows give the same update and metrics as one batch of 8. The clm loss is a mean over
     next-token labels (one fewer per document than real tokens), so it needs its own weights."""
     tc, tp = teacher
-    sc, obj, params, mask = _setup(tc, tp, objective=dict(clm_weight=0.5))
+    s_cfg, obj, params, mask = _setup(tc, tp, objective=dict(clm_weight=0.5))
     tx, sched = ts.make_optimizer(dict(learning_rate=1.0, adam_epsilon=1.0, max_grad_norm=1.0), 10, mask)
     batch = _jnp(T.batch(T.ROWS_8))
     out = {}
     for accum in (1, 4):
         state = ts.create_train_state(T.to_numpy(params), tx, jax.random.PRNGKey(0))
-        step = ts.make_train_step(ts.StepConfig(tc, sc, obj, grad_accum=accum), tx, sched)
+        step = ts.make_train_step(ts.StepConfig(tc, s_cfg, obj, grad_accum=accum), tx, sched)
         state, m = step(state, tp, batch)
         out[accum] = T.to_numpy(state.params), {k: float(v) for k, v in m.items()}
     (p1, m1), (p4, m4) = out[1], out[4]
@@ -155,9 +155,9 @@ _DP_SCRIPT = textwrap.dedent("""
     from tests import tiny_setup as T
 
     tc, tp = T.teacher()
-    sc, sp, trainable = T.student(tc, tp)
-    obj = T.objective(sc, tc, clm_weight=0.5)
-    params = T.params_tree(obj, sc, tc, sp)
+    s_cfg, sp, trainable = T.student(tc, tp)
+    obj = T.objective(s_cfg, tc, clm_weight=0.5)
+    params = T.params_tree(obj, s_cfg, tc, sp)
     mask = T.trainable_mask(trainable, params["objective"])
     tx, sched = ts.make_optimizer(dict(learning_rate=1.0, adam_epsilon=1.0, max_grad_norm=1.0), 10, mask)
     host_batch = T.batch(T.ROWS_8)
@@ -168,13 +168,13 @@ _DP_SCRIPT = textwrap.dedent("""
         state = ts.replicate(ts.create_train_state(T.to_numpy(params), tx, jax.random.PRNGKey(0)), mesh)
         batch = ts.shard_batch(host_batch, mesh)
         out[name + "_batch_devices"] = len(batch["input_ids"].sharding.device_set)
-        step = ts.make_train_step(ts.StepConfig(tc, sc, obj), tx, sched, mesh)
+        step = ts.make_train_step(ts.StepConfig(tc, s_cfg, obj), tx, sched, mesh)
         state, m = step(state, ts.replicate(tp, mesh), batch)
         results[name] = (T.to_numpy(state.params), float(m["loss"]))
     # Padding-aware logits on 4 devices: each device compacts its own share of the batch.
     mesh = ts.make_mesh(jax.devices()[:4])
     state = ts.replicate(ts.create_train_state(T.to_numpy(params), tx, jax.random.PRNGKey(0)), mesh)
-    bucketed = ts.BucketedTrainStep(ts.StepConfig(tc, sc, obj), tx, sched, mesh, buckets=8)
+    bucketed = ts.BucketedTrainStep(ts.StepConfig(tc, s_cfg, obj), tx, sched, mesh, buckets=8)
     out["dp4_capacity"] = bucketed.capacity(host_batch)
     state, m = bucketed(state, ts.replicate(tp, mesh), host_batch)
     results["dp4_bucketed"] = (T.to_numpy(state.params), float(m["loss"]))
@@ -240,10 +240,10 @@ def test_padding_aware_logits_equal_every_position(teacher, chunk):
     update and metrics as on every position: with gradient accumulation, the clm loss and
     both the unchunked and the chunked logits path."""
     tc, tp = teacher
-    sc, obj, params, mask = _setup(tc, tp, objective=dict(clm_weight=0.5, logits_chunk_tokens=chunk))
+    s_cfg, obj, params, mask = _setup(tc, tp, objective=dict(clm_weight=0.5, logits_chunk_tokens=chunk))
     tx, sched = ts.make_optimizer(dict(learning_rate=1.0, adam_epsilon=1.0, max_grad_norm=1.0), 10, mask)
     host = T.batch(T.ROWS_8)
-    step_cfg = ts.with_logits_chunk(ts.StepConfig(tc, sc, obj, grad_accum=2), *host["input_ids"].shape)
+    step_cfg = ts.with_logits_chunk(ts.StepConfig(tc, s_cfg, obj, grad_accum=2), *host["input_ids"].shape)
     assert step_cfg.logits_chunk == chunk
     state = ts.create_train_state(T.to_numpy(params), tx, jax.random.PRNGKey(0))
     p_all, m_all = ts.make_train_step(step_cfg, tx, sched)(state, tp, _jnp(host))
@@ -301,12 +301,12 @@ def test_lion_optimizer_runs(teacher):
     """Lion (adam runs in the training test above)."""
     name = "lion"
     tc, tp = teacher
-    sc, obj, params, mask = _setup(tc, tp, copy_teacher_modules=[("lm_head", True)])
+    s_cfg, obj, params, mask = _setup(tc, tp, copy_teacher_modules=[("lm_head", True)])
     lr = 1e-3
     tx, sched = ts.make_optimizer(dict(optimizer=name, learning_rate=lr, max_grad_norm=1.0), 10, mask)
     p0 = T.to_numpy(params)
     state = ts.create_train_state(params, tx, jax.random.PRNGKey(0))
-    step = ts.make_train_step(ts.StepConfig(tc, sc, obj), tx, sched)
+    step = ts.make_train_step(ts.StepConfig(tc, s_cfg, obj), tx, sched)
     state, m = step(state, tp, _jnp(T.batch(T.ROWS_4)))
     assert np.isfinite(float(m["loss"]))
     new = T.to_numpy(state.params)
