@@ -20,11 +20,14 @@ several documents per row (each its own segment) removes most of it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
+import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -174,13 +177,25 @@ def _load_rows(spec: Any, cache_dir: str | None) -> list[str]:
         kwargs = {"sample_by": _field(spec, "sample_by", "document")} if builder == "text" else {}
         if all(os.path.getsize(f) == 0 for f in files):
             return []  # datasets' json builder raises a bare StopIteration on empty files
-        # data_files under the requested split name, so `split` works for local files too.
-        ds = datasets.load_dataset(
-            builder, data_files={split: files}, split=split, cache_dir=cache_dir, **kwargs
-        )
-        if builder == "text":
-            # Blank lines (sample_by="line") and empty files become "" rows: not documents.
-            ds = ds.filter(lambda t: len(t) > 0, input_columns="text", keep_in_memory=True)
+        try:
+            # data_files under the requested split name, so `split` works for local files too.
+            # datasets logs its own multi-line report of a file it cannot parse: ours replaces it.
+            with _datasets_quiet():
+                ds = datasets.load_dataset(
+                    builder, data_files={split: files}, split=split, cache_dir=cache_dir, **kwargs
+                )
+            if builder == "text":
+                # Blank lines (sample_by="line") and empty files become "" rows: not documents.
+                ds = ds.filter(lambda t: len(t) > 0, input_columns="text", keep_in_memory=True)
+            _check_column(uri, column, ds.column_names)
+            ds = _sample(ds, shuffle, seed, sample_size)
+            return _as_texts(uri, column, ds[column])
+        except (ValueError, FileNotFoundError):
+            if not _is_datasets_error(sys.exc_info()[1]):
+                raise  # ours (column, type): already one line
+            raise ValueError(_unreadable(uri, builder, files, sys.exc_info()[1])) from None
+        except Exception as e:
+            raise ValueError(_unreadable(uri, builder, files, e)) from None
     else:
         try:
             ds = datasets.load_dataset(uri, subset, split=split, cache_dir=cache_dir)
@@ -190,12 +205,78 @@ def _load_rows(spec: Any, cache_dir: str | None) -> list[str]:
                 raise
             raise wrapped from e
     _check_column(uri, column, ds.column_names)
+    ds = _sample(ds, shuffle, seed, sample_size)
+    return _as_texts(uri, column, ds[column])
+
+
+@contextlib.contextmanager
+def _datasets_quiet():
+    from datasets.utils import logging as ds_logging
+
+    level = ds_logging.get_verbosity()
+    ds_logging.set_verbosity(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(level)
+
+
+def _sample(ds, shuffle: bool, seed: int, sample_size):
     if shuffle:
         # keep_in_memory: no indices cache file is written next to the (shared) dataset cache.
         ds = ds.shuffle(seed=seed, keep_in_memory=True)
     if sample_size is not None:
         ds = ds.select(range(min(int(sample_size), len(ds))), keep_in_memory=True)
-    return _as_texts(uri, column, ds[column])
+    return ds
+
+
+def _is_datasets_error(e: BaseException) -> bool:
+    """Raised inside `datasets` / pyarrow (a file it cannot parse), not by our own checks."""
+    return isinstance(e, UnicodeDecodeError) or type(e).__module__.split(".")[0] in ("datasets", "pyarrow")
+
+
+def _unreadable(uri: str, builder: str, files: Sequence[str], error: BaseException) -> str:
+    """One line for a local dataset that `datasets` failed to read: the file, the line and the
+    problem when we can find it (invalid UTF-8, a malformed JSON line), else datasets' reason."""
+    for f in files:
+        problem = _file_problem(f, builder)
+        if problem:
+            return f"cannot read dataset file {f}: {problem}"
+    cause = error.__cause__ or error
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    return (f"cannot read dataset {uri!r} with the {builder!r} reader: {type(cause).__name__}: "
+            f"{first}; check that the file is valid {builder} text in UTF-8")
+
+
+def _file_problem(path: str, builder: str) -> str | None:
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        return (f"invalid UTF-8 at line {line} (byte {raw[e.start]:#04x} at offset {e.start}); "
+                "save the file as UTF-8")
+    if builder != "json":
+        return None
+    stripped = text.lstrip()
+    if stripped.startswith("["):  # one JSON array (a .json file)
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            return f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+        return None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            return (f"line {n} is not valid JSON ({e.msg} at column {e.colno}); a .jsonl file holds "
+                    "one JSON object per line")
+        if not isinstance(rec, dict):
+            return f"line {n} is a JSON {type(rec).__name__}, not an object; use one object per line"
+    return None
 
 
 def _hub_error(uri: str, e: Exception) -> Exception:
@@ -316,6 +397,15 @@ def load_texts(spec: Any, cache_dir: str | None = None) -> tuple[list[str], list
     )
     train = [texts[i] for i in train_idx]
     test = [texts[i] for i in test_idx]
+    for name, split_texts in (("train", train), ("held-out test", test)):
+        # Empty texts have no token to learn or to score: a split of them would train on nothing
+        # and report a perplexity of exactly 1.
+        if not any(t.strip() for t in split_texts):
+            raise ValueError(
+                f"dataset {uri!r}: every text of the {name} split ({len(split_texts)} rows of column "
+                f"{_field(spec, 'column', 'text')!r}) is empty; check column, or use more rows "
+                "(sample_size) or another test_size"
+            )
     logger.info("dataset %s: %d rows -> %d train / %d test", uri, len(texts), len(train), len(test))
     return train, test
 

@@ -141,6 +141,14 @@ def resolve_folder(name_or_path: str | os.PathLike, allow_patterns: Optional[lis
         ) from e
 
 
+def _unreadable_weights(path: Path, e: BaseException) -> CheckpointError:
+    why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, FileNotFoundError):
+        why = "missing (listed in the index)"
+    return CheckpointError(f"cannot read the weights file {path}: {why}; it is corrupt or "
+                           "truncated: download or export it again")
+
+
 def _read_state_dict(folder: Path) -> dict[str, Any]:
     st = folder / "model.safetensors"
     st_index = folder / "model.safetensors.index.json"
@@ -153,10 +161,13 @@ def _read_state_dict(folder: Path) -> dict[str, Any]:
             {folder / f for f in json.loads(st_index.read_text())["weight_map"].values()})
         state = {}
         for f in files:
-            # framework="flax" reads bfloat16 too (numpy has no bfloat16).
-            with safe_open(str(f), framework="flax") as fh:
-                for k in fh.keys():
-                    state[k] = fh.get_tensor(k)
+            try:
+                # framework="flax" reads bfloat16 too (numpy has no bfloat16).
+                with safe_open(str(f), framework="flax") as fh:
+                    for k in fh.keys():
+                        state[k] = fh.get_tensor(k)
+            except Exception as e:  # SafetensorError, OSError: a bad file, named in one line
+                raise _unreadable_weights(f, e) from None
         return state
     if pt.exists() or pt_index.exists():
         try:
@@ -170,7 +181,11 @@ def _read_state_dict(folder: Path) -> dict[str, Any]:
             {folder / f for f in json.loads(pt_index.read_text())["weight_map"].values()})
         state = {}
         for f in files:
-            for k, v in torch.load(f, map_location="cpu", weights_only=True).items():
+            try:
+                loaded = torch.load(f, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise _unreadable_weights(f, e) from None
+            for k, v in loaded.items():
                 state[k] = v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
         return state
     raise FileNotFoundError(

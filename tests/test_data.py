@@ -311,3 +311,22 @@ def test_eval_batches_cover_every_row_once():
     real = sum(int((b["segment_ids"] > 0).sum()) for b in batches)
     assert real == int((arrays["segment_ids"] > 0).sum())
     assert list(data.eval_batches(row_arrays(0), 4)) == []
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("bad.jsonl", b'{"text": "a"}\n{"text": "b"\n', r"bad.jsonl: line 2 is not valid JSON"),
+    ("list.jsonl", b'{"text": "a"}\n[1, 2]\n', r"list.jsonl: line 2 is a JSON list, not an object"),
+    ("latin1.jsonl", b'{"text": "a"}\n{"text": "caf\xe9"}\n', r"latin1.jsonl: invalid UTF-8 at line 2"),
+    ("latin1.txt", b"hello\ncaf\xe9\n", r"latin1.txt: invalid UTF-8 at line 2"),
+])
+def test_unreadable_dataset_file_is_a_one_line_error_naming_it(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=message) as e:
+        data.load_texts(SimpleNamespace(uri=str(tmp_path / name), test_size=0.5))
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_split_of_empty_texts_is_an_error(tmp_path):
+    write_jsonl(tmp_path / "e.jsonl", [""] * 9 + ["some text"])
+    with pytest.raises(ValueError, match=r"every text of the (train|held-out test) split .* is empty"):
+        data.load_texts(SimpleNamespace(uri=str(tmp_path / "e.jsonl"), test_size=0.5, seed=1))

@@ -145,3 +145,16 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         hf.save_pretrained(config, params, tmp_path / "new")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_weights_file_is_a_one_line_error_naming_it(tmp_path, damage):
+    save_tiny(tmp_path / "m", seed=3)
+    f = tmp_path / "m" / "model.safetensors"
+    raw = f.read_bytes()
+    f.write_bytes(raw[: len(raw) // 2] if damage == "truncate" else b"\x00" * 64)
+    with pytest.raises(hf.CheckpointError) as e:
+        hf.load_pretrained(tmp_path / "m")
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and f"cannot read the weights file {f}" in msg
+    assert "corrupt or truncated" in msg
