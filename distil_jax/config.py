@@ -8,10 +8,12 @@ modified copy; `validate` refuses any key the schema does not have, naming the c
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 # The dtype names a config (and the export) accepts.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -120,37 +122,261 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def _unknown(path: str, key: str, keys) -> ValueError:
+    close = difflib.get_close_matches(key, list(keys), n=1)
+    prefix = path[: len(path) - len(key)]
+    hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
+    return ValueError(f"unknown config field {path!r}{hint} (valid: {', '.join(sorted(keys))})")
+
+
+def check_field_path(path: str) -> None:
+    """Raise ValueError (with the closest valid name) if `path` ("train.batch_size") is not a
+    field of the schema; inside the free-form sections any name goes."""
+    node = default_config()
+    parts = path.split(".")
+    for i, key in enumerate(parts):
+        prefix = ".".join(parts[:i])
+        if prefix in _FREE_FORM:
+            return
+        if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+            keys = node.keys() if isinstance(node, ml_collections.ConfigDict) else []
+            raise _unknown(".".join(parts[: i + 1]), key, keys)
+        node = node[key]
+
+
+# Free-form sections: model overrides and evaluators are checked where they are used.
+_FREE_FORM = ("student.overrides", "eval.evaluators")
+
+
 def _check(config: Any, schema: Any, prefix: str) -> None:
     for key in config.keys():
         path = f"{prefix}{key}"
         if key not in schema:
-            close = difflib.get_close_matches(key, list(schema.keys()), n=1)
-            hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
-            raise ValueError(f"unknown config field {path!r}{hint} (valid: {', '.join(sorted(schema.keys()))})")
+            raise _unknown(path, key, schema.keys())
         sub, ref = config[key], schema[key]
-        # Free-form sections: model overrides and evaluators are checked where they are used.
-        if path in ("student.overrides", "eval.evaluators"):
+        if path in _FREE_FORM:
             continue
         if isinstance(ref, ml_collections.ConfigDict) and isinstance(sub, (ml_collections.ConfigDict, dict)):
             _check(sub, ref, path + ".")
 
 
+# ----------------------------------------------------------------------------- value ranges
+
+
+class _Checker:
+    """Range checks that name the field, its value and what to use instead, in one line."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def get(self, path: str) -> Any:
+        node = self.config
+        for key in path.split("."):
+            node = node[key]
+        return node
+
+    def fail(self, path: str, value: Any, want: str) -> None:
+        raise ValueError(f"{path}={value!r}: {want}")
+
+    def number(self, path: str, lo: float | None = None, hi: float | None = None, *,
+               lo_open: bool = False, hi_open: bool = False, integer: bool = False,
+               allowed: tuple = (), hint: str = "") -> None:
+        v = self.get(path)
+        if v in allowed and not isinstance(v, bool):
+            return
+        if integer:
+            ok = isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+        else:
+            ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+        if ok and not math.isfinite(float(v)):
+            ok = False
+        if ok and lo is not None:
+            ok = v > lo if lo_open else v >= lo
+        if ok and hi is not None:
+            ok = v < hi if hi_open else v <= hi
+        if not ok:
+            kind = "an integer" if integer else "a finite number"
+            bounds = []
+            if lo is not None:
+                bounds.append(f"{'>' if lo_open else '>='} {lo:g}")
+            if hi is not None:
+                bounds.append(f"{'<' if hi_open else '<='} {hi:g}")
+            extra = "".join(f" or {a!r}" for a in allowed)
+            self.fail(path, v, f"use {kind}{' ' + ' and '.join(bounds) if bounds else ''}{extra}"
+                               + (f" ({hint})" if hint else ""))
+
+    def choice(self, path: str, options) -> None:
+        v = self.get(path)
+        if v not in tuple(options):
+            self.fail(path, v, "use one of " + ", ".join(repr(o) for o in options))
+
+    def boolean(self, path: str) -> None:
+        v = self.get(path)
+        if not isinstance(v, (bool, np.bool_)):
+            self.fail(path, v, "use True or False")
+
+    def text(self, path: str, *, empty_ok: bool = True, none_ok: bool = False, hint: str = "") -> None:
+        v = self.get(path)
+        if v is None and none_ok:
+            return
+        if not isinstance(v, str) or (not empty_ok and not v.strip()):
+            self.fail(path, v, "use a non-empty string" + (f" ({hint})" if hint else ""))
+
+
+_DATASET_FIELDS = ("uri", "subset", "split", "column", "sample_size", "shuffle", "seed", "sample_by")
+
+
+def _check_dataset(c: _Checker, prefix: str, *, demo: bool) -> None:
+    """The fields of a dataset spec (the train dataset, or an extra evaluator)."""
+    c.text(f"{prefix}.uri", empty_ok=demo,
+           hint="a hub dataset id or a local .txt/.json/.jsonl/.parquet/.csv path")
+    spec = c.get(prefix)
+    if "subset" in spec:
+        c.text(f"{prefix}.subset", none_ok=True)
+    for field in ("split", "column"):
+        if field in spec:
+            c.text(f"{prefix}.{field}", empty_ok=False)
+    if "sample_size" in spec:
+        c.number(f"{prefix}.sample_size", 1, integer=True, allowed=(None,), hint="None = every row")
+    if "shuffle" in spec:
+        c.boolean(f"{prefix}.shuffle")
+    if "seed" in spec:
+        c.number(f"{prefix}.seed", 0, integer=True)
+    if "sample_by" in spec:
+        c.choice(f"{prefix}.sample_by", ("document", "paragraph", "line"))
+
+
+def _check_ranges(config: ml_collections.ConfigDict) -> None:
+    from distil_jax.objectives.layer_mappers import get_layer_mapper
+    from distil_jax.objectives.losses import LOSSES
+    from distil_jax.objectives.norms import NORMS
+    from distil_jax.objectives.projectors import PROJECTORS
+
+    c = _Checker(config)
+    demo = bool(config.demo_teacher.enabled)
+    c.boolean("demo_teacher.enabled")
+
+    # Where the models come from. "" means "the demo's" only when the demo is on.
+    c.text("teacher.model_name_or_path", empty_ok=demo,
+           hint="an HF folder or hub id, or demo_teacher.enabled=True")
+    c.choice("teacher.dtype", tuple(DTYPES))
+    c.text("tokenizer_name_or_path")
+    c.text("student.model_name_or_path")
+    c.text("student.config_name_or_path")
+    if not isinstance(config.student.overrides, (ml_collections.ConfigDict, dict)):
+        c.fail("student.overrides", config.student.overrides, "use a dict of model config fields")
+    modules = config.student.copy_teacher_modules
+    if not isinstance(modules, (list, tuple)) or not all(
+            isinstance(m, (list, tuple)) and len(m) == 2 and isinstance(m[0], str) and isinstance(m[1], bool)
+            for m in modules):
+        c.fail("student.copy_teacher_modules", modules, 'use a list of (module, frozen) pairs, '
+               'e.g. [("lm_head", False)]')
+    layers = config.student.init_from_teacher_layers
+    if layers is not None and layers != "uniform" and (not isinstance(layers, (list, tuple)) or not all(
+            isinstance(x, int) and not isinstance(x, bool) for x in layers)):
+        c.fail("student.init_from_teacher_layers", layers, "use a list of teacher block indices, "
+               "one per student block, 'uniform', or None for none")
+    c.boolean("student.dropout")
+
+    _check_dataset(c, "dataset", demo=demo)
+    test_size = config.dataset.test_size
+    if isinstance(test_size, int) and not isinstance(test_size, bool):
+        c.number("dataset.test_size", 1, integer=True, hint="a row count, or a fraction in (0, 1)")
+    else:
+        c.number("dataset.test_size", 0, 1, lo_open=True, hi_open=True,
+                 hint="a fraction of the rows, or an integer row count")
+    c.choice("dataset.layout", ("pack", "pad"))
+    c.number("dataset.max_seq_len", 2, integer=True, hint="next-token losses need 2 tokens")
+
+    # The objective: component names are checked by the objective itself.
+    for name in ("logits", "hs", "attn"):
+        comp = dict(config.objective[name])
+        path = f"objective.{name}"
+        weight = comp.get("weight", 0.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
+                or weight < 0:
+            c.fail(f"{path}.weight", weight, "use a finite number >= 0 (0 = off)")
+        if weight:
+            if comp.get("loss_fn", "raw_mse") not in LOSSES:
+                c.fail(f"{path}.loss_fn", comp.get("loss_fn"), "use one of " + ", ".join(sorted(LOSSES)))
+            if comp.get("norm", "none") not in NORMS:
+                c.fail(f"{path}.norm", comp.get("norm"), "use one of " + ", ".join(NORMS))
+            if comp.get("projector", "none") not in PROJECTORS:
+                c.fail(f"{path}.projector", comp.get("projector"), "use one of " + ", ".join(PROJECTORS))
+            try:
+                mapper = comp.get("layer_mapper", "all")
+                get_layer_mapper(tuple(map(tuple, mapper)) if isinstance(mapper, (list, tuple)) else mapper)
+            except (ValueError, TypeError) as e:
+                c.fail(f"{path}.layer_mapper", comp.get("layer_mapper"), str(e).splitlines()[0])
+    c.number("objective.clm_weight", 0, hint="0 = off")
+    c.number("objective.temperature", 0, lo_open=True)
+    c.number("objective.logits_chunk_tokens", -1, integer=True, hint="-1 automatic, 0 off")
+    if not (config.objective.clm_weight or any(config.objective[n].get("weight", 0) for n in ("logits", "hs", "attn"))):
+        raise ValueError("objective: every weight is 0, so nothing would be trained; give "
+                         "objective.logits.weight (or hs, attn, clm_weight) a positive value")
+
+    c.choice("optimizer.optimizer", ("adamw", "adam", "lion"))
+    c.number("optimizer.learning_rate", 0, lo_open=True, hint="e.g. 2e-4")
+    c.number("optimizer.lr_end", 0, config.optimizer.learning_rate, hi_open=True,
+             hint="the schedule decays from optimizer.learning_rate down to it")
+    c.number("optimizer.adam_beta1", 0, 1, hi_open=True)
+    c.number("optimizer.adam_beta2", 0, 1, hi_open=True)
+    c.number("optimizer.adam_epsilon", 0, lo_open=True)
+    c.number("optimizer.weight_decay", 0)
+    c.number("optimizer.power", 0, lo_open=True, hint="1 = linear decay")
+    c.number("optimizer.warmup_steps", 0, integer=True)
+    c.number("optimizer.warmup_ratio", 0, 1, hi_open=True)
+    c.number("optimizer.max_grad_norm", 0, hint="0 = no clipping")
+
+    c.number("train.batch_size", 1, integer=True)
+    c.number("train.grad_accum", 1, integer=True)
+    c.number("train.num_epochs", 0, lo_open=True, hint="or set train.max_steps")
+    c.number("train.max_steps", 1, integer=True, allowed=(-1,), hint="-1 = train.num_epochs decides")
+    c.number("train.seed", 0, integer=True)
+    c.choice("train.dtype", tuple(DTYPES))
+    c.boolean("train.remat")
+    c.number("train.logits_buckets", 0, integer=True, hint="0 = off, default 8")
+    c.choice("train.attention", ("xla", "cudnn"))
+    c.number("train.log_steps", 1, integer=True)
+    c.number("train.save_steps", 0, integer=True, hint="0 = only at the end")
+    c.number("train.save_total_limit", 0, integer=True, allowed=(None,), hint="0 or None = keep all")
+
+    c.number("eval.eval_steps", 0, integer=True, hint="0 = at start and end only")
+    c.number("eval.batch_size", 1, integer=True)
+    evaluators = config.eval.evaluators
+    if not isinstance(evaluators, (ml_collections.ConfigDict, dict)):
+        c.fail("eval.evaluators", evaluators, "use a dict: name -> dataset fields")
+    for name, spec in evaluators.items():
+        path = f"eval.evaluators.{name}"
+        if name == "heldout" or not str(name).strip():
+            c.fail(path, name, "name it something else ('heldout' is the held-out split)")
+        if not isinstance(spec, (ml_collections.ConfigDict, dict)):
+            c.fail(path, spec, "use a dict of dataset fields (uri, subset, split, column, sample_size)")
+        unknown = sorted(set(spec) - set(_DATASET_FIELDS))
+        if unknown:
+            c.fail(path, dict(spec), f"unknown field(s) {unknown}; valid: {', '.join(_DATASET_FIELDS)}")
+        if "uri" not in spec:
+            c.fail(path, dict(spec), "give it a uri (hub dataset id or local path)")
+        _check_dataset(c, path, demo=False)
+
+    d = config.demo_teacher
+    if demo:
+        c.number("demo_teacher.vocab_size", 257, integer=True, hint="256 bytes + the end-of-text token")
+        for field in ("n_layer", "n_embd", "n_head", "steps", "batch_size"):
+            c.number(f"demo_teacher.{field}", 1, integer=True)
+        c.number("demo_teacher.n_positions", 2, integer=True)
+        c.number("demo_teacher.learning_rate", 0, lo_open=True)
+        if d.n_embd % d.n_head:
+            c.fail("demo_teacher.n_embd", d.n_embd, f"use a multiple of demo_teacher.n_head={d.n_head}")
+    c.text("license")
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Raise ValueError on a key the schema lacks; returns the config."""
+    """Raise ValueError (one line: the field, its value, what to use) on a key the schema lacks
+    or a value outside the range that makes sense; returns the config. Pure: reads nothing,
+    writes nothing, so a run checks its whole config before touching the workdir."""
     _check(config, default_config(), "")
-    if config.dataset.layout not in ("pack", "pad"):
-        raise ValueError(f"dataset.layout={config.dataset.layout!r}: use 'pack' or 'pad'")
-    for name in ("train.dtype", "teacher.dtype"):
-        section, field = name.split(".")
-        if config[section][field] not in DTYPES:
-            raise ValueError(f"{name}={config[section][field]!r}: use 'float32' or 'bfloat16'")
-    if config.train.batch_size <= 0 or config.train.grad_accum <= 0:
-        raise ValueError("train.batch_size and train.grad_accum must be positive")
-    if config.train.attention not in ("xla", "cudnn"):
-        raise ValueError(f"train.attention={config.train.attention!r}: use 'xla' or 'cudnn'")
-    if config.train.logits_buckets < 0:
-        raise ValueError(f"train.logits_buckets={config.train.logits_buckets}: use 0 (off) or a "
-                         "positive number of buckets (default 8)")
+    _check_ranges(config)
     return config
 
 

@@ -8,6 +8,7 @@ teacher). The result is a real HF folder (`WORKDIR/teacher`), cached: a second r
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -27,9 +28,21 @@ log = logging.getLogger(__name__)
 CORPUS_FILE = "data/stdlib_docstrings.jsonl"
 
 
+TEACHER_DIR = "teacher"
+RECIPE_FILE = "demo_teacher.json"  # in the teacher's folder: what it was trained with
+
+
+def corpus_path(workdir: Path) -> Path:
+    return Path(workdir) / CORPUS_FILE
+
+
+def teacher_path(workdir: Path) -> Path:
+    return Path(workdir) / TEACHER_DIR
+
+
 def ensure_corpus(workdir: Path) -> Path:
     """WORKDIR/data/stdlib_docstrings.jsonl (written once)."""
-    path = Path(workdir) / CORPUS_FILE
+    path = corpus_path(workdir)
     if not path.exists():
         docs = corpus.stdlib_docstrings()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,10 +57,15 @@ def ensure_teacher(workdir: Path, cfg, dataset_spec, seed: int = 0) -> Path:
     cfg: the `demo_teacher` config section; dataset_spec: the run's dataset section (the teacher
     trains on the same train split, so the held-out split stays unseen by both models).
     """
-    out = Path(workdir) / "teacher"
+    out = teacher_path(workdir)
+    recipe = _recipe(cfg, seed)
     if (out / "model.safetensors").exists() and (out / "config.json").exists():
-        log.info("reusing the demo teacher in %s", out)
-        return out
+        saved = _saved_recipe(out)
+        if saved is None or saved == recipe:  # None: a teacher from before recipes were recorded
+            log.info("reusing the demo teacher in %s", out)
+            return out
+        log.warning("the demo teacher in %s was trained with other settings than this config's "
+                    "demo_teacher; training a new one", out)
     t0 = time.time()
     train_texts, _ = data.load_texts(dataset_spec)
     tokenizer = corpus.train_tokenizer(train_texts, vocab_size=cfg.vocab_size,
@@ -84,6 +102,22 @@ def ensure_teacher(workdir: Path, cfg, dataset_spec, seed: int = 0) -> Path:
                 raise FloatingPointError(f"demo teacher loss became {loss} at step {i + 1}; lower "
                                          "demo_teacher.learning_rate")
             bar.set_postfix(loss=f"{loss:.3f}")
-    hf.save_pretrained(config, jax.device_get(state.params["student"]), out, tokenizer=tokenizer)
+    hf.save_pretrained(config, jax.device_get(state.params["student"]), out, tokenizer=tokenizer,
+                       extra_files={RECIPE_FILE: json.dumps(recipe, indent=2, sort_keys=True)})
     log.info("demo teacher saved to %s (%.0f s)", out, time.time() - t0)
     return out
+
+
+def _recipe(cfg, seed: int) -> dict:
+    """What the demo teacher is trained with (its config section and the seed), as JSON values.
+    (The dataset is not in it: a resume refuses a changed dataset, and a teacher reused on a
+    fresh start with other data is still a teacher of this shape.)"""
+    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    return {"demo_teacher": json.loads(json.dumps(d, default=str)), "seed": int(seed)}
+
+
+def _saved_recipe(folder: Path):
+    try:
+        return json.loads((folder / RECIPE_FILE).read_text())
+    except (OSError, ValueError):
+        return None

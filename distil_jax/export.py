@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distil_jax import hf, models
+from distil_jax import fsio, hf, models
 from distil_jax.config import DTYPES
 from distil_jax.modelcard import model_card
 from distil_jax.versions import package_versions
@@ -55,12 +55,22 @@ def _read_json(path: Path, what: str) -> dict:
     return d if isinstance(d, dict) else {}
 
 
-def _check_out(workdir: Path, out: Path) -> None:
-    """Refuse an OUT whose replacement would destroy the run or an unrelated folder."""
+def _check_out(workdir: Path, out: Path, run_config: Mapping) -> None:
+    """Refuse an OUT whose replacement would destroy the run, one of its inputs (its teacher,
+    data, tokenizer: an export over WORKDIR/teacher would make the next resume train against the
+    student) or an unrelated folder."""
+    from distil_jax import workdir as workdir_lib
+
     w, o = workdir.resolve(), out.resolve()
     if o == w or o in w.parents:
         raise ValueError(f"--out {out} would replace the workdir {workdir} (or a folder holding it); "
                          "choose another output folder")
+    for path in workdir_lib.inputs(w, run_config):
+        p = path.resolve()
+        if o == p or p in o.parents or o in p.parents:
+            raise ValueError(f"--out {out} would overwrite {path}, which the run in {workdir} reads "
+                             "or writes; choose an output folder outside the workdir's entries and "
+                             "the run's teacher, tokenizer and data")
     if o.exists():
         if not o.is_dir():
             raise ValueError(f"--out {out} exists and is not a folder")
@@ -114,7 +124,8 @@ def export(workdir: str | Path, out: str | Path, step: Optional[int] = None, dty
     if step is not None and step not in steps:
         raise FileNotFoundError(f"no checkpoint for step {step} in {workdir}; available steps: "
                                 f"{', '.join(map(str, steps))}")
-    _check_out(workdir, out)
+    run_config = _read_json(workdir / "config.json", "the run's config")
+    _check_out(workdir, out, run_config)
     if not (workdir / "student" / "config.json").exists():
         raise FileNotFoundError(f"no student config in {workdir / 'student'} (config.json): this "
                                 "workdir was not written by distil_jax.train")
@@ -143,7 +154,6 @@ def export(workdir: str | Path, out: str | Path, step: Optional[int] = None, dty
         "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     summary = _read_json(workdir / "run_summary.json", "the run summary")
-    run_config = _read_json(workdir / "config.json", "the run's config")
     card = model_card(summary, run_config, export=info, model_name=model_name or out.resolve().name)
     hf.save_pretrained(config, params, out, tokenizer=tokenizer, dtype=DTYPES[dtype],
                        extra_files={"README.md": card})
@@ -227,6 +237,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a read-only or full target
+        print(f"error: {fsio.describe_os_error(e, 'choose a writable --out')}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.out} is unchanged (the export writes it only once complete)",
+              file=sys.stderr)
+        return 130
     print(f"exported to {out}")
     if args.push_to_hub:
         try:

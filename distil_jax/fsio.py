@@ -217,7 +217,14 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     _fsync_dir(out.parent)
 
 
-def is_write_error(e: BaseException) -> bool:
-    """An OSError that means "this place cannot be written" (permissions, read-only, full)."""
-    return isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS,
-                                                   errno.ENOSPC, errno.EDQUOT)
+def describe_os_error(e: OSError, fix: str) -> str:
+    """One line for an OSError: what could not be done to which file, and the fix (`fix` for a
+    place that cannot be written; a full disk has its own)."""
+    where = f" {e.filename}" if e.filename else ""
+    what = e.strerror or str(e) or type(e).__name__
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"cannot write{where}: {what}; free some space (old runs, caches) and run the same "
+                "command again: files are replaced only once complete")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write{where}: {what}; {fix}"
+    return f"{what}:{where or ' (no file named)'}"

@@ -222,6 +222,32 @@ def test_error_out_would_replace_the_run_or_a_foreign_folder(run, tmp_path):
         export(run, foreign)
     assert (foreign / "todo.txt").read_text() == "keep me"
     assert checkpoint.available_steps(run) == [20, 30]
+    # The run's own inputs: exporting over the demo teacher would make the next resume train
+    # against the student.
+    teacher = (run / "teacher" / "model.safetensors").read_bytes()
+    for inside in (run / "teacher", run / "tokenizer", run / "data", run / "student" / "x"):
+        with pytest.raises(ValueError, match="which the run in .* reads or writes"):
+            export(run, inside)
+    assert (run / "teacher" / "model.safetensors").read_bytes() == teacher
+
+
+@pytest.mark.slow
+def test_next_export_removes_a_killed_exports_temp_folder(run, tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+
+    from distil_jax import fsio
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    # What a SIGKILL-ed export leaves beside --out: its half-written hidden temp folder.
+    leftover = tmp_path / f".model.tmp-{fsio._host()}-{dead.pid}-0123abcd"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half")
+    assert main(["--workdir", str(run), "--out", str(tmp_path / "model")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert os.access(tmp_path / "model" / "config.json", os.R_OK)
 
 
 # ----------------------------------------------------------------------------- the hub

@@ -13,8 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from distil_jax import checkpoint, config as config_lib
-from distil_jax.train import train
+from distil_jax import checkpoint, config as config_lib, data, hf
+from distil_jax.train import MetricsWriter, main, train
+from distil_jax.workdir import WorkdirBusy
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -123,25 +124,92 @@ def test_sigkill_and_resume_equals_uninterrupted(trained, tmp_path):
     assert train_steps == sorted(set(train_steps))
 
 
+def _copy_run(src: Path, dst: Path) -> Path:
+    """A copy of a whole run's workdir (checkpoints, records, teacher), to resume or break."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock"))
+    return dst
+
+
 @pytest.mark.slow
-def test_checkpoint_of_another_config_is_refused(trained, tmp_path):
+@pytest.mark.parametrize("field, value", [
+    ("optimizer.learning_rate", 1e-3), ("train.batch_size", 4), ("train.max_steps", 40),
+    ("demo_teacher.n_layer", 3), ("student.overrides", {"n_layer": 2})])
+def test_resume_with_a_config_that_changes_the_result_is_refused(trained, tmp_path, field, value):
     src, _ = trained
-    workdir = _seed_workdir(src, tmp_path / "w")
-    shutil.copytree(src / "checkpoints", workdir / "checkpoints")
+    workdir = _copy_run(src, tmp_path / "w")
+    first = (workdir / "config.json").read_text()
     cfg = tiny_config()
-    cfg.student.overrides = {"n_layer": 2}
-    with pytest.raises(ValueError, match="different shapes.*use a new --workdir"):
+    section, key = field.split(".")
+    old = cfg[section][key]
+    cfg[section][key] = value
+    with pytest.raises(ValueError, match=rf"started with another config.*{field}.*{old!r} -> {value!r}"
+                                         if not isinstance(value, dict) else rf"started with another config.*{field}"):
         train(cfg, workdir)
+    assert (workdir / "config.json").read_text() == first  # the record of the first half is kept
+    assert checkpoint.available_steps(workdir) == [20, 30]
 
 
 @pytest.mark.slow
-def test_nan_loss_is_an_error_and_leaves_no_checkpoint(trained, tmp_path):
+def test_resume_records_neutral_changes_and_a_stale_lock_does_not_block(trained, tmp_path):
+    src, result = trained
+    workdir = _copy_run(src, tmp_path / "w")
+    first = (workdir / "config.json").read_text()
+    # The lock file of a run that was killed: its process is gone.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (workdir / ".lock").write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename}))
+    cfg = tiny_config(**{"train.log_steps": 3, "eval.eval_steps": 7})
+    again = train(cfg, workdir)
+    assert again["step"] == 30
+    assert (workdir / "config.json").read_text() == first
+    session = json.loads((workdir / "sessions.jsonl").read_text().splitlines()[-1])
+    assert session["step"] == 30
+    changes = session["config_changes"]
+    assert changes["train.log_steps"] == [5, 3] and changes["eval.eval_steps"] == [0, 7]
+    assert all(k.startswith(("train.log_steps", "eval.")) for k in changes)  # (and the evaluator)
+    assert (workdir / ".lock").read_text() == ""  # released
+
+
+@pytest.mark.slow
+def test_resume_with_another_teacher_is_refused(trained, tmp_path):
+    """The teacher's folder was overwritten (e.g. by an export of the student): the checkpoint's
+    teacher fingerprint tells."""
+    src, _ = trained
+    workdir = _copy_run(src, tmp_path / "w")
+    t_cfg, t_params = hf.load_pretrained(workdir / "teacher")
+    hf.save_pretrained(t_cfg, jax.tree_util.tree_map(lambda x: x * 1.001, t_params), tmp_path / "other")
+    shutil.copy(tmp_path / "other" / "model.safetensors", workdir / "teacher" / "model.safetensors")
+    with pytest.raises(ValueError, match="is not the one the run in .* was trained against"):
+        train(tiny_config(), workdir)
+
+
+@pytest.mark.slow
+def test_second_run_on_a_busy_workdir_is_refused_naming_the_other(trained, tmp_path):
+    src, _ = trained
+    workdir = _copy_run(src, tmp_path / "w")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from distil_jax.workdir import WorkdirLock; "
+         "l = WorkdirLock(sys.argv[1]); l.acquire(); print('held', flush=True); time.sleep(600)",
+         str(workdir)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(WorkdirBusy, match=rf"in use by another run \(pid {holder.pid} on "):
+            train(tiny_config(), workdir)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert checkpoint.available_steps(workdir) == [20, 30]
+
+
+@pytest.mark.slow
+def test_nan_guard_never_keeps_a_state_whose_next_step_is_not_finite(trained, tmp_path):
+    """lr 1e6: step 1's loss is finite, but the state it leaves makes step 2's loss NaN, so the
+    state after step 1 (saved with save_steps=1) must not be kept as "last good"."""
     src, _ = trained
     workdir = _seed_workdir(src, tmp_path / "nan")
-    cfg = tiny_config()
-    cfg.optimizer.learning_rate = 1e30
-    cfg.optimizer.max_grad_norm = 0.0
-    with pytest.raises(FloatingPointError, match="loss became nan by step 5: lower optimizer.learning_rate"):
+    cfg = tiny_config(**{"optimizer.learning_rate": 1e6, "train.save_steps": 1})
+    with pytest.raises(FloatingPointError, match=r"became (nan|inf) at step \d+: lower "
+                                                 r"optimizer.learning_rate.*\(no checkpoint yet\)"):
         train(cfg, workdir)
     assert checkpoint.available_steps(workdir) == []
 
@@ -170,15 +238,86 @@ def test_unknown_config_key_is_an_error():
         config_lib.validate(cfg)
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("attention", "flash", r"train.attention='flash': use 'xla' or 'cudnn'"),
-    ("logits_buckets", -1, r"train.logits_buckets=-1: use 0 \(off\) or a positive number"),
+@pytest.mark.parametrize("field, value, message", [
+    ("train.attention", "flash", r"train.attention='flash': use one of 'xla', 'cudnn'"),
+    ("train.logits_buckets", -1, r"train.logits_buckets=-1: use an integer >= 0 \(0 = off"),
+    ("optimizer.learning_rate", -1e-3, r"optimizer.learning_rate=-0.001: use a finite number > 0"),
+    ("optimizer.learning_rate", float("inf"), r"optimizer.learning_rate=inf: use a finite number > 0"),
+    ("train.num_epochs", 0.0, r"train.num_epochs=0.0: use a finite number > 0 \(or set train.max_steps\)"),
+    ("train.max_steps", 0, r"train.max_steps=0: use an integer >= 1 or -1"),
+    ("train.batch_size", 0, r"train.batch_size=0: use an integer >= 1"),
+    ("dataset.test_size", 1.5, r"dataset.test_size=1.5: use a finite number > 0 and < 1"),
+    ("dataset.column", "", r"dataset.column='': use a non-empty string"),
+    ("optimizer.adam_beta2", 1.0, r"optimizer.adam_beta2=1.0: use a finite number >= 0 and < 1"),
+    ("objective.temperature", 0.0, r"objective.temperature=0.0: use a finite number > 0"),
+    ("eval.batch_size", -8, r"eval.batch_size=-8: use an integer >= 1"),
 ])
-def test_bad_train_values_are_errors(key, value, message):
+def test_config_values_out_of_range_are_errors(field, value, message):
     cfg = config_lib.default_config()
-    cfg.train[key] = value
+    section, key = field.split(".")
+    cfg[section][key] = value
     with pytest.raises(ValueError, match=message):
         config_lib.validate(cfg)
+
+
+def test_bad_values_are_refused_before_anything_is_written(tmp_path):
+    cfg = tiny_config(**{"optimizer.learning_rate": -1e-3})
+    with pytest.raises(ValueError, match="optimizer.learning_rate=-0.001"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    cfg = tiny_config()
+    cfg.demo_teacher.enabled = False
+    cfg.dataset.uri = ""
+    cfg.teacher.model_name_or_path = "gpt2"
+    with pytest.raises(ValueError, match="dataset.uri='': use a non-empty string"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    empty = config_lib.default_config()
+    empty.objective.logits.weight = 0.0
+    empty.objective.attn.weight = 0.0
+    with pytest.raises(ValueError, match="every weight is 0"):
+        config_lib.validate(empty)
+
+
+def _outside_run_config(src: Path, **overrides):
+    """A config that uses the trained run's teacher and corpus from outside a fresh workdir."""
+    cfg = tiny_config(**overrides)
+    cfg.demo_teacher.enabled = False
+    cfg.teacher.model_name_or_path = str(src / "teacher")
+    cfg.dataset.uri = str(src / "data" / "stdlib_docstrings.jsonl")
+    return cfg
+
+
+@pytest.mark.slow
+def test_dataset_of_empty_texts_is_an_error_and_leaves_nothing(trained, tmp_path):
+    src, _ = trained
+    (tmp_path / "empty.jsonl").write_text("".join(json.dumps({"text": ""}) + "\n" for _ in range(20)))
+    cfg = _outside_run_config(src)
+    cfg.dataset.uri = str(tmp_path / "empty.jsonl")
+    with pytest.raises(ValueError, match=r"every text of the train split .* is empty"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_config_error_found_after_loading_leaves_no_records(trained, tmp_path):
+    """Validate first, write second: a student that cannot hold the sequence is found after the
+    teacher is loaded, and a fresh workdir is left as it was (absent)."""
+    src, _ = trained
+    cfg = _outside_run_config(src)
+    cfg.student.overrides = {"n_layer": 1, "n_positions": 16}
+    with pytest.raises(ValueError, match="sequence length 32 exceeds the student's n_positions=16"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_metrics_are_strict_json(tmp_path):
+    writer = MetricsWriter(tmp_path, 0)
+    writer.write(3, {"eval/heldout/student_ppl": float("inf"), "loss": 1.5})
+    writer.close()
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert "Infinity" not in line and json.loads(line) == {"step": 3, "eval/heldout/student_ppl": None,
+                                                           "loss": 1.5}
 
 
 def test_cudnn_attention_on_cpu_is_refused_before_any_work(tmp_path):
@@ -190,20 +329,79 @@ def test_cudnn_attention_on_cpu_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_cli_rejects_unknown_override(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "distil_jax.train", "--config", TINY, "--workdir", str(tmp_path),
-         "--config.train.nope=1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0
-    assert "nope" in out.stderr
+def _main(capsys, *args) -> tuple[int, str]:
+    rc = main(["distil_jax.train", *args])
+    return rc, capsys.readouterr().err
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    workdir = ["--workdir", str(tmp_path / "w")]
+    rc, err = _main(capsys, "--config", TINY, *workdir, "--config.train.batch_sizes=1")
+    assert rc == 2 and err.splitlines() == [err.strip()]
+    assert "unknown config field 'train.batch_sizes'; did you mean 'train.batch_size'?" in err
+    rc, err = _main(capsys, "--config", str(tmp_path / "nope.py"), *workdir)
+    assert rc == 2 and err.strip() == f"error: config file {tmp_path / 'nope.py'} not found; pass an " \
+                                      "existing file, e.g. --config configs/tiny.py"
+    (tmp_path / "broken.py").write_text("def get_config(:\n")
+    rc, err = _main(capsys, "--config", str(tmp_path / "broken.py"), *workdir)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "broken.py: invalid Python at line 1" in err
+    rc, err = _main(capsys, "--config", TINY + ":test", *workdir, "--config.train.num_epochs=0")
+    assert rc == 2 and err.strip() == "error: train.num_epochs=0.0: use a finite number > 0 (or set " \
+                                      "train.max_steps)"
+    assert not (tmp_path / "w").exists()
+
+
+def _sys_is_read_only() -> bool:
+    """/sys refuses new folders even to root (a chmod-ed folder does not stop root)."""
+    try:
+        os.mkdir("/sys/distil_jax_probe")
+    except OSError:
+        return True
+    os.rmdir("/sys/distil_jax_probe")
+    return False
+
+
+@pytest.mark.skipif(not _sys_is_read_only(), reason="needs a /sys that refuses new folders")
+def test_cli_read_only_workdir_is_one_line(capsys):
+    rc, err = _main(capsys, "--config", TINY + ":test", "--workdir", "/sys/distil_jax_test/w")
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: cannot write /sys/distil_jax_test") and "use a writable --workdir" in err
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_with_a_note_on_resuming(trained, tmp_path, capsys, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) in the middle of the loop: exit status 130, one note on how to
+    resume, the workdir released, and the rerun resumes from the checkpoint."""
+    src, _ = trained
+    workdir = _seed_workdir(src, tmp_path / "w")
+    real_next = data.BatchIterator.__next__
+    calls = []
+
+    def interrupt_at_step_13(self):
+        calls.append(1)
+        if len(calls) == 13:
+            raise KeyboardInterrupt
+        return real_next(self)
+
+    monkeypatch.setattr(data.BatchIterator, "__next__", interrupt_at_step_13)
+    rc, err = _main(capsys, "--config", TINY + ":test", "--workdir", str(workdir))
+    assert rc == 130
+    assert err.strip().splitlines()[-1] == (
+        "interrupted at step 12 of 30: the last checkpoint is step 10; run the same command again "
+        "to resume from it")
+    assert "Traceback" not in err
+    assert checkpoint.available_steps(workdir) == [10]
+    assert (workdir / ".lock").read_text() == ""
 
 
 def test_missing_teacher_is_a_clear_error(tmp_path):
     cfg = tiny_config()
     cfg.demo_teacher.enabled = False
     cfg.teacher.model_name_or_path = str(tmp_path / "no-such-teacher")
+    cfg.dataset.uri = str(tmp_path / "data.jsonl")
     with pytest.raises(FileNotFoundError, match="model folder not found"):
         train(cfg, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
 
 
 @pytest.mark.slow

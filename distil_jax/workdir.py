@@ -1,0 +1,228 @@
+"""What guards a run's workdir: one run at a time, the same config and teacher on every resume.
+
+* ``WorkdirLock``: an exclusive `flock` on ``WORKDIR/.lock``, which also names its holder (pid,
+  host, start time, command). The kernel drops the lock when the holder dies, however it dies,
+  so a killed run never blocks the resume; a second live run is refused with the holder's name.
+* ``config_changes``: what differs between the config a run started with (``config.json``) and
+  the one it is resumed with. Fields that cannot change the trained parameters (``NEUTRAL``:
+  logging and checkpoint intervals, evaluation) may change and are recorded in
+  ``sessions.jsonl``; any other change is refused.
+* ``fingerprint``: a content hash of a parameter tree, so a resume can tell that the teacher is
+  the one the run started with (a path can be overwritten, e.g. by an export).
+* ``inputs``: the folders and files a run reads, that an export must never replace.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from distil_jax import fsio
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".lock"
+SESSIONS_FILE = "sessions.jsonl"
+# Config fields (and sections) that cannot change the trained parameters: when to log and save,
+# everything about evaluation, the model card's license. A resume may change them (they are
+# recorded); nothing else.
+NEUTRAL = ("train.log_steps", "train.save_steps", "train.save_total_limit", "eval", "license")
+
+
+def is_neutral(field: str) -> bool:
+    return any(field == n or field.startswith(n + ".") for n in NEUTRAL)
+# What a training run writes into its workdir, and reads back on resume.
+ENTRIES = ("config.json", "tokenizer", "student", "checkpoints", "metrics.jsonl", "tb", "evals.json",
+           "run_summary.json", "cache", "teacher", "data", SESSIONS_FILE, LOCK_FILE)
+
+
+class WorkdirBusy(RuntimeError):
+    """Another live process holds the workdir."""
+
+
+class ConfigChanged(ValueError):
+    """A resume with a config (or teacher) that would change the result."""
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------- the lock
+
+
+class WorkdirLock:
+    """`with WorkdirLock(workdir):` holds the workdir for this process, or raises WorkdirBusy.
+
+    The lock is an flock on WORKDIR/.lock (released by the kernel when the process ends, even by
+    SIGKILL); the file's content names the holder for the message a second process gets. The
+    file itself is never deleted (deleting a locked file lets two processes lock two files)."""
+
+    def __init__(self, workdir: str | os.PathLike):
+        self.workdir = Path(workdir)
+        self.path = self.workdir / LOCK_FILE
+        self._fd: Optional[int] = None
+
+    def __enter__(self) -> "WorkdirLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            previous = _read_holder(fd)
+            if not _flock(fd, self.path, previous):
+                raise WorkdirBusy(
+                    f"workdir {self.workdir} is in use by another run ({_describe(previous)}); wait "
+                    "for it to finish or stop it, or use another --workdir")
+            if previous.get("pid") and previous.get("pid") != os.getpid():
+                # The kernel released its lock: that process is gone (a kill or a crash).
+                log.info("taking over %s from a run that ended without releasing it (%s)", self.workdir,
+                         _describe(previous))
+            holder = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": _now(),
+                      "command": " ".join(sys.argv)}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, 0)  # an empty lock file: nobody holds the workdir
+        except OSError:
+            pass
+        os.close(self._fd)  # drops the flock
+        self._fd = None
+
+
+def _flock(fd: int, path: Path, previous: Mapping) -> bool:
+    """True if this process now holds the lock. Where flock is not supported (some network file
+    systems), fall back to the holder's pid: refused only if it names a live process here."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        fcntl = None
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            log.warning("cannot lock %s (%s): guarding the workdir by the pid in it only", path, e)
+    pid, host = previous.get("pid"), previous.get("host")
+    return not (pid and host == socket.gethostname() and pid != os.getpid() and fsio.pid_alive(int(pid)))
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        text = os.pread(fd, 65536, 0).decode("utf-8", "replace").strip()
+        holder = json.loads(text) if text else {}
+        return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe(holder: Mapping) -> str:
+    if not holder.get("pid"):
+        return "a process that is still starting"
+    return (f"pid {holder['pid']} on {holder.get('host', '?')}, started {holder.get('started_at', '?')}"
+            + (f": {holder['command']}" if holder.get("command") else ""))
+
+
+# ----------------------------------------------------------------------------- config changes
+
+
+def _flat(config: Mapping) -> dict[str, Any]:
+    from flax import traverse_util
+
+    return traverse_util.flatten_dict(dict(config), sep=".", keep_empty_nodes=True)
+
+
+def config_changes(old: Mapping, new: Mapping) -> tuple[dict, dict]:
+    """(refused, allowed): {field: [old value, new value]} between two JSON config dicts. A
+    field only one of them has counts as a change (its value on the other side is None)."""
+    from flax import traverse_util
+
+    a, b = _flat(old), _flat(new)
+    changed = {}
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        va = {} if va is traverse_util.empty_node else va
+        vb = {} if vb is traverse_util.empty_node else vb
+        if va != vb:
+            changed[key] = [va, vb]
+    refused = {k: v for k, v in changed.items() if not is_neutral(k)}
+    allowed = {k: v for k, v in changed.items() if is_neutral(k)}
+    return refused, allowed
+
+
+def describe_changes(changes: Mapping) -> str:
+    return ", ".join(f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in changes.items())
+
+
+def record_session(workdir: Path, step: int, changes: Mapping) -> None:
+    """Append this session (start step, neutral config changes) to WORKDIR/sessions.jsonl."""
+    rec = {"started_at": _now(), "step": int(step), "pid": os.getpid(), "host": socket.gethostname(),
+           "config_changes": dict(changes)}
+    with open(workdir / SESSIONS_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(fsio.json_safe(rec)) + "\n")
+
+
+# ----------------------------------------------------------------------------- the teacher
+
+
+def fingerprint(params: Any) -> str:
+    """sha256 (hex, first 16) of a parameter tree: every leaf's path, dtype, shape and bytes."""
+    import jax
+    import numpy as np
+
+    h = hashlib.sha256()
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    for path, leaf in sorted(leaves, key=lambda pl: jax.tree_util.keystr(pl[0])):
+        arr = np.asarray(jax.device_get(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}\0".encode())
+        h.update(np.ascontiguousarray(arr).view(np.uint8).tobytes())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def inputs(workdir: Path, config: Mapping) -> list[Path]:
+    """The local paths a run in `workdir` reads or writes: its own entries, and the teacher,
+    tokenizer, student and dataset paths of its config that exist on this machine."""
+    paths = [workdir / name for name in ENTRIES]
+    cfg = config if isinstance(config, Mapping) else {}
+
+    def get(*keys):
+        node = cfg
+        for k in keys:
+            node = node.get(k) if isinstance(node, Mapping) else None
+        return node
+
+    candidates = [get("teacher", "model_name_or_path"), get("tokenizer_name_or_path"),
+                  get("student", "model_name_or_path"), get("student", "config_name_or_path"),
+                  get("dataset", "uri")]
+    evaluators = get("eval", "evaluators")
+    if isinstance(evaluators, Mapping):
+        candidates += [spec.get("uri") for spec in evaluators.values() if isinstance(spec, Mapping)]
+    for c in candidates:
+        if isinstance(c, str) and c and Path(c).expanduser().exists():
+            paths.append(Path(c).expanduser())
+    return paths
