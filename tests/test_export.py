@@ -234,15 +234,14 @@ def test_error_out_would_replace_the_run_or_a_foreign_folder(run, tmp_path):
 @pytest.mark.slow
 def test_next_export_removes_a_killed_exports_temp_folder(run, tmp_path, capsys):
     import os
+    import socket
     import subprocess
     import sys
-
-    from distil_jax import fsio
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     # What a SIGKILL-ed export leaves beside --out: its half-written hidden temp folder.
-    leftover = tmp_path / f".model.tmp-{fsio._host()}-{dead.pid}-0123abcd"
+    leftover = tmp_path / f".model.tmp-{socket.gethostname()}-{dead.pid}-0123abcd"
     leftover.mkdir()
     (leftover / "model.safetensors").write_bytes(b"half")
     assert main(["--workdir", str(run), "--out", str(tmp_path / "model")]) == 0
