@@ -306,7 +306,7 @@ def test_config_error_found_after_loading_leaves_no_records(trained, tmp_path):
     src, _ = trained
     cfg = _outside_run_config(src)
     cfg.student.overrides = {"n_layer": 1, "n_positions": 16}
-    with pytest.raises(ValueError, match="sequence length 32 exceeds the student's n_positions=16"):
+    with pytest.raises(ValueError, match="sequence length 32 exceeds the student.s maximum of 16 positions"):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
