@@ -1,20 +1,29 @@
 """The training run: `python -m distil_jax.train --config CONFIG.py --workdir DIR [--config.x=y]`.
 
-`train(config, workdir)` does the whole Distily run: load the teacher and its tokenizer, build
-the data, the student and the objective, then the loop (progress bar, TensorBoard and JSON-lines
-metrics, evaluation at start / every eval_steps / end, orbax checkpoints) and a run summary for
-the model card. Re-running the same command with the same workdir resumes from the latest
-checkpoint, exactly: the data iterator's position and the RNG are part of the checkpoint.
+`train(config, workdir)` does the whole Distily run, in this order (and this file reads in it):
+
+1. build the run (`build_run`): the teacher and its tokenizer, the student, the objective, the
+   data, the optimizer and the step, each by a named function the benchmark and the tests use too;
+2. check the workdir (its lock, a resume's config and teacher) and write the run's records;
+3. the loop (`Session.train`: progress bar, TensorBoard and JSON-lines metrics, evaluation at
+   start / every eval_steps / end, orbax checkpoints; `StepTimer` keeps training time apart from
+   compilation, evaluation and checkpointing);
+4. the run summary for the model card (`Session.summary`).
+
+Re-running the same command with the same workdir resumes from the latest checkpoint, exactly:
+the data iterator's position and the RNG are part of the checkpoint. What a kill, Ctrl-C, a
+second run, a changed config or a NaN do: docs/usage.md, "What happens when".
 
 Workdir layout: config.json, tokenizer/, student/config.json, checkpoints/, metrics.jsonl,
-tb/ (TensorBoard events), evals.json, run_summary.json, cache/ (tokenized data),
-and for the offline demo teacher/ and data/.
+tb/ (TensorBoard events), evals.json, run_summary.json, sessions.jsonl, .lock, cache/ (tokenized
+data), and for the offline demo teacher/ and data/.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import datetime
 import json
 import logging
@@ -24,7 +33,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import ml_collections
@@ -136,11 +145,137 @@ def evaluate(eval_fn, params, arrays, batch_size: int, mesh) -> dict:
     }
 
 
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- building a run
+#
+# Each piece of a run from its config, in the order `build_run` calls them. Nothing here writes
+# a file but the token cache: a run is built, and checked, before its records are written. The
+# benchmark (tools/bench_throughput.py) and the tests build theirs with the same functions.
 
 
-class Interrupted(Exception):
-    """Ctrl-C (SIGINT) stopped the run; the message says where and how to resume."""
+def load_teacher(config) -> tuple:
+    """(teacher config, teacher params in teacher.dtype, tokenizer, sequence length)."""
+    teacher_cfg, teacher_params = hf.load_pretrained(config.teacher.model_name_or_path,
+                                                     DTYPES[config.teacher.dtype])
+    tokenizer = _tokenizer(config.tokenizer_name_or_path or config.teacher.model_name_or_path)
+    tok_max = getattr(tokenizer, "model_max_length", None) or teacher_cfg.max_positions
+    seq_len = int(min(config.dataset.max_seq_len, teacher_cfg.max_positions, tok_max))
+    return teacher_cfg, teacher_params, tokenizer, seq_len
+
+
+def build_student(student_section: Mapping, teacher_cfg, teacher_params, rng, seq_len: int) -> tuple:
+    """(student config, float32 student params, bool mask of the trainable ones) from the config's
+    `student` section; dropout off unless `student.dropout`. Refuses a student that cannot hold
+    `seq_len` positions."""
+    section = dict(student_section)
+    student_cfg, student_params, trainable = student.build_student(teacher_cfg, teacher_params,
+                                                                   section, rng)
+    if not section.get("dropout", True):
+        student_cfg = student_cfg.without_dropout()
+    if seq_len > student_cfg.max_positions:
+        raise ValueError(f"sequence length {seq_len} exceeds the student's maximum of "
+                         f"{student_cfg.max_positions} positions; lower dataset.max_seq_len")
+    return student_cfg, student_params, trainable
+
+
+def build_objective(objective_section: Mapping, student_cfg, teacher_cfg) -> Objective:
+    """The bound objective of the config's `objective` section (logits_chunk_tokens -1: automatic)."""
+    section = dict(objective_section)
+    chunk = section.get("logits_chunk_tokens")
+    if chunk is not None and chunk < 0:
+        section["logits_chunk_tokens"] = None
+    return Objective.from_config(section).bind(student_cfg, teacher_cfg)
+
+
+def trained_params(objective: Objective, student_params, student_trainable, rng, student_cfg,
+                   teacher_cfg, seq_len: int) -> tuple[dict, dict]:
+    """(params, trainable): the tree the optimizer trains, {"student", "objective"}, and its bool
+    mask (`trainable_mask`)."""
+    objective_params = objective.init_params(rng, student_cfg, teacher_cfg, seq_len)
+    params = {"student": student_params, "objective": objective_params}
+    return params, trainable_mask(student_trainable, objective_params)
+
+
+def trainable_mask(student_trainable, objective_params) -> dict:
+    """The bool mask of the trained tree: the student's own (frozen modules False); every
+    projector and norm parameter of the objective trains."""
+    return {"student": student_trainable,
+            "objective": jax.tree_util.tree_map(lambda _: True, objective_params)}
+
+
+def build_data(config, tokenizer, seq_len: int, cache_dir: Optional[Path]) -> tuple:
+    """(train rows, {evaluator: rows} with "heldout" first, data stats)."""
+    train_rows, test_rows, data_stats = data.build_datasets(
+        config.dataset, tokenizer, seq_len, config.dataset.layout, cache_dir=cache_dir)
+    eval_sets = {"heldout": test_rows}
+    for name, spec in config.eval.evaluators.items():
+        # Every sampled row of an extra evaluator is an evaluation row.
+        eval_sets[name], _ = data.texts_to_rows(data.load_all_texts(spec), tokenizer, seq_len,
+                                                config.dataset.layout, cache_dir, name)
+    return train_rows, eval_sets, data_stats
+
+
+def step_config(config, teacher_cfg, student_cfg, objective: Objective) -> StepConfig:
+    """The train step's static settings from the config's `train`, `student` and `dataset`."""
+    return StepConfig(teacher=teacher_cfg, student=student_cfg, objective=objective,
+                      dtype=DTYPES[config.train.dtype], remat=config.train.remat,
+                      grad_accum=config.train.grad_accum, dropout=config.student.dropout,
+                      attention_impl=config.train.attention,
+                      single_document_rows=config.dataset.layout == "pad")
+
+
+@dataclasses.dataclass
+class Run:
+    """A run built from its config: models, objective, data, optimizer, step; on the devices."""
+
+    config: ml_collections.ConfigDict  # the demo's teacher and corpus paths filled in
+    teacher_cfg: Any
+    teacher_params: Any  # replicated over the mesh
+    teacher_fingerprint: str
+    tokenizer: Any
+    seq_len: int
+    student_cfg: Any
+    eval_sets: dict
+    data_stats: dict
+    batches: data.BatchIterator
+    total_steps: int
+    tx: Any
+    schedule: Any
+    step_config: StepConfig
+    mesh: Any
+    state: Any  # the TrainState at step 0, replicated
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.config.train.batch_size * self.config.train.grad_accum
+
+
+def build_run(config, workdir: Path) -> Run:
+    """Everything the run needs, in memory (tokens are cached in WORKDIR/cache). The student and
+    the objective come before the data, so that their errors need no tokenization."""
+    if config.demo_teacher.enabled:
+        config = _with_demo_inputs(config, workdir)
+    teacher_cfg, teacher_params, tokenizer, seq_len = load_teacher(config)
+    rng_student, rng_objective, rng_state = jax.random.split(jax.random.PRNGKey(config.train.seed), 3)
+    student_cfg, student_params, student_trainable = build_student(
+        config.student.to_dict(), teacher_cfg, teacher_params, rng_student, seq_len)
+    objective = build_objective(config.objective.to_dict(), student_cfg, teacher_cfg)
+    params, trainable = trained_params(objective, student_params, student_trainable, rng_objective,
+                                       student_cfg, teacher_cfg, seq_len)
+    train_rows, eval_sets, data_stats = build_data(config, tokenizer, seq_len, workdir / "cache")
+    batches = data.BatchIterator(train_rows, config.train.batch_size * config.train.grad_accum,
+                                 shuffle=True, seed=config.train.seed, drop_last=False)
+    if config.train.max_steps > 0:
+        total_steps = int(config.train.max_steps)
+    else:
+        total_steps = int(np.ceil(config.train.num_epochs * batches.steps_per_epoch))
+    tx, schedule = make_optimizer(config.optimizer.to_dict(), total_steps, trainable)
+    mesh = make_mesh()
+    return Run(config=config, teacher_cfg=teacher_cfg, teacher_params=replicate(teacher_params, mesh),
+               teacher_fingerprint=workdir_lib.fingerprint(teacher_params), tokenizer=tokenizer,
+               seq_len=seq_len, student_cfg=student_cfg, eval_sets=eval_sets, data_stats=data_stats,
+               batches=batches, total_steps=total_steps, tx=tx, schedule=schedule,
+               step_config=step_config(config, teacher_cfg, student_cfg, objective), mesh=mesh,
+               state=replicate(create_train_state(params, tx, rng_state), mesh))
 
 
 def _with_demo_inputs(config, workdir: Path):
@@ -154,6 +289,13 @@ def _with_demo_inputs(config, workdir: Path):
         config.teacher.model_name_or_path = str(
             demo.ensure_teacher(workdir, config.demo_teacher, config.dataset, seed=config.train.seed))
     return config
+
+
+# ----------------------------------------------------------------------------- the workdir
+
+
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT) stopped the run; the message says where and how to resume."""
 
 
 def _resume_config_changes(workdir: Path, given: dict) -> Optional[dict]:
@@ -187,6 +329,59 @@ def _resume_config_changes(workdir: Path, given: dict) -> Optional[dict]:
     return allowed
 
 
+def _resume(run: Run, workdir: Path, mngr) -> tuple[int, dict]:
+    """(start step, progress totals of the earlier sessions): `run.state` and `run.batches` are
+    moved to the latest checkpoint, which must have been trained against this very teacher."""
+    progress = {"train_tokens": 0.0, "train_time_s": 0.0, "wall_time_s": 0.0, "started_at": _now()}
+    if mngr.latest_step() is None:  # a fresh run, or one started over (no checkpoint yet)
+        return 0, progress
+    state, data_state = checkpoint.restore(mngr, mngr.latest_step(), run.state)
+    saved = data_state.get("teacher_fingerprint")
+    if saved is not None and saved != run.teacher_fingerprint:
+        raise workdir_lib.ConfigChanged(
+            f"the teacher {run.config.teacher.model_name_or_path} is not the one the run in "
+            f"{workdir} was trained against (weights fingerprint {run.teacher_fingerprint}, the "
+            f"checkpoint's {saved}): put that teacher back, or use a new --workdir")
+    run.state = replicate(state, run.mesh)
+    run.batches.restore(data_state)
+    progress.update(data_state.get("progress", {}))
+    start = int(jax.device_get(run.state.step))
+    log.info("resumed from the checkpoint at step %d in %s", start, checkpoint.checkpoint_dir(workdir))
+    return start, progress
+
+
+def _write_records(run: Run, workdir: Path, given: dict, neutral_changes: Optional[dict], start: int):
+    """config.json (the first session only), this session in sessions.jsonl, tokenizer/ and
+    student/ (what the export needs)."""
+    if neutral_changes is None:
+        fsio.write_json(workdir / "config.json", given)
+    elif neutral_changes:
+        log.info("config changes that do not change the result, recorded in %s: %s",
+                 workdir / workdir_lib.SESSIONS_FILE, workdir_lib.describe_changes(neutral_changes))
+    workdir_lib.record_session(workdir, start, neutral_changes or {})
+    for name, obj in (("tokenizer", run.tokenizer), ("student", hf.config_to_hf(run.student_cfg))):
+        if neutral_changes is None or not (workdir / name).exists():  # a resume has them already
+            with fsio.atomic_folder(workdir / name) as tmp:
+                obj.save_pretrained(tmp)
+
+
+def _remove_new_workdir(workdir: Path) -> None:
+    """Undo a workdir this call created, when the run failed before starting: nothing of it is
+    kept but the demo's teacher and corpus (a run's own, reusable inputs, expensive to redo)."""
+    from distil_jax import demo
+
+    keep = {demo.teacher_path(workdir).name, demo.corpus_path(workdir).relative_to(workdir).parts[0],
+            workdir_lib.LOCK_FILE}
+    for p in workdir.iterdir():
+        if p.name not in keep:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    if all(p.name == workdir_lib.LOCK_FILE for p in workdir.iterdir()):
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     """Run (or resume) the distillation described by `config` in `workdir`; returns the final
     metrics: {"step", "loss", ..., "eval": {evaluator: {"teacher", "student_start", "student_end"}}}.
@@ -194,10 +389,39 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     Everything is checked before anything is written: the config's values (`config.validate`),
     then, under the workdir's lock, that a resume keeps the config and the teacher the run started
     with. A workdir this call created is removed again if the run fails before it starts."""
+    t_start = time.time()
     config = validate(ml_collections.ConfigDict(config.to_dict()))
     # Refuse an attention implementation this machine cannot run before any download or work.
     models.check_attention_impl(config.train.attention, DTYPES[config.train.dtype])
     workdir = Path(workdir).resolve()
+    given = json.loads(config.to_json_best_effort())
+    with _held(workdir) as created:
+        try:
+            neutral_changes = _resume_config_changes(workdir, given)
+            run = build_run(config, workdir)
+            mngr = checkpoint.manager(workdir, max_to_keep=config.train.save_total_limit or None)
+            start, progress = _resume(run, workdir, mngr)
+        except BaseException:
+            if created:
+                _remove_new_workdir(workdir)
+            raise
+        _write_records(run, workdir, given, neutral_changes, start)
+        summary_path = workdir / "run_summary.json"
+        if start >= run.total_steps and summary_path.exists():
+            log.info("the run in %s is complete (step %d); nothing to do", workdir, start)
+            mngr.close()
+            summary = json.loads(summary_path.read_text())
+        else:
+            session = Session(run, workdir, mngr, start, progress, t_start)
+            summary = session.summary(session.train())
+            fsio.write_json(summary_path, summary)
+        _print_table(summary)
+        return {"step": run.total_steps, **summary.get("final_metrics", {}), "eval": summary["evaluation"]}
+
+
+@contextlib.contextmanager
+def _held(workdir: Path):
+    """Hold the workdir (created if missing) for this process; yields whether it was created."""
     if workdir.exists() and not workdir.is_dir():
         raise ValueError(f"--workdir {workdir} exists and is not a folder; use a folder path")
     created = not workdir.exists()
@@ -210,307 +434,228 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
             shutil.rmtree(workdir, ignore_errors=True)
         raise
     try:
-        return _train_locked(config, workdir, created)
+        yield created
     finally:
         lock.release()
 
 
-def _train_locked(config, workdir: Path, created: bool) -> dict:
-    t_start = time.time()
-    given = json.loads(config.to_json_best_effort())
-    started = False
-    try:
-        neutral_changes = _resume_config_changes(workdir, given)
-        if config.demo_teacher.enabled:
-            config = _with_demo_inputs(config, workdir)
+class StepTimer:
+    """Training time between two log points. Not training time: a session's first step (its
+    compilation), a new logits bucket's compilation (the steps queued before it run first, so
+    only the compilation is taken out), evaluation and checkpointing (`restart` after them)."""
 
-        # Teacher, tokenizer, sequence length.
-        teacher_cfg, teacher_params = hf.load_pretrained(config.teacher.model_name_or_path,
-                                                         DTYPES[config.teacher.dtype])
-        teacher_fingerprint = workdir_lib.fingerprint(teacher_params)
-        tokenizer = _tokenizer(config.tokenizer_name_or_path or config.teacher.model_name_or_path)
-        tok_max = getattr(tokenizer, "model_max_length", None) or teacher_cfg.max_positions
-        seq_len = int(min(config.dataset.max_seq_len, teacher_cfg.max_positions, tok_max))
+    def __init__(self):
+        self.mark = time.time()
+        self.compiles: list[float] = []  # start time of each compilation of the step
 
-        # Student and objective (before the data: their errors need no tokenization).
-        rng = jax.random.PRNGKey(config.train.seed)
-        rng_student, rng_obj, rng_state = jax.random.split(rng, 3)
-        student_cfg, student_params, trainable = student.build_student(
-            teacher_cfg, teacher_params, config.student.to_dict(), rng_student)
-        if not config.student.dropout:
-            student_cfg = student_cfg.without_dropout()
-        if seq_len > student_cfg.max_positions:
-            raise ValueError(f"sequence length {seq_len} exceeds the student's maximum of "
-                             f"{student_cfg.max_positions} positions; lower dataset.max_seq_len")
-        obj_cfg = config.objective.to_dict()
-        if obj_cfg.get("logits_chunk_tokens", -1) < 0:
-            obj_cfg["logits_chunk_tokens"] = None
-        objective = Objective.from_config(obj_cfg).bind(student_cfg, teacher_cfg)
-        params = {"student": student_params,
-                  "objective": objective.init_params(rng_obj, student_cfg, teacher_cfg, seq_len)}
-        trainable = {"student": trainable,
-                     "objective": jax.tree_util.tree_map(lambda _: True, params["objective"])}
-
-        # Data.
-        train_rows, test_rows, data_stats = data.build_datasets(
-            config.dataset, tokenizer, seq_len, config.dataset.layout, cache_dir=workdir / "cache")
-        eval_sets = {"heldout": test_rows}
-        for name, spec in config.eval.evaluators.items():
-            # Every sampled row of an extra evaluator is an evaluation row.
-            eval_sets[name], _ = data.texts_to_rows(data.load_all_texts(spec), tokenizer, seq_len,
-                                                    config.dataset.layout, workdir / "cache", name)
-
-        # Steps and optimizer.
-        rows_per_step = config.train.batch_size * config.train.grad_accum
-        batches = data.BatchIterator(train_rows, rows_per_step, shuffle=True, seed=config.train.seed,
-                                     drop_last=False)
-        if config.train.max_steps > 0:
-            total_steps = int(config.train.max_steps)
-        else:
-            total_steps = int(np.ceil(config.train.num_epochs * batches.steps_per_epoch))
-        tx, schedule = make_optimizer(config.optimizer.to_dict(), total_steps, trainable)
-        sc = StepConfig(teacher=teacher_cfg, student=student_cfg, objective=objective,
-                        dtype=DTYPES[config.train.dtype], remat=config.train.remat,
-                        grad_accum=config.train.grad_accum, dropout=config.student.dropout,
-                        attention_impl=config.train.attention,
-                        single_document_rows=config.dataset.layout == "pad")
-        mesh = make_mesh()
-        state = replicate(create_train_state(params, tx, rng_state), mesh)
-        teacher_params = replicate(teacher_params, mesh)
-
-        # Resume: the checkpoint must have been trained against this very teacher.
-        mngr = checkpoint.manager(workdir, max_to_keep=config.train.save_total_limit or None)
-        start = 0
-        # Totals over every session of this run, saved with each checkpoint.
-        progress = {"train_tokens": 0.0, "train_time_s": 0.0, "wall_time_s": 0.0, "started_at": _now()}
-        if neutral_changes is not None and mngr.latest_step() is not None:
-            state, data_state = checkpoint.restore(mngr, mngr.latest_step(), state)
-            saved_fingerprint = data_state.get("teacher_fingerprint")
-            if saved_fingerprint is not None and saved_fingerprint != teacher_fingerprint:
-                raise workdir_lib.ConfigChanged(
-                    f"the teacher {config.teacher.model_name_or_path} is not the one the run in "
-                    f"{workdir} was trained against (weights fingerprint {teacher_fingerprint}, the "
-                    f"checkpoint's {saved_fingerprint}): put that teacher back, or use a new --workdir")
-            state = replicate(state, mesh)
-            batches.restore(data_state)
-            progress.update(data_state.get("progress", {}))
-            start = int(jax.device_get(state.step))
-            log.info("resumed from the checkpoint at step %d in %s", start,
-                     checkpoint.checkpoint_dir(workdir))
-        started = True
-    except BaseException:
-        if created and not started:
-            _remove_new_workdir(workdir)
-        raise
-
-    # Everything checked: now the records.
-    if neutral_changes is None:
-        fsio.write_json(workdir / "config.json", given)
-    elif neutral_changes:
-        log.info("config changes that do not change the result, recorded in %s: %s",
-                 workdir / workdir_lib.SESSIONS_FILE, workdir_lib.describe_changes(neutral_changes))
-    workdir_lib.record_session(workdir, start, neutral_changes or {})
-    for name, obj in (("tokenizer", tokenizer), ("student", hf.config_to_hf(student_cfg))):
-        if neutral_changes is None or not (workdir / name).exists():  # a resume has them already
-            with fsio.atomic_folder(workdir / name) as tmp:
-                obj.save_pretrained(tmp)
-
-    summary_path = workdir / "run_summary.json"
-    if start >= total_steps and summary_path.exists():
-        log.info("the run in %s is complete (step %d); nothing to do", workdir, start)
-        summary = json.loads(summary_path.read_text())
-        mngr.close()
-        _print_table(summary)
-        return {"step": start, **summary.get("final_metrics", {}), "eval": summary["evaluation"]}
-
-    compiles = []  # start times of the step's compilations (a new logits bucket's: not training time)
-
-    def on_compile(capacity):
-        # Let the queued steps finish first, so the compilation is timed alone.
+    def compiling(self, state) -> None:
         jax.block_until_ready(state)
-        compiles.append(time.time())
-        if capacity is not None:
-            log.info("compiling the step for batches with at most %d real tokens per device share "
-                     "(train.logits_buckets=%d: the LM heads skip padding)", capacity,
-                     config.train.logits_buckets)
+        self.compiles.append(time.time())
 
-    # Packed rows are all real tokens but for the run's last, partial batch: compiling a second
-    # step for that one batch would cost more than it saves, so buckets are for padded rows.
-    buckets = config.train.logits_buckets if config.dataset.layout == "pad" else 0
-    step_fn = BucketedTrainStep(sc, tx, schedule, mesh, buckets=buckets, on_compile=on_compile)
-    eval_student = make_eval_step(student_cfg, sc.dtype)
-    eval_teacher = make_eval_step(teacher_cfg, sc.dtype)
+    def step_done(self, compiles_before: int, first: bool) -> None:
+        if first:
+            log.info("first step (compilation included): %.1f s", time.time() - self.mark)
+            self.restart()
+        elif len(self.compiles) > compiles_before:
+            self.mark += time.time() - self.compiles[-1]
 
-    writer = MetricsWriter(workdir, start)
-    evals_path = workdir / "evals.json"
-    evals = json.loads(evals_path.read_text()) if evals_path.exists() and start else {}
+    def elapsed(self) -> float:
+        return time.time() - self.mark
 
-    n_teacher, n_student = models.param_count(teacher_cfg), models.param_count(student_cfg)
-    log.info("teacher %s (%s): %d layers, %s params; student: %d layers, %s params; %d devices (%s)",
-             config.teacher.model_name_or_path, teacher_cfg.model_type, teacher_cfg.num_layers,
-             f"{n_teacher:,}", student_cfg.num_layers, f"{n_student:,}", mesh.devices.size, jax.devices()[0].device_kind)
-    log.info("train: %d rows of %d tokens (%s), %d real tokens, %.1f%% padding; %d steps of %d rows",
-             data_stats["train"]["rows"], seq_len, config.dataset.layout,
-             data_stats["train"]["real_tokens"], 100 * data_stats["train"]["padding_fraction"],
-             total_steps, rows_per_step)
+    def restart(self) -> None:
+        self.mark = time.time()
 
-    def run_eval(which: str, step: int):
-        for name, rows in eval_sets.items():
-            rec = evals.setdefault(name, {})
+
+class Session:
+    """One session of a run: the loop from `start` to the end, its evaluations and checkpoints,
+    and the totals over every session (saved with each checkpoint)."""
+
+    def __init__(self, run: Run, workdir: Path, mngr, start: int, progress: dict, t_start: float):
+        self.run, self.workdir, self.mngr, self.start = run, workdir, mngr, start
+        self.progress, self.t_start = progress, t_start
+        self.train_tokens = self.train_time = 0.0
+        self.last_saved: Optional[int] = start or None
+        self.writer = MetricsWriter(workdir, start)
+        self.evals_path = workdir / "evals.json"
+        self.evals = json.loads(self.evals_path.read_text()) if self.evals_path.exists() and start else {}
+        dtype = run.step_config.dtype
+        self.eval_student = make_eval_step(run.student_cfg, dtype)
+        self.eval_teacher = make_eval_step(run.teacher_cfg, dtype)
+
+    def evaluate(self, which: str, step: int) -> dict:
+        """Student (and, once, teacher) perplexity on every evaluator; returns the held-out one."""
+        run, bs = self.run, self.run.config.eval.batch_size
+        for name, rows in run.eval_sets.items():
+            rec = self.evals.setdefault(name, {})
             if "teacher" not in rec:  # the teacher does not change: once
-                rec["teacher"] = evaluate(eval_teacher, teacher_params, rows, config.eval.batch_size, mesh)
-            res = evaluate(eval_student, state.params["student"], rows, config.eval.batch_size, mesh)
+                rec["teacher"] = evaluate(self.eval_teacher, run.teacher_params, rows, bs, run.mesh)
+            res = evaluate(self.eval_student, run.state.params["student"], rows, bs, run.mesh)
             res["step"] = step
             if which:
                 rec[which] = res
             rec.setdefault("history", []).append({"step": step, "ppl": res["ppl"]})
-            writer.write(step, {f"eval/{name}/student_ppl": res["ppl"],
-                                f"eval/{name}/teacher_ppl": rec["teacher"]["ppl"]})
+            self.writer.write(step, {f"eval/{name}/student_ppl": res["ppl"],
+                                     f"eval/{name}/teacher_ppl": rec["teacher"]["ppl"]})
             log.info("eval %s step %d: student ppl %.3f (Distily's per-document mean %.3f), "
                      "teacher ppl %.3f", name, step, res["ppl"], res["distily_ppl"], rec["teacher"]["ppl"])
-        fsio.write_json(evals_path, evals)
-        return evals["heldout"]
+        fsio.write_json(self.evals_path, self.evals)
+        return self.evals["heldout"]
 
-    if start == 0:
-        run_eval("student_start", 0)
+    def totals(self) -> dict:
+        p = self.progress
+        return {"train_tokens": p["train_tokens"] + self.train_tokens,
+                "train_time_s": p["train_time_s"] + self.train_time,
+                "wall_time_s": p["wall_time_s"] + time.time() - self.t_start,
+                "started_at": p["started_at"]}
 
-    def totals() -> dict:
-        return {"train_tokens": progress["train_tokens"] + train_tokens,
-                "train_time_s": progress["train_time_s"] + train_time,
-                "wall_time_s": progress["wall_time_s"] + time.time() - t_start,
-                "started_at": progress["started_at"]}
+    def save(self, state, step: int, data_state: dict) -> None:
+        checkpoint.save(self.mngr, state, {**data_state, "teacher_fingerprint": self.run.teacher_fingerprint})
+        self.last_saved = step
 
-    def save(host_state, step_of_state: int, data_state: dict) -> None:
-        nonlocal last_saved
-        checkpoint.save(mngr, host_state, {**data_state, "teacher_fingerprint": teacher_fingerprint})
-        last_saved = step_of_state
-
-    def bad_numbers(step: int, what: str):
-        where = (f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None
-                 else "(no checkpoint yet)")
+    def not_finite(self, step: int, what: str) -> FloatingPointError:
+        kept = (f"the last good checkpoint (step {self.last_saved}) is kept" if self.last_saved is not None
+                else "(no checkpoint yet)")
         return FloatingPointError(
-            f"{what} at step {step}: lower optimizer.learning_rate or use train.dtype=float32; {where}")
+            f"{what} at step {step}: lower optimizer.learning_rate or use train.dtype=float32; {kept}")
 
-    # The loop. Metrics stay on the device until a log step: one host sync per log interval.
-    # A checkpoint is written one step late: the state after step k is saved only once step k+1
-    # has computed a finite loss and gradient norm from it, so no saved state is one that breaks
-    # the next step (the NaN guard's "last good checkpoint" is good).
-    pending, grad_norms = [], collections.deque(maxlen=16)
-    untimed = []  # host metrics of the first step (compilation): logged, not in tokens/s
-    train_tokens, train_time, last = 0.0, 0.0, {}
-    to_save = None  # (host copy of the state after step k, k, the data position after it)
-    bar = tqdm(total=total_steps, initial=start, desc="distill", unit="step", dynamic_ncols=True)
-    t_log = time.time()
-    step, last_saved = start, (start or None)
-    try:
-        while step < total_steps:
-            n_compiles = len(compiles)
-            state, metrics = step_fn(state, teacher_params, next(batches))
-            step += 1
-            if len(compiles) > n_compiles and step > start + 1:
-                t_log += time.time() - compiles[-1]  # a new bucket's compilation is not training time
-            if step == start + 1:
-                untimed = [jax.device_get(metrics)]
-                log.info("first step (compilation included): %.1f s", time.time() - t_log)
-                t_log = time.time()
-            else:
-                pending.append(metrics)
-            do_log = step % config.train.log_steps == 0 or step == total_steps
-            do_save = config.train.save_steps > 0 and step % config.train.save_steps == 0
-            do_eval = config.eval.eval_steps > 0 and step % config.eval.eval_steps == 0 and step < total_steps
-            if do_log or do_save or do_eval or to_save is not None:
-                timed = jax.device_get(pending)
-                dt = time.time() - t_log
-                tokens = float(sum(m["tokens"] for m in timed))
-                host = untimed + timed
-                untimed, pending = [], []
-                train_tokens += float(sum(m["tokens"] for m in host))
-                train_time += dt if timed else 0.0
-                for i, m in enumerate(host):
-                    for key, name in (("loss", "loss"), ("grad_norm", "gradient norm")):
-                        if not np.isfinite(m[key]):
-                            raise bad_numbers(step - len(host) + 1 + i, f"{name} became {m[key]}")
-                if to_save is not None:  # step k+1 ran finite on the state after step k
-                    save(*to_save)
-                    to_save = None
-                grad_norms.extend(float(m["grad_norm"]) for m in host)
-                if do_log:
-                    last = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
-                    last["learning_rate"] = float(host[-1]["learning_rate"])
-                    last["grad_norm_var"] = float(np.var(grad_norms))
-                    if timed and dt > 0:
-                        last["tokens_per_s"] = tokens / dt
-                    writer.write(step, {k: v for k, v in last.items() if k != "tokens"})
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last.get('tokens_per_s', 0):.0f}")
-            bar.update(1)
-            if do_eval:
-                run_eval("", step)
-            if do_save and step < total_steps:
-                to_save = (jax.device_get(state), step, {**batches.state(), "progress": totals()})
-            if do_log or do_save or do_eval:
-                t_log = time.time()  # eval and checkpoint time is not training time
-        bar.close()
-        # The final state has no next step to vouch for it: its held-out evaluation does.
-        if start < total_steps or "student_end" not in evals.get("heldout", {}):
-            heldout = run_eval("student_end", step)
-            if not np.isfinite(heldout["student_end"]["ppl"]):
-                raise bad_numbers(step, f"held-out perplexity became {heldout['student_end']['ppl']}")
-        if last_saved != step:
-            save(state, step, {**batches.state(), "progress": totals()})
-    except KeyboardInterrupt:
-        bar.close()
-        where = (f"the last checkpoint is step {last_saved}" if last_saved is not None
-                 else "no checkpoint was written yet")
-        raise Interrupted(f"interrupted at step {step} of {total_steps}: {where}; run the same command "
-                          "again to resume from it") from None
-    finally:
-        writer.close()
-        mngr.close()
+    def _log_start(self) -> None:
+        run = self.run
+        n_teacher, n_student = models.param_count(run.teacher_cfg), models.param_count(run.student_cfg)
+        log.info("teacher %s (%s): %d layers, %s params; student: %d layers, %s params; %d devices (%s)",
+                 run.config.teacher.model_name_or_path, run.teacher_cfg.model_type,
+                 run.teacher_cfg.num_layers, f"{n_teacher:,}", run.student_cfg.num_layers,
+                 f"{n_student:,}", run.mesh.devices.size, jax.devices()[0].device_kind)
+        stats = run.data_stats["train"]
+        log.info("train: %d rows of %d tokens (%s), %d real tokens, %.1f%% padding; %d steps of %d rows",
+                 stats["rows"], run.seq_len, run.config.dataset.layout, stats["real_tokens"],
+                 100 * stats["padding_fraction"], run.total_steps, run.rows_per_step)
 
-    run = totals()
-    summary = {
-        "started_at": run["started_at"],
-        "teacher": {"name_or_path": config.teacher.model_name_or_path, "params": n_teacher,
-                    "n_layer": teacher_cfg.num_layers, "config": hf.config_to_hf(teacher_cfg).to_dict(),
-                    "fingerprint": teacher_fingerprint},
-        "student": {"params": n_student, "n_layer": student_cfg.num_layers,
-                    "config": hf.config_to_hf(student_cfg).to_dict()},
-        "dataset": {k: config.dataset[k] for k in ("uri", "subset", "split", "column")}
-        | {"layout": config.dataset.layout, "seq_len": seq_len,
-           "train": data_stats["train"], "test": data_stats["test"]},
-        "evaluation": {k: {kk: vv for kk, vv in v.items() if kk != "history"} for k, v in evals.items()},
-        "resources": {
-            "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
-            "platform": jax.devices()[0].platform,
-            "peak_memory_bytes": _peak_device_memory(),
-            "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "cpus": os.cpu_count(), "host_ram_bytes": _host_ram(),
-            "wall_time_s": run["wall_time_s"],
-            "tokens_per_s": run["train_tokens"] / run["train_time_s"] if run["train_time_s"] > 0 else None,
-            "train_tokens": int(run["train_tokens"]),
-        },
-        "steps": total_steps,
-        "final_metrics": last,
-        "versions": package_versions(),
-        "finished_at": _now(),
-    }
-    fsio.write_json(workdir / "run_summary.json", summary)
-    _print_table(summary)
-    return {"step": step, **last, "eval": summary["evaluation"]}
+    def train(self) -> dict:
+        """The loop, from `start` to the last step; returns the last logged metrics.
 
+        Metrics stay on the device until a log step: one host sync per log interval. A checkpoint
+        is written one step late: the state after step k is saved once step k+1 has computed a
+        finite loss and gradient norm from it, so no saved state breaks the next step (the NaN
+        guard's "last good checkpoint" is good); the final state once its held-out evaluation is
+        finite."""
+        run, cfg = self.run, self.run.config
+        self._log_start()
+        if self.start == 0:
+            self.evaluate("student_start", 0)
+        timer = StepTimer()
 
-def _remove_new_workdir(workdir: Path) -> None:
-    """Undo a workdir this call created, when the run failed before starting: nothing of it is
-    kept but the demo's teacher and corpus (a run's own, reusable inputs, expensive to redo)."""
-    from distil_jax import demo
+        def on_compile(capacity):
+            timer.compiling(run.state)
+            if capacity is not None:
+                log.info("compiling the step for batches with at most %d real tokens per device share "
+                         "(train.logits_buckets=%d: the LM heads skip padding)", capacity,
+                         cfg.train.logits_buckets)
 
-    keep = {demo.teacher_path(workdir).name, demo.corpus_path(workdir).relative_to(workdir).parts[0],
-            workdir_lib.LOCK_FILE}
-    entries = [p for p in workdir.iterdir() if p.name not in keep]
-    for p in entries:
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    if all(p.name == workdir_lib.LOCK_FILE for p in workdir.iterdir()):
-        shutil.rmtree(workdir, ignore_errors=True)
+        # Packed rows are all real tokens but for the run's last, partial batch: compiling a second
+        # step for that one batch would cost more than it saves, so buckets are for padded rows.
+        buckets = cfg.train.logits_buckets if cfg.dataset.layout == "pad" else 0
+        step_fn = BucketedTrainStep(run.step_config, run.tx, run.schedule, run.mesh, buckets=buckets,
+                                    on_compile=on_compile)
+        pending, grad_norms = [], collections.deque(maxlen=16)
+        untimed = []  # host metrics of the first step (compilation): logged, not in tokens/s
+        last = {}
+        to_save = None  # (host copy of the state after step k, k, the data position after it)
+        bar = tqdm(total=run.total_steps, initial=self.start, desc="distill", unit="step", dynamic_ncols=True)
+        step = self.start
+        try:
+            while step < run.total_steps:
+                compiles_before = len(timer.compiles)
+                run.state, metrics = step_fn(run.state, run.teacher_params, next(run.batches))
+                step += 1
+                timer.step_done(compiles_before, first=step == self.start + 1)
+                if step == self.start + 1:
+                    untimed = [jax.device_get(metrics)]
+                else:
+                    pending.append(metrics)
+                do_log = step % cfg.train.log_steps == 0 or step == run.total_steps
+                do_save = cfg.train.save_steps > 0 and step % cfg.train.save_steps == 0
+                do_eval = cfg.eval.eval_steps > 0 and step % cfg.eval.eval_steps == 0 and step < run.total_steps
+                if do_log or do_save or do_eval or to_save is not None:
+                    timed = jax.device_get(pending)
+                    dt = timer.elapsed()
+                    host = untimed + timed
+                    untimed, pending = [], []
+                    self.train_tokens += float(sum(m["tokens"] for m in host))
+                    self.train_time += dt if timed else 0.0
+                    for i, m in enumerate(host):
+                        for key, name in (("loss", "loss"), ("grad_norm", "gradient norm")):
+                            if not np.isfinite(m[key]):
+                                raise self.not_finite(step - len(host) + 1 + i, f"{name} became {m[key]}")
+                    if to_save is not None:  # step k+1 ran finite on the state after step k
+                        self.save(*to_save)
+                        to_save = None
+                    grad_norms.extend(float(m["grad_norm"]) for m in host)
+                    if do_log:
+                        last = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
+                        last["learning_rate"] = float(host[-1]["learning_rate"])
+                        last["grad_norm_var"] = float(np.var(grad_norms))
+                        if timed and dt > 0:
+                            last["tokens_per_s"] = float(sum(m["tokens"] for m in timed)) / dt
+                        self.writer.write(step, {k: v for k, v in last.items() if k != "tokens"})
+                        bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last.get('tokens_per_s', 0):.0f}")
+                bar.update(1)
+                if do_eval:
+                    self.evaluate("", step)
+                if do_save and step < run.total_steps:
+                    to_save = (jax.device_get(run.state), step, {**run.batches.state(), "progress": self.totals()})
+                if do_log or do_save or do_eval:
+                    timer.restart()  # eval and checkpoint time is not training time
+            bar.close()
+            if self.start < run.total_steps or "student_end" not in self.evals.get("heldout", {}):
+                ppl = self.evaluate("student_end", step)["student_end"]["ppl"]
+                if not np.isfinite(ppl):
+                    raise self.not_finite(step, f"held-out perplexity became {ppl}")
+            if self.last_saved != step:
+                self.save(run.state, step, {**run.batches.state(), "progress": self.totals()})
+        except KeyboardInterrupt:
+            bar.close()
+            where = (f"the last checkpoint is step {self.last_saved}" if self.last_saved is not None
+                     else "no checkpoint was written yet")
+            raise Interrupted(f"interrupted at step {step} of {run.total_steps}: {where}; run the same "
+                              "command again to resume from it") from None
+        finally:
+            self.writer.close()
+            self.mngr.close()
+        return last
+
+    def summary(self, last: dict) -> dict:
+        """run_summary.json: what the model card reports."""
+        run, totals = self.run, self.totals()
+        ds = run.config.dataset
+        return {
+            "started_at": totals["started_at"],
+            "teacher": {"name_or_path": run.config.teacher.model_name_or_path,
+                        "params": models.param_count(run.teacher_cfg), "n_layer": run.teacher_cfg.num_layers,
+                        "config": hf.config_to_hf(run.teacher_cfg).to_dict(),
+                        "fingerprint": run.teacher_fingerprint},
+            "student": {"params": models.param_count(run.student_cfg), "n_layer": run.student_cfg.num_layers,
+                        "config": hf.config_to_hf(run.student_cfg).to_dict()},
+            "dataset": {k: ds[k] for k in ("uri", "subset", "split", "column")}
+            | {"layout": ds.layout, "seq_len": run.seq_len,
+               "train": run.data_stats["train"], "test": run.data_stats["test"]},
+            "evaluation": {k: {kk: vv for kk, vv in v.items() if kk != "history"}
+                           for k, v in self.evals.items()},
+            "resources": {
+                "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
+                "platform": jax.devices()[0].platform,
+                "peak_memory_bytes": _peak_device_memory(),
+                "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "cpus": os.cpu_count(), "host_ram_bytes": _host_ram(),
+                "wall_time_s": totals["wall_time_s"],
+                "tokens_per_s": (totals["train_tokens"] / totals["train_time_s"]
+                                 if totals["train_time_s"] > 0 else None),
+                "train_tokens": int(totals["train_tokens"]),
+            },
+            "steps": run.total_steps,
+            "final_metrics": last,
+            "versions": package_versions(),
+            "finished_at": _now(),
+        }
 
 
 def _host_ram() -> Optional[int]:

@@ -6,9 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from distil_jax import student as student_lib
-from distil_jax import models
+from distil_jax import models, train
 from distil_jax.models.gpt2 import GPT2Config
-from distil_jax.objectives.objective import Objective
 
 VOCAB = 101
 SEQ = 16
@@ -41,7 +40,7 @@ def objective(s_config, t_config, **cfg):
     """A bound Objective: the reference objective, updated by `cfg`."""
     full = dict(REFERENCE_OBJECTIVE)
     full.update(cfg)
-    return Objective.from_config(full).bind(s_config, t_config)
+    return train.build_objective(full, s_config, t_config)
 
 
 def params_tree(obj, s_config, t_config, s_params, seed=2, seq=SEQ):
@@ -88,8 +87,8 @@ def batch(rows=ROWS_4, seed=0, seq=SEQ):
     return {"input_ids": ids, "segment_ids": seg}
 
 
-def trainable_mask(trainable, obj_params):
-    return {"student": trainable, "objective": jax.tree_util.tree_map(lambda _: True, obj_params)}
+# The run's own mask of the trained tree {"student", "objective"}.
+trainable_mask = train.trainable_mask
 
 
 def to_numpy(tree):

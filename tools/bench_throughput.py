@@ -287,10 +287,9 @@ def run_jax(cfg: BenchConfig) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from distil_jax import student as student_lib
-    from distil_jax import train_step as ts
     from distil_jax import models
-    from distil_jax.objectives.objective import Objective
+    from distil_jax import train as train_lib
+    from distil_jax import train_step as ts
 
     load_start = _load_avg()
     on_gpu = jax.default_backend() in ("gpu", "cuda", "rocm")
@@ -302,13 +301,13 @@ def run_jax(cfg: BenchConfig) -> dict:
     tc = models.config_from_hf(dict(TEACHERS[cfg.teacher], bos_token_id=eos, eos_token_id=eos))
     k_t, k_s, k_o, k_r = jax.random.split(jax.random.PRNGKey(cfg.seed), 4)
     teacher_params = jax.jit(lambda k: models.init_params(tc, k))(k_t)
-    sconf, sparams, trainable = student_lib.build_student(
-        tc, teacher_params, {"overrides": {"num_hidden_layers": cfg.student_layers},
-                             "copy_teacher_modules": [("lm_head", False)]}, k_s)
-    obj_cfg = dict(REFERENCE_OBJECTIVE, logits_chunk_tokens=cfg.logits_chunk_tokens)
-    obj = Objective.from_config(obj_cfg).bind(sconf, tc)
-    params = {"student": sparams, "objective": obj.init_params(k_o, sconf, tc, cfg.seq_len)}
-    tmask = {"student": trainable, "objective": jax.tree_util.tree_map(lambda _: True, params["objective"])}
+    # The run's own builders (distil_jax.train), so the benchmark times what a run trains.
+    sconf, sparams, strainable = train_lib.build_student(
+        {"overrides": {"num_hidden_layers": cfg.student_layers}, "copy_teacher_modules": [("lm_head", False)],
+         "dropout": cfg.jax_dropout}, tc, teacher_params, k_s, cfg.seq_len)
+    obj = train_lib.build_objective(dict(REFERENCE_OBJECTIVE, logits_chunk_tokens=cfg.logits_chunk_tokens),
+                                    sconf, tc)
+    params, tmask = train_lib.trained_params(obj, sparams, strainable, k_o, sconf, tc, cfg.seq_len)
     total_steps = cfg.warmup_steps + cfg.steps
     tx, sched = ts.make_optimizer(dict(optimizer="adam", learning_rate=2e-4, adam_beta1=0.9, adam_beta2=0.999,
                                        adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=1.0,
