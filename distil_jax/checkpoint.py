@@ -44,25 +44,22 @@ def save(mngr: ocp.CheckpointManager, state, data_state: Mapping[str, int]) -> N
     mngr.wait_until_finished()
 
 
-def _shapes(tree) -> dict:
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(p): tuple(getattr(x, "shape", ())) for p, x in flat}
-
-
 def restore(mngr: ocp.CheckpointManager, step: int, like_state) -> tuple[Any, dict]:
     """Restore (state, data_state) at `step` into the structure and shardings of `like_state`.
 
     A checkpoint whose parameter shapes differ from `like_state`'s (another config) is refused.
     """
+    from distil_jax import models
+
     target = state_to_dict(like_state)
     meta = mngr.item_metadata(step)["state"]
-    saved = _shapes(getattr(meta, "tree", meta)["params"])
-    want = _shapes(target["params"])
-    if saved != want:
-        diff = sorted(set(saved.items()) ^ set(want.items()))[:4]
+    # The one shape check of the model interface: the checkpoint's leaves against this config's.
+    problems = models.shape_problems(target["params"], getattr(meta, "tree", meta)["params"])
+    if problems:
         raise ValueError(
             f"checkpoint step {step} in {mngr.directory} was written by a run with different "
-            f"shapes (e.g. {diff}); use a new --workdir for a new config, or restore the old config"
+            f"shapes (checkpoint vs this config: {'; '.join(problems[:4])}); use a new --workdir for "
+            "a new config, or restore the old config"
         )
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
     out = mngr.restore(step, args=ocp.args.Composite(

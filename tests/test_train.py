@@ -11,9 +11,10 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 import pytest
 
-from distil_jax import checkpoint, config as config_lib, data, hf
+from distil_jax import checkpoint, config as config_lib, data, hf, train_step
 from distil_jax.train import MetricsWriter, main, train
 from distil_jax.workdir import WorkdirBusy
 
@@ -435,3 +436,16 @@ def test_pad_layout_masks_padding(trained, tmp_path):
     # 6 steps of 2 x 8 rows of 32 positions, but only the real tokens count.
     assert 0 < summary["resources"]["train_tokens"] < 0.9 * 6 * 16 * 32
     assert np.isfinite(result["loss"])
+
+
+@pytest.mark.slow
+def test_checkpoint_of_other_shapes_is_refused(trained):
+    """The shape check behind the config check (a checkpoint from another version's config)."""
+    src, _ = trained
+    mngr = checkpoint.manager(src, create=False)
+    _, params = checkpoint.restore_params(src)
+    params["student"]["wte"] = {"embedding": params["student"]["wte"]["embedding"][:3]}
+    like = train_step.create_train_state(params, optax.identity(), jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=r"different shapes \(checkpoint vs this config: "
+                                         r"student/wte/embedding: \(512, 64\), expected \(3, 64\)\)"):
+        checkpoint.restore(mngr, 30, like)
