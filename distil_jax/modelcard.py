@@ -325,7 +325,7 @@ class _Facts:
 
     @functools.cached_property
     def teacher_config(self):
-        """The teacher's GPT2Config, or None (raises on an unsupported one)."""
+        """The teacher's distil_jax model config, or None (raises on an unsupported one)."""
         return _hf_config(self.teacher_hf_config) if self.teacher_hf_config else None
 
     @functools.cached_property
