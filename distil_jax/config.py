@@ -94,6 +94,16 @@ def default_config() -> ml_collections.ConfigDict:
     # Attention of the layers whose maps no loss reads: "xla" (any backend) or "cudnn" (cuDNN
     # flash attention; NVIDIA GPU and bfloat16 only; see docs/benchmarks.md).
     c.train.attention = "xla"
+    # Device mesh (docs/scaling.md): batch rows split over data x fsdp; fsdp also splits each
+    # large parameter and its Adam state, tensor splits attention heads / MLP columns; -1 = the
+    # rest of the devices (of all processes); the product must equal the device count.
+    c.train.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # Multi-host (jax.distributed): "" = one process; "auto" = detect SLURM / TPU pod /
+    # Open MPI from the environment; "host:port" = the coordinator (process 0), with the two
+    # fields below.
+    c.train.coordinator_address = ""
+    c.train.num_processes = 1  # processes in the run (with an explicit coordinator_address)
+    c.train.process_id = 0  # this process's rank, 0 .. num_processes - 1
     c.train.log_steps = 25
     c.train.save_steps = 500
     c.train.save_total_limit = 2  # checkpoints kept (the newest)
@@ -377,7 +387,33 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     writes nothing, so a run checks its whole config before touching the workdir."""
     _check(config, default_config(), "")
     _check_ranges(config)
+    _check_mesh(config.train)
     return config
+
+
+def _check_mesh(train: Any) -> None:
+    """train.mesh and the multi-host fields (whether the mesh fits the devices and the models is
+    checked when it is built: distil_jax.sharding)."""
+    axes = ("data", "fsdp", "tensor")
+    for axis, size in train.mesh.items():
+        if axis not in axes:
+            raise ValueError(f"train.mesh: unknown axis {axis!r}; the axes are {', '.join(axes)}")
+        if not isinstance(size, int) or (size < 1 and size != -1):
+            raise ValueError(f"train.mesh.{axis}={size!r}: use a positive size or -1 (the rest "
+                             f"of the devices)")
+    if sum(train.mesh.get(a, 1) == -1 for a in axes) > 1:
+        raise ValueError("train.mesh: at most one axis may be -1 (the rest of the devices)")
+    addr, n, rank = train.coordinator_address, train.num_processes, train.process_id
+    if n < 1:
+        raise ValueError(f"train.num_processes={n}: use 1 or more")
+    if not 0 <= rank < n:
+        raise ValueError(f"train.process_id={rank} is outside 0..{n - 1} "
+                         f"(train.num_processes={n})")
+    if addr not in ("", "auto") and ":" not in addr:
+        raise ValueError(f"train.coordinator_address={addr!r}: use host:port, 'auto' or ''")
+    if n > 1 and addr in ("", "auto"):
+        raise ValueError(f"train.num_processes={n} needs train.coordinator_address=host:port "
+                         f"(or leave num_processes 1 with 'auto' to detect SLURM / TPU pods)")
 
 
 def load(spec: str) -> ml_collections.ConfigDict:

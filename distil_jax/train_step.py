@@ -9,8 +9,11 @@ in the optimizer, never in the checkpoint, run under `stop_gradient`. The traine
 compiled for the batch's padding-aware logits capacity (`logits_capacity`), so the LM heads and
 logits losses skip padding.
 
-Data parallel: batches are sharded over the `data` axis of a `Mesh` of all devices and the
-parameters replicated; XLA inserts the gradient all-reduce. One code path for 1..N devices.
+Placement: with a `distil_jax.sharding.Placement` the one step is jitted with its shardings as
+`in_shardings`/`out_shardings`: batch rows over data x fsdp, student, Adam state and teacher by
+the families' logical-axis rules (FSDP, tensor parallelism); XLA inserts the collectives. With a
+bare `mesh` (data parallel) everything but the batch is replicated. One code path for 1..N
+devices and hosts.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from distil_jax import models
+from distil_jax import models, sharding
 from distil_jax.objectives.objective import Objective, next_token_targets, real_token_positions
 
 Array = jax.Array
@@ -196,8 +199,12 @@ def _label_count(segment_ids: Array) -> Array:
 
 
 def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    mesh: Optional[Mesh] = None):
+                    mesh: Optional[Mesh] = None, placement: Optional[sharding.Placement] = None):
     """The jitted `step(state, teacher_params, batch) -> (state, metrics)`.
+
+    placement: the shardings of state, teacher and batch (in and out: the new state keeps the
+    old one's, so the donated buffers are reused); mesh alone: data parallel, all but the batch
+    replicated; neither: wherever the arguments are (one device).
 
     With grad_accum = A, the batch [A·b, S] is split into A micro-batches whose gradients are
     summed, each weighted by its share of the real tokens (the clm loss, a mean over next-token
@@ -221,6 +228,14 @@ def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: 
     accum_grad_fn = jax.value_and_grad(share_of_loss, has_aux=True)
 
     def step(state: TrainState, teacher_params, batch):
+        if placement is None:
+            return _step(state, teacher_params, batch)
+        # Traced on the mesh: the models pin their activations (rows over data x fsdp, heads and
+        # MLP columns over tensor) by the same logical rules as the parameters.
+        with models.activation_sharding(placement.mesh, sharding.RULES):
+            return _step(state, teacher_params, batch)
+
+    def _step(state: TrainState, teacher_params, batch):
         rng = jax.random.fold_in(state.rng, state.step)
         n_tokens = jnp.maximum((batch["segment_ids"] > 0).sum(), 1).astype(jnp.float32)
         if sc.grad_accum == 1:
@@ -257,11 +272,16 @@ def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: 
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
+    if placement is not None:
+        rep = placement.replicated
+        return jax.jit(step, donate_argnums=(0,),
+                       in_shardings=(placement.state, placement.teacher, placement.batch),
+                       out_shardings=(placement.state, rep))
     if mesh is None:
         return jax.jit(step, donate_argnums=(0,))
-    # Explicit placement: parameters, optimizer state and teacher replicated, the batch split
-    # over `data`; XLA inserts the gradient all-reduce.
-    rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    # Data parallel: parameters, optimizer state and teacher replicated, the batch split over
+    # data x fsdp; XLA inserts the gradient all-reduce.
+    rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, sharding.batch_spec(mesh))
     return jax.jit(step, donate_argnums=(0,), in_shardings=(rep, rep, split),
                    out_shardings=(rep, rep))
 
@@ -277,10 +297,14 @@ class BucketedTrainStep:
     """
 
     def __init__(self, sc: StepConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                 mesh: Optional[Mesh] = None, buckets: int = 8, on_compile=None):
-        groups = mesh.devices.size if mesh is not None else 1
+                 mesh: Optional[Mesh] = None, buckets: int = 8, on_compile=None,
+                 placement: Optional[sharding.Placement] = None):
+        mesh = placement.mesh if placement is not None else mesh
+        # A group per batch shard (data x fsdp): each device compacts its own rows; the devices
+        # of a tensor group hold the same rows and compact them alike.
+        groups = sharding.batch_shards(mesh) if mesh is not None else 1
         self._sc = dataclasses.replace(sc, logits_groups=groups)
-        self._args = (tx, schedule, mesh)
+        self._args = (tx, schedule, mesh, placement)
         self._mesh = mesh
         # Without logits losses there is nothing to compact: one step.
         uses_logits = bool(sc.objective.logits.active or sc.objective.clm_weight)
@@ -315,12 +339,15 @@ class BucketedTrainStep:
 # ----------------------------------------------------------------------------- eval
 
 
-def make_eval_step(config, dtype=jnp.float32):
+def make_eval_step(config, dtype=jnp.float32, mesh: Optional[Mesh] = None):
     """Jitted `eval(params, batch) -> dict` of summed next-token log-likelihoods (the perplexity
     numerator) and token counts, counting every position whose next token is in its document:
 
       logprob_sum, tokens: scalars over the batch (token-weighted perplexity);
       doc_logprob, doc_tokens: [B, S] sums per (row, segment id) (Distily's per-document mean).
+
+    mesh: the outputs are replicated on it, so every process of a multi-host run can read them;
+    the parameters and batch stay where they are (sharded like the training step's).
     """
 
     def eval_step(params, batch):
@@ -334,16 +361,17 @@ def make_eval_step(config, dtype=jnp.float32):
         return {"logprob_sum": lp.sum(), "tokens": valid.sum(),
                 "doc_logprob": per_doc(lp, seg), "doc_tokens": per_doc(valid.astype(jnp.int32), seg)}
 
-    return jax.jit(eval_step)
+    if mesh is None:
+        return jax.jit(eval_step)
+    return jax.jit(eval_step, out_shardings=NamedSharding(mesh, P()))
 
 
 # ----------------------------------------------------------------------------- placement
 
 
-def make_mesh(devices=None) -> Mesh:
-    """A 1-D mesh with axis `data` over all (or the given) devices."""
-    devices = np.array(devices if devices is not None else jax.devices())
-    return Mesh(devices, ("data",))
+def make_mesh(devices=None, spec: Optional[Mapping[str, int]] = None) -> Mesh:
+    """The (data, fsdp, tensor) mesh over all (or the given) devices; default all on `data`."""
+    return sharding.make_mesh(spec, devices)
 
 
 def replicate(tree, mesh: Mesh):
@@ -351,10 +379,5 @@ def replicate(tree, mesh: Mesh):
 
 
 def shard_batch(batch: Mapping, mesh: Mesh) -> dict:
-    """Put a host batch on the devices, split along the batch axis."""
-    n = mesh.devices.size
-    b = next(iter(batch.values())).shape[0]
-    if b % n:
-        raise ValueError(f"batch size {b} is not divisible by the {n} devices of the data mesh; "
-                         f"use a multiple of {n}")
-    return {k: jax.device_put(np.asarray(v), NamedSharding(mesh, P("data"))) for k, v in batch.items()}
+    """Put a host batch on the devices, rows split over data x fsdp (see sharding.place_batch)."""
+    return sharding.place_batch(batch, mesh)

@@ -22,6 +22,9 @@ A family is one module (`gpt2.py`, `llama.py`) that provides:
   hf_transposed(path)         True where HF stores the leaf transposed (torch Linear [out, in])
   module_path(name)           HF module name ("model.layers.3", "lm_head") -> parameter path
   block_path(i)               the parameter path of block i
+  PARAM_AXES                  (path regex, logical axis names) pairs: one name per dimension of
+                              each parameter ("embed", "heads", "mlp", ...), mapped to mesh axes
+                              by `distil_jax.sharding.RULES`
 
 A third family is one more module and one line in `_FAMILIES`.
 """
@@ -29,8 +32,9 @@ A third family is one more module and one line in `_FAMILIES`.
 from __future__ import annotations
 
 import math
+import re
 from types import ModuleType
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +42,8 @@ from flax import traverse_util
 
 from distil_jax.models import gpt2, llama
 from distil_jax.models.common import (ATTENTION_IMPLS, FusedAttention, ModelOutput,  # noqa: F401
-                                      check_attention_impl, normalize_layers)
+                                      activation_sharding, check_attention_impl, constrain,
+                                      normalize_layers)
 
 _FAMILIES: tuple[ModuleType, ...] = (gpt2, llama)
 FAMILIES: dict[str, ModuleType] = {t: fam for fam in _FAMILIES for t in fam.MODEL_TYPES}
@@ -106,4 +111,24 @@ def shape_problems(want: Mapping, got: Mapping) -> list[str]:
            for p in w if p in g and shape(g[p]) != shape(w[p])]
     out += [f"missing {'/'.join(p)}" for p in w if p not in g]
     out += [f"unexpected {'/'.join(p)}" for p in g if p not in w]
+    return out
+
+
+def logical_axes(config, params: Optional[Mapping] = None) -> dict:
+    """{path tuple: logical axis names, one per dimension} of every parameter, from the family's
+    PARAM_AXES (first regex that fully matches the path written "a/b/c"). `params`: the tree
+    (arrays or ShapeDtypeStructs), default `param_shapes(config)`. A parameter no rule
+    describes is a ValueError, so a new parameter cannot silently go unsharded."""
+    fam = family(config)
+    params = param_shapes(config) if params is None else params
+    out = {}
+    for path, x in traverse_util.flatten_dict(dict(params)).items():
+        name = "/".join(path)
+        rule = next((axes for pattern, axes in fam.PARAM_AXES if re.fullmatch(pattern, name)), None)
+        if rule is None:
+            raise ValueError(f"{fam.__name__}.PARAM_AXES has no rule for the parameter {name}; add one")
+        if len(rule) != len(x.shape):
+            raise ValueError(f"{fam.__name__}.PARAM_AXES gives {name} {len(rule)} axis names but it "
+                             f"has {len(x.shape)} dimensions")
+        out[path] = tuple(rule)
     return out

@@ -7,12 +7,17 @@ A family module (`gpt2.py`, `llama.py`) builds its own projections, norms and ML
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import math
 from typing import Any, Callable, Optional, Sequence
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 Array = jax.Array
 
@@ -47,6 +52,45 @@ class FusedAttention:
 
 
 ATTENTION_IMPLS = ("xla", "cudnn")
+
+
+# (mesh, logical axis rules) while the train step is traced on a mesh (distil_jax.sharding),
+# else None: `constrain` is then a no-op, so one device and the tests see plain code.
+_ACTIVATION_SHARDING: contextvars.ContextVar = contextvars.ContextVar(
+    "distil_jax_activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh, rules):
+    """Within this context, `constrain` pins activations to `mesh` by the logical `rules`."""
+    token = _ACTIVATION_SHARDING.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVATION_SHARDING.reset(token)
+
+
+def constrain(x: Array, names: Sequence[Optional[str]]) -> Array:
+    """Pin activation `x` to its logical axes `names` (e.g. ("batch", None, "heads", None)).
+
+    Why: from the parameters' shardings alone XLA may split an FSDP activation along the width
+    (as the weights are) instead of the batch, and then rematerializes it whole on every device;
+    on the reference run that tripled the temporaries. A dimension that its mesh axes do not
+    divide (a small micro-batch) is left to XLA.
+    """
+    ctx = _ACTIVATION_SHARDING.get()
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    parts = []
+    for dim, axes in zip(x.shape, nn.logical_to_mesh_axes(tuple(names), rules)):
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+        if not axes or dim % math.prod(mesh.shape[a] for a in axes):
+            parts.append(None if not axes else PartitionSpec.UNCONSTRAINED)
+        else:
+            parts.append(axes[0] if len(axes) == 1 else axes)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*parts)))
 
 
 def check_attention_impl(attention_impl: str, dtype: Any) -> None:

@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 
 from distil_jax.models.common import (FusedAttention, ModelOutput, attend, attention_mask_4d,
-                                      check_attention_impl, default_positions, head_logits,
-                                      normalize_layers)
+                                      check_attention_impl, constrain, default_positions,
+                                      head_logits, normalize_layers)
 
 Array = jax.Array
 GPT2Output = ModelOutput  # what `forward` returns
@@ -186,7 +186,8 @@ class Attention(nn.Module):
         std = cfg.initializer_range
         qkv = nn.Dense(3 * D, dtype=self.dtype, kernel_init=_normal(std), name="c_attn")(x)
         q, k, v = jnp.split(qkv.reshape(B, S, 3, H, Dh), 3, axis=2)
-        q, k, v = (t[:, :, 0] for t in (q, k, v))  # [B, S, H, Dh]
+        # [B, S, H, Dh], heads split over tensor: each device attends with whole heads of its own.
+        q, k, v = (constrain(t[:, :, 0], ("batch", None, "heads", None)) for t in (q, k, v))
 
         scale = 1.0 / math.sqrt(Dh) if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
@@ -216,7 +217,7 @@ class MLP(nn.Module):
         cfg = self.config
         std = cfg.initializer_range
         h = nn.Dense(cfg.inner_dim, dtype=self.dtype, kernel_init=_normal(std), name="c_fc")(x)
-        h = _ACTIVATIONS[cfg.activation_function](h)
+        h = constrain(_ACTIVATIONS[cfg.activation_function](h), ("batch", None, "mlp"))
         c_proj_std = std / math.sqrt(2 * cfg.n_layer)
         h = nn.Dense(cfg.n_embd, dtype=self.dtype, kernel_init=_normal(c_proj_std), name="c_proj")(h)
         return nn.Dropout(cfg.resid_pdrop)(h, deterministic=self.deterministic)
@@ -244,7 +245,7 @@ class Block(nn.Module):
         x = x + a
         h = _layer_norm(cfg, "ln_2")(x).astype(self.dtype)
         x = x + MLP(cfg, self.dtype, self.deterministic, name="mlp")(h)
-        return x, probs
+        return constrain(x, ("batch", None, None)), probs
 
 
 class Blocks(nn.Module):
@@ -294,6 +295,7 @@ class GPT2LMHeadModel(nn.Module):
         wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=_normal(std), name="wpe")
         x = wte(input_ids) + wpe(positions)
         x = nn.Dropout(cfg.embd_pdrop)(x, deterministic=self.deterministic).astype(self.dtype)
+        x = constrain(x, ("batch", None, None))  # the residual stream: rows split, width whole
         x, hidden, attentions = Blocks(
             cfg, self.dtype, self.attention_layers, self.output_hidden_states, self.remat,
             self.deterministic, self.fused, name="h",
@@ -408,6 +410,27 @@ def with_lm_head(config: GPT2Config, params: Mapping, head: Array) -> dict:
     if config.tie_word_embeddings:
         return {**params, "wte": {**params["wte"], "embedding": head.T}}
     return {**params, "lm_head": {**params.get("lm_head", {}), "kernel": head}}
+
+
+# ----------------------------------------------------------------------------- sharding
+
+# Logical axes of every parameter (see distil_jax.sharding.RULES for the mesh axes). Dense
+# kernels are [in, out]. c_attn's output columns are the fused [q | k | v] (each H x Dh): "qkv",
+# which no mesh axis splits, so tensor parallelism never hands a device the wrong heads; c_proj
+# of attention reads the heads ("heads" on its input rows).
+PARAM_AXES = (
+    (r"wte/embedding", ("vocab", "embed")),
+    (r"wpe/embedding", ("positions", "embed")),
+    (r"h/\d+/attn/c_attn/kernel", ("embed", "qkv")),
+    (r"h/\d+/attn/c_attn/bias", ("qkv",)),
+    (r"h/\d+/attn/c_proj/kernel", ("heads", "embed")),
+    (r"h/\d+/mlp/c_fc/kernel", ("embed", "mlp")),
+    (r"h/\d+/mlp/c_fc/bias", ("mlp",)),
+    (r"h/\d+/mlp/c_proj/kernel", ("mlp", "embed")),
+    (r"h/\d+/(attn|mlp)/c_proj/bias", ("bias",)),
+    (r"(h/\d+/ln_[12]|ln_f)/(scale|bias)", ("norm",)),
+    (r"lm_head/kernel", ("embed", "vocab")),
+)
 
 
 # ----------------------------------------------------------------------------- HF names

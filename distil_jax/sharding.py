@@ -1,0 +1,310 @@
+"""Where every array of a run lives: the named mesh, the logical-axis rules, and placement.
+
+The mesh has three named axes (`MESH_AXES`):
+
+  data    pure data parallelism: the batch is split, every parameter is whole on each device
+          (gradients all-reduced).
+  fsdp    fully sharded data parallelism (ZeRO-3): the batch is split AND each large parameter,
+          with its Adam moments, is split along its `embed` dimension; XLA all-gathers a layer's
+          weights just before it is used and reduce-scatters its gradient.
+  tensor  tensor (Megatron) parallelism: attention heads and MLP columns are split; the batch
+          is not (each device of a tensor group sees the same rows).
+
+The batch is split over data x fsdp. Parameters are described once per model family by
+*logical* axis names (each family's `PARAM_AXES`: a path regex -> one name per dimension, e.g.
+an MLP up-projection [D, F] is ("embed", "mlp")); `RULES` maps each logical name to mesh axes,
+in flax's `logical_axis_rules` format (as MaxText and t5x do). The teacher uses the same rules
+on the same mesh, so a teacher larger than one device is sharded like the student.
+
+Why `vocab` is not split: GPT-2's vocabulary, 50257 = 29 x 1733, divides by no mesh size; the
+embedding and head are split along `embed` over fsdp instead (FSDP's saving is the same).
+Why the fused GPT-2 qkv kernel's output is not split over tensor: its columns are laid out
+[q | k | v] (each H x Dh), so a contiguous split over tensor would give one device all the
+query heads and another all the values; it is split over fsdp along embed like the rest, and
+XLA slices the local heads out of it for the tensor-parallel attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from distil_jax import models
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the mesh axes the batch's rows are split over
+
+# Logical axis name -> mesh axis (or tuple of mesh axes, or None: not split). Flax semantics:
+# a name takes its mesh axis unless another dimension of the same array already took it.
+RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),       # model width: every large matrix has one such dimension
+    ("heads", "tensor"),     # query heads x head_dim (attention q / output projections)
+    ("kv_heads", "tensor"),  # key/value heads x head_dim (grouped-query attention)
+    ("mlp", "tensor"),       # MLP hidden columns
+    ("vocab", None),         # see the module docstring
+    ("qkv", None),           # GPT-2's fused [q | k | v] columns, see the module docstring
+    ("positions", None),     # learned position embeddings' rows
+    ("norm", None),          # norm scales and biases: tiny, replicated
+    ("bias", None),          # biases added after a projection back to the width: tiny
+    ("proj", "fsdp"),        # the objective's projector matrices' rows
+)
+
+
+class MeshError(ValueError):
+    """A mesh that does not fit the devices or the models (one line naming the fix)."""
+
+
+# ----------------------------------------------------------------------------- the mesh
+
+
+def mesh_shape(spec: Mapping[str, int], n_devices: int) -> dict[str, int]:
+    """{"data": -1, "fsdp": 2} -> {"data": n/2, "fsdp": 2, "tensor": 1} (-1: the rest of the
+    devices; an axis left out is 1). MeshError when the product is not `n_devices`."""
+    unknown = sorted(set(spec) - set(MESH_AXES))
+    if unknown:
+        raise MeshError(f"train.mesh: unknown axis {unknown[0]!r}; the axes are "
+                        f"{', '.join(MESH_AXES)}")
+    sizes = {a: int(spec.get(a, 1)) for a in MESH_AXES}
+    rest = [a for a, s in sizes.items() if s == -1]
+    if len(rest) > 1:
+        raise MeshError(f"train.mesh: only one axis may be -1 (the rest of the devices), got "
+                        f"{', '.join(rest)}")
+    bad = [a for a, s in sizes.items() if s == 0 or s < -1]
+    if bad:
+        raise MeshError(f"train.mesh: {bad[0]}={sizes[bad[0]]}; use a positive size or -1")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if rest:
+        if n_devices % fixed:
+            raise MeshError(f"train.mesh: {_fmt(sizes)} needs a multiple of {fixed} devices, but "
+                            f"there are {n_devices}; change the fixed axes")
+        sizes[rest[0]] = n_devices // fixed
+    elif fixed != n_devices:
+        raise MeshError(f"train.mesh: {_fmt(sizes)} has {fixed} devices but there are "
+                        f"{n_devices}; make the product {n_devices} or set one axis to -1")
+    return sizes
+
+
+def _fmt(sizes: Mapping[str, int]) -> str:
+    return " x ".join(f"{a}={s}" for a, s in sizes.items())
+
+
+def make_mesh(spec: Optional[Mapping[str, int]] = None, devices: Optional[Sequence] = None) -> Mesh:
+    """The (data, fsdp, tensor) mesh over `devices` (default: every device of every process).
+
+    Devices are laid out in `jax.devices()` order (process-major), so the outer `data` axis
+    spans hosts and `tensor`, the innermost, stays within one host's fast interconnect.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = mesh_shape(spec if spec is not None else {"data": -1}, len(devices))
+    return Mesh(np.asarray(devices, dtype=object).reshape(tuple(sizes.values())), MESH_AXES)
+
+
+def axis_size(mesh: Mesh, axis: str) -> int:
+    return int(mesh.shape.get(axis, 1))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many parts the batch's rows are split into (data x fsdp)."""
+    return math.prod(axis_size(mesh, a) for a in BATCH_AXES)
+
+
+def batch_spec(mesh: Mesh) -> P:
+    axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+    return P(axes if len(axes) > 1 else axes[0])
+
+
+# ----------------------------------------------------------------------------- logical axes
+
+
+def logical_spec(names: Sequence[Optional[str]], rules=RULES) -> P:
+    """Logical names of an array's dimensions -> its PartitionSpec (flax's rule semantics)."""
+    return nn.logical_to_mesh_axes(tuple(names), rules)
+
+
+def _spec_for(names: Sequence[Optional[str]], shape: tuple, mesh: Mesh, what: str, path: str,
+              strict: bool) -> P:
+    """The PartitionSpec of an array with logical axis `names` on `mesh`, mesh axes of size 1
+    dropped; a split that does not divide its dimension is a MeshError (strict) or left
+    unsplit."""
+    spec = logical_spec(names)
+    out = []
+    for dim, name, axes in zip(shape, names, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        names = tuple(a for a in names if axis_size(mesh, a) > 1)
+        n = math.prod(axis_size(mesh, a) for a in names)
+        if names and dim % n:
+            if strict:
+                axis = " x ".join(f"{a}={axis_size(mesh, a)}" for a in names)
+                raise MeshError(f"train.mesh: {axis} does not divide the {what}'s {name} dimension "
+                                f"{dim} ({what}.{path}); choose an axis size that divides {dim}")
+            names = ()
+        out.append(names[0] if len(names) == 1 else (names or None))
+    return P(*out)
+
+
+def param_specs(config, params: Mapping, mesh: Mesh, what: str = "student") -> dict:
+    """PartitionSpecs of a model's parameter tree (arrays or ShapeDtypeStructs) on `mesh`, from
+    its family's logical axes. MeshError (one line) when a mesh axis does not divide a dimension
+    it splits, or `tensor` does not divide the heads."""
+    tensor = axis_size(mesh, "tensor")
+    if tensor > 1:
+        for n, field in ((config.num_heads, "query heads"), (config.num_kv_heads, "key/value heads")):
+            if n % tensor:
+                raise MeshError(f"train.mesh: tensor={tensor} does not divide the {what}'s {n} "
+                                f"{field}; use a tensor size that divides {n}")
+    names = models.logical_axes(config, params)
+    flat = traverse_util.flatten_dict(dict(params))
+    return traverse_util.unflatten_dict({
+        p: _spec_for(names[p], tuple(x.shape), mesh, what, ".".join(p), True)
+        for p, x in flat.items()})
+
+
+def objective_specs(obj_params: Mapping, mesh: Mesh) -> Any:
+    """The objective's parameters: each matrix's rows split over fsdp where fsdp divides them
+    (the 1024 x 1024 orthogonal projector: 1/fsdp of it and of its Adam moments per device),
+    vectors replicated. Never an error: the sizes come from the sequence length or the widths,
+    and a few MB replicated cost less than refusing the mesh."""
+    def spec(path, x):
+        names = ("proj",) + (None,) * (x.ndim - 1) if x.ndim >= 2 else (None,) * x.ndim
+        return _spec_for(names, tuple(x.shape), mesh, "objective", jax.tree_util.keystr(path),
+                         False)
+    return jax.tree_util.tree_map_with_path(spec, obj_params)
+
+
+def opt_state_specs(opt_state: Any, params_specs: Mapping, params: Mapping) -> Any:
+    """PartitionSpecs of an optax state: a leaf whose path ends with a parameter's path (Adam's
+    mu and nu, ...) and has its shape is placed like that parameter; anything else (step
+    counts) is replicated."""
+    specs = traverse_util.flatten_dict(dict(params_specs))
+    shapes = {p: tuple(x.shape) for p, x in traverse_util.flatten_dict(dict(params)).items()}
+
+    def spec(path, x):
+        keys = tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+        for i in range(len(keys)):
+            if keys[i:] in specs and shapes[keys[i:]] == tuple(getattr(x, "shape", ())):
+                return specs[keys[i:]]
+        return P()
+
+    return jax.tree_util.tree_map_with_path(spec, opt_state)
+
+
+# ----------------------------------------------------------------------------- placement
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """The shardings of the step's arguments on one mesh: `state` (a TrainState of
+    NamedShardings), `teacher` (a tree of NamedShardings) and the batch's rows over data x fsdp.
+    `make_train_step` takes them as its in/out shardings."""
+
+    mesh: Mesh
+    state: Any
+    teacher: Any
+
+    @property
+    def batch(self) -> NamedSharding:
+        return NamedSharding(self.mesh, batch_spec(self.mesh))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    @property
+    def batch_shards(self) -> int:
+        return batch_shards(self.mesh)
+
+    def put_state(self, state):
+        return jax.device_put(state, self.state)
+
+    def put_teacher(self, teacher_params):
+        return jax.device_put(teacher_params, self.teacher)
+
+    def put_batch(self, host_batch: Mapping) -> dict:
+        return place_batch(host_batch, self.mesh)
+
+
+def make_placement(mesh: Mesh, state: Any, student_config, teacher_config,
+                   teacher_params: Mapping) -> Placement:
+    """The Placement of a TrainState (arrays or ShapeDtypeStructs; its params are
+    {"student", "objective"}) and teacher parameters on `mesh`. MeshError (one line) when the
+    mesh does not fit the models."""
+    s_specs = param_specs(student_config, state.params["student"], mesh, "student")
+    p_specs = {"student": s_specs}
+    if "objective" in state.params:
+        p_specs["objective"] = objective_specs(state.params["objective"], mesh)
+    t_specs = param_specs(teacher_config, teacher_params, mesh, "teacher")
+    state_specs = state.replace(step=P(), params=p_specs,
+                                opt_state=opt_state_specs(state.opt_state, p_specs, state.params),
+                                rng=P())
+    named = lambda tree: jax.tree_util.tree_map(  # noqa: E731
+        lambda s: NamedSharding(mesh, s), tree, is_leaf=lambda x: isinstance(x, P))
+    return Placement(mesh, named(state_specs), named(t_specs))
+
+
+def place_batch(host_batch: Mapping, mesh: Mesh) -> dict:
+    """A host batch ([B, ...] numpy, the same global batch on every process) -> global arrays
+    with rows split over data x fsdp. Each process transfers only the rows of its own devices
+    (`jax.make_array_from_callback` asks only for addressable shards), so this is the
+    multi-host input path too."""
+    n = batch_shards(mesh)
+    b = np.shape(next(iter(host_batch.values())))[0]
+    if b % n:
+        raise ValueError(f"batch size {b} is not divisible by the {n} batch shards of the mesh "
+                         f"(data x fsdp); use a multiple of {n}")
+    sharding = NamedSharding(mesh, batch_spec(mesh))
+    out = {}
+    for k, v in host_batch.items():
+        v = np.asarray(v)
+        out[k] = jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+    return out
+
+
+def bytes_per_device(tree: Any, shardings: Any) -> int:
+    """Bytes one device holds of `tree` (arrays or ShapeDtypeStructs) under `shardings` (a
+    matching tree of NamedShardings): the largest shard of each leaf, summed."""
+    total = 0
+    for x, s in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(shardings)):
+        shard = s.shard_shape(tuple(x.shape))
+        total += math.prod(shard) * np.dtype(x.dtype).itemsize
+    return total
+
+
+# ----------------------------------------------------------------------------- multi-host
+
+
+def initialize_distributed(coordinator_address: str = "", num_processes: int = 1,
+                           process_id: int = 0, heartbeat_timeout_s: int = 100) -> bool:
+    """`jax.distributed.initialize` for a run that spans processes (the config's
+    train.coordinator_address / num_processes / process_id); True if it did. Call before
+    anything touches a device.
+
+    "" : one process, nothing to do. "auto": jax detects SLURM, TPU pods or Open MPI from the
+    environment. "host:port": the coordinator, which process 0 serves.
+    If another process dies, the coordination service notices within `heartbeat_timeout_s`
+    and this process exits with an error instead of waiting forever in a collective.
+    """
+    if not coordinator_address:
+        return False
+    # CPU devices of different processes need a collectives library (harmless on GPU / TPU,
+    # which bring their own): without it a multi-process CPU run cannot all-reduce.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if coordinator_address == "auto":
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s)
+    else:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                   heartbeat_timeout_seconds=heartbeat_timeout_s)
+    return True
+
+
+def is_writer() -> bool:
+    """Only process 0 writes metrics, TensorBoard, summaries and exports (every process takes
+    part in the checkpoint save, which Orbax coordinates)."""
+    return jax.process_index() == 0

@@ -1,0 +1,125 @@
+"""distil_jax.sharding: FSDP and tensor parallelism on a named mesh of 8 simulated CPU devices
+give the same training as one device; checkpoints reshard; bad meshes are one-line errors.
+
+The multi-device cases run in a subprocess (tests/sharding_worker.py), because the simulated
+device count (XLA_FLAGS) must be set before jax is imported.
+
+Tolerance: SHARD_TOL = 1e-5, relative to each leaf's largest value: float32, the same math with
+its reductions split across devices (all-gathers, reduce-scatters, partial sums).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from distil_jax import config as config_lib
+from distil_jax import models, sharding
+from tests import tiny_setup as T
+
+SHARD_TOL = 1e-5
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _worker(*args, timeout=900):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "tests.sharding_worker", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+@pytest.mark.parametrize("family", ["gpt2"])
+def test_meshes_equal_one_device(family):
+    """Three steps at fsdp=8, data=2 x fsdp=4 and data=2 x fsdp=2 x tensor=2 (the last through
+    the padding-aware bucketed step) end with the losses, parameters and Adam state of one
+    device; the student's largest matrix really is split, and each device holds 1/8 of the
+    state at fsdp=8."""
+    out = _worker("equivalence", family)
+    assert out["n_devices"] == 8
+    assert out["param_change"] > 1e-3
+    for name, shards in (("fsdp8", 8), ("data2_fsdp4", 4), ("data2_fsdp2_tensor2", 4)):
+        r = out[name]
+        assert r["param_rel_diff"] < SHARD_TOL, (name, r)
+        assert r["opt_rel_diff"] < SHARD_TOL, (name, r)
+        assert r["loss_rel_diff"] < SHARD_TOL, (name, r)
+        assert r["shards"]["param"] == shards, (name, r)
+    # Padding-aware logits were on (a capacity below the 32 positions of each batch shard).
+    assert out["capacities"] and all(c is not None and c < 32 for c in out["capacities"])
+    # fsdp=8: everything but the norms, biases and step counters is split 8 ways.
+    assert out["fsdp8"]["state_bytes"] < 1.1 * out["state_bytes_1"] / 8
+    assert out["fsdp8"]["teacher_bytes"] < 1.1 * out["teacher_bytes_1"] / 8
+
+
+def test_checkpoint_reshards(tmp_path):
+    """Two steps at fsdp=8, saved; restored at data=2 x fsdp=2 (4 devices) and on 1 device,
+    one more step equals three uninterrupted steps."""
+    out = _worker("reshard", str(tmp_path))
+    assert out["saved_step"] == 2
+    for name, devices in (("data2_fsdp2", 4), ("one_device", 1)):
+        r = out[name]
+        assert r["devices"] == devices and r["step"] == 3, r
+        assert r["data_state"] == {"position": 2}
+        assert r["param_rel_diff"] < SHARD_TOL, (name, r)
+        assert r["opt_rel_diff"] < SHARD_TOL, (name, r)
+        assert r["loss_rel_diff"] < SHARD_TOL, (name, r)
+
+
+def test_bad_meshes_are_one_line_errors():
+    out = _worker("errors")
+    for name, words in {
+        "product": ["data=3", "fsdp=2", "6 devices", "8"],
+        "rest": ["fsdp=3", "multiple of 3", "8"],
+        "unknown": ["'model'", "data, fsdp, tensor"],
+        "embed": ["fsdp=8", "teacher's embed dimension 36", "(teacher.h.0.attn.c_attn.kernel)"],
+        "heads": ["tensor=8", "4 query heads"],
+        "batch": ["batch size 4", "8 batch shards"],
+    }.items():
+        msg = out[name]
+        assert msg is not None and "\n" not in msg, (name, msg)
+        for w in words:
+            assert w in msg, (name, w, msg)
+
+
+# ----------------------------------------------------------------------------- one process
+
+
+def test_mesh_shape_fills_the_rest():
+    assert sharding.mesh_shape({"data": -1, "fsdp": 2}, 8) == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert sharding.mesh_shape({"tensor": 2, "fsdp": -1}, 8) == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert sharding.mesh_shape({}, 1) == {"data": 1, "fsdp": 1, "tensor": 1}
+    with pytest.raises(sharding.MeshError, match="only one axis"):
+        sharding.mesh_shape({"data": -1, "fsdp": -1}, 8)
+
+
+def test_every_gpt2_parameter_has_logical_axes():
+    tc, _ = T.teacher()
+    for cfg in (tc, tc.replace(tie_word_embeddings=False)):
+        axes = models.logical_axes(cfg)
+        assert axes[("h", "0", "mlp", "c_fc", "kernel")] == ("embed", "mlp")
+        assert axes[("h", "0", "attn", "c_attn", "kernel")] == ("embed", "qkv")
+    assert axes[("lm_head", "kernel")] == ("embed", "vocab")
+    assert sharding.logical_spec(("embed", "mlp")) == P("fsdp", "tensor")
+    assert sharding.logical_spec(("batch", None)) == P(("data", "fsdp"), None)
+
+
+def test_config_mesh_fields_are_validated():
+    c = config_lib.default_config()
+    assert c.train.mesh.to_dict() == {"data": -1, "fsdp": 1, "tensor": 1}
+    config_lib.validate(c)
+    for field, value, words in (("mesh", {"data": -1, "fsdp": -1, "tensor": 1}, "at most one"),
+                                ("mesh", {"data": 0, "fsdp": 1, "tensor": 1}, "train.mesh.data=0"),
+                                ("num_processes", 2, "coordinator_address"),
+                                ("process_id", 3, "train.process_id=3"),
+                                ("coordinator_address", "localhost", "host:port")):
+        bad = config_lib.default_config()
+        bad.train[field] = value
+        with pytest.raises(ValueError, match=words):
+            config_lib.validate(bad)
