@@ -95,5 +95,12 @@ def restore_params(workdir: str | os.PathLike, step: Optional[int] = None) -> tu
         raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoint_dir(workdir)}; "
                                 f"available steps: {steps}")
     mngr = manager(workdir, create=False)
-    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    # Gathered whole onto this process's first device, whatever mesh wrote it: a checkpoint
+    # saved sharded over 8 devices exports from a 1-device process.
+    meta = mngr.item_metadata(step)["state"]
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=one),
+        getattr(meta, "tree", meta))
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     return step, jax.device_get(out["state"]["params"])
