@@ -104,6 +104,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.coordinator_address = ""
     c.train.num_processes = 1  # processes in the run (with an explicit coordinator_address)
     c.train.process_id = 0  # this process's rank, 0 .. num_processes - 1
+    # Seconds without a heartbeat after which a lost process fails the whole run (the others
+    # exit with an error instead of waiting in a collective forever).
+    c.train.heartbeat_timeout_s = 100
     c.train.log_steps = 25
     c.train.save_steps = 500
     c.train.save_total_limit = 2  # checkpoints kept (the newest)
@@ -409,6 +412,8 @@ def _check_mesh(train: Any) -> None:
     if not 0 <= rank < n:
         raise ValueError(f"train.process_id={rank} is outside 0..{n - 1} "
                          f"(train.num_processes={n})")
+    if train.heartbeat_timeout_s < 1:
+        raise ValueError(f"train.heartbeat_timeout_s={train.heartbeat_timeout_s}: use 1 or more")
     if addr not in ("", "auto") and ":" not in addr:
         raise ValueError(f"train.coordinator_address={addr!r}: use host:port, 'auto' or ''")
     if n > 1 and addr in ("", "auto"):

@@ -88,9 +88,10 @@ def _rel_diff(a, b):
 
 
 def _shard_counts(state, placement):
-    """How many distinct shards the largest student matrix and its Adam moment have."""
+    """Into how many distinct pieces the student's largest MLP matrix is split."""
     flat = jax.tree_util.tree_flatten_with_path(state.params["student"])[0]
-    path, big = max(flat, key=lambda kv: kv[1].size)
+    path, big = max(((p, x) for p, x in flat if "mlp" in jax.tree_util.keystr(p)),
+                    key=lambda kv: kv[1].size)
     return {"param": len({tuple((s.start, s.stop) for s in sh.index) for sh in big.addressable_shards}),
             "path": jax.tree_util.keystr(path)}
 

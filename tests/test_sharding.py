@@ -36,7 +36,7 @@ def _worker(*args, timeout=900):
     return json.loads(line[len("RESULT "):])
 
 
-@pytest.mark.parametrize("family", ["gpt2"])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_meshes_equal_one_device(family):
     """Three steps at fsdp=8, data=2 x fsdp=4 and data=2 x fsdp=2 x tensor=2 (the last through
     the padding-aware bucketed step) end with the losses, parameters and Adam state of one
@@ -53,9 +53,11 @@ def test_meshes_equal_one_device(family):
         assert r["shards"]["param"] == shards, (name, r)
     # Padding-aware logits were on (a capacity below the 32 positions of each batch shard).
     assert out["capacities"] and all(c is not None and c < 32 for c in out["capacities"])
-    # fsdp=8: everything but the norms, biases and step counters is split 8 ways.
-    assert out["fsdp8"]["state_bytes"] < 1.1 * out["state_bytes_1"] / 8
-    assert out["fsdp8"]["teacher_bytes"] < 1.1 * out["teacher_bytes_1"] / 8
+    # fsdp=8: everything but the norms, biases and step counters is split 8 ways. In these tiny
+    # models (width 32) the replicated vectors are ~3% of the bytes, so a device holds ~0.15 of
+    # the state; at the reference shape it is 0.126 (docs/scaling.md, tools/sharding_memory.py).
+    assert out["fsdp8"]["state_bytes"] < 0.16 * out["state_bytes_1"]
+    assert out["fsdp8"]["teacher_bytes"] < 0.16 * out["teacher_bytes_1"]
 
 
 def test_checkpoint_reshards(tmp_path):
@@ -126,3 +128,94 @@ def test_config_mesh_fields_are_validated():
         bad.train[field] = value
         with pytest.raises(ValueError, match=words):
             config_lib.validate(bad)
+
+
+# ----------------------------------------------------------------------------- multi-host
+
+TINY = os.path.join(REPO, "configs", "tiny.py")
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _launch(workdir, n, port, *overrides):
+    """`n` processes of the tiny run joined by jax.distributed over localhost, one CPU device
+    each (so a 2-process run is data=2 over two hosts)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    env.pop("XLA_FLAGS", None)
+    return [subprocess.Popen(
+        [sys.executable, "-m", "distil_jax.train", "--config", TINY + ":test", "--workdir",
+         str(workdir), f"--config.train.coordinator_address=localhost:{port}",
+         f"--config.train.num_processes={n}", f"--config.train.process_id={i}", *overrides],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    """The tiny run (demo teacher and corpus included) in one process on one device."""
+    from distil_jax.train import train
+
+    workdir = tmp_path_factory.mktemp("one")
+    c = config_lib.load(TINY + ":test")
+    c.train.max_steps = 4
+    c.train.save_steps = 2
+    train(c, workdir)
+    return workdir
+
+
+def _seed(src, dst):
+    import shutil
+
+    for name in ("teacher", "data", "cache"):
+        shutil.copytree(src / name, dst / name)
+    return dst
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(one_process_run, tmp_path):
+    """Two processes (jax.distributed over localhost, gloo CPU collectives) train the tiny
+    config to the parameters of the one-process run; only process 0 writes metrics."""
+    workdir = _seed(one_process_run, tmp_path / "two")
+    procs = _launch(workdir, 2, _free_port(), "--config.train.max_steps=4",
+                    "--config.train.save_steps=2")
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    s1, one = checkpoint.restore_params(one_process_run)
+    s2, two = checkpoint.restore_params(workdir)
+    assert s1 == s2 == 4
+    for a, b in zip(jax.tree_util.tree_leaves(two), jax.tree_util.tree_leaves(one)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=SHARD_TOL * max(1.0, float(np.abs(b).max())))
+    steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
+             if '"loss"' in line]
+    assert steps == sorted(set(steps)) and steps[-1] == 4  # one writer: no line twice
+    assert "distill" not in outs[1][1]  # process 1 shows no progress bar
+
+
+@pytest.mark.slow
+def test_killed_process_makes_the_other_exit(one_process_run, tmp_path):
+    """SIGKILL one of two processes mid-run: the other exits with an error naming the lost
+    peer within the heartbeat timeout instead of waiting forever in a collective."""
+    import signal
+    import time
+
+    workdir = _seed(one_process_run, tmp_path / "killed")
+    procs = _launch(workdir, 2, _free_port(), "--config.train.max_steps=100000",
+                    "--config.train.save_steps=2", "--config.train.heartbeat_timeout_s=10")
+    deadline = time.time() + 300
+    while not (workdir / "checkpoints" / "2").exists():
+        assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
+        assert time.time() < deadline
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGKILL)
+    t0 = time.time()
+    _, err = procs[0].communicate(timeout=240)
+    assert procs[0].returncode != 0
+    assert time.time() - t0 < 240
+    print(f"process 0 exited {procs[0].returncode} after {time.time() - t0:.0f} s: {err[-600:]}")

@@ -30,6 +30,20 @@ def teacher(seed=0, sharpness=4.0):
     return TEACHER_CONFIG, params
 
 
+# A tiny Qwen3 (the Llama family with every optional parameter: q/k/v/o biases, q/k norms) with
+# grouped-query attention (4 query heads, 2 key/value heads), for the sharding tests.
+LLAMA_TEACHER_CONFIG = models.config_from_hf(dict(
+    model_type="qwen3", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=32,
+    attention_bias=True, tie_word_embeddings=False, initializer_range=0.2, bos_token_id=0,
+    eos_token_id=0))
+
+
+def llama_teacher(seed=0):
+    """(config, params): a random tiny Qwen3 (LLAMA_TEACHER_CONFIG)."""
+    return LLAMA_TEACHER_CONFIG, models.init_params(LLAMA_TEACHER_CONFIG, jax.random.PRNGKey(seed))
+
+
 def student(t_config, t_params, seed=1, **cfg):
     """build_student with a 2-layer student by default."""
     cfg.setdefault("overrides", {"n_layer": 2})

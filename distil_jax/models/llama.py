@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from distil_jax.models.common import (FusedAttention, ModelOutput, attend, attention_mask_4d,
-                                      check_attention_impl, default_positions, head_logits,
-                                      normalize_layers)
+                                      check_attention_impl, constrain, default_positions,
+                                      head_logits, normalize_layers)
 
 Array = jax.Array
 
@@ -509,6 +509,9 @@ class Attention(nn.Module):
             q = RMSNorm(cfg.rms_norm_eps, self.dtype, name="q_norm")(q)
             k = RMSNorm(cfg.rms_norm_eps, self.dtype, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # Heads split over tensor: each device attends with whole query and key/value heads.
+        q = constrain(q, ("batch", None, "heads", None))
+        k, v = (constrain(t, ("batch", None, "kv_heads", None)) for t in (k, v))
 
         def dropout(p):  # on the probabilities, train mode only (forces the explicit path)
             return nn.Dropout(cfg.attention_dropout)(p, deterministic=False)
@@ -538,6 +541,7 @@ class MLP(nn.Module):
 
         h = jax.nn.silu(dense(cfg.intermediate_size, "gate_proj")(x)) * \
             dense(cfg.intermediate_size, "up_proj")(x)
+        h = constrain(h, ("batch", None, "mlp"))
         return dense(cfg.hidden_size, "down_proj")(h)
 
 
@@ -559,7 +563,8 @@ class DecoderLayer(nn.Module):
                              name="self_attn")(h, mask, cos, sin)
         x = x + a
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
-        return x + MLP(cfg, self.dtype, name="mlp")(h), probs
+        x = x + MLP(cfg, self.dtype, name="mlp")(h)
+        return constrain(x, ("batch", None, None)), probs
 
 
 class Layers(nn.Module):
@@ -631,6 +636,7 @@ class _Model(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size,
                          embedding_init=_normal(cfg.initializer_range), name="embed_tokens")
         x = embed(input_ids).astype(self.dtype)
+        x = constrain(x, ("batch", None, None))  # the residual stream: rows split, width whole
         cos, sin = rope_tables(cfg, positions)  # once for all layers, as HF does
         x, hidden, attentions = Layers(cfg, self.dtype, self.attention_layers,
                                        self.output_hidden_states, self.remat, self.deterministic,
@@ -768,6 +774,30 @@ def with_lm_head(config: Config, params: Mapping, head: Array) -> dict:
         node = node[k]
     node[path[-1]] = value
     return out
+
+
+# ----------------------------------------------------------------------------- sharding
+
+# Logical axes of every parameter (see distil_jax.sharding.RULES for the mesh axes). Dense
+# kernels are [in, out]: q/o projections carry the query heads (H x Dh), k/v the key/value
+# heads (K x Dh), so tensor parallelism keeps whole heads when it divides K.
+PARAM_AXES = (
+    (r"model/embed_tokens/embedding", ("vocab", "embed")),
+    (r"model/layers/\d+/self_attn/q_proj/kernel", ("embed", "heads")),
+    (r"model/layers/\d+/self_attn/q_proj/bias", ("heads",)),
+    (r"model/layers/\d+/self_attn/[kv]_proj/kernel", ("embed", "kv_heads")),
+    (r"model/layers/\d+/self_attn/[kv]_proj/bias", ("kv_heads",)),
+    (r"model/layers/\d+/self_attn/o_proj/kernel", ("heads", "embed")),
+    (r"model/layers/\d+/self_attn/o_proj/bias", ("bias",)),
+    (r"model/layers/\d+/self_attn/[qk]_norm/scale", ("norm",)),
+    (r"model/layers/\d+/mlp/(gate|up)_proj/kernel", ("embed", "mlp")),
+    (r"model/layers/\d+/mlp/(gate|up)_proj/bias", ("mlp",)),
+    (r"model/layers/\d+/mlp/down_proj/kernel", ("mlp", "embed")),
+    (r"model/layers/\d+/mlp/down_proj/bias", ("bias",)),
+    (r"model/layers/\d+/(input|post_attention)_layernorm/scale", ("norm",)),
+    (r"model/norm/scale", ("norm",)),
+    (r"lm_head/kernel", ("embed", "vocab")),
+)
 
 
 # ----------------------------------------------------------------------------- HF names
