@@ -300,7 +300,7 @@ class GPT2LMHeadModel(nn.Module):
             cfg, self.dtype, self.attention_layers, self.output_hidden_states, self.remat,
             self.deterministic, self.fused, name="h",
         )(x, mask)
-        x = _layer_norm(cfg, "ln_f")(x).astype(self.dtype)
+        x = constrain(_layer_norm(cfg, "ln_f")(x).astype(self.dtype), ("batch", None, None))
         hidden_states = tuple(hidden) + (x,) if self.output_hidden_states else None
         if not cfg.tie_word_embeddings and self.is_initializing():
             # The untied head's parameters; `forward` applies the head through `lm_head`.

@@ -641,7 +641,8 @@ class _Model(nn.Module):
         x, hidden, attentions = Layers(cfg, self.dtype, self.attention_layers,
                                        self.output_hidden_states, self.remat, self.deterministic,
                                        self.fused, name="layers")(x, mask, cos, sin)
-        return RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x), hidden, attentions
+        x = constrain(RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x), ("batch", None, None))
+        return x, hidden, attentions
 
 
 # ----------------------------------------------------------------------------- functions

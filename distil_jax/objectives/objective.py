@@ -19,7 +19,7 @@ from typing import Any, Mapping, Optional
 import jax
 import jax.numpy as jnp
 
-from distil_jax.models.common import ModelOutput, head_logits
+from distil_jax.models.common import ModelOutput, constrain, head_logits
 from distil_jax.objectives.layer_mappers import get_layer_mapper
 from distil_jax.objectives.losses import LOSSES, get_loss
 from distil_jax.objectives.norms import apply_norm, init_norm
@@ -321,6 +321,9 @@ class Objective:
             tokens = tokens[:2] + (tokens[2] & listed, tokens[3], tokens[4] & listed)
         else:
             tokens = tuple(x.reshape((B * S,) + x.shape[2:]) for x in tokens)
+        # Tokens stay split like the rows they came from (on a mesh): otherwise XLA splits the
+        # hidden states by width to meet the FSDP-sharded head and gathers them whole.
+        tokens = tuple(constrain(x, ("batch",) + (None,) * (x.ndim - 1)) for x in tokens)
         n = tokens[0].shape[0]
 
         def losses(h_s, h_t, m, lab, lab_ok):
