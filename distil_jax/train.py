@@ -32,6 +32,7 @@ import resource
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -40,12 +41,12 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from distil_jax import checkpoint, data, fsio, hf, models, student
+from distil_jax import checkpoint, data, fsio, hf, models, sharding, student
 from distil_jax import workdir as workdir_lib
 from distil_jax.config import DTYPES, validate
 from distil_jax.objectives.objective import Objective
 from distil_jax.train_step import (BucketedTrainStep, StepConfig, create_train_state, make_eval_step,
-                                   make_mesh, make_optimizer, replicate, shard_batch)
+                                   make_optimizer, shard_batch)
 from distil_jax.versions import package_versions
 
 log = logging.getLogger("distil_jax")
@@ -78,8 +79,11 @@ def _tokenizer(name_or_path: str):
 class MetricsWriter:
     """metrics.jsonl + TensorBoard scalars, one record per logged step."""
 
-    def __init__(self, workdir: Path, resume_step: int):
+    def __init__(self, workdir: Path, resume_step: int, enabled: bool = True):
         self.path = workdir / "metrics.jsonl"
+        self.enabled = enabled  # False: a process other than 0 of a multi-host run writes nothing
+        if not enabled:
+            return
         if self.path.exists():
             # Keep the records up to the checkpoint we resume from (none for a start from
             # scratch): the steps after it run again and are logged again. A line cut short by a
@@ -98,6 +102,8 @@ class MetricsWriter:
         self.tb = SummaryWriter(str(workdir / "tb"))
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
         # A non-finite figure (a diverged perplexity) is null: NaN / Infinity are not JSON.
         rec = fsio.json_safe({"step": step, **{k: float(v) for k, v in scalars.items()}})
         with self.path.open("a", encoding="utf-8") as f:
@@ -107,6 +113,8 @@ class MetricsWriter:
         self.tb.flush()
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.tb.close()
 
 
@@ -229,7 +237,7 @@ class Run:
 
     config: ml_collections.ConfigDict  # the demo's teacher and corpus paths filled in
     teacher_cfg: Any
-    teacher_params: Any  # replicated over the mesh
+    teacher_params: Any  # sharded over the mesh by the family's logical axes
     teacher_fingerprint: str
     tokenizer: Any
     seq_len: int
@@ -241,8 +249,9 @@ class Run:
     tx: Any
     schedule: Any
     step_config: StepConfig
-    mesh: Any
-    state: Any  # the TrainState at step 0, replicated
+    mesh: Any  # the (data, fsdp, tensor) mesh of train.mesh
+    state: Any  # the TrainState at step 0, placed by `placement`
+    placement: Any = None  # sharding.Placement: where state, teacher and batches live
 
     @property
     def rows_per_step(self) -> int:
@@ -269,13 +278,24 @@ def build_run(config, workdir: Path) -> Run:
     else:
         total_steps = int(np.ceil(config.train.num_epochs * batches.steps_per_epoch))
     tx, schedule = make_optimizer(config.optimizer.to_dict(), total_steps, trainable)
-    mesh = make_mesh()
-    return Run(config=config, teacher_cfg=teacher_cfg, teacher_params=replicate(teacher_params, mesh),
+    # The mesh and where every array lives on it (a mesh that does not fit the devices or the
+    # models is a one-line error here, before any compilation).
+    mesh = sharding.make_mesh(config.train.mesh.to_dict())
+    for field in ("train.batch_size", "eval.batch_size"):
+        size = config[field.split(".")[0]].batch_size
+        if size % sharding.batch_shards(mesh):
+            raise ValueError(f"{field}={size} is not divisible by the "
+                             f"{sharding.batch_shards(mesh)} batch shards of train.mesh (data x "
+                             f"fsdp of {dict(mesh.shape)}); use a multiple")
+    state = create_train_state(params, tx, rng_state)
+    placement = sharding.make_placement(mesh, state, student_cfg, teacher_cfg, teacher_params)
+    return Run(config=config, teacher_cfg=teacher_cfg,
+               teacher_params=placement.put_teacher(teacher_params),
                teacher_fingerprint=workdir_lib.fingerprint(teacher_params), tokenizer=tokenizer,
                seq_len=seq_len, student_cfg=student_cfg, eval_sets=eval_sets, data_stats=data_stats,
                batches=batches, total_steps=total_steps, tx=tx, schedule=schedule,
                step_config=step_config(config, teacher_cfg, student_cfg, objective), mesh=mesh,
-               state=replicate(create_train_state(params, tx, rng_state), mesh))
+               state=placement.put_state(state), placement=placement)
 
 
 def _with_demo_inputs(config, workdir: Path):
@@ -342,7 +362,9 @@ def _resume(run: Run, workdir: Path, mngr) -> tuple[int, dict]:
             f"the teacher {run.config.teacher.model_name_or_path} is not the one the run in "
             f"{workdir} was trained against (weights fingerprint {run.teacher_fingerprint}, the "
             f"checkpoint's {saved}): put that teacher back, or use a new --workdir")
-    run.state = replicate(state, run.mesh)
+    # Restored straight into this run's shardings: a checkpoint saved on another mesh (or
+    # number of devices) is resharded by Orbax on the way in.
+    run.state = state
     run.batches.restore(data_state)
     progress.update(data_state.get("progress", {}))
     start = int(jax.device_get(run.state.step))
@@ -391,11 +413,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     with. A workdir this call created is removed again if the run fails before it starts."""
     t_start = time.time()
     config = validate(ml_collections.ConfigDict(config.to_dict()))
+    # Before anything touches a device: a run over several processes joins them first.
+    sharding.initialize_distributed(config.train.coordinator_address, config.train.num_processes,
+                                    config.train.process_id, config.train.heartbeat_timeout_s)
     # Refuse an attention implementation this machine cannot run before any download or work.
     models.check_attention_impl(config.train.attention, DTYPES[config.train.dtype])
     workdir = Path(workdir).resolve()
     given = json.loads(config.to_json_best_effort())
-    with _held(workdir) as created:
+    # Process 0 holds the workdir and writes its records; the other processes of a multi-host
+    # run share it (same path on every host) and write only their part of the checkpoints.
+    held = _held(workdir) if sharding.is_writer() else contextlib.nullcontext(False)
+    with held as created:
         try:
             neutral_changes = _resume_config_changes(workdir, given)
             run = build_run(config, workdir)
@@ -405,7 +433,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
             if created:
                 _remove_new_workdir(workdir)
             raise
-        _write_records(run, workdir, given, neutral_changes, start)
+        if sharding.is_writer():
+            _write_records(run, workdir, given, neutral_changes, start)
         summary_path = workdir / "run_summary.json"
         if start >= run.total_steps and summary_path.exists():
             log.info("the run in %s is complete (step %d); nothing to do", workdir, start)
@@ -414,8 +443,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         else:
             session = Session(run, workdir, mngr, start, progress, t_start)
             summary = session.summary(session.train())
-            fsio.write_json(summary_path, summary)
-        _print_table(summary)
+            if sharding.is_writer():
+                fsio.write_json(summary_path, summary)
+        if sharding.is_writer():
+            _print_table(summary)
         return {"step": run.total_steps, **summary.get("final_metrics", {}), "eval": summary["evaluation"]}
 
 
@@ -475,12 +506,12 @@ class Session:
         self.progress, self.t_start = progress, t_start
         self.train_tokens = self.train_time = 0.0
         self.last_saved: Optional[int] = start or None
-        self.writer = MetricsWriter(workdir, start)
+        self.writer = MetricsWriter(workdir, start, enabled=sharding.is_writer())
         self.evals_path = workdir / "evals.json"
         self.evals = json.loads(self.evals_path.read_text()) if self.evals_path.exists() and start else {}
         dtype = run.step_config.dtype
-        self.eval_student = make_eval_step(run.student_cfg, dtype)
-        self.eval_teacher = make_eval_step(run.teacher_cfg, dtype)
+        self.eval_student = make_eval_step(run.student_cfg, dtype, run.mesh)
+        self.eval_teacher = make_eval_step(run.teacher_cfg, dtype, run.mesh)
 
     def evaluate(self, which: str, step: int) -> dict:
         """Student (and, once, teacher) perplexity on every evaluator; returns the held-out one."""
@@ -498,7 +529,8 @@ class Session:
                                      f"eval/{name}/teacher_ppl": rec["teacher"]["ppl"]})
             log.info("eval %s step %d: student ppl %.3f (Distily's per-document mean %.3f), "
                      "teacher ppl %.3f", name, step, res["ppl"], res["distily_ppl"], rec["teacher"]["ppl"])
-        fsio.write_json(self.evals_path, self.evals)
+        if sharding.is_writer():
+            fsio.write_json(self.evals_path, self.evals)
         return self.evals["heldout"]
 
     def totals(self) -> dict:
@@ -554,13 +586,14 @@ class Session:
         # Packed rows are all real tokens but for the run's last, partial batch: compiling a second
         # step for that one batch would cost more than it saves, so buckets are for padded rows.
         buckets = cfg.train.logits_buckets if cfg.dataset.layout == "pad" else 0
-        step_fn = BucketedTrainStep(run.step_config, run.tx, run.schedule, run.mesh, buckets=buckets,
-                                    on_compile=on_compile)
+        step_fn = BucketedTrainStep(run.step_config, run.tx, run.schedule, buckets=buckets,
+                                    on_compile=on_compile, placement=run.placement)
         pending, grad_norms = [], collections.deque(maxlen=16)
         untimed = []  # host metrics of the first step (compilation): logged, not in tokens/s
         last = {}
         to_save = None  # (host copy of the state after step k, k, the data position after it)
-        bar = tqdm(total=run.total_steps, initial=self.start, desc="distill", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=run.total_steps, initial=self.start, desc="distill", unit="step", dynamic_ncols=True,
+                   disable=not sharding.is_writer())
         step = self.start
         try:
             while step < run.total_steps:
@@ -812,6 +845,18 @@ def _run(config, workdir) -> int:
     except OSError as e:  # a read-only workdir, a full disk
         print(f"error: {fsio.describe_os_error(e, 'use a writable --workdir')}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if config.train.num_processes <= 1:
+            raise
+        # A multi-host run whose collective failed (most often: another process died). Exit now
+        # with one line: jax.distributed's shutdown barrier at interpreter exit would wait for
+        # the lost process, then abort with a C++ stack.
+        traceback.print_exc()
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"error: the multi-host run failed on process {config.train.process_id} "
+              f"({type(e).__name__}: {first}); if another process died, its log has the cause; "
+              f"rerun all processes to resume from the last checkpoint", file=sys.stderr, flush=True)
+        os._exit(3)
     return 0
 
 
