@@ -76,6 +76,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer.warmup_steps = 0
     c.optimizer.warmup_ratio = 0.0
     c.optimizer.max_grad_norm = 1.0  # global-norm clipping; 0 = off
+    # The objective's own parameters (projector, norm affine) are a second optimizer group, as
+    # in Distily, which builds it with torch.optim.AdamW's defaults: lr 1e-3 (scaled over the
+    # run by the same factor as the student's), weight decay 0.01 on every one of them, and not
+    # clipped (HF clips the student's parameters only). None: the student's value.
+    c.optimizer.objective_learning_rate = 1e-3
+    c.optimizer.objective_weight_decay = 0.01
+    c.optimizer.objective_clip = False
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 8  # rows per optimizer step and micro-batch, all devices together

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,8 @@ from distil_jax.train_step import (BucketedTrainStep, StepConfig, create_train_s
 from distil_jax.versions import package_versions
 
 log = logging.getLogger("distil_jax")
+
+GRAD_NORM_WINDOW = 16  # grad norms in grad_norm_var (Distily's)
 
 
 
@@ -128,6 +131,29 @@ def evaluate(eval_fn, params, arrays, batch_size: int, mesh) -> dict:
         "documents": int(len(doc_tok)),
         "tokens_per_s": float(timed_tokens / dt) if dt > 0 and timed_tokens else None,
     }
+
+
+def train_batches(config: ml_collections.ConfigDict, rows: Mapping) -> data.BatchIterator:
+    """The run's batches: batch_size x grad_accum rows per step, shuffled by the run's seed,
+    the last, partial batch of an epoch kept (filled with empty rows), as HF's sampler does."""
+    return data.BatchIterator(rows, config.train.batch_size * config.train.grad_accum, shuffle=True,
+                              seed=config.train.seed, drop_last=False)
+
+
+def run_steps(train_cfg: Mapping, steps_per_epoch: int) -> int:
+    """Optimizer steps of the run: train.max_steps if > 0, else ceil(num_epochs x steps per
+    epoch) (the last, partial batch of an epoch is a step, as HF counts them)."""
+    if train_cfg["max_steps"] > 0:
+        return int(train_cfg["max_steps"])
+    return int(np.ceil(train_cfg["num_epochs"] * steps_per_epoch))
+
+
+def grad_norm_variance(grad_norms) -> Optional[float]:
+    """Distily's grad_norm_var: the sample variance (statistics.variance) of the last
+    GRAD_NORM_WINDOW grad norms, None until that many exist."""
+    if len(grad_norms) < GRAD_NORM_WINDOW:
+        return None
+    return statistics.variance(list(grad_norms)[-GRAD_NORM_WINDOW:])
 
 
 # ----------------------------------------------------------------------------- the run
@@ -225,13 +251,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     # Packed rows are all real tokens but for the run's last, partial batch: compiling a second
     # step for that one batch would cost more than it saves, so buckets are for padded rows.
     buckets = config.train.logits_buckets if config.dataset.layout == "pad" else 0
-    step_fn = BucketedTrainStep(sc, tx, schedule, mesh, buckets=buckets, on_compile=on_compile)
+    step_fn = BucketedTrainStep(sc, tx, schedule, mesh, buckets=buckets, on_compile=on_compile,
+                                trainable=trainable)
     eval_student = make_eval_step(student_cfg, sc.dtype)
     eval_teacher = make_eval_step(teacher_cfg, sc.dtype)
 
     # Resume.
     mngr = checkpoint.manager(workdir, max_to_keep=config.train.save_total_limit or None)
     start = 0
+    saved_norms = []  # the grad_norm_var window, saved with each checkpoint
     # Totals over every session of this run, saved with each checkpoint.
     progress = {"train_tokens": 0.0, "train_time_s": 0.0, "wall_time_s": 0.0, "started_at": _now()}
     if mngr.latest_step() is not None:
@@ -239,6 +267,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         state = replicate(state, mesh)
         batches.restore(data_state)
         progress.update(data_state.get("progress", {}))
+        saved_norms = data_state.get("grad_norms", [])
         start = int(jax.device_get(state.step))
         log.info("resumed from the checkpoint at step %d in %s", start, checkpoint.checkpoint_dir(workdir))
         summary_path = workdir / "run_summary.json"
@@ -287,7 +316,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                 "started_at": progress["started_at"]}
 
     # The loop. Metrics stay on the device until a log step: one host sync per log interval.
-    pending, grad_norms = [], collections.deque(maxlen=16)
+    pending, grad_norms = [], collections.deque(saved_norms, maxlen=GRAD_NORM_WINDOW)
     untimed = []  # host metrics of the first step (compilation): logged, not in tokens/s
     train_tokens, train_time, last = 0.0, 0.0, {}
     bar = tqdm(total=total_steps, initial=start, desc="distill", unit="step", dynamic_ncols=True)
@@ -318,8 +347,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
             train_time += dt if timed else 0.0
             grad_norms.extend(float(m["grad_norm"]) for m in host)
             last = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
+            # As HF logs them: the last step's clipping norm and the rate its scheduler holds.
             last["learning_rate"] = float(host[-1]["learning_rate"])
-            last["grad_norm_var"] = float(np.var(grad_norms))
+            last["grad_norm"] = float(host[-1]["grad_norm"])
+            var = grad_norm_variance(grad_norms)
+            if var is not None:
+                last["grad_norm_var"] = var
             if timed and dt > 0:
                 last["tokens_per_s"] = tokens / dt
             if not np.isfinite(last["loss"]):
@@ -332,7 +365,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         if do_eval:
             run_eval("", step)
         if do_save or step == total_steps:
-            checkpoint.save(mngr, state, {**batches.state(), "progress": totals()})
+            checkpoint.save(mngr, state, {**batches.state(), "progress": totals(),
+                                          "grad_norms": list(grad_norms)})
             last_saved = step
         if do_log or do_save or do_eval:
             t_log = time.time()  # eval and checkpoint time is not training time

@@ -121,6 +121,15 @@ def test_sigkill_and_resume_equals_uninterrupted(trained, tmp_path):
     train_steps = [s for s, line in zip(steps, (killed / "metrics.jsonl").read_text().splitlines())
                    if '"loss"' in line]
     assert train_steps == sorted(set(train_steps))
+    # grad_norm_var (the last 16 grad norms) is logged from step 16 on and, its window being
+    # saved with the checkpoint, is the uninterrupted run's after the resume too.
+    records = [{r["step"]: r for r in map(json.loads, (w / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r} for w in (killed, src)]
+    assert sorted(records[0]) == sorted(records[1])
+    var_steps = [s for s in sorted(records[1]) if "grad_norm_var" in records[1][s]]
+    assert var_steps == [20, 25, 30]  # log_steps 5
+    for s in var_steps:
+        assert records[0][s]["grad_norm_var"] == records[1][s]["grad_norm_var"], s
 
 
 @pytest.mark.slow
