@@ -29,8 +29,11 @@ def get_config(arg: str = ""):
     c.dataset.sample_size = None
     c.dataset.test_size = 0.05
     c.dataset.max_seq_len = 128
-    # The demo trains the objective's parameters with the student's settings, as it did before
-    # those options existed, so that its measured figures (README) still hold.
+    # The demo keeps every token (documents concatenated with EOS and cut into rows) and trains
+    # the objective's parameters with the student's settings, as it did before those options
+    # existed, so that its measured figures (README) still hold.
+    c.dataset.truncate = False
+    c.dataset.append_eos = True
     c.optimizer.objective_learning_rate = None
     c.optimizer.objective_weight_decay = None
     c.optimizer.objective_clip = True

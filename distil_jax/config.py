@@ -1,7 +1,7 @@
 """The run configuration: its schema, Distily's defaults, and validation.
 
 `default_config()` is the schema: every field a run may set, with a comment, and values that
-reproduce Distily's reference run (spec section 1). A config file (`configs/*.py`) returns a
+reproduce Distily's reference run (configs/base.py says what differs). A config file (`configs/*.py`) returns a
 modified copy; `validate` refuses any key the schema does not have, naming the closest valid one.
 """
 
@@ -50,10 +50,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.dataset.seed = 42  # seed of the train/test split
     c.dataset.test_size = 0.002  # held-out fraction: 5000 rows -> 4990 train / 10 test
     c.dataset.sample_by = "document"  # .txt only: document | paragraph | line
-    # "pack": documents joined with EOS into full rows, attention kept inside each document (no
-    # compute on padding). "pad": Distily's one document per row, padding masked out of losses.
+    # "pack": several documents per row, attention kept inside each document (little compute on
+    # padding). "pad": Distily's one document per row, padding masked out of losses.
     c.dataset.layout = "pack"
     c.dataset.max_seq_len = 1024  # rows are min(this, model n_positions, tokenizer max) long
+    # True (Distily): each document is cut to its first seq_len tokens and is one segment of one
+    # row in either layout. False: no token is lost; a longer document goes on in further
+    # segments (pack: documents are concatenated and cut into rows; pad: the rest in more rows),
+    # whose positions restart at 0.
+    c.dataset.truncate = True
+    c.dataset.append_eos = False  # end each document with EOS (before truncation); Distily: no
 
     c.objective = ml_collections.ConfigDict()
     c.objective.logits = dict(weight=1.0, loss_fn="kl")

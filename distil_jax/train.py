@@ -101,17 +101,19 @@ class MetricsWriter:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate(eval_fn, params, arrays, batch_size: int, mesh) -> dict:
-    """Held-out perplexity of one model on one set of rows.
+def evaluate(eval_fn, params, eval_set: data.EvalSet, batch_size: int, mesh) -> dict:
+    """Held-out perplexity of one model on one evaluator's rows.
 
-    ppl: token-weighted, exp(total NLL / tokens) over every predicted token (the figure to use).
-    distily_ppl: Distily's figure, the mean over documents of each document's perplexity
-      (documents = (row, segment) pieces; with the pad layout, one per row).
+    ppl: token-weighted, exp(total NLL / tokens) over every predicted token of `eval_set.rows`
+      (the run's layout; the figure to use).
+    distily_ppl: Distily's figure, from `eval_set.distily_rows` (BOS + the first S - 1 tokens of
+      each document, so the first token is scored too): the mean over documents of
+      exp(the document's mean NLL).
+    tokens / documents: of `rows` (predicted tokens) / of `distily_rows` (scored documents).
     """
     nll = tokens = 0.0
-    doc_nll, doc_tok = [], []
     t0, timed_tokens = None, 0.0
-    for batch in data.eval_batches(arrays, batch_size):
+    for batch in data.eval_batches(eval_set.rows, batch_size):
         out = jax.device_get(eval_fn(params, shard_batch(batch, mesh)))
         nll -= float(out["logprob_sum"])
         tokens += float(out["tokens"])
@@ -119,10 +121,13 @@ def evaluate(eval_fn, params, arrays, batch_size: int, mesh) -> dict:
             t0 = time.time()  # the first batch compiles: not timed
         else:
             timed_tokens += float(out["tokens"])
+    dt = time.time() - t0 if t0 is not None else 0.0
+    doc_nll, doc_tok = [np.zeros(0)], [np.zeros(0)]
+    for batch in data.eval_batches(eval_set.distily_rows, batch_size):
+        out = jax.device_get(eval_fn(params, shard_batch(batch, mesh)))
         has = out["doc_tokens"] > 0
         doc_nll.append(-out["doc_logprob"][has])
         doc_tok.append(out["doc_tokens"][has])
-    dt = time.time() - t0 if t0 is not None else 0.0
     doc_nll, doc_tok = np.concatenate(doc_nll), np.concatenate(doc_tok)
     return {
         "ppl": float(np.exp(nll / max(tokens, 1.0))),
@@ -196,9 +201,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         config.dataset, tokenizer, seq_len, config.dataset.layout, cache_dir=workdir / "cache")
     eval_sets = {"heldout": test_rows}
     for name, spec in config.eval.evaluators.items():
-        # Every sampled row of an extra evaluator is an evaluation row.
-        eval_sets[name], _ = data.texts_to_rows(data.load_all_texts(spec), tokenizer, seq_len,
-                                                config.dataset.layout, workdir / "cache", name)
+        # Every sampled row of an extra evaluator is an evaluation row, laid out as the run's.
+        eval_sets[name], _ = data.texts_to_eval_set(
+            data.load_all_texts(spec), tokenizer, seq_len, config.dataset.layout, workdir / "cache",
+            name, truncate=config.dataset.truncate, append_eos=config.dataset.append_eos)
 
     # Student and objective.
     rng = jax.random.PRNGKey(config.train.seed)
@@ -222,12 +228,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
 
     # Steps and optimizer.
     rows_per_step = config.train.batch_size * config.train.grad_accum
-    batches = data.BatchIterator(train_rows, rows_per_step, shuffle=True, seed=config.train.seed,
-                                 drop_last=False)
-    if config.train.max_steps > 0:
-        total_steps = int(config.train.max_steps)
-    else:
-        total_steps = int(np.ceil(config.train.num_epochs * batches.steps_per_epoch))
+    batches = train_batches(config, train_rows)
+    total_steps = run_steps(config.train, batches.steps_per_epoch)
     tx, schedule = make_optimizer(config.optimizer.to_dict(), total_steps, trainable)
     sc = StepConfig(teacher=teacher_cfg, student=student_cfg, objective=objective,
                     dtype=DTYPES[config.train.dtype], remat=config.train.remat,
