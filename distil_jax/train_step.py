@@ -219,7 +219,8 @@ def distill_loss(sc: StepConfig, trainable: Mapping, teacher_params: Mapping, ba
                      teacher_head=models.lm_head(sc.teacher, teacher_params) if needs_teacher else None)
     if compact:
         heads["logits_positions"] = real_token_positions(seg > 0, sc.logits_groups, sc.logits_capacity)
-    return obj(trainable.get("objective", {}), s_out, t_out, seg, ids, **heads)
+    return obj(trainable.get("objective", {}), s_out, t_out, seg, ids, **heads,
+               single_document_rows=sc.single_document_rows)
 
 
 def logits_capacity(segment_ids: np.ndarray, groups: int = 1, grad_accum: int = 1,
