@@ -250,8 +250,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                      "(train.logits_buckets=%d: the LM heads skip padding)", capacity,
                      config.train.logits_buckets)
 
-    # Packed rows are all real tokens but for the run's last, partial batch: compiling a second
-    # step for that one batch would cost more than it saves, so buckets are for padded rows.
+    # Packed rows are nearly all real tokens: compiling more steps for them would cost more
+    # than it saves, so buckets are for padded rows.
     buckets = config.train.logits_buckets if config.dataset.layout == "pad" else 0
     step_fn = BucketedTrainStep(sc, tx, schedule, mesh, buckets=buckets, on_compile=on_compile,
                                 trainable=trainable)
@@ -434,7 +434,8 @@ def _print_table(summary: Mapping) -> None:
     lines.append(f"training: {summary['steps']} steps, {res['train_tokens']:,} real tokens, "
                  f"{tps:,.0f} tokens/s, wall {res['wall_time_s']:.0f} s" if tps else
                  f"training: {summary['steps']} steps")
-    lines.append("* Distily's figure: mean of per-document perplexities (for comparison only)")
+    lines.append("* Distily's figure: its evaluator's mean of per-document perplexities, BOS prepended "
+                 "(for comparison only)")
     print("\n".join(lines), flush=True)
 
 
