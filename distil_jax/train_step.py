@@ -48,7 +48,7 @@ class TrainState:
 
 def lr_schedule(learning_rate: float, total_steps: int, warmup_steps: int = 0,
                 lr_end: float = 1e-7, power: float = 1.0) -> optax.Schedule:
-    """HF's polynomial decay with linear warmup (the spec's formula):
+    """HF's polynomial decay with linear warmup (get_polynomial_decay_schedule_with_warmup):
     lr(t) = lr0 · t / w for t < w, then (lr0 − lr_end)·(1 − (t − w)/(T − w))^power + lr_end."""
     decay = optax.polynomial_schedule(
         init_value=learning_rate, end_value=lr_end, power=power,

@@ -5,7 +5,7 @@ import pytest
 
 from distil_jax.objectives.layer_mappers import LAYER_MAPPERS, get_layer_mapper
 
-# Expected pairs written out by hand from spec section 2 for (6 student, 12 teacher) and (6, 6).
+# Expected pairs written out by hand from Distily's definitions for (6 student, 12 teacher) and (6, 6).
 EXPECTED = {
     ("last", 6, 12): ((5, 11),),
     ("layer-2", 6, 12): ((4, 10),),

@@ -1,4 +1,5 @@
-"""distil_jax.objectives.losses against independent float64 NumPy formulas (spec section 2)."""
+"""distil_jax.objectives.losses against independent float64 NumPy formulas (Distily's definitions,
+with its jsd and ce corrected)."""
 
 import jax
 import jax.numpy as jnp

@@ -163,7 +163,7 @@ def test_every_config_file_builds_and_matches_the_schema():
         cfg = config_lib.load(str(f))
         config_lib.validate(cfg)
     base = config_lib.load(str(ROOT / "configs" / "base.py"))
-    # The reference run (spec section 1).
+    # The reference run (Distily's published run).
     assert base.teacher.model_name_or_path == "gpt2"
     assert base.student.config_name_or_path == "distilbert/distilgpt2"
     assert base.dataset.sample_size == 5000 and base.dataset.test_size == 0.002

@@ -1,5 +1,5 @@
 """distil_jax.train_step: training reduces the loss, frozen/teacher weights stay put, gradient
-accumulation equals one big batch, the schedule follows the spec's formula, 4-device data
+accumulation equals one big batch, the schedule follows HF's polynomial-decay formula, 4-device data
 parallel equals one device, the eval step's log-likelihoods, optimizers.
 
 Tolerances:

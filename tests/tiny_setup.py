@@ -15,7 +15,7 @@ SEQ = 16
 TEACHER_CONFIG = GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=32,
                                  bos_token_id=0, eos_token_id=0)
 
-# The reference run's objective (spec section 2), on the tiny models.
+# The reference run's objective (configs/base.py), on the tiny models.
 REFERENCE_OBJECTIVE = dict(
     logits=dict(weight=1, loss_fn="kl"),
     attn=dict(weight=5.0, loss_fn="raw_mse", layer_mapper="layer-2",

@@ -6,9 +6,9 @@ the stacked per-layer features of each model (the caller passes ``n_layer + 1`` 
 states, which include the embedding output, and ``n_layer`` for attentions). A component's loss
 is the mean of the loss over the pairs.
 
-Names (docs/distily-spec.md section 2): ``all``, ``last``, ``layer-2/3/4``, ``last_k_2/3/4``,
+Names (Distily's): ``all``, ``last``, ``layer-2/3/4``, ``last_k_2/3/4``,
 ``uniform_cons``, ``uniform+last``. Distily's ``uniform_cons`` and ``uniform+last`` crash on
-tuples (defect 2); here they return plain pair tuples like the others.
+tuples; here they return plain pair tuples like the others.
 """
 
 from __future__ import annotations
