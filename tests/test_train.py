@@ -298,6 +298,7 @@ def test_pad_layout_masks_padding(trained, tmp_path):
     cfg.dataset.uri = str(tmp_path / "short.jsonl")
     cfg.dataset.sample_size = None
     cfg.dataset.layout = "pad"
+    cfg.dataset.truncate = True  # Distily's rows: one per document (tiny.py keeps every token)
     cfg.train.max_steps = 6
     cfg.train.grad_accum = 2
     result = train(cfg, _seed_workdir(src, tmp_path / "pad"))
