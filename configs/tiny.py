@@ -29,6 +29,14 @@ def get_config(arg: str = ""):
     c.dataset.sample_size = None
     c.dataset.test_size = 0.05
     c.dataset.max_seq_len = 128
+    # The demo keeps every token (documents concatenated with EOS and cut into rows) and trains
+    # the objective's parameters with the student's settings, as it did before those options
+    # existed, so that its measured figures (README) still hold.
+    c.dataset.truncate = False
+    c.dataset.append_eos = True
+    c.optimizer.objective_learning_rate = None
+    c.optimizer.objective_weight_decay = None
+    c.optimizer.objective_clip = True
     c.demo_teacher.update(n_layer=4, n_embd=128, n_head=4, n_positions=128, steps=1000,
                           batch_size=16, learning_rate=3e-3)
     c.student.config_name_or_path = ""  # the teacher's config with overrides

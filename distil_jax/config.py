@@ -52,10 +52,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.dataset.seed = 42  # seed of the train/test split
     c.dataset.test_size = 0.002  # held-out fraction: 5000 rows -> 4990 train / 10 test
     c.dataset.sample_by = "document"  # .txt only: document | paragraph | line
-    # "pack": documents joined with EOS into full rows, attention kept inside each document (no
-    # compute on padding). "pad": Distily's one document per row, padding masked out of losses.
+    # "pack": several documents per row, attention kept inside each document (little compute on
+    # padding). "pad": Distily's one document per row, padding masked out of losses.
     c.dataset.layout = "pack"
     c.dataset.max_seq_len = 1024  # rows are min(this, model n_positions, tokenizer max) long
+    # True (Distily): each document is cut to its first seq_len tokens and is one segment of one
+    # row in either layout. False: no token is lost; a longer document goes on in further
+    # segments (pack: documents are concatenated and cut into rows; pad: the rest in more rows),
+    # whose positions restart at 0.
+    c.dataset.truncate = True
+    c.dataset.append_eos = False  # end each document with EOS (before truncation); Distily: no
 
     c.objective = ml_collections.ConfigDict()
     c.objective.logits = dict(weight=1.0, loss_fn="kl")
@@ -78,6 +84,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer.warmup_steps = 0
     c.optimizer.warmup_ratio = 0.0
     c.optimizer.max_grad_norm = 1.0  # global-norm clipping; 0 = off
+    # The objective's own parameters (projector, norm affine) are a second optimizer group, as
+    # in Distily, which builds it with torch.optim.AdamW's defaults: lr 1e-3 (scaled over the
+    # run by the same factor as the student's), weight decay 0.01 on every one of them, and not
+    # clipped (HF clips the student's parameters only). None: the student's value.
+    c.optimizer.objective_learning_rate = 1e-3
+    c.optimizer.objective_weight_decay = 0.01
+    c.optimizer.objective_clip = False
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 8  # rows per optimizer step and micro-batch, all devices together

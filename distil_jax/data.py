@@ -6,7 +6,9 @@ Owns everything between a dataset spec and the arrays the train/eval steps consu
   (train texts, held-out test texts), with Distily's "first N rows, then a seeded split".
 * ``tokenize`` / ``tokenize_cached``: texts -> int32 token ids per document (no special tokens),
   optionally cached in an .npz keyed by the texts and the tokenizer.
-* ``pack`` / ``pad``: documents -> fixed-shape rows. A batch is a dict of numpy arrays
+* ``docs_to_rows`` (``pack`` / ``pad``): documents -> fixed-shape rows, truncated at the row
+  length as Distily does or not (``truncate``); ``distily_eval_rows``: the rows of Distily's
+  perplexity evaluator (BOS prepended). A batch is a dict of numpy arrays
   ``input_ids`` int32 [B, S] and ``segment_ids`` int32 [B, S]; segment id 0 is padding (masked out
   of every loss), real tokens carry 1, 2, ... for the documents of their row. The model derives
   the attention mask (same segment, causal) and per-segment positions from ``segment_ids``.
@@ -21,6 +23,7 @@ several documents per row (each its own segment) removes most of it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -510,24 +513,89 @@ def _check_seq_len(seq_len: int) -> int:
     return int(seq_len)
 
 
-def pack(docs: Sequence[np.ndarray], seq_len: int, eos_id: int) -> Arrays:
+def _rows_from_segments(segments: Sequence[Sequence[np.ndarray]], seq_len: int, pad_id: int) -> Arrays:
+    """Rows from lists of segments (each row's segments in order, their total <= seq_len):
+    {input_ids, segment_ids} int32 [len(segments), seq_len]; segment ids 1, 2, ... in each row,
+    padding ``pad_id`` with segment 0 after the last segment."""
+    ids = np.full((len(segments), seq_len), pad_id, np.int32)
+    segment_ids = np.zeros((len(segments), seq_len), np.int32)
+    for r, row in enumerate(segments):
+        pos = 0
+        for k, seg in enumerate(row):
+            n = len(seg)
+            ids[r, pos:pos + n] = seg
+            segment_ids[r, pos:pos + n] = k + 1
+            pos += n
+    return {"input_ids": ids, "segment_ids": segment_ids}
+
+
+def _with_eos(docs: Sequence[np.ndarray], eos_id: int | None) -> list[np.ndarray]:
+    if eos_id is None:
+        return [np.asarray(d, np.int32) for d in docs]
+    eos = np.array([eos_id], np.int32)
+    return [np.concatenate([np.asarray(d, np.int32), eos]) for d in docs]
+
+
+def best_fit_rows(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
+    """Documents (each <= seq_len long) into as few rows as best-fit decreasing finds: a list of
+    rows, each the indices of its documents. Longest first, each into the row whose free space
+    fits it most tightly (a new row if none does); deterministic (ties: the earlier document,
+    the earlier row). Empty documents are left out."""
+    import bisect
+
+    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free positions, row index), sorted
+    for i in order:
+        n = int(lengths[i])
+        if n > seq_len:
+            raise ValueError(f"document {i} has {n} tokens, more than a row of {seq_len}")
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            space, r = free.pop(k)
+        else:
+            space, r = seq_len, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        if space - n > 0:
+            bisect.insort(free, (space - n, r))
+    return rows
+
+
+def pack(docs: Sequence[np.ndarray], seq_len: int, eos_id: int, *, truncate: bool = False,
+         append_eos: bool = True) -> Arrays:
     """Packs documents into rows: {input_ids, segment_ids} int32 [N, seq_len].
 
-    Each document is followed by ``eos_id`` (the EOS belongs to that document's segment); the
-    stream of all documents is cut into rows of ``seq_len``. Segment ids restart at 1 in every
-    row, so a document crossing a row boundary continues in the next row as a new segment (the
-    model restarts its positions there). Only the last row is padded: pad tokens ``eos_id`` with
-    segment 0. N = ceil(sum(len_i + 1) / seq_len); no token is lost or duplicated.
+    With ``append_eos`` each document is followed by ``eos_id`` (the EOS belongs to that
+    document's segment). Segment ids restart at 1 in every row; padding is ``eos_id`` with
+    segment 0.
+
+    truncate=False: the stream of all documents is cut into rows of ``seq_len``, so a document
+    crossing a row boundary continues in the next row as a new segment (the model restarts its
+    positions there). Only the last row is padded. N = ceil(sum(len_i + 1) / seq_len); no token
+    is lost or duplicated.
+
+    truncate=True (Distily's tokens): each document keeps its first ``seq_len`` tokens (EOS
+    included, if appended) and is one segment of one row, placed by ``best_fit_rows``; rows may
+    end in padding. Every document then sees exactly the context it has alone in a padded row.
     """
     seq_len = _check_seq_len(seq_len)
-    lengths = np.array([len(d) + 1 for d in docs], dtype=np.int64)
+    docs = _with_eos(docs, eos_id if append_eos else None)
+    if truncate:
+        docs = [d[:seq_len] for d in docs]
+        longer = sum(len(d) == seq_len for d in docs)
+        rows = best_fit_rows([len(d) for d in docs], seq_len)
+        logger.debug("pack: %d documents (%d of a full row or cut to one) into %d rows",
+                     len(docs), longer, len(rows))
+        return _rows_from_segments([[docs[i] for i in row] for row in rows], seq_len, eos_id)
+
+    lengths = np.array([len(d) for d in docs], dtype=np.int64)
     total = int(lengths.sum())
     n_rows = -(-total // seq_len)
     ids = np.full(n_rows * seq_len, eos_id, np.int32)
     owner = np.full(n_rows * seq_len, -1, np.int64)  # document index of each position, -1 = pad
     if total:
-        eos = np.array([eos_id], np.int32)
-        ids[:total] = np.concatenate([p for d in docs for p in (np.asarray(d, np.int32), eos)])
+        ids[:total] = np.concatenate(docs)
         owner[:total] = np.repeat(np.arange(len(docs)), lengths)
     ids = ids.reshape(n_rows, seq_len)
     owner = owner.reshape(n_rows, seq_len)
@@ -538,8 +606,8 @@ def pack(docs: Sequence[np.ndarray], seq_len: int, eos_id: int) -> Arrays:
 
     if len(docs):
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        crossing = starts // seq_len != (starts + lengths - 1) // seq_len
-        longer = lengths - 1 > seq_len
+        crossing = (lengths > 0) & (starts // seq_len != (starts + lengths - 1) // seq_len)
+        longer = lengths > seq_len
         if longer.any():
             logger.info(
                 "pack: %d of %d documents are longer than seq_len=%d; %d documents in all span "
@@ -551,27 +619,56 @@ def pack(docs: Sequence[np.ndarray], seq_len: int, eos_id: int) -> Arrays:
     return {"input_ids": ids, "segment_ids": segment_ids}
 
 
-def pad(docs: Sequence[np.ndarray], seq_len: int, pad_id: int) -> Arrays:
-    """Distily's layout: {input_ids, segment_ids} int32 [len(docs), seq_len].
+def pad(docs: Sequence[np.ndarray], seq_len: int, pad_id: int, *, truncate: bool = True,
+        eos_id: int | None = None) -> Arrays:
+    """Distily's layout: one document per row, {input_ids, segment_ids} int32 [N, seq_len].
 
-    One document per row (no EOS added, as Distily's GPT-2 tokenization adds none), truncated
-    to ``seq_len``, right-padded with ``pad_id``; segment id 1 on real tokens, 0 on padding.
+    Each document (followed by ``eos_id`` if given; Distily's GPT-2 tokenization adds none) is
+    right-padded with ``pad_id``; segment id 1 on real tokens, 0 on padding.
+    truncate=True (Distily): a document keeps its first ``seq_len`` tokens; N = len(docs).
+    truncate=False: a longer document goes on in further rows (positions restart at 0 in each);
+    no token is lost.
     """
     seq_len = _check_seq_len(seq_len)
-    ids = np.full((len(docs), seq_len), pad_id, np.int32)
-    segment_ids = np.zeros((len(docs), seq_len), np.int32)
-    truncated = 0
-    for i, d in enumerate(docs):
-        n = min(len(d), seq_len)
-        truncated += len(d) > seq_len
-        ids[i, :n] = d[:n]
-        segment_ids[i, :n] = 1
+    docs = _with_eos(docs, eos_id)
+    truncated = sum(len(d) > seq_len for d in docs)
+    if truncate:
+        pieces = [d[:seq_len] for d in docs]
+    else:
+        pieces = [d[a:a + seq_len] for d in docs for a in range(0, max(len(d), 1), seq_len)]
+    out = _rows_from_segments([[p] for p in pieces], seq_len, pad_id)
     if truncated:
         logger.info(
-            "pad: %d of %d documents are longer than seq_len=%d and were truncated",
-            truncated, len(docs), seq_len,
+            "pad: %d of %d documents are longer than seq_len=%d and were %s",
+            truncated, len(docs), seq_len, "truncated" if truncate else "split over several rows",
         )
-    return {"input_ids": ids, "segment_ids": segment_ids}
+    return out
+
+
+def docs_to_rows(docs: Sequence[np.ndarray], seq_len: int, layout: str, *, eos_id: int,
+                 pad_id: int, truncate: bool, append_eos: bool) -> Arrays:
+    """Token ids per document -> rows in ``layout`` ("pack" or "pad"), see ``pack`` / ``pad``.
+
+    truncate and append_eos mean the same in both layouts, so with truncate=True both hold the
+    same documents, each one whole segment: pad in one row each, pack several per row."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not supported: use 'pack' or 'pad'")
+    if layout == "pack":
+        return pack(docs, seq_len, eos_id, truncate=truncate, append_eos=append_eos)
+    return pad(docs, seq_len, pad_id, truncate=truncate, eos_id=eos_id if append_eos else None)
+
+
+def distily_eval_rows(docs: Sequence[np.ndarray], seq_len: int, bos_id: int | None,
+                      pad_id: int) -> Arrays:
+    """The rows of Distily's perplexity evaluator: {input_ids, segment_ids} [len(docs), seq_len].
+
+    Each document is cut to its first seq_len - 1 tokens and, when the tokenizer has a BOS
+    token, BOS is prepended (in the document's segment), so the first real token is scored too;
+    one document per row, right-padded (segment 0)."""
+    seq_len = _check_seq_len(seq_len)
+    prefix = np.array([] if bos_id is None else [bos_id], np.int32)
+    pieces = [np.concatenate([prefix, np.asarray(d, np.int32)[:seq_len - 1]]) for d in docs]
+    return _rows_from_segments([[p] for p in pieces], seq_len, pad_id)
 
 
 def layout_stats(arrays: Arrays) -> dict[str, Any]:
@@ -593,33 +690,68 @@ def layout_stats(arrays: Arrays) -> dict[str, Any]:
     }
 
 
+@dataclasses.dataclass
+class EvalSet:
+    """The rows one evaluator scores.
+
+    rows: {input_ids, segment_ids} [N, S] in the run's layout: the token-weighted perplexity.
+    distily_rows: Distily's evaluator rows (``distily_eval_rows``: BOS + the first S - 1 tokens,
+      one document per row): Distily's per-document perplexity.
+    """
+
+    rows: Arrays
+    distily_rows: Arrays
+
+
+def _layout_options(spec: Any) -> dict[str, bool]:
+    # Absent fields: Distily's (the config's defaults).
+    return {"truncate": bool(_field(spec, "truncate", True)),
+            "append_eos": bool(_field(spec, "append_eos", False))}
+
+
 def build_datasets(
     spec: Any,
     tokenizer: Any,
     seq_len: int,
     layout: str,
     cache_dir: str | os.PathLike | None = None,
-) -> tuple[Arrays, Arrays, dict[str, Any]]:
-    """spec -> (train_arrays, test_arrays, stats), both splits in the same layout.
+) -> tuple[Arrays, EvalSet, dict[str, Any]]:
+    """spec -> (train_arrays, test EvalSet, stats), both splits in the same layout.
 
     Args:
-      spec: the dataset fields of ``load_texts``.
+      spec: the dataset fields of ``load_texts``, and ``truncate`` / ``append_eos`` (see
+        ``docs_to_rows``; absent: True / False, Distily's).
       tokenizer: a Hugging Face tokenizer with an eos token (its pad token, else eos, pads).
       seq_len: row length S (the caller takes the min with the model's n_positions).
-      layout: "pack" (documents + EOS packed into rows) or "pad" (Distily: one per row).
+      layout: "pack" (several documents per row) or "pad" (Distily: one per row).
       cache_dir: if set, token ids are cached there (``tokenize_cached``).
 
     Returns:
-      train and test arrays {input_ids, segment_ids} int32 [N, S], and stats:
-      {"layout", "seq_len", "train": {...}, "test": {...}} where each split has documents (input
-      texts), segments, rows, real_tokens, padding_fraction, tokens (before truncation) and
-      truncated_documents.
+      train arrays {input_ids, segment_ids} int32 [N, S], the test split's ``EvalSet``, and
+      stats: {"layout", "seq_len", "truncate", "append_eos", "train": {...}, "test": {...}} where
+      each split has documents (input texts), segments, rows, real_tokens, padding_fraction,
+      tokens (before truncation) and truncated_documents.
     """
     train_texts, test_texts = load_texts(spec)
-    stats: dict[str, Any] = {"layout": layout, "seq_len": seq_len}
-    train, stats["train"] = texts_to_rows(train_texts, tokenizer, seq_len, layout, cache_dir, "train")
-    test, stats["test"] = texts_to_rows(test_texts, tokenizer, seq_len, layout, cache_dir, "test")
+    options = _layout_options(spec)
+    stats: dict[str, Any] = {"layout": layout, "seq_len": seq_len, **options}
+    train, stats["train"] = texts_to_rows(train_texts, tokenizer, seq_len, layout, cache_dir,
+                                          "train", **options)
+    test, stats["test"] = texts_to_eval_set(test_texts, tokenizer, seq_len, layout, cache_dir,
+                                            "test", **options)
     return train, test, stats
+
+
+def _tokenized(texts, tokenizer, cache_dir):
+    if cache_dir is not None:
+        return tokenize_cached(texts, tokenizer, cache_dir)
+    return tokenize(texts, tokenizer)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    # Distily pads with EOS (GPT-2 has no pad token); a tokenizer's own pad token wins.
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    return _require_eos(tokenizer) if pad_id is None else int(pad_id)
 
 
 def texts_to_rows(
@@ -629,35 +761,58 @@ def texts_to_rows(
     layout: str,
     cache_dir: str | os.PathLike | None = None,
     name: str = "rows",
+    *,
+    truncate: bool = True,
+    append_eos: bool = False,
+    docs: Sequence[np.ndarray] | None = None,
 ) -> tuple[Arrays, dict[str, Any]]:
     """Texts -> ({input_ids, segment_ids} [N, S] in `layout`, stats of those rows).
 
+    truncate / append_eos: see ``docs_to_rows``. docs: the texts' token ids, if already known.
     stats: documents (input texts), segments, rows, real_tokens, padding_fraction, tokens (before
-    truncation) and truncated_documents. Used for each split and for extra evaluators.
+    truncation) and truncated_documents (longer than a row: cut with truncate, else continued in
+    further segments). Used for each split and for extra evaluators.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is not supported: use 'pack' or 'pad'")
     seq_len = _check_seq_len(seq_len)
     eos_id = _require_eos(tokenizer)
-    # Distily pads with EOS (GPT-2 has no pad token); a tokenizer's own pad token wins.
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    pad_id = eos_id if pad_id is None else int(pad_id)
-    if cache_dir is not None:
-        docs = tokenize_cached(texts, tokenizer, cache_dir)
-    else:
-        docs = tokenize(texts, tokenizer)
-    arrays = pack(docs, seq_len, eos_id) if layout == "pack" else pad(docs, seq_len, pad_id)
+    if docs is None:
+        docs = _tokenized(texts, tokenizer, cache_dir)
+    arrays = docs_to_rows(docs, seq_len, layout, eos_id=eos_id, pad_id=_pad_id(tokenizer),
+                          truncate=truncate, append_eos=append_eos)
     s = layout_stats(arrays)
     s["segments"] = s.pop("documents")
     s["documents"] = len(docs)
     s["tokens"] = int(sum(len(d) for d in docs))
-    s["truncated_documents"] = int(sum(len(d) > seq_len for d in docs) if layout == "pad" else 0)
+    s["truncated_documents"] = int(sum(len(d) + bool(append_eos) > seq_len for d in docs))
     logger.info(
-        "%s: %d documents, %d tokens -> %d rows of %d (%s), %d real tokens, %.1f%% padding",
-        name, s["documents"], s["tokens"], s["rows"], seq_len, layout, s["real_tokens"],
-        100 * s["padding_fraction"],
+        "%s: %d documents, %d tokens -> %d rows of %d (%s%s), %d real tokens, %.1f%% padding",
+        name, s["documents"], s["tokens"], s["rows"], seq_len, layout,
+        ", truncated" if truncate else "", s["real_tokens"], 100 * s["padding_fraction"],
     )
     return arrays, s
+
+
+def texts_to_eval_set(
+    texts: Sequence[str],
+    tokenizer: Any,
+    seq_len: int,
+    layout: str,
+    cache_dir: str | os.PathLike | None = None,
+    name: str = "rows",
+    *,
+    truncate: bool = True,
+    append_eos: bool = False,
+) -> tuple[EvalSet, dict[str, Any]]:
+    """Texts -> (``EvalSet``: the rows of ``texts_to_rows`` and Distily's evaluator rows, stats
+    of the former)."""
+    docs = _tokenized(texts, tokenizer, cache_dir)
+    rows, stats = texts_to_rows(texts, tokenizer, seq_len, layout, name=name, truncate=truncate,
+                                append_eos=append_eos, docs=docs)
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    distily = distily_eval_rows(docs, seq_len, bos_id, _pad_id(tokenizer))
+    return EvalSet(rows, distily), stats
 
 
 # ------------------------------------------------------------------------------------ batching

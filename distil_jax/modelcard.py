@@ -539,11 +539,11 @@ def _evaluation_section(f: _Facts) -> str:
                  "figure of each column is in bold.")
     parts.append(table("ppl"))
     if any(_num(_get(ev[n], k, "distily_ppl")) is not None for n in names for k, _ in row_keys):
-        parts.append("For comparison with Distily's cards only: **Distily's perplexity**, the mean over "
-                     "documents of each document's own perplexity (not token-weighted; short documents "
-                     "weigh as much as long ones). Lower is better; lowest in bold."
-                     + (" Here the documents are the pieces of documents in the packed evaluation rows."
-                        if _get(summary, "dataset", "layout") == "pack" else ""))
+        parts.append("For comparison with Distily's cards only: **Distily's perplexity**, computed as "
+                     "Distily's evaluator does (each document cut to one token less than a row, with BOS "
+                     "prepended, so that its first token is scored too): the mean over documents of each "
+                     "document's own perplexity (not token-weighted; short documents weigh as much as "
+                     "long ones). Lower is better; lowest in bold.")
         parts.append(table("distily_ppl"))
     measured = []
     for n in names:
@@ -559,8 +559,7 @@ def _evaluation_section(f: _Facts) -> str:
             src = "the run's held-out test split of the train dataset (never trained on)"
         else:
             src = "source " + NOT_RECORDED
-        # With packed rows the evaluation counts (row, document) pieces, not whole documents.
-        docs = "document pieces (packed rows)" if _get(summary, "dataset", "layout") == "pack" else "documents"
+        docs = "documents"  # counted on Distily's evaluator rows: one per document
         if len(counts) == 1:
             d, t = next(iter(counts))
             what = f"{_int(d)} {docs}, {_int(t)} predicted tokens"
@@ -572,7 +571,8 @@ def _evaluation_section(f: _Facts) -> str:
     parts.append("What was measured:\n\n" + "\n".join(measured))
     fm = _get(summary, "final_metrics")
     if isinstance(fm, Mapping) and fm:
-        parts.append("Last logged training metrics (means over the final logging interval"
+        parts.append("Last logged training metrics (means over the final logging interval; grad_norm "
+                     "and learning_rate at its last step"
                      + (f", up to step {_int(steps)}" if steps is not None else "") + "):\n\n"
                      + _table(["metric", "value"], [(k, _short(v)) for k, v in _dotted(fm)]))
     return "\n\n".join(parts)

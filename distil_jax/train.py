@@ -30,6 +30,7 @@ import logging
 import os
 import resource
 import shutil
+import statistics
 import sys
 import time
 import traceback
@@ -50,6 +51,8 @@ from distil_jax.train_step import (BucketedTrainStep, StepConfig, create_train_s
 from distil_jax.versions import package_versions
 
 log = logging.getLogger("distil_jax")
+
+GRAD_NORM_WINDOW = 16  # grad norms in grad_norm_var (Distily's)
 
 
 
@@ -121,17 +124,19 @@ class MetricsWriter:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate(eval_fn, params, arrays, batch_size: int, mesh) -> dict:
-    """Held-out perplexity of one model on one set of rows.
+def evaluate(eval_fn, params, eval_set: data.EvalSet, batch_size: int, mesh) -> dict:
+    """Held-out perplexity of one model on one evaluator's rows.
 
-    ppl: token-weighted, exp(total NLL / tokens) over every predicted token (the figure to use).
-    distily_ppl: Distily's figure, the mean over documents of each document's perplexity
-      (documents = (row, segment) pieces; with the pad layout, one per row).
+    ppl: token-weighted, exp(total NLL / tokens) over every predicted token of `eval_set.rows`
+      (the run's layout; the figure to use).
+    distily_ppl: Distily's figure, from `eval_set.distily_rows` (BOS + the first S - 1 tokens of
+      each document, so the first token is scored too): the mean over documents of
+      exp(the document's mean NLL).
+    tokens / documents: of `rows` (predicted tokens) / of `distily_rows` (scored documents).
     """
     nll = tokens = 0.0
-    doc_nll, doc_tok = [], []
     t0, timed_tokens = None, 0.0
-    for batch in data.eval_batches(arrays, batch_size):
+    for batch in data.eval_batches(eval_set.rows, batch_size):
         out = jax.device_get(eval_fn(params, shard_batch(batch, mesh)))
         nll -= float(out["logprob_sum"])
         tokens += float(out["tokens"])
@@ -139,10 +144,13 @@ def evaluate(eval_fn, params, arrays, batch_size: int, mesh) -> dict:
             t0 = time.time()  # the first batch compiles: not timed
         else:
             timed_tokens += float(out["tokens"])
+    dt = time.time() - t0 if t0 is not None else 0.0
+    doc_nll, doc_tok = [np.zeros(0)], [np.zeros(0)]
+    for batch in data.eval_batches(eval_set.distily_rows, batch_size):
+        out = jax.device_get(eval_fn(params, shard_batch(batch, mesh)))
         has = out["doc_tokens"] > 0
         doc_nll.append(-out["doc_logprob"][has])
         doc_tok.append(out["doc_tokens"][has])
-    dt = time.time() - t0 if t0 is not None else 0.0
     doc_nll, doc_tok = np.concatenate(doc_nll), np.concatenate(doc_tok)
     return {
         "ppl": float(np.exp(nll / max(tokens, 1.0))),
@@ -151,6 +159,29 @@ def evaluate(eval_fn, params, arrays, batch_size: int, mesh) -> dict:
         "documents": int(len(doc_tok)),
         "tokens_per_s": float(timed_tokens / dt) if dt > 0 and timed_tokens else None,
     }
+
+
+def train_batches(config: ml_collections.ConfigDict, rows: Mapping) -> data.BatchIterator:
+    """The run's batches: batch_size x grad_accum rows per step, shuffled by the run's seed,
+    the last, partial batch of an epoch kept (filled with empty rows), as HF's sampler does."""
+    return data.BatchIterator(rows, config.train.batch_size * config.train.grad_accum, shuffle=True,
+                              seed=config.train.seed, drop_last=False)
+
+
+def run_steps(train_cfg: Mapping, steps_per_epoch: int) -> int:
+    """Optimizer steps of the run: train.max_steps if > 0, else ceil(num_epochs x steps per
+    epoch) (the last, partial batch of an epoch is a step, as HF counts them)."""
+    if train_cfg["max_steps"] > 0:
+        return int(train_cfg["max_steps"])
+    return int(np.ceil(train_cfg["num_epochs"] * steps_per_epoch))
+
+
+def grad_norm_variance(grad_norms) -> Optional[float]:
+    """Distily's grad_norm_var: the sample variance (statistics.variance) of the last
+    GRAD_NORM_WINDOW grad norms, None until that many exist."""
+    if len(grad_norms) < GRAD_NORM_WINDOW:
+        return None
+    return statistics.variance(list(grad_norms)[-GRAD_NORM_WINDOW:])
 
 
 # ----------------------------------------------------------------------------- building a run
@@ -216,9 +247,10 @@ def build_data(config, tokenizer, seq_len: int, cache_dir: Optional[Path]) -> tu
         config.dataset, tokenizer, seq_len, config.dataset.layout, cache_dir=cache_dir)
     eval_sets = {"heldout": test_rows}
     for name, spec in config.eval.evaluators.items():
-        # Every sampled row of an extra evaluator is an evaluation row.
-        eval_sets[name], _ = data.texts_to_rows(data.load_all_texts(spec), tokenizer, seq_len,
-                                                config.dataset.layout, cache_dir, name)
+        # Every sampled row of an extra evaluator is an evaluation row, laid out as the run's.
+        eval_sets[name], _ = data.texts_to_eval_set(
+            data.load_all_texts(spec), tokenizer, seq_len, config.dataset.layout, cache_dir,
+            name, truncate=config.dataset.truncate, append_eos=config.dataset.append_eos)
     return train_rows, eval_sets, data_stats
 
 
@@ -252,6 +284,7 @@ class Run:
     mesh: Any  # the (data, fsdp, tensor) mesh of train.mesh
     state: Any  # the TrainState at step 0, placed by `placement`
     placement: Any = None  # sharding.Placement: where state, teacher and batches live
+    trainable: Any = None  # the bool mask of the trained tree (grad_norm covers its student part)
 
     @property
     def rows_per_step(self) -> int:
@@ -271,12 +304,8 @@ def build_run(config, workdir: Path) -> Run:
     params, trainable = trained_params(objective, student_params, student_trainable, rng_objective,
                                        student_cfg, teacher_cfg, seq_len)
     train_rows, eval_sets, data_stats = build_data(config, tokenizer, seq_len, workdir / "cache")
-    batches = data.BatchIterator(train_rows, config.train.batch_size * config.train.grad_accum,
-                                 shuffle=True, seed=config.train.seed, drop_last=False)
-    if config.train.max_steps > 0:
-        total_steps = int(config.train.max_steps)
-    else:
-        total_steps = int(np.ceil(config.train.num_epochs * batches.steps_per_epoch))
+    batches = train_batches(config, train_rows)
+    total_steps = run_steps(config.train, batches.steps_per_epoch)
     tx, schedule = make_optimizer(config.optimizer.to_dict(), total_steps, trainable)
     # The mesh and where every array lives on it (a mesh that does not fit the devices or the
     # models is a one-line error here, before any compilation).
@@ -295,7 +324,7 @@ def build_run(config, workdir: Path) -> Run:
                seq_len=seq_len, student_cfg=student_cfg, eval_sets=eval_sets, data_stats=data_stats,
                batches=batches, total_steps=total_steps, tx=tx, schedule=schedule,
                step_config=step_config(config, teacher_cfg, student_cfg, objective), mesh=mesh,
-               state=placement.put_state(state), placement=placement)
+               state=placement.put_state(state), placement=placement, trainable=trainable)
 
 
 def _with_demo_inputs(config, workdir: Path):
@@ -367,6 +396,8 @@ def _resume(run: Run, workdir: Path, mngr) -> tuple[int, dict]:
     run.state = state
     run.batches.restore(data_state)
     progress.update(data_state.get("progress", {}))
+    # The grad_norm_var window continues where it was (Distily's logs it from its 16th norm).
+    progress["grad_norms"] = list(data_state.get("grad_norms", []))
     start = int(jax.device_get(run.state.step))
     log.info("resumed from the checkpoint at step %d in %s", start, checkpoint.checkpoint_dir(workdir))
     return start, progress
@@ -503,6 +534,7 @@ class Session:
 
     def __init__(self, run: Run, workdir: Path, mngr, start: int, progress: dict, t_start: float):
         self.run, self.workdir, self.mngr, self.start = run, workdir, mngr, start
+        self.saved_norms = progress.pop("grad_norms", [])
         self.progress, self.t_start = progress, t_start
         self.train_tokens = self.train_time = 0.0
         self.last_saved: Optional[int] = start or None
@@ -587,8 +619,9 @@ class Session:
         # step for that one batch would cost more than it saves, so buckets are for padded rows.
         buckets = cfg.train.logits_buckets if cfg.dataset.layout == "pad" else 0
         step_fn = BucketedTrainStep(run.step_config, run.tx, run.schedule, buckets=buckets,
-                                    on_compile=on_compile, placement=run.placement)
-        pending, grad_norms = [], collections.deque(maxlen=16)
+                                    on_compile=on_compile, placement=run.placement,
+                                    trainable=run.trainable)
+        pending, grad_norms = [], collections.deque(self.saved_norms, maxlen=GRAD_NORM_WINDOW)
         untimed = []  # host metrics of the first step (compilation): logged, not in tokens/s
         last = {}
         to_save = None  # (host copy of the state after step k, k, the data position after it)
@@ -625,8 +658,13 @@ class Session:
                     grad_norms.extend(float(m["grad_norm"]) for m in host)
                     if do_log:
                         last = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
+                        # As HF logs them: the last step's clipping norm and the rate its
+                        # scheduler holds after the step.
                         last["learning_rate"] = float(host[-1]["learning_rate"])
-                        last["grad_norm_var"] = float(np.var(grad_norms))
+                        last["grad_norm"] = float(host[-1]["grad_norm"])
+                        var = grad_norm_variance(grad_norms)
+                        if var is not None:
+                            last["grad_norm_var"] = var
                         if timed and dt > 0:
                             last["tokens_per_s"] = float(sum(m["tokens"] for m in timed)) / dt
                         self.writer.write(step, {k: v for k, v in last.items() if k != "tokens"})
@@ -635,7 +673,8 @@ class Session:
                 if do_eval:
                     self.evaluate("", step)
                 if do_save and step < run.total_steps:
-                    to_save = (jax.device_get(run.state), step, {**run.batches.state(), "progress": self.totals()})
+                    to_save = (jax.device_get(run.state), step, {**run.batches.state(), "progress": self.totals(),
+                                                                 "grad_norms": list(grad_norms)})
                 if do_log or do_save or do_eval:
                     timer.restart()  # eval and checkpoint time is not training time
             bar.close()
@@ -644,7 +683,8 @@ class Session:
                 if not np.isfinite(ppl):
                     raise self.not_finite(step, f"held-out perplexity became {ppl}")
             if self.last_saved != step:
-                self.save(run.state, step, {**run.batches.state(), "progress": self.totals()})
+                self.save(run.state, step, {**run.batches.state(), "progress": self.totals(),
+                                            "grad_norms": list(grad_norms)})
         except KeyboardInterrupt:
             bar.close()
             where = (f"the last checkpoint is step {self.last_saved}" if self.last_saved is not None
@@ -716,7 +756,8 @@ def _print_table(summary: Mapping) -> None:
     lines.append(f"training: {summary['steps']} steps, {res['train_tokens']:,} real tokens, "
                  f"{tps:,.0f} tokens/s, wall {res['wall_time_s']:.0f} s" if tps else
                  f"training: {summary['steps']} steps")
-    lines.append("* Distily's figure: mean of per-document perplexities (for comparison only)")
+    lines.append("* Distily's figure: its evaluator's mean of per-document perplexities, BOS prepended "
+                 "(for comparison only)")
     print("\n".join(lines), flush=True)
 
 

@@ -3,7 +3,8 @@
 `make_train_step(...)` returns `step(state, teacher_params, batch) -> (state, metrics)`, jitted
 once with `state` donated. The teacher's parameters are a separate, non-donated argument: never
 in the optimizer, never in the checkpoint, run under `stop_gradient`. The trained tree is
-`{"student": ..., "objective": ...}` (projector and norm parameters train with the student).
+`{"student": ..., "objective": ...}`: the objective's projector and norm parameters are a second
+optimizer group with their own learning rate, weight decay and clipping switch (Distily's).
 
 `BucketedTrainStep` wraps it for the training loop: it takes host batches and runs the step
 compiled for the batch's padding-aware logits capacity (`logits_capacity`), so the LM heads and
@@ -50,7 +51,7 @@ class TrainState:
 
 def lr_schedule(learning_rate: float, total_steps: int, warmup_steps: int = 0,
                 lr_end: float = 1e-7, power: float = 1.0) -> optax.Schedule:
-    """HF's polynomial decay with linear warmup (Distily's schedule):
+    """HF's polynomial decay with linear warmup (get_polynomial_decay_schedule_with_warmup):
     lr(t) = lr0 · t / w for t < w, then (lr0 − lr_end)·(1 − (t − w)/(T − w))^power + lr_end."""
     decay = optax.polynomial_schedule(
         init_value=learning_rate, end_value=lr_end, power=power,
@@ -75,31 +76,84 @@ def _decay_mask(params):
 
 
 def make_optimizer(cfg: Mapping, total_steps: int, trainable: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Global-norm clipping + Adam/AdamW/Lion with the polynomial schedule; frozen leaves of
-    `trainable` (a pytree of bools shaped like the params) get no update and no optimizer state.
+    """Global-norm clipping + Adam/AdamW/Lion with the polynomial schedule, in two groups.
+
+    trainable: a pytree of bools shaped like the params; frozen leaves get no update and no
+    optimizer state. When it is `{"student": ..., "objective": ...}` (the train step's tree),
+    the objective's leaves form a second group, as Distily adds them to the optimizer: their
+    own learning rate (`objective_learning_rate`, scaled by the same schedule factor as the
+    student's: objective_lr · schedule(t) / learning_rate, as HF's LambdaLR scales each group)
+    and weight decay (`objective_weight_decay`, on every leaf of the group, as torch applies a
+    group's weight decay), and clipped only if `objective_clip`. Clipping is one global norm over
+    the clipped trainable leaves (HF clips the model's parameters only). A missing (or None)
+    objective_* field means the student's value, i.e. one group.
 
     cfg: optimizer ("adamw" | "adam" | "lion"), learning_rate, adam_beta1, adam_beta2,
-    adam_epsilon, weight_decay, lr_end, power, warmup_steps, warmup_ratio, max_grad_norm.
+    adam_epsilon, weight_decay, lr_end, power, warmup_steps, warmup_ratio, max_grad_norm,
+    objective_learning_rate, objective_weight_decay, objective_clip.
+    Returns (transformation, the student's schedule).
     """
-    schedule = lr_schedule(cfg["learning_rate"], total_steps, warmup_steps(cfg, total_steps),
+    lr = cfg["learning_rate"]
+    schedule = lr_schedule(lr, total_steps, warmup_steps(cfg, total_steps),
                            cfg.get("lr_end", 1e-7), cfg.get("power", 1.0))
     name = cfg.get("optimizer", "adamw")
     b1, b2 = cfg.get("adam_beta1", 0.9), cfg.get("adam_beta2", 0.999)
     wd = cfg.get("weight_decay", 0.0)
-    if name in ("adamw", "adam"):
-        opt = optax.adamw(schedule, b1=b1, b2=b2, eps=cfg.get("adam_epsilon", 1e-8),
-                          weight_decay=wd, mask=_decay_mask)
-    elif name == "lion":
-        opt = optax.lion(schedule, b1=b1, b2=b2, weight_decay=wd, mask=_decay_mask)
-    else:
+
+    def opt(sched, weight_decay, mask):
+        if name in ("adamw", "adam"):
+            return optax.adamw(sched, b1=b1, b2=b2, eps=cfg.get("adam_epsilon", 1e-8),
+                               weight_decay=weight_decay, mask=mask)
+        if name == "lion":
+            return optax.lion(sched, b1=b1, b2=b2, weight_decay=weight_decay, mask=mask)
         raise ValueError(f"unknown optimizer {name!r}; valid: adamw, adam, lion")
-    chain = [opt]
+
+    obj_lr = cfg.get("objective_learning_rate")
+    obj_wd = cfg.get("objective_weight_decay")
+    obj_clip = cfg.get("objective_clip")
+    obj_lr = lr if obj_lr is None else obj_lr
+    # An inherited weight decay is inherited with the student's mask (one group); an explicit
+    # one applies to every leaf of the group, as torch applies a group's weight decay.
+    obj_decay_mask = _decay_mask if obj_wd is None else None
+    obj_wd = wd if obj_wd is None else obj_wd
+    obj_clip = True if obj_clip is None else bool(obj_clip)
+    if obj_lr == lr:
+        obj_schedule = schedule
+    elif lr > 0:
+        obj_schedule = lambda t: schedule(t) * (obj_lr / lr)  # noqa: E731
+    else:
+        raise ValueError(f"optimizer.objective_learning_rate={obj_lr} with learning_rate={lr}: "
+                         "the objective's rate is scaled by schedule(t) / learning_rate, so "
+                         "learning_rate must be positive")
+    grouped = isinstance(trainable, Mapping) and set(trainable) == {"student", "objective"}
+    if grouped:
+        labels = {"student": jax.tree_util.tree_map(lambda t: "student" if t else "frozen",
+                                                    trainable["student"]),
+                  "objective": jax.tree_util.tree_map(lambda t: "objective" if t else "frozen",
+                                                      trainable["objective"])}
+    else:
+        labels = jax.tree_util.tree_map(lambda t: "student" if t else "frozen", trainable)
+    groups = {"student": opt(schedule, wd, _decay_mask),
+              "objective": opt(obj_schedule, obj_wd, obj_decay_mask),
+              "frozen": optax.set_to_zero()}
+    tx = optax.multi_transform(groups, labels)
     if cfg.get("max_grad_norm"):
-        # Clipping sees trainable gradients only (frozen modules have none, as in torch).
-        chain.insert(0, optax.clip_by_global_norm(cfg["max_grad_norm"]))
-    labels = jax.tree_util.tree_map(lambda t: "train" if t else "frozen", trainable)
-    tx = optax.multi_transform({"train": optax.chain(*chain), "frozen": optax.set_to_zero()}, labels)
+        # One global norm over the clipped leaves only: the student's trainable ones (frozen
+        # modules have no gradient in torch), plus the objective's if objective_clip.
+        clipped = jax.tree_util.tree_map(
+            lambda label: label == "student" or (label == "objective" and obj_clip), labels)
+        tx = optax.chain(optax.masked(optax.clip_by_global_norm(cfg["max_grad_norm"]), clipped), tx)
     return tx, schedule
+
+
+def student_grad_norm(grads: Any, trainable: Any) -> Array:
+    """The global norm of the student's trainable gradients (HF's clipping norm, logged as
+    grad_norm). grads / trainable: the train step's `{"student", "objective"}` trees (a tree
+    without those keys counts whole)."""
+    if isinstance(trainable, Mapping) and "student" in trainable:
+        grads, trainable = grads["student"], trainable["student"]
+    leaves = [g for g, t in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(trainable)) if t]
+    return optax.tree.norm(leaves) if leaves else jnp.zeros((), jnp.float32)
 
 
 def create_train_state(params: Mapping, tx: optax.GradientTransformation, rng: Array) -> TrainState:
@@ -169,7 +223,8 @@ def distill_loss(sc: StepConfig, params: Mapping, teacher_params: Mapping, batch
                      teacher_head=models.lm_head(sc.teacher, teacher_params) if needs_teacher else None)
     if compact:
         heads["logits_positions"] = real_token_positions(seg > 0, sc.logits_groups, sc.logits_capacity)
-    return obj(params.get("objective", {}), s_out, t_out, seg, ids, **heads)
+    return obj(params.get("objective", {}), s_out, t_out, seg, ids, **heads,
+               single_document_rows=sc.single_document_rows)
 
 
 def logits_capacity(segment_ids: np.ndarray, groups: int = 1, grad_accum: int = 1,
@@ -199,7 +254,8 @@ def _label_count(segment_ids: Array) -> Array:
 
 
 def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    mesh: Optional[Mesh] = None, placement: Optional[sharding.Placement] = None):
+                    mesh: Optional[Mesh] = None, placement: Optional[sharding.Placement] = None,
+                    trainable: Any = None):
     """The jitted `step(state, teacher_params, batch) -> (state, metrics)`.
 
     placement: the shardings of state, teacher and batch (in and out: the new state keeps the
@@ -209,7 +265,10 @@ def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: 
     With grad_accum = A, the batch [A·b, S] is split into A micro-batches whose gradients are
     summed, each weighted by its share of the real tokens (the clm loss, a mean over next-token
     labels, by its share of the labels), so the update equals the one-batch update.
-    Metrics: loss, loss/<component>, grad_norm, learning_rate, tokens.
+    Metrics: loss, loss/<component>, grad_norm (the norm of the student's trainable gradients
+    before clipping, HF's clipping norm; `trainable` is the bool tree given to make_optimizer,
+    None = every student leaf), learning_rate (the student's rate after the step, as HF logs
+    the rate its scheduler holds after stepping), tokens.
     """
     loss_fn = functools.partial(distill_loss, sc)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -266,8 +325,9 @@ def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics)
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        metrics["learning_rate"] = schedule(state.step)
+        metrics["grad_norm"] = student_grad_norm(
+            grads, trainable if trainable is not None else jax.tree_util.tree_map(lambda _: True, grads))
+        metrics["learning_rate"] = schedule(state.step + 1)
         metrics["tokens"] = n_tokens
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
@@ -298,13 +358,13 @@ class BucketedTrainStep:
 
     def __init__(self, sc: StepConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
                  mesh: Optional[Mesh] = None, buckets: int = 8, on_compile=None,
-                 placement: Optional[sharding.Placement] = None):
+                 placement: Optional[sharding.Placement] = None, trainable: Any = None):
         mesh = placement.mesh if placement is not None else mesh
         # A group per batch shard (data x fsdp): each device compacts its own rows; the devices
         # of a tensor group hold the same rows and compact them alike.
         groups = sharding.batch_shards(mesh) if mesh is not None else 1
         self._sc = dataclasses.replace(sc, logits_groups=groups)
-        self._args = (tx, schedule, mesh, placement)
+        self._args = (tx, schedule, mesh, placement, trainable)
         self._mesh = mesh
         # Without logits losses there is nothing to compact: one step.
         uses_logits = bool(sc.objective.logits.active or sc.objective.clm_weight)

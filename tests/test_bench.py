@@ -15,11 +15,13 @@ from distil_jax.objectives.objective import Objective
 from tools import bench_throughput as bt
 from tools import torch_baseline as tb
 
-SIDE_KEYS = ("real_tokens_per_s", "tokens_per_s", "step_time_s_median", "peak_memory_bytes", "mfu")
+SIDE_KEYS = ("real_tokens_per_s", "tokens_per_s", "step_time_s_median", "peak_memory_bytes", "mfu",
+             "real_token_tflops", "gemm_f32_tflops")
 
 
 def _tiny(**kw):
-    base = dict(teacher="tiny", batch=2, seq_len=16, steps=2, warmup_steps=1, windows=2)
+    base = dict(teacher="tiny", batch=2, seq_len=16, steps=2, warmup_steps=1, windows=2, gemm_size=128,
+                gemm_reps=2)
     base.update(kw)
     return bt.BenchConfig(**base)
 
@@ -60,18 +62,34 @@ def test_smoke_both_sides_in_process():
 @pytest.mark.slow
 def test_cli_json_keys(tmp_path):
     out = tmp_path / "bench.json"
-    # Each side in its own subprocess, as the CLI runs by default.
+    # Each side in its own subprocess, as the CLI runs by default: distil_jax packed against the
+    # baseline on Distily's padded rows, each side also timing its framework's f32 GEMM.
     assert bt.main(["--teacher", "tiny", "--batch", "2", "--seq-len", "16", "--steps", "2",
-                    "--warmup-steps", "1", "--windows", "1", "--layout", "packed", "--json", str(out)]) == 0
+                    "--warmup-steps", "1", "--windows", "1", "--layout", "packed", "--baseline-layout",
+                    "padded", "--gemm-size", "128", "--gemm-reps", "2", "--json", str(out)]) == 0
     d = json.loads(out.read_text())
-    assert {"jax", "torch", "ratio_real_tokens_per_s"} <= set(d)
+    assert {"jax", "torch", "ratio_real_tokens_per_s", "gemm_f32_tflops"} <= set(d)
     for side in ("jax", "torch"):
         for k in SIDE_KEYS:
             assert k in d[side], (side, k)
+    assert (d["jax"]["layout"], d["torch"]["layout"]) == ("packed", "padded")
     assert d["ratio_real_tokens_per_s"] == pytest.approx(
         d["jax"]["real_tokens_per_s"] / d["torch"]["real_tokens_per_s"])
-    # packed: every position is a real token
+    # packed: every position is a real token; padded: 24 % are not
     assert d["jax"]["real_tokens_per_s"] == pytest.approx(d["jax"]["tokens_per_s"])
+    assert d["torch"]["real_tokens_per_s"] < 0.8 * d["torch"]["tokens_per_s"]
+    # The GEMM rates and each side's model FLOP/s as a share of them.
+    gemm = d["gemm_f32_tflops"]
+    assert gemm["xla"] == d["jax"]["gemm_f32_tflops"] > 0 and gemm["torch"] == d["torch"]["gemm_f32_tflops"] > 0
+    for side in ("jax", "torch"):
+        r = d[side]
+        for name in ("xla", "torch"):
+            assert r["gemm_share"][name]["real_tokens"] == pytest.approx(r["real_token_tflops"] / gemm[name])
+            assert r["gemm_share"][name]["all_positions"] == pytest.approx(r["achieved_tflops"] / gemm[name])
+    assert d["torch"]["real_token_tflops"] == pytest.approx(
+        d["torch"]["flops_per_token"] * d["torch"]["real_tokens_per_s"] / 1e12)
+    table = bt.format_table(d)
+    assert "distil_jax packed, baseline padded" in table and "f32 GEMM on this machine" in table
 
 
 def test_flops_formula():
@@ -160,8 +178,8 @@ def test_baseline_loss_equals_distil_jax_loss_on_full_rows(teacher_fields):
 
 
 def test_baseline_optimizer_step_matches_distil_jax():
-    # One Adam step (clipping, schedule, projector and norm trained too) on both sides, then the
-    # loss again: the baseline trains the same parameters with the same update rule.
+    # One step (clipping of the student, schedule, the objective's group) on both sides, then
+    # the loss again: the baseline trains the same parameters with the same update rule.
     (teacher, student, objective), (sc, params, teacher_params) = _same_weights_both_sides()
     ids = np.random.RandomState(1).randint(0, 97, (2, S))
     ones = np.ones((2, S), np.int32)
@@ -173,8 +191,10 @@ def test_baseline_optimizer_step_matches_distil_jax():
     t_after, _ = tb.forward_loss(teacher, student, objective, torch.as_tensor(ids), torch.as_tensor(ones))
 
     tmask = jax.tree_util.tree_map(lambda _: True, params)
-    tx, sched = ts.make_optimizer(dict(optimizer="adam", learning_rate=2e-4, max_grad_norm=1.0,
-                                       adam_epsilon=1e-8, weight_decay=0.0), total, tmask)
+    # The reference config's optimizer (Distily's second group for the objective's parameters).
+    from distil_jax.config import default_config
+
+    tx, sched = ts.make_optimizer(default_config().optimizer.to_dict(), total, tmask)
     state = ts.create_train_state(params, tx, jax.random.PRNGKey(0))
     state, _ = ts.make_train_step(sc, tx, sched)(state, teacher_params, batch)
     j_after, _ = ts.distill_loss(sc, state.params, teacher_params, batch, None)

@@ -151,6 +151,61 @@ def test_pad_layout_and_truncation(docs, tokenizer, caplog):
     np.testing.assert_array_equal(small["segment_ids"], [[1, 1], [0, 0]])
 
 
+def test_truncate_gives_distilys_tokens_in_both_layouts():
+    """Documents of 1500, 300, 800 and 2100 tokens in rows of 1024: with truncate (Distily) both
+    layouts hold the same 3,148 tokens, each document whole in one segment starting a row or
+    packed after others; without it pack keeps all 4,700 (+ an EOS each) and pad continues the
+    long ones in further rows."""
+    rs = np.random.RandomState(0)
+    docs = [rs.randint(1, 1000, n).astype(np.int32) for n in (1500, 300, 800, 2100)]
+    kept = [d[:1024] for d in docs]
+    for layout in ("pad", "pack"):
+        out = data.docs_to_rows(docs, 1024, layout, eos_id=0, pad_id=0, truncate=True, append_eos=False)
+        assert data.layout_stats(out)["real_tokens"] == 1024 + 300 + 800 + 1024 == 3148
+        pieces = [out["input_ids"][r][out["segment_ids"][r] == k] for r in range(len(out["input_ids"]))
+                  for k in range(1, out["segment_ids"][r].max() + 1)]
+        assert sorted(p.tolist() for p in pieces) == sorted(d.tolist() for d in kept)
+    pack = data.docs_to_rows(docs, 1024, "pack", eos_id=0, pad_id=0, truncate=False, append_eos=True)
+    assert data.layout_stats(pack)["real_tokens"] == 4700 + 4
+    pad = data.docs_to_rows(docs, 1024, "pad", eos_id=0, pad_id=0, truncate=False, append_eos=False)
+    assert data.layout_stats(pad)["real_tokens"] == 4700 and len(pad["input_ids"]) == 2 + 1 + 1 + 3
+    np.testing.assert_array_equal(pad["input_ids"][1][:476], docs[0][1024:])  # the continuation
+    # append_eos in the pad layout: the EOS is the document's last token, inside the row.
+    pad_eos = data.docs_to_rows(docs[1:2], 1024, "pad", eos_id=7, pad_id=0, truncate=True, append_eos=True)
+    assert pad_eos["input_ids"][0][300] == 7 and pad_eos["segment_ids"][0][300] == 1
+
+
+def test_pack_with_truncate_keeps_documents_whole_in_fewer_rows():
+    """Best-fit packing: no document is split, every row holds at most seq_len tokens, and
+    short documents share rows: 6 documents in 3 rows here (pad: 6 rows)."""
+    lengths = [600, 400, 500, 500, 1024, 24]
+    docs = [np.full(n, i + 1, np.int32) for i, n in enumerate(lengths)]
+    out = data.pack(docs, 1024, 0, truncate=True, append_eos=False)
+    assert out["input_ids"].shape == (3, 1024)
+    seen = []
+    for ids, seg in zip(out["input_ids"], out["segment_ids"]):
+        for k in range(1, seg.max() + 1):
+            piece = ids[seg == k]
+            assert len(set(piece.tolist())) == 1  # one document per segment
+            seen.append((int(piece[0]) - 1, len(piece)))
+        real = seg > 0
+        assert not np.any(real[1:] & ~real[:-1])  # padding only at the end
+    assert sorted(seen) == list(enumerate(lengths))  # each document once, whole
+    assert data.layout_stats(out)["real_tokens"] == sum(lengths) == 3 * 1024 - 24
+    assert data.best_fit_rows([3, 0, 2], 4) == [[0], [2]]  # empty documents take no row
+    with pytest.raises(ValueError, match="more than a row"):
+        data.best_fit_rows([5], 4)
+
+
+def test_distily_eval_rows():
+    docs = [np.array([5, 6, 7, 8, 9]), np.array([3]), np.array([], np.int32)]
+    out = data.distily_eval_rows(docs, 4, bos_id=1, pad_id=0)
+    np.testing.assert_array_equal(out["input_ids"], [[1, 5, 6, 7], [1, 3, 0, 0], [1, 0, 0, 0]])
+    np.testing.assert_array_equal(out["segment_ids"], [[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    no_bos = data.distily_eval_rows(docs[:1], 4, bos_id=None, pad_id=0)
+    np.testing.assert_array_equal(no_bos["input_ids"], [[5, 6, 7, 0]])  # still seq_len - 1 tokens
+
+
 def test_packing_removes_padding(docs, tokenizer):
     packed = data.layout_stats(data.pack(docs, 256, tokenizer.eos_token_id))
     padded = data.layout_stats(data.pad(docs, 256, tokenizer.pad_token_id))
@@ -236,18 +291,36 @@ def test_build_datasets(tmp_path, texts, tokenizer, docs):
         data.build_datasets(s, tokenizer, 64, "concat")
     by_text = dict(zip(texts, docs))
     train_texts, test_texts = data.load_texts(s)
-    for layout in ("pack", "pad"):
-        train, test, stats = data.build_datasets(s, tokenizer, 64, layout, tmp_path / "tok")
+    eos = tokenizer.eos_token_id
+    # The spec's truncate / append_eos (absent: Distily's True / False) reach both layouts.
+    for layout, truncate, append_eos in (("pack", True, False), ("pad", True, False),
+                                         ("pack", False, True), ("pad", False, False)):
+        s_layout = spec(tmp_path / "c.jsonl", test_size=4, cache_dir=str(tmp_path / "hf"),
+                        **({} if truncate else dict(truncate=False, append_eos=append_eos)))
+        train, test, stats = data.build_datasets(s_layout, tokenizer, 64, layout, tmp_path / "tok")
+        assert (stats["truncate"], stats["append_eos"]) == (truncate, append_eos)
         assert stats["train"]["documents"] == 20 and stats["test"]["documents"] == 4
-        splits = ((train, train_texts, "train"), (test, test_texts, "test"))
+        splits = ((train, train_texts, "train"), (test.rows, test_texts, "test"))
         for arrays, split_texts, name in splits:
             split_docs = [by_text[t] for t in split_texts]
-            layout_fn = data.pack if layout == "pack" else data.pad
-            ref = layout_fn(split_docs, 64, tokenizer.eos_token_id)
+            if layout == "pack":
+                ref = data.pack(split_docs, 64, eos, truncate=truncate, append_eos=append_eos)
+            else:
+                ref = data.pad(split_docs, 64, tokenizer.pad_token_id, truncate=truncate)
             np.testing.assert_array_equal(arrays["input_ids"], ref["input_ids"])
             np.testing.assert_array_equal(arrays["segment_ids"], ref["segment_ids"])
             assert stats[name]["real_tokens"] == int((arrays["segment_ids"] > 0).sum())
             assert stats[name]["tokens"] == sum(len(d) for d in split_docs)
+            extra = 1 if append_eos else 0
+            assert stats[name]["real_tokens"] == sum(min(len(d) + extra, 64) if truncate else len(d) + extra
+                                                     for d in split_docs)
+        # Distily's evaluator rows of the held-out documents: BOS, then the first 63 tokens.
+        test_docs = [by_text[t] for t in test_texts]
+        assert test.distily_rows["input_ids"].shape == (4, 64)
+        for row, seg, d in zip(test.distily_rows["input_ids"], test.distily_rows["segment_ids"], test_docs):
+            n = min(len(d), 63)
+            assert row[0] == tokenizer.bos_token_id and row[1:1 + n].tolist() == d[:n].tolist()
+            assert seg.tolist() == [1] * (n + 1) + [0] * (63 - n)
     assert stats["train"]["truncated_documents"] == sum(len(by_text[t]) > 64 for t in train_texts)
 
 

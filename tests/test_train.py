@@ -17,6 +17,7 @@ import pytest
 from distil_jax import checkpoint, config as config_lib, data, hf, train_step
 from distil_jax.train import MetricsWriter, main, train
 from distil_jax.workdir import WorkdirBusy
+from distil_jax import train as train_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -123,6 +124,15 @@ def test_sigkill_and_resume_equals_uninterrupted(trained, tmp_path):
     train_steps = [s for s, line in zip(steps, (killed / "metrics.jsonl").read_text().splitlines())
                    if '"loss"' in line]
     assert train_steps == sorted(set(train_steps))
+    # grad_norm_var (the last 16 grad norms) is logged from step 16 on and, its window being
+    # saved with the checkpoint, is the uninterrupted run's after the resume too.
+    records = [{r["step"]: r for r in map(json.loads, (w / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r} for w in (killed, src)]
+    assert sorted(records[0]) == sorted(records[1])
+    var_steps = [s for s in sorted(records[1]) if "grad_norm_var" in records[1][s]]
+    assert var_steps == [20, 25, 30]  # log_steps 5
+    for s in var_steps:
+        assert records[0][s]["grad_norm_var"] == records[1][s]["grad_norm_var"], s
 
 
 def _copy_run(src: Path, dst: Path) -> Path:
@@ -230,6 +240,67 @@ def test_every_config_file_builds_and_matches_the_schema():
     assert base.train.batch_size == 8 and base.train.seed == 42
     assert base.objective.attn.weight == 5.0 and base.objective.attn.layer_mapper == "layer-2"
     assert config_lib.load(TINY + ":test").train.max_steps == 30
+
+
+def test_base_config_pad_layout_gives_distilys_624_steps():
+    """configs/base.py with --config.dataset.layout=pad: 4990 documents (synthetic, up to 3000
+    tokens, so many are truncated) make 4990 rows and 624 steps of 8, as Distily's run; packed
+    (the config's default) the same truncated documents need fewer rows and steps."""
+    base = config_lib.load(str(ROOT / "configs" / "base.py"))
+    assert base.dataset.truncate and not base.dataset.append_eos  # Distily's tokens
+    rs = np.random.RandomState(0)
+    docs = [rs.randint(0, 50256, n).astype(np.int32) for n in rs.randint(1, 3000, 4990)]
+    steps = {}
+    for layout in ("pad", "pack"):
+        base.dataset.layout = layout
+        rows = data.docs_to_rows(docs, base.dataset.max_seq_len, base.dataset.layout, eos_id=50256,
+                                 pad_id=50256, truncate=base.dataset.truncate,
+                                 append_eos=base.dataset.append_eos)
+        steps[layout] = train_lib.run_steps(base.train, train_lib.train_batches(base, rows).steps_per_epoch)
+        assert data.layout_stats(rows)["real_tokens"] == sum(min(len(d), 1024) for d in docs)
+    assert steps["pad"] == 624
+    assert steps["pack"] < 600
+
+
+def test_grad_norm_variance_is_the_sample_variance_of_the_last_16():
+    norms = list(np.random.RandomState(0).uniform(0.5, 3.0, 20))
+    assert train_lib.grad_norm_variance(norms[:15]) is None  # logged once 16 exist
+    assert train_lib.grad_norm_variance(norms[:16]) == pytest.approx(np.var(norms[:16], ddof=1), rel=1e-12)
+    assert train_lib.grad_norm_variance(norms) == pytest.approx(np.var(norms[-16:], ddof=1), rel=1e-12)
+
+
+def test_distily_ppl_is_distilys_evaluator_and_ppl_is_token_weighted(tmp_path):
+    """Against transformers: Distily's figure prepends BOS to each document cut to S - 1 tokens
+    and averages exp(mean NLL) over documents (the first token scored after BOS); the main
+    figure is exp(total NLL / predicted tokens) over the run's (packed) rows, where each
+    document's first token has nothing before it. Tolerance: 1e-5 relative (float32 both)."""
+    import torch
+
+    from distil_jax import hf
+    from distil_jax.train_step import make_eval_step, make_mesh
+    from tests.hf_utils import save_tiny
+
+    model = save_tiny(tmp_path / "m")
+    cfg, params = hf.load_pretrained(str(tmp_path / "m"), jax.numpy.float32)
+    S, bos = 16, cfg.bos_token_id
+    rs = np.random.RandomState(0)
+    docs = [rs.randint(1, cfg.vocab_size, n).astype(np.int32) for n in (20, 5, 9, 1, 12)]
+    rows = data.docs_to_rows(docs, S, "pack", eos_id=0, pad_id=0, truncate=True, append_eos=False)
+    eval_set = data.EvalSet(rows, data.distily_eval_rows(docs, S, bos, pad_id=0))
+    got = train_lib.evaluate(make_eval_step(cfg), params, eval_set, 2, make_mesh())
+
+    def nll(ids):  # HF's mean next-token loss over the row, and the number of predictions
+        with torch.no_grad():
+            t = torch.as_tensor(np.asarray(ids, np.int64))[None]
+            return float(model(t, labels=t).loss), len(ids) - 1
+
+    distily = [np.exp(nll(np.concatenate([[bos], d[:S - 1]]))[0]) for d in docs]
+    plain = [nll(d[:S]) for d in docs if len(d) > 1]
+    total = sum(l * n for l, n in plain)
+    count = sum(n for _, n in plain)
+    assert got["documents"] == len(docs) and got["tokens"] == count
+    assert got["distily_ppl"] == pytest.approx(np.mean(distily), rel=1e-5)
+    assert got["ppl"] == pytest.approx(np.exp(total / count), rel=1e-5)
 
 
 def test_unknown_config_key_is_an_error():
@@ -426,6 +497,7 @@ def test_pad_layout_masks_padding(trained, tmp_path):
     cfg.dataset.uri = str(tmp_path / "short.jsonl")
     cfg.dataset.sample_size = None
     cfg.dataset.layout = "pad"
+    cfg.dataset.truncate = True  # Distily's rows: one per document (tiny.py keeps every token)
     cfg.train.max_steps = 6
     cfg.train.grad_accum = 2
     result = train(cfg, _seed_workdir(src, tmp_path / "pad"))

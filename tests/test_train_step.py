@@ -24,6 +24,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from distil_jax import train_step as ts
@@ -72,14 +73,21 @@ def test_training_reduces_loss_and_keeps_frozen_weights(teacher):
     p0 = T.to_numpy(params)
     t0 = T.to_numpy(tp)
     state = ts.create_train_state(params, tx, jax.random.PRNGKey(0))
-    step = ts.make_train_step(ts.StepConfig(tc, s_cfg, obj), tx, sched)
+    step = ts.make_train_step(ts.StepConfig(tc, s_cfg, obj), tx, sched, trainable=mask)
     batch = _jnp(T.batch(T.ROWS_4))
+    # grad_norm is HF's clipping norm: the student's trainable gradients only (not the frozen
+    # head's, not the objective's), in float64 from the loss's own gradient.
+    g0 = T.to_numpy(jax.grad(lambda p: ts.distill_loss(ts.StepConfig(tc, s_cfg, obj), p, tp, batch, None)[0])(params))
+    leaves = zip(jax.tree_util.tree_leaves(g0["student"]), jax.tree_util.tree_leaves(mask["student"]))
+    expected_norm = np.sqrt(sum(np.sum(np.square(g.astype(np.float64))) for g, m in leaves if m))
     losses = []
     for i in range(steps):
         state, m = step(state, tp, batch)
+        if i == 0:
+            assert abs(float(m["grad_norm"]) - expected_norm) < 1e-5 * expected_norm
         losses.append(float(m["loss"]))
-        # The learning rate reported is the one the schedule gives this step.
-        assert abs(float(m["learning_rate"]) - _spec_lr(i, 1e-2, steps, 0, 1e-7, 1.0)) <= LR_TOL * 1e-2
+        # The learning rate reported is the one the schedule holds after this step (HF's log).
+        assert abs(float(m["learning_rate"]) - _spec_lr(i + 1, 1e-2, steps, 0, 1e-7, 1.0)) <= LR_TOL * 1e-2
         assert float(m["tokens"]) == (T.batch(T.ROWS_4)["segment_ids"] > 0).sum()
     assert int(state.step) == steps
     assert np.all(np.isfinite(losses))
@@ -121,6 +129,86 @@ def test_grad_accumulation_equals_one_batch(teacher):
     assert set(m1) == set(m4)
     for k in m1:
         assert abs(m1[k] - m4[k]) < LOSS_TOL * max(1.0, abs(m1[k])), (k, m1[k], m4[k])
+
+
+# ----------------------------------------------------------------------------- Distily's two groups
+
+
+def test_two_optimizer_groups_match_torch_adamw_for_two_steps():
+    """The reference config's optimizer against torch for two steps, the same gradients fed to
+    both: torch.optim.AdamW with two parameter groups (the student: lr 2e-4, weight decay 0; the
+    objective: lr 1e-3, weight decay 0.01), clip_grad_norm_(1.0) over the student's parameters
+    only, transformers' polynomial schedule scaling both groups. The gradients are large enough
+    for clipping to act, and a frozen student leaf has a gradient that must count nowhere.
+    Tolerance on the parameters (order 1, float32 both): 2 float32 ulps (rtol 2.4e-7) + 1e-7,
+    against steps of 2e-4 to 1e-3 per update, so a wrong rate, decay or clip shows."""
+    import torch
+    import transformers
+
+    from distil_jax.config import default_config
+
+    opt_cfg = default_config().optimizer.to_dict()
+    assert (opt_cfg["objective_learning_rate"], opt_cfg["objective_weight_decay"],
+            opt_cfg["objective_clip"]) == (1e-3, 0.01, False)
+    total = 5
+    rs = np.random.RandomState(0)
+    shapes = {"student": {"h": {"kernel": (4, 3), "bias": (3,)}, "ln_f": {"scale": (3,)},
+                          "wte": {"embedding": (5, 3)}},
+              "objective": {"attn": {"projector": {"weight": (4, 4)},
+                                     "norm": {"teacher": {"scale": (4,), "bias": (4,)}}}}}
+    params = jax.tree_util.tree_map(lambda s: rs.standard_normal(s).astype(np.float32), shapes,
+                                    is_leaf=lambda x: isinstance(x, tuple))
+    trainable = jax.tree_util.tree_map(lambda _: True, params)
+    trainable["student"]["wte"]["embedding"] = False  # a frozen copied module
+    grads = [jax.tree_util.tree_map(lambda p: (3.0 * rs.standard_normal(p.shape)).astype(np.float32), params)
+             for _ in range(2)]
+
+    tx, sched = ts.make_optimizer(opt_cfg, total, trainable)
+    state = tx.init(params)
+    p = params
+    jax_lrs, jax_norms = [], []
+    for t, g in enumerate(grads):
+        jax_norms.append(float(ts.student_grad_norm(g, trainable)))
+        updates, state = tx.update(g, state, p)
+        p = optax.apply_updates(p, updates)
+        jax_lrs.append(float(sched(t + 1)))
+
+    flat = lambda tree: [x for _, x in sorted(jax.tree_util.tree_flatten_with_path(tree)[0],  # noqa: E731
+                                             key=lambda kv: jax.tree_util.keystr(kv[0]))]
+    names = [jax.tree_util.keystr(k) for k, _ in sorted(jax.tree_util.tree_flatten_with_path(params)[0],
+                                                         key=lambda kv: jax.tree_util.keystr(kv[0]))]
+    mask = flat(trainable)
+    tparams = [torch.nn.Parameter(torch.tensor(x)) for x in flat(params)]
+    student = [tp for n, tp, m in zip(names, tparams, mask) if n.startswith("['student']") and m]
+    objective = [tp for n, tp in zip(names, tparams) if n.startswith("['objective']")]
+    opt = torch.optim.AdamW([{"params": student, "weight_decay": opt_cfg["weight_decay"]}],
+                            lr=opt_cfg["learning_rate"], betas=(0.9, 0.999), eps=1e-8)
+    # Distily: a second group built by the optimizer class with its defaults (lr 1e-3, wd 0.01).
+    opt.add_param_group({"params": objective, **{k: v for k, v in torch.optim.AdamW(objective).defaults.items()
+                                                 if k in ("lr", "weight_decay")}})
+    torch_sched = transformers.get_polynomial_decay_schedule_with_warmup(
+        opt, num_warmup_steps=0, num_training_steps=total, lr_end=opt_cfg["lr_end"], power=1.0)
+    torch_norms, torch_lrs = [], []
+    for g in grads:
+        for tp, x, m in zip(tparams, flat(g), mask):
+            tp.grad = torch.tensor(x) if m else None  # frozen: no gradient in torch
+        torch_norms.append(float(torch.nn.utils.clip_grad_norm_(student, opt_cfg["max_grad_norm"])))
+        opt.step()
+        torch_sched.step()
+        torch_lrs.append(torch_sched.get_last_lr())
+    assert min(torch_norms) > 2.0  # clipping acted
+    np.testing.assert_allclose(jax_norms, torch_norms, rtol=1e-6)
+    assert [lrs[0] for lrs in torch_lrs] == pytest.approx(jax_lrs, rel=1e-6)
+    assert [lrs[1] for lrs in torch_lrs] == pytest.approx([lr * 5 for lr in jax_lrs], rel=1e-6)
+    for name, mine, theirs, m in zip(names, flat(p), tparams, mask):
+        np.testing.assert_allclose(np.asarray(mine), theirs.detach().numpy(), rtol=2.4e-7, atol=1e-7,
+                                   err_msg=name)
+        if not m:
+            np.testing.assert_array_equal(np.asarray(mine), np.asarray(flat(params)[names.index(name)]))
+    # The objective moved by about its own lr (1e-3 per step, unclipped), the student by 2e-4.
+    moved = {n: np.abs(np.asarray(a) - np.asarray(b)).max() for n, a, b in zip(names, flat(p), flat(params))}
+    assert moved["['objective']['attn']['projector']['weight']"] > 1.5e-3
+    assert 2e-4 < moved["['student']['h']['kernel']"] < 5e-4
 
 
 # ----------------------------------------------------------------------------- schedule

@@ -12,6 +12,12 @@ median step time with min / max over timing windows, tokens/s over all positions
 `memory_stats()["peak_bytes_in_use"]` / `torch.cuda.max_memory_allocated`; peak RSS on a CPU),
 model FLOPs per token, MFU against a stated peak, and the ratios distil_jax / baseline.
 
+GEMM rates: after its timed steps each side also measures the float32 GEMM rate its framework
+reaches on this machine (`--gemm-size`^3 matmuls, median of `--gemm-reps`; XLA for distil_jax,
+torch's BLAS for the baseline), and the table gives each side's model FLOP/s (on real tokens
+and on all positions) as a share of both rates. On a CPU the two BLAS libraries can differ by
+2x, and a throughput ratio should be read against that. `--gemm-size 0` skips it.
+
 Timing: after the warm-up steps, `--steps` steps are timed in `--windows` equal windows. Inside a
 window there is no host synchronization at all (jax: steps are dispatched back to back and the
 window ends with `jax.block_until_ready` on the state and metrics; torch: CPU ops are synchronous,
@@ -25,6 +31,9 @@ Layouts (`--layout`):
           distil_jax masks padding out of its losses, the baseline (like Distily) averages over it.
   packed  full rows; distil_jax gets segment_ids with several documents per row (attention and
           positions stay inside a document), the baseline gets the same rows as plain sequences.
+`--baseline-layout` gives the baseline another layout than distil_jax's: `--layout packed
+--baseline-layout padded` compares distil_jax packed against Distily's padded rows (Distily
+cannot pack), each on its own batch; the ratio of real tokens/s is then the speed-up on a corpus.
 
 Model FLOPs per token (all positions; the same count for both sides, since both compute the same
 model math; rematerialization is not counted, as usual for MFU). With D = width, V = vocabulary,
@@ -121,6 +130,7 @@ class BenchConfig:
     warmup_steps: int = 1
     windows: int = 2
     layout: str = "padded"
+    baseline_layout: Optional[str] = None  # the baseline's layout (None: `layout`)
     pad_fraction: float = 0.24
     docs_per_row: float = 4.0  # packed layout: mean documents per row
     dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on a CPU
@@ -134,6 +144,8 @@ class BenchConfig:
     torch_dropout: bool = True  # baseline only; False zeroes the student's dropout (investigation)
     host_sync: bool = False  # read the loss on the host after every timed step (a lever measurement)
     peak_tflops: Optional[float] = None
+    gemm_size: int = 2048  # n of the n^3 f32 GEMM each side times; 0: skip
+    gemm_reps: int = 10
 
     def resolved(self) -> "BenchConfig":
         c = dataclasses.replace(self)
@@ -147,6 +159,10 @@ class BenchConfig:
             raise ValueError(f"--seq-len {c.seq_len} > the teacher's {shape(c.teacher)['positions']} positions")
         if c.layout not in ("padded", "packed"):
             raise ValueError(f"unknown --layout {c.layout!r}; valid: padded, packed")
+        if c.baseline_layout is None:
+            c.baseline_layout = c.layout
+        if c.baseline_layout not in ("padded", "packed"):
+            raise ValueError(f"unknown --baseline-layout {c.baseline_layout!r}; valid: padded, packed")
         if not 0.0 <= c.pad_fraction < 1.0:
             raise ValueError("--pad-fraction must be in [0, 1)")
         if c.steps < 1:
@@ -249,6 +265,50 @@ def _load_avg() -> Optional[list]:
         return None
 
 
+def gemm_tflops_jax(n: int, reps: int) -> Optional[float]:
+    """The float32 GEMM rate XLA reaches here: TFLOP/s of an n x n x n matmul (full float32
+    precision), median of `reps` timed calls after a compiled warm-up call; None if n == 0."""
+    if n <= 0:
+        return None
+    import jax
+    import jax.numpy as jnp
+
+    ka, kb = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(ka, (n, n), jnp.float32)
+    b = jax.random.normal(kb, (n, n), jnp.float32)
+    mm = jax.jit(lambda x, y: jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST))
+    mm(a, b).block_until_ready()
+    times = []
+    for _ in range(max(1, reps)):
+        t0 = time.perf_counter()
+        mm(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times) / 1e12
+
+
+def gemm_tflops_torch(n: int, reps: int) -> Optional[float]:
+    """The float32 GEMM rate torch's BLAS reaches here (cuBLAS without TF32 on a GPU, as torch's
+    default), measured as `gemm_tflops_jax` does."""
+    if n <= 0:
+        return None
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device)
+    b = torch.randn(n, n, generator=g).to(device)
+    torch.mm(a, b)
+    sync()
+    times = []
+    for _ in range(max(1, reps)):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times) / 1e12
+
+
 def _summarize(cfg: BenchConfig, batch: dict, window_times: list, extra: dict, on_gpu: bool) -> dict:
     med = statistics.median(window_times)
     B, S = cfg.batch, cfg.seq_len
@@ -268,6 +328,7 @@ def _summarize(cfg: BenchConfig, batch: dict, window_times: list, extra: dict, o
         flops_per_token=fpt["total"],
         flops_per_token_parts=fpt,
         achieved_tflops=fpt["total"] * tps / 1e12,
+        real_token_tflops=fpt["total"] * batch["real_tokens"] / med / 1e12,
         peak_tflops=peak,
         peak_source=peak_src,
         mfu=mfu,
@@ -309,9 +370,13 @@ def run_jax(cfg: BenchConfig) -> dict:
                                     sconf, tc)
     params, tmask = train_lib.trained_params(obj, sparams, strainable, k_o, sconf, tc, cfg.seq_len)
     total_steps = cfg.warmup_steps + cfg.steps
-    tx, sched = ts.make_optimizer(dict(optimizer="adam", learning_rate=2e-4, adam_beta1=0.9, adam_beta2=0.999,
+    # The reference config's optimizer: Adam(W) 2e-4 for the student, Distily's second group
+    # (lr 1e-3, weight decay 0.01, unclipped) for the objective's parameters.
+    tx, sched = ts.make_optimizer(dict(optimizer="adamw", learning_rate=2e-4, adam_beta1=0.9, adam_beta2=0.999,
                                        adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=1.0,
-                                       warmup_steps=0), total_steps, tmask)
+                                       warmup_steps=0, objective_learning_rate=1e-3,
+                                       objective_weight_decay=0.01, objective_clip=False),
+                                  total_steps, tmask)
     # The frozen teacher is kept in the compute dtype (it is never trained); the student keeps
     # float32 master weights and computes in `dtype`.
     teacher_params = jax.tree_util.tree_map(lambda x: x.astype(dtype), teacher_params)
@@ -325,7 +390,7 @@ def run_jax(cfg: BenchConfig) -> dict:
     del params, sparams
     host = make_batch(cfg)
     # The library's padding-aware step: the batch's logits bucket picks the compiled variant.
-    bucketed = ts.BucketedTrainStep(sc, tx, sched, mesh, buckets=cfg.logits_buckets)
+    bucketed = ts.BucketedTrainStep(sc, tx, sched, mesh, buckets=cfg.logits_buckets, trainable=tmask)
     logits_capacity = bucketed.capacity(host)
     step, batch = bucketed.step_for({"input_ids": host["input_ids"], "segment_ids": host["segment_ids"]})
     jax.block_until_ready((state, teacher_params, batch))
@@ -356,6 +421,7 @@ def run_jax(cfg: BenchConfig) -> dict:
         jax.block_until_ready((state, metrics))  # the only sync of the window
         window_times.append((time.perf_counter() - t0) / n)
     last_loss = float(metrics["loss"])
+    gemm = gemm_tflops_jax(cfg.gemm_size, cfg.gemm_reps)  # after the timed windows
     profile = None
     if cfg.jax_profile:  # after the timed windows, so the trace costs them nothing
         try:
@@ -378,7 +444,7 @@ def run_jax(cfg: BenchConfig) -> dict:
         student_dropout=cfg.jax_dropout, attention=cfg.attention, profile=profile, logits_buckets=cfg.logits_buckets, logits_capacity=logits_capacity,
         logits_chunk_tokens=ts.with_logits_chunk(dataclasses.replace(sc, logits_groups=mesh.devices.size),
                                                  cfg.batch, cfg.seq_len).logits_chunk,
-        versions=dict(jax=jax.__version__),
+        versions=dict(jax=jax.__version__), gemm_f32_tflops=gemm, gemm_source="XLA",
     )
     return _summarize(cfg, host, window_times, extra, on_gpu)
 
@@ -431,8 +497,10 @@ def _window_sizes(cfg: BenchConfig) -> list[int]:
 
 
 def run_torch(cfg: BenchConfig) -> dict:
-    """Time the Distily-equivalent PyTorch step (tools/torch_baseline.py)."""
+    """Time the Distily-equivalent PyTorch step (tools/torch_baseline.py) on its own layout
+    (`baseline_layout`)."""
     cfg = cfg.resolved()
+    cfg = dataclasses.replace(cfg, layout=cfg.baseline_layout)
     import torch
     import transformers
 
@@ -477,6 +545,7 @@ def run_torch(cfg: BenchConfig) -> dict:
         sync()
         window_times.append((time.perf_counter() - t0) / n)
     last_loss = float(loss)
+    gemm = gemm_tflops_torch(cfg.gemm_size, cfg.gemm_reps)  # after the timed windows
 
     if on_gpu:
         peak_mem, mem_kind = int(torch.cuda.max_memory_allocated()), "torch.cuda.max_memory_allocated"
@@ -490,6 +559,7 @@ def run_torch(cfg: BenchConfig) -> dict:
         rss_after_setup_bytes=rss_setup, loss_first=first_loss, loss_last=last_loss,
         load_avg_start=load_start, student_dropout=cfg.torch_dropout, torch_threads=torch.get_num_threads(),
         versions=dict(torch=torch.__version__, transformers=transformers.__version__),
+        gemm_f32_tflops=gemm, gemm_source="torch",
     )
     return _summarize(cfg, host, window_times, extra, on_gpu)
 
@@ -525,7 +595,22 @@ def bench(cfg: BenchConfig, sides=("jax", "torch"), isolate: bool = True) -> dic
         result["ratio_real_tokens_per_s"] = j["real_tokens_per_s"] / t["real_tokens_per_s"]
         result["ratio_tokens_per_s"] = j["tokens_per_s"] / t["tokens_per_s"]
         result["ratio_peak_memory"] = j["peak_memory_bytes"] / t["peak_memory_bytes"]
+    # Each side's model FLOP/s as a share of each framework's f32 GEMM rate on this machine.
+    gemm = {name: result[side].get("gemm_f32_tflops") for side, name in (("jax", "xla"), ("torch", "torch"))
+            if side in result}
+    result["gemm_f32_tflops"] = gemm
+    for side in sides:
+        r = result[side]
+        r["gemm_share"] = {name: (dict(real_tokens=r["real_token_tflops"] / rate, all_positions=r["achieved_tflops"] / rate)
+                                  if rate else None) for name, rate in gemm.items()}
     return result
+
+
+def _share(r: dict, name: str) -> str:
+    share = (r.get("gemm_share") or {}).get(name)
+    if not share:
+        return "-"
+    return f"{100 * share['real_tokens']:.0f}% / {100 * share['all_positions']:.0f}%"
 
 
 def _fmt_bytes(n) -> str:
@@ -535,9 +620,12 @@ def _fmt_bytes(n) -> str:
 def format_table(result: dict) -> str:
     c = result["config"]
     sides = [s for s in ("jax", "torch") if s in result]
+    layouts = {c["layout"]} | {c.get("baseline_layout") or c["layout"]}
+    layout_text = (c["layout"] if len(layouts) == 1 else
+                   f"distil_jax {c['layout']}, baseline {c['baseline_layout']}")
     head = (f"teacher {c['teacher']} -> student {c['student_layers']} layers | batch {c['batch']} x seq "
-            f"{c['seq_len']} | layout {c['layout']}"
-            + (f" (pad {c['pad_fraction']:.2f})" if c["layout"] == "padded" else "")
+            f"{c['seq_len']} | layout {layout_text}"
+            + (f" (pad {c['pad_fraction']:.2f})" if "padded" in layouts else "")
             + f" | remat {'on' if c['remat'] else 'off'} | {c['steps']} timed steps in {c['windows']} windows")
     rows = [
         ("device", lambda r: r["device"]),
@@ -552,7 +640,13 @@ def format_table(result: dict) -> str:
         ("warm-up steps (s)", lambda r: f"{r['warmup_s']:.1f}"),
         ("peak memory", lambda r: f"{_fmt_bytes(r['peak_memory_bytes'])} ({r['peak_memory_kind']})"),
         ("model GFLOP/token", lambda r: f"{r['flops_per_token'] / 1e9:.3f}"),
+        ("layout", lambda r: r["layout"]),
         ("achieved TFLOP/s", lambda r: f"{r['achieved_tflops']:.3f}"),
+        ("model TFLOP/s on real tokens", lambda r: f"{r['real_token_tflops']:.3f}"),
+        ("f32 GEMM TFLOP/s (own framework)",
+         lambda r: "-" if r.get("gemm_f32_tflops") is None else f"{r['gemm_f32_tflops']:.3f} ({r['gemm_source']})"),
+        ("share of XLA GEMM, real / all", lambda r: _share(r, "xla")),
+        ("share of torch GEMM, real / all", lambda r: _share(r, "torch")),
         ("MFU", lambda r: "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.2f}% of {r['peak_tflops']:.3g} TFLOP/s"),
         ("peak FLOP/s basis", lambda r: r["peak_source"]),
         ("load avg start / end", lambda r: f"{r['load_avg_start']} / {r['load_avg_end']}"),
@@ -569,6 +663,10 @@ def format_table(result: dict) -> str:
         lines.append(f"ratio distil_jax / baseline: real tokens/s {result['ratio_real_tokens_per_s']:.2f}x, "
                      f"all-position tokens/s {result['ratio_tokens_per_s']:.2f}x, peak memory "
                      f"{result['ratio_peak_memory']:.2f}x")
+    gemm = result.get("gemm_f32_tflops") or {}
+    if gemm.get("xla") and gemm.get("torch"):
+        lines.append(f"f32 GEMM on this machine ({c.get('gemm_size')}^3): XLA {gemm['xla']:.3f} TFLOP/s, torch "
+                     f"{gemm['torch']:.3f} TFLOP/s (XLA / torch {gemm['xla'] / gemm['torch']:.2f}x)")
     return "\n".join(lines)
 
 
@@ -584,6 +682,12 @@ def parse_args(argv=None) -> tuple[BenchConfig, list, Optional[str], bool]:
     p.add_argument("--windows", type=int, default=3, help="timing windows (median / min / max over them)")
     p.add_argument("--sides", default="jax,torch")
     p.add_argument("--layout", default="padded", choices=["padded", "packed"])
+    p.add_argument("--baseline-layout", default=None, choices=["padded", "packed"],
+                   help="the baseline's layout (default: --layout); e.g. --layout packed "
+                        "--baseline-layout padded: distil_jax packed against Distily's padded rows")
+    p.add_argument("--gemm-size", type=int, default=2048,
+                   help="each side also times an n^3 float32 GEMM in its framework (0: skip)")
+    p.add_argument("--gemm-reps", type=int, default=10)
     p.add_argument("--pad-fraction", type=float, default=0.24)
     p.add_argument("--docs-per-row", type=float, default=4.0)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
@@ -617,6 +721,7 @@ def parse_args(argv=None) -> tuple[BenchConfig, list, Optional[str], bool]:
     else:
         cfg = BenchConfig(teacher=a.teacher, student_layers=a.student_layers, batch=a.batch, seq_len=a.seq_len,
                           steps=a.steps, warmup_steps=a.warmup_steps, windows=a.windows, layout=a.layout,
+                          baseline_layout=a.baseline_layout, gemm_size=a.gemm_size, gemm_reps=a.gemm_reps,
                           pad_fraction=a.pad_fraction, docs_per_row=a.docs_per_row, dtype=a.dtype,
                           remat=a.remat, seed=a.seed, logits_chunk_tokens=a.logits_chunk_tokens,
                           jax_dropout=a.jax_dropout, attention=a.attention,

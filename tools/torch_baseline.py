@@ -17,9 +17,11 @@ transformers so that `tools/bench_throughput.py` can time it next to distil_jax:
   attention map at layer n_s-2, mixed over key positions by the orthogonal projector
   (A = matrix_exp((W - W^T)/2), proj = x @ A[:, :sd]^T), and the teacher's map at layer n_t-2
   through a trainable affine LayerNorm (eps 1e-5) over the last axis;
-* torch.optim.Adam (lr 2e-4, betas 0.9/0.999, eps 1e-8, no weight decay) over the student +
-  projector + norm parameters, HF's polynomial-decay schedule (warmup 0, lr_end 1e-7, power 1),
-  `clip_grad_norm_(1.0)`, gradient checkpointing through the model's own switch.
+* torch.optim.AdamW (HF's `adamw_torch`; lr 2e-4, betas 0.9/0.999, eps 1e-8, weight decay 0,
+  i.e. Adam) over the student, and the projector + norm parameters as a second group with
+  AdamW's defaults (lr 1e-3, weight decay 0.01), as Distily adds them; HF's polynomial-decay
+  schedule (warmup 0, lr_end 1e-7, power 1) scaling both groups; `clip_grad_norm_(1.0)` over the
+  student's parameters only; gradient checkpointing through the model's own switch.
 * dtype: the models and the objective's parameters in one dtype (Distily trains pure bf16 on GPU;
   float32 on CPU). The projector's matrix exponential is taken in float32 and cast back.
 """
@@ -160,14 +162,20 @@ def forward_loss(teacher, student, objective, input_ids, attention_mask=None):
 
 
 class Trainer:
-    """The training loop's step: forward, backward, clip, Adam, schedule (what HF's Trainer does,
-    minus its logging and data loading)."""
+    """The training loop's step: forward, backward, clip, AdamW, schedule (what HF's Trainer
+    does, minus its logging and data loading)."""
 
     def __init__(self, teacher, student, objective, total_steps: int, lr: float = 2e-4,
                  max_grad_norm: float = 1.0):
         self.teacher, self.student, self.objective = teacher, student, objective
-        self.params = [p for p in list(student.parameters()) + list(objective.parameters()) if p.requires_grad]
-        self.opt = torch.optim.Adam(self.params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+        self.student_params = [p for p in student.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.student_params, lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                                     weight_decay=0.0)
+        # Distily: a second group from `optimizer.__class__(objective.parameters())`, i.e. with
+        # the class's defaults (AdamW: lr 1e-3, weight decay 0.01).
+        defaults = torch.optim.AdamW(list(objective.parameters())).defaults
+        self.opt.add_param_group({"params": list(objective.parameters()), "lr": defaults["lr"],
+                                  "weight_decay": defaults["weight_decay"]})
         self.sched = transformers.get_polynomial_decay_schedule_with_warmup(
             self.opt, num_warmup_steps=0, num_training_steps=total_steps, lr_end=1e-7, power=1.0)
         self.max_grad_norm = max_grad_norm
@@ -176,7 +184,7 @@ class Trainer:
         """One optimizer step; returns the loss tensor (no host sync)."""
         loss, _ = forward_loss(self.teacher, self.student, self.objective, input_ids, attention_mask)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(self.student_params, self.max_grad_norm)  # HF: model only
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)

@@ -9,12 +9,12 @@ Conventions (the "defects" are the numbered differences from Distily in docs/des
 * ``fn(student [..., F], teacher [..., F], mask [...] bool | None) -> float32 scalar``.
   For the distribution losses (``kl``, ``reverse_kl``, ``cakld``, ``jsd``, ``ce``, ``soft_mse``)
   the inputs are logits; the log-softmax is taken in float32 whatever the input dtype (Distily
-  took it in bf16, defect 3).
+  took it in bf16).
 * Reduction: one value per position (summed over F for the distribution losses, averaged over F
   for ``raw_mse`` / ``soft_mse``, ``1 - cos`` for ``cos``), then averaged over the positions where
-  ``mask`` is True (Distily averaged over padding too, defect 1). ``mask=None`` means every
+  ``mask`` is True (Distily averaged over padding too). ``mask=None`` means every
   position. A fully masked input gives 0, not NaN.
-* ``jsd`` and ``ce`` are the correct definitions, not Distily's (defect 2).
+* ``jsd`` and ``ce`` are the correct definitions, not Distily's (which are wrong).
 * Zero probabilities are safe: ``0 * log 0`` terms contribute 0 to the value and nothing NaN to
   the gradient, even for ``-inf`` logits.
 
@@ -57,7 +57,7 @@ def masked_mean(values: jax.Array, mask: jax.Array | None = None) -> jax.Array:
 
 
 def _log_probs(logits: jax.Array) -> jax.Array:
-    """float32 log-softmax over the last axis (upcast first: defect 3)."""
+    """float32 log-softmax over the last axis (upcast first; Distily's was in bf16)."""
     return jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
 
 
@@ -105,7 +105,7 @@ def jsd(student, teacher, mask=None, *, beta: float = 0.5):
 
     ``beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)`` with ``m = beta p_t + (1 - beta) p_s``;
     bounded by the entropy of beta (ln 2 at beta = 0.5). Distily's version reversed the KL
-    directions and ignored beta (defect 2). log m is a logsumexp of the two weighted log
+    directions and ignored beta. log m is a logsumexp of the two weighted log
     probabilities, so it is finite wherever either distribution has mass.
     """
     _check_beta(beta)
@@ -124,7 +124,7 @@ def jsd(student, teacher, mask=None, *, beta: float = 0.5):
 def ce(student, teacher, mask=None):
     """Soft cross-entropy ``-sum_v p_t log p_s`` from logits ``[..., V]``.
 
-    Distily applied the softmax twice (defect 2); this is the textbook soft-label CE.
+    Distily applied the softmax twice; this is the textbook soft-label CE.
     """
     log_s, log_t = _log_probs(student), _log_probs(teacher)
     p_t = jnp.exp(log_t)

@@ -6,6 +6,10 @@ Total loss = Σ_component weight · mean over mapped layer pairs of
 next-token cross-entropy (`clm`). A component with weight 0 computes nothing and asks the models
 for no extra features (docs/design.md, "The objective").
 
+Packed rows: the attention component's projector and norm act on the key-position axis of each
+attention row, so each row is first moved into its own document's frame (`document_frame`):
+every per-token loss then equals the one the same document gets alone in a padded row.
+
 `Objective` is static (hashable, built once from the config); its trainable parameters (projectors
 and norms) are an ordinary pytree that lives next to the student's parameters.
 """
@@ -19,9 +23,9 @@ from typing import Any, Mapping, Optional
 import jax
 import jax.numpy as jnp
 
-from distil_jax.models.common import ModelOutput, constrain, head_logits
+from distil_jax.models.common import ModelOutput, constrain, head_logits, segment_positions
 from distil_jax.objectives.layer_mappers import get_layer_mapper
-from distil_jax.objectives.losses import LOSSES, get_loss
+from distil_jax.objectives.losses import LOSSES, get_loss, masked_mean
 from distil_jax.objectives.norms import apply_norm, init_norm
 from distil_jax.objectives.projectors import apply_projector, init_projector
 
@@ -116,6 +120,40 @@ def gather_positions(x: Array, positions: Array) -> Array:
     grouped = x.reshape((G, -1) + x.shape[2:])
     picked = jax.vmap(lambda g, i: g[i])(grouped, jnp.maximum(positions, 0))
     return picked.reshape((-1,) + x.shape[2:])
+
+
+def document_frame(maps: Array, segment_ids: Array) -> Array:
+    """Attention rows moved into their own document's frame: [B, H, S, S] -> [B, H, S, S].
+
+    In a packed row, a query of the document that starts at offset o attends to keys o..o+q
+    only (the mask keeps it in its document). Its row is shifted left by o: key o + j becomes
+    key j, and the keys past the row's end come in as 0, which is what the attention
+    probabilities are at the keys outside the document anyway. The result is exactly the row
+    that the same document gets when it starts a padded row at key 0; that matters because the
+    projector (an S x S matrix mixing key positions) and the norm (per key position affine) are
+    not shift-invariant. Rows of padding (segment 0) are shifted too and stay masked out.
+
+    maps: [B, H, S, S] attention probabilities (query, key); segment_ids: [B, S] (0 = padding).
+    """
+    S = maps.shape[-1]
+    # The offset of each query's document: its position in the row minus its position in the
+    # document.
+    offset = jnp.arange(S, dtype=jnp.int32)[None, :] - segment_positions(segment_ids)  # [B, S]
+    keys = offset[:, None, :, None] + jnp.arange(S, dtype=jnp.int32)  # [B, 1, S(query), S(key)]
+    inside = keys < S
+    shifted = jnp.take_along_axis(maps, jnp.minimum(keys, S - 1), axis=-1)
+    return jnp.where(inside, shifted, jnp.zeros((), maps.dtype))
+
+
+def _per_position(loss_fn, student: Array, teacher: Array) -> Array:
+    """A loss's value at every position: [..., F], [..., F] -> [...] float32.
+
+    Every loss of losses.py reduces each position over the feature axis and then averages the
+    positions, so its value on a single position is that position's loss."""
+    lead = student.shape[:-1]
+    flat = jax.vmap(lambda s, t: loss_fn(s[None], t[None]))(
+        student.reshape((-1, student.shape[-1])), teacher.reshape((-1, teacher.shape[-1])))
+    return flat.reshape(lead)
 
 
 def _check_heads(student, teacher) -> None:
@@ -235,6 +273,7 @@ class Objective:
         teacher_head: Optional[Array] = None,
         logits_positions: Optional[Array] = None,
         logits_chunk: int = 0,
+        single_document_rows: bool = False,
     ) -> tuple[Array, dict]:
         """The total loss and its components (float32 scalars).
 
@@ -248,6 +287,10 @@ class Objective:
           nothing but the work: no LM head or softmax over the vocabulary on padding.
         logits_chunk: tokens per chunk when the objective applies the heads (0: in one piece),
           decided on the host by `chunk_tokens`.
+        single_document_rows: the caller's promise that every row is one document from
+          position 0 followed only by padding (the pad layout): the attention rows are then
+          already in their document's frame and `document_frame` is skipped (it would be the
+          identity on every real token).
         """
         if self.n_student is None:
             raise ValueError("call Objective.bind(student_config, teacher_config) before computing the loss")
@@ -264,23 +307,78 @@ class Objective:
             if self.clm_weight:
                 parts["loss/clm"] = clm_loss
                 total += self.clm_weight * clm_loss
-        if self.hs.active:
-            pairs = self.hs_pairs(self.n_student, self.n_teacher)
-            loss = self._pairs_loss(self.hs, params["hs"], pairs, student_out.hidden_states,
-                                    teacher_out.hidden_states, mask)
-            parts["loss/hs"] = loss
-            total += self.hs.weight * loss
-        if self.attn.active:
-            pairs = self.attn_pairs(self.n_student, self.n_teacher)
-            # Attention maps are [B, H, S, S]: the mask covers query positions [B, H, S].
-            H = next(iter(student_out.attentions.values())).shape[1]
-            attn_mask = jnp.broadcast_to(mask[:, None, :], (mask.shape[0], H, mask.shape[1]))
-            loss = self._pairs_loss(self.attn, params["attn"], pairs, student_out.attentions,
-                                    teacher_out.attentions, attn_mask)
-            parts["loss/attn"] = loss
-            total += self.attn.weight * loss
+        features = self._feature_losses(params, student_out, teacher_out, segment_ids,
+                                        single_document_rows)
+        for name, comp in (("hs", self.hs), ("attn", self.attn)):
+            if name in features:
+                loss = masked_mean(features[name], mask)
+                parts[f"loss/{name}"] = loss
+                total += comp.weight * loss
         parts["loss"] = total
         return total, parts
+
+    def per_token(
+        self,
+        params: Mapping,
+        student_out: ModelOutput,
+        teacher_out: ModelOutput,
+        segment_ids: Array,
+        input_ids: Array,
+        single_document_rows: bool = False,
+    ) -> dict:
+        """Each active component's loss at every token: {"loss/<component>": [B, S] float32},
+        0 on padding (and, for clm, where no next token of the same document exists).
+
+        The losses `__call__` returns are the means of these over the real tokens (clm: over the
+        valid labels). Needs the outputs' logits (not `return_last_hidden`) for the logits and
+        clm components. For inspection and tests; training uses `__call__`.
+        """
+        if self.n_student is None:
+            raise ValueError("call Objective.bind(student_config, teacher_config) before computing the loss")
+        mask = segment_ids > 0
+        out = {}
+        if self.logits.active or self.clm_weight:
+            s = student_out.logits.astype(jnp.float32)
+            if self.logits.active:
+                t = teacher_out.logits.astype(jnp.float32)
+                fn = get_loss(self.logits.loss_fn)
+                T = self.temperature
+                if self.logits.loss_fn in _DISTRIBUTION_LOSSES and T != 1.0:
+                    values = _per_position(fn, s / T, t / T) * (T * T)
+                else:
+                    values = _per_position(fn, s, t)
+                out["loss/logits"] = jnp.where(mask, values, 0.0)
+            if self.clm_weight:
+                labels, label_ok = next_token_targets(input_ids, segment_ids)
+                logp = jax.nn.log_softmax(s, axis=-1)
+                nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+                out["loss/clm"] = jnp.where(label_ok, nll, 0.0)
+        for name, values in self._feature_losses(params, student_out, teacher_out, segment_ids,
+                                                 single_document_rows).items():
+            out[f"loss/{name}"] = jnp.where(mask, values, 0.0)
+        return out
+
+    def _feature_losses(self, params, student_out, teacher_out, segment_ids,
+                        single_document_rows) -> dict:
+        """{"hs" / "attn": per-token loss [B, S]} of the active feature components (every
+        position, padding included: the caller masks), each the mean over its layer pairs."""
+        out = {}
+        if self.hs.active:
+            pairs = self.hs_pairs(self.n_student, self.n_teacher)
+            out["hs"] = self._pairs_loss(self.hs, params["hs"], pairs, student_out.hidden_states,
+                                         teacher_out.hidden_states)
+        if self.attn.active:
+            pairs = self.attn_pairs(self.n_student, self.n_teacher)
+            s_maps, t_maps = student_out.attentions, teacher_out.attentions
+            if not single_document_rows:
+                # Packed rows: the projector and norm act on key positions, so each row must be
+                # in its document's frame (pad layout: it already is).
+                s_maps = {i: document_frame(s_maps[i], segment_ids) for i, _ in pairs}
+                t_maps = {j: document_frame(t_maps[j], segment_ids) for _, j in pairs}
+            # [B, H, S] per (head, query) row -> [B, S]: the mean over heads, so that the mean over
+            # real tokens is the mean over every real (head, query) row, as before.
+            out["attn"] = self._pairs_loss(self.attn, params["attn"], pairs, s_maps, t_maps).mean(1)
+        return out
 
     def bind(self, student, teacher) -> "Objective":
         """A copy with the models' layer counts fixed; mapper errors surface here, not in jit."""
@@ -291,13 +389,15 @@ class Objective:
             _check_heads(student, teacher)
         return bound
 
-    def _pairs_loss(self, comp: Component, params, pairs, student_feats, teacher_feats, mask):
+    def _pairs_loss(self, comp: Component, params, pairs, student_feats, teacher_feats) -> Array:
+        """Per-position loss [...] (the features' shape without the last axis), averaged over
+        the layer pairs: projector (student side) -> norm -> loss, in float32."""
         loss_fn = get_loss(comp.loss_fn)
         losses = []
         for s_idx, t_idx in pairs:
             s = apply_projector(comp.projector, params["projector"], student_feats[s_idx].astype(jnp.float32))
             s, t = apply_norm(comp.norm, params["norm"], s, teacher_feats[t_idx].astype(jnp.float32))
-            losses.append(loss_fn(s, t, mask))
+            losses.append(_per_position(loss_fn, s, t))
         return sum(losses) / len(losses)
 
     def _logits_losses(self, student_out, teacher_out, segment_ids, input_ids, s_head, t_head,
