@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from distil_jax import checkpoint, data, hf, models, student
+from distil_jax import checkpoint, data, hf, models, student, teacher_cache
 from distil_jax.config import DTYPES, validate
 from distil_jax.objectives.objective import Objective
 from distil_jax.train_step import (BucketedTrainStep, StepConfig, create_train_state, make_eval_step,
@@ -143,6 +143,27 @@ def _prepare_demo(config, workdir: Path):
             demo.ensure_teacher(workdir, config.demo_teacher, config.dataset, seed=config.train.seed))
 
 
+def _load_teacher(config, weights: bool = False):
+    """(teacher config, params on the host). With a teacher cache the weights are read only when
+    the student's initialization copies teacher modules (or `weights`), else params is None."""
+    path = config.teacher.model_name_or_path
+    if config.teacher.cache and not weights and \
+            not teacher_cache.student_needs_teacher_weights(config.student.to_dict()):
+        return hf.load_config(path), None
+    return hf.load_pretrained(path, DTYPES[config.teacher.dtype])
+
+
+def _open_teacher_cache(config, teacher_cfg, tokenizer, seq_len: int, train_rows):
+    """The run's TeacherCache (checked against this run's teacher, tokenizer, rows, temperature
+    and k), or None when the run computes the teacher online."""
+    if not config.teacher.cache:
+        return None
+    pins = teacher_cache.run_pins(config, teacher_cfg, tokenizer, seq_len, train_rows,
+                                  teacher_cache.teacher_fingerprint(config.teacher.model_name_or_path))
+    k = teacher_cache.effective_k(config.teacher.cache_k, teacher_cfg.vocab_size)
+    return teacher_cache.TeacherCache.open(config.teacher.cache, pins, train_rows, k)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     """Run (or resume) the distillation described by `config` in `workdir`; returns the final
     metrics: {"step", "loss", ..., "eval": {evaluator: {"teacher", "student_start", "student_end"}}}."""
@@ -150,6 +171,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     config = validate(ml_collections.ConfigDict(config.to_dict()))
     # Refuse an attention implementation this machine cannot run before any download or work.
     models.check_attention_impl(config.train.attention, DTYPES[config.train.dtype])
+    # Likewise an objective that a teacher cache cannot feed, or a missing / incomplete cache.
+    teacher_cache.check_config(config)
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     if config.demo_teacher.enabled:
@@ -157,8 +180,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     _write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
 
     # Teacher, tokenizer, sequence length.
-    teacher_cfg, teacher_params = hf.load_pretrained(config.teacher.model_name_or_path,
-                                                     DTYPES[config.teacher.dtype])
+    teacher_cfg, teacher_params = _load_teacher(config)
     tokenizer = _tokenizer(config.tokenizer_name_or_path or config.teacher.model_name_or_path)
     if not (workdir / "tokenizer").exists():
         tokenizer.save_pretrained(workdir / "tokenizer")
@@ -173,6 +195,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         # Every sampled row of an extra evaluator is an evaluation row.
         eval_sets[name], _ = data.texts_to_rows(data.load_all_texts(spec), tokenizer, seq_len,
                                                 config.dataset.layout, workdir / "cache", name)
+    cache = _open_teacher_cache(config, teacher_cfg, tokenizer, seq_len, train_rows)
 
     # Student and objective.
     rng = jax.random.PRNGKey(config.train.seed)
@@ -185,6 +208,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         raise ValueError(f"sequence length {seq_len} exceeds the student's maximum of "
                          f"{student_cfg.max_positions} positions; lower dataset.max_seq_len")
     hf.config_to_hf(student_cfg).save_pretrained(workdir / "student")
+    if cache is not None:
+        teacher_params = None  # read only to build the student; the step runs no teacher
     obj_cfg = config.objective.to_dict()
     if obj_cfg.get("logits_chunk_tokens", -1) < 0:
         obj_cfg["logits_chunk_tokens"] = None
@@ -196,8 +221,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
 
     # Steps and optimizer.
     rows_per_step = config.train.batch_size * config.train.grad_accum
-    batches = data.BatchIterator(train_rows, rows_per_step, shuffle=True, seed=config.train.seed,
-                                 drop_last=False)
+    if cache is not None:  # the same batches, with the teacher's cached targets attached
+        batches = cache.batches(train_rows, rows_per_step, seed=config.train.seed, drop_last=False)
+    else:
+        batches = data.BatchIterator(train_rows, rows_per_step, shuffle=True, seed=config.train.seed,
+                                     drop_last=False)
     if config.train.max_steps > 0:
         total_steps = int(config.train.max_steps)
     else:
@@ -207,7 +235,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                     dtype=DTYPES[config.train.dtype], remat=config.train.remat,
                     grad_accum=config.train.grad_accum, dropout=config.student.dropout,
                     attention_impl=config.train.attention,
-                    single_document_rows=config.dataset.layout == "pad")
+                    single_document_rows=config.dataset.layout == "pad",
+                    teacher_cache_k=cache.k if cache is not None else 0)
     mesh = make_mesh()
     state = replicate(create_train_state(params, tx, rng_state), mesh)
     teacher_params = replicate(teacher_params, mesh)
@@ -265,7 +294,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         for name, rows in eval_sets.items():
             rec = evals.setdefault(name, {})
             if "teacher" not in rec:  # the teacher does not change: once
-                rec["teacher"] = evaluate(eval_teacher, teacher_params, rows, config.eval.batch_size, mesh)
+                rec["teacher"] = teacher_eval(rows)
             res = evaluate(eval_student, state.params["student"], rows, config.eval.batch_size, mesh)
             res["step"] = step
             if which:
@@ -276,6 +305,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
             log.info("eval %s step %d: student ppl %.3f (Distily's per-document mean %.3f), "
                      "teacher ppl %.3f", name, step, res["ppl"], res["distily_ppl"], rec["teacher"]["ppl"])
         _write_json(evals_path, evals)
+
+    def teacher_eval(rows) -> dict:
+        """The teacher's evaluation: from the teacher cache's manifest when it has these rows,
+        else computed (loading the teacher's weights once if the run has not)."""
+        nonlocal teacher_params
+        if cache is not None:
+            recorded = cache.teacher_eval(rows)
+            if recorded is not None:
+                return recorded
+            if teacher_params is None:
+                teacher_params = replicate(_load_teacher(config, weights=True)[1], mesh)
+        return evaluate(eval_teacher, teacher_params, rows, config.eval.batch_size, mesh)
 
     if start == 0:
         run_eval("student_start", 0)
@@ -337,6 +378,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         if do_log or do_save or do_eval:
             t_log = time.time()  # eval and checkpoint time is not training time
     bar.close()
+    if cache is not None:
+        batches.close()  # the prefetch thread
     if start < total_steps or "student_end" not in evals.get("heldout", {}):
         run_eval("student_end", step)
     writer.close()
@@ -346,7 +389,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     summary = {
         "started_at": run["started_at"],
         "teacher": {"name_or_path": config.teacher.model_name_or_path, "params": n_teacher,
-                    "n_layer": teacher_cfg.num_layers, "config": hf.config_to_hf(teacher_cfg).to_dict()},
+                    "n_layer": teacher_cfg.num_layers, "config": hf.config_to_hf(teacher_cfg).to_dict()}
+        | ({"cache": {**cache.summary(), "host_wait_s": batches.wait_s}} if cache is not None else {}),
         "student": {"params": n_student, "n_layer": student_cfg.num_layers,
                     "config": hf.config_to_hf(student_cfg).to_dict()},
         "dataset": {k: config.dataset[k] for k in ("uri", "subset", "split", "column")}
