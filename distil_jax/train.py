@@ -8,6 +8,7 @@ checkpoint, exactly: the data iterator's position and the RNG are part of the ch
 
 Workdir layout: config.json, tokenizer/, student/config.json, checkpoints/, metrics.jsonl,
 tb/ (TensorBoard events), evals.json, run_summary.json, cache/ (tokenized data),
+teacher_cache/ (python -m distil_jax.record_teacher's default output; see docs/teacher_cache.md),
 and for the offline demo teacher/ and data/.
 """
 
