@@ -152,8 +152,8 @@ def read_manifest(folder: str | os.PathLike) -> Optional[dict]:
 # ----------------------------------------------------------------------------- fingerprints
 
 
-def _sha256_file(path: Path, h=None) -> str:
-    h = h or hashlib.sha256()
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
