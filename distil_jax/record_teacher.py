@@ -55,7 +55,7 @@ def record(config: ml_collections.ConfigDict, workdir, *, shard_rows: int = 0,
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     if config.demo_teacher.enabled:
-        train_lib._prepare_demo(config, workdir)
+        config = train_lib._with_demo_inputs(config, workdir)
     out = Path(config.teacher.cache or workdir / "teacher_cache").resolve()
     if config.teacher.cache_dtype not in tc.LOGPROB_DTYPES:
         raise ValueError(f"teacher.cache_dtype={config.teacher.cache_dtype!r}: use "
@@ -67,12 +67,8 @@ def record(config: ml_collections.ConfigDict, workdir, *, shard_rows: int = 0,
     tokenizer = train_lib._tokenizer(config.tokenizer_name_or_path or teacher_path)
     tok_max = getattr(tokenizer, "model_max_length", None) or teacher_cfg.max_positions
     seq_len = int(min(config.dataset.max_seq_len, teacher_cfg.max_positions, tok_max))
-    train_rows, test_rows, _ = data.build_datasets(config.dataset, tokenizer, seq_len,
-                                                   config.dataset.layout, cache_dir=workdir / "cache")
-    eval_sets = {"heldout": test_rows}
-    for name, spec in config.eval.evaluators.items():
-        eval_sets[name], _ = data.texts_to_rows(data.load_all_texts(spec), tokenizer, seq_len,
-                                                config.dataset.layout, workdir / "cache", name)
+    # The run's own data builder: the same rows, evaluators and token cache as training.
+    train_rows, eval_sets, _ = train_lib.build_data(config, tokenizer, seq_len, workdir / "cache")
 
     k = tc.effective_k(config.teacher.cache_k, teacher_cfg.vocab_size)
     n_rows = int(train_rows["input_ids"].shape[0])

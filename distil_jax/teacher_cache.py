@@ -183,8 +183,11 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(data._tokenizer_fingerprint(tokenizer)).hexdigest()
 
 
-def rows_fingerprint(arrays: Mapping[str, np.ndarray]) -> str:
-    """sha256 of a set of rows (input_ids and segment_ids, with their shapes)."""
+def rows_fingerprint(arrays) -> str:
+    """sha256 of a set of rows (input_ids and segment_ids, with their shapes); an evaluator's
+    `data.EvalSet` by its rows and Distily's evaluator rows."""
+    if hasattr(arrays, "distily_rows"):
+        return rows_fingerprint(arrays.rows) + rows_fingerprint(arrays.distily_rows)[:16]
     h = hashlib.sha256()
     for key in ("input_ids", "segment_ids"):
         a = np.ascontiguousarray(np.asarray(arrays[key], np.int32))

@@ -402,6 +402,7 @@ def test_train_from_cache_resumes_exactly_and_exports(recorded, trained_from_cac
 
     resumed = _seed_workdir(src, tmp_path / "resumed")
     shutil.copytree(workdir / "checkpoints" / "10", resumed / "checkpoints" / "10")
+    shutil.copy(workdir / "config.json", resumed / "config.json")  # the run's record: a resume needs it
     again = train(tiny_config(**{"teacher.cache": str(src / "teacher_cache")}), resumed)
     assert again["step"] == 20
     _, a = checkpoint.restore_params(resumed)
