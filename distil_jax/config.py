@@ -26,6 +26,12 @@ def default_config() -> ml_collections.ConfigDict:
     # HF folder or hub id of a causal LM whose model_type is gpt2, llama, qwen2, qwen3 or mistral
     c.teacher.model_name_or_path = "gpt2"
     c.teacher.dtype = "bfloat16"  # dtype the teacher's weights are held in (it is never trained)
+    # A teacher cache folder (python -m distil_jax.record_teacher writes one): train from the
+    # teacher's recorded top-k log-probabilities instead of running it; "" = run the teacher.
+    # Logits-only objectives (kl, reverse_kl, cakld, jsd, ce); see docs/teacher_cache.md.
+    c.teacher.cache = ""
+    c.teacher.cache_k = 64  # top-k tokens per position recorded (training may use fewer)
+    c.teacher.cache_dtype = "float16"  # stored log-probabilities: float16 or float32
 
     c.tokenizer_name_or_path = ""  # "" = the teacher's tokenizer
 
@@ -404,6 +410,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(config, default_config(), "")
     _check_ranges(config)
     _check_mesh(config.train)
+    if config.teacher.cache_k <= 0:
+        raise ValueError(f"teacher.cache_k={config.teacher.cache_k}: use a positive number of "
+                         "tokens per position (default 64)")
+    if config.teacher.cache_dtype not in ("float16", "float32"):
+        raise ValueError(f"teacher.cache_dtype={config.teacher.cache_dtype!r}: use 'float16' or "
+                         "'float32'")
     return config
 
 

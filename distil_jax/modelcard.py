@@ -417,6 +417,16 @@ def _summary_section(f: _Facts) -> str:
     lines.append(f"- **Teacher:** {f'`{teacher}`' if teacher else NOT_RECORDED}"
                  + (f", {_int(t_params)} parameters" if t_params is not None else "")
                  + (f", {_layers(t_layers)}" if t_layers is not None else ""))
+    cache = _get(summary, "teacher", "cache")
+    if isinstance(cache, Mapping) and cache.get("k"):
+        vocab = cache.get("vocab_size")
+        lines.append(f"- **Teacher outputs:** read from a top-{cache['k']} teacher cache, not computed "
+                     f"during training: the teacher's {cache['k']} most probable next tokens"
+                     + (f" of {_int(vocab)}" if vocab else "")
+                     + f" at every position ({cache.get('logprobs_dtype', '')} log-probabilities, "
+                     f"recorded at temperature {cache.get('temperature', 1.0)}) plus the probability "
+                     "mass of the rest as one bucket; the logits loss compared the student with that "
+                     "coarse-grained distribution (distil_jax docs/teacher_cache.md)")
     lines.append("- **Student:** " + (f"{_int(s_params)} parameters" if s_params is not None
                                        else f"parameter count {NOT_RECORDED}")
                  + (f", {_layers(s_layers)}" if s_layers is not None else ""))

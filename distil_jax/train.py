@@ -16,7 +16,8 @@ second run, a changed config or a NaN do: docs/usage.md, "What happens when".
 
 Workdir layout: config.json, tokenizer/, student/config.json, checkpoints/, metrics.jsonl,
 tb/ (TensorBoard events), evals.json, run_summary.json, sessions.jsonl, .lock, cache/ (tokenized
-data), and for the offline demo teacher/ and data/.
+data), teacher_cache/ (python -m distil_jax.record_teacher's default output; see
+docs/teacher_cache.md), and for the offline demo teacher/ and data/.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from distil_jax import checkpoint, data, fsio, hf, models, sharding, student
+from distil_jax import checkpoint, data, fsio, hf, models, sharding, student, teacher_cache
 from distil_jax import workdir as workdir_lib
 from distil_jax.config import DTYPES, validate
 from distil_jax.objectives.objective import Objective
@@ -192,13 +193,34 @@ def grad_norm_variance(grad_norms) -> Optional[float]:
 
 
 def load_teacher(config) -> tuple:
-    """(teacher config, teacher params in teacher.dtype, tokenizer, sequence length)."""
-    teacher_cfg, teacher_params = hf.load_pretrained(config.teacher.model_name_or_path,
-                                                     DTYPES[config.teacher.dtype])
+    """(teacher config, teacher params in teacher.dtype, tokenizer, sequence length). With a
+    teacher cache the weights are read only when the student's initialization copies teacher
+    modules (params None otherwise): the step never runs the teacher."""
+    path = config.teacher.model_name_or_path
+    if config.teacher.cache and not teacher_cache.student_needs_teacher_weights(config.student.to_dict()):
+        teacher_cfg, teacher_params = hf.load_config(path), None
+    else:
+        teacher_cfg, teacher_params = hf.load_pretrained(path, DTYPES[config.teacher.dtype])
     tokenizer = _tokenizer(config.tokenizer_name_or_path or config.teacher.model_name_or_path)
     tok_max = getattr(tokenizer, "model_max_length", None) or teacher_cfg.max_positions
     seq_len = int(min(config.dataset.max_seq_len, teacher_cfg.max_positions, tok_max))
     return teacher_cfg, teacher_params, tokenizer, seq_len
+
+
+def _load_teacher_weights(config):
+    """The teacher's parameters on the host (a cached run that evaluates the teacher itself)."""
+    return hf.load_pretrained(config.teacher.model_name_or_path, DTYPES[config.teacher.dtype])[1]
+
+
+def open_teacher_cache(config, teacher_cfg, tokenizer, seq_len: int, train_rows):
+    """The run's TeacherCache (checked against this run's teacher, tokenizer, rows, temperature
+    and k), or None when the run computes the teacher online."""
+    if not config.teacher.cache:
+        return None
+    pins = teacher_cache.run_pins(config, teacher_cfg, tokenizer, seq_len, train_rows,
+                                  teacher_cache.teacher_fingerprint(config.teacher.model_name_or_path))
+    k = teacher_cache.effective_k(config.teacher.cache_k, teacher_cfg.vocab_size)
+    return teacher_cache.TeacherCache.open(config.teacher.cache, pins, train_rows, k)
 
 
 def build_student(student_section: Mapping, teacher_cfg, teacher_params, rng, seq_len: int) -> tuple:
@@ -285,6 +307,14 @@ class Run:
     state: Any  # the TrainState at step 0, placed by `placement`
     placement: Any = None  # sharding.Placement: where state, teacher and batches live
     trainable: Any = None  # the bool mask of the trained tree (grad_norm covers its student part)
+    cache: Any = None  # the teacher cache the batches come with (teacher.cache), or None
+
+    @property
+    def step_placement(self):
+        """The step's shardings: from a teacher cache, no teacher argument to place."""
+        if self.cache is None or self.placement is None:
+            return self.placement
+        return dataclasses.replace(self.placement, teacher=None)
 
     @property
     def rows_per_step(self) -> int:
@@ -304,7 +334,12 @@ def build_run(config, workdir: Path) -> Run:
     params, trainable = trained_params(objective, student_params, student_trainable, rng_objective,
                                        student_cfg, teacher_cfg, seq_len)
     train_rows, eval_sets, data_stats = build_data(config, tokenizer, seq_len, workdir / "cache")
-    batches = train_batches(config, train_rows)
+    cache = open_teacher_cache(config, teacher_cfg, tokenizer, seq_len, train_rows)
+    if cache is not None:  # the same batches, with the teacher's cached targets attached
+        batches = cache.batches(train_rows, config.train.batch_size * config.train.grad_accum,
+                                seed=config.train.seed, drop_last=False)
+    else:
+        batches = train_batches(config, train_rows)
     total_steps = run_steps(config.train, batches.steps_per_epoch)
     tx, schedule = make_optimizer(config.optimizer.to_dict(), total_steps, trainable)
     # The mesh and where every array lives on it (a mesh that does not fit the devices or the
@@ -317,14 +352,26 @@ def build_run(config, workdir: Path) -> Run:
                              f"{sharding.batch_shards(mesh)} batch shards of train.mesh (data x "
                              f"fsdp of {dict(mesh.shape)}); use a multiple")
     state = create_train_state(params, tx, rng_state)
-    placement = sharding.make_placement(mesh, state, student_cfg, teacher_cfg, teacher_params)
+    if cache is not None:
+        # Read only to build the student (if at all); the step runs no teacher.
+        fingerprint = teacher_cache.teacher_fingerprint(config.teacher.model_name_or_path)
+        teacher_params = None
+    else:
+        fingerprint = workdir_lib.fingerprint(teacher_params)
+    placement = sharding.make_placement(
+        mesh, state, student_cfg, teacher_cfg,
+        teacher_params if teacher_params is not None else models.param_shapes(teacher_cfg))
+    s_config = step_config(config, teacher_cfg, student_cfg, objective)
+    if cache is not None:
+        s_config = dataclasses.replace(s_config, teacher_cache_k=cache.k)
     return Run(config=config, teacher_cfg=teacher_cfg,
-               teacher_params=placement.put_teacher(teacher_params),
-               teacher_fingerprint=workdir_lib.fingerprint(teacher_params), tokenizer=tokenizer,
+               teacher_params=None if teacher_params is None else placement.put_teacher(teacher_params),
+               teacher_fingerprint=fingerprint, tokenizer=tokenizer,
                seq_len=seq_len, student_cfg=student_cfg, eval_sets=eval_sets, data_stats=data_stats,
                batches=batches, total_steps=total_steps, tx=tx, schedule=schedule,
-               step_config=step_config(config, teacher_cfg, student_cfg, objective), mesh=mesh,
-               state=placement.put_state(state), placement=placement, trainable=trainable)
+               step_config=s_config, mesh=mesh,
+               state=placement.put_state(state), placement=placement, trainable=trainable,
+               cache=cache)
 
 
 def _with_demo_inputs(config, workdir: Path):
@@ -435,6 +482,27 @@ def _remove_new_workdir(workdir: Path) -> None:
 # ----------------------------------------------------------------------------- the run
 
 
+def _load_teacher(config, weights: bool = False):
+    """(teacher config, params on the host). With a teacher cache the weights are read only when
+    the student's initialization copies teacher modules (or `weights`), else params is None."""
+    path = config.teacher.model_name_or_path
+    if config.teacher.cache and not weights and \
+            not teacher_cache.student_needs_teacher_weights(config.student.to_dict()):
+        return hf.load_config(path), None
+    return hf.load_pretrained(path, DTYPES[config.teacher.dtype])
+
+
+def _open_teacher_cache(config, teacher_cfg, tokenizer, seq_len: int, train_rows):
+    """The run's TeacherCache (checked against this run's teacher, tokenizer, rows, temperature
+    and k), or None when the run computes the teacher online."""
+    if not config.teacher.cache:
+        return None
+    pins = teacher_cache.run_pins(config, teacher_cfg, tokenizer, seq_len, train_rows,
+                                  teacher_cache.teacher_fingerprint(config.teacher.model_name_or_path))
+    k = teacher_cache.effective_k(config.teacher.cache_k, teacher_cfg.vocab_size)
+    return teacher_cache.TeacherCache.open(config.teacher.cache, pins, train_rows, k)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     """Run (or resume) the distillation described by `config` in `workdir`; returns the final
     metrics: {"step", "loss", ..., "eval": {evaluator: {"teacher", "student_start", "student_end"}}}.
@@ -449,6 +517,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                                     config.train.process_id, config.train.heartbeat_timeout_s)
     # Refuse an attention implementation this machine cannot run before any download or work.
     models.check_attention_impl(config.train.attention, DTYPES[config.train.dtype])
+    # Likewise an objective that a teacher cache cannot feed, or a missing / incomplete cache.
+    teacher_cache.check_config(config)
     workdir = Path(workdir).resolve()
     given = json.loads(config.to_json_best_effort())
     # Process 0 holds the workdir and writes its records; the other processes of a multi-host
@@ -551,7 +621,7 @@ class Session:
         for name, rows in run.eval_sets.items():
             rec = self.evals.setdefault(name, {})
             if "teacher" not in rec:  # the teacher does not change: once
-                rec["teacher"] = evaluate(self.eval_teacher, run.teacher_params, rows, bs, run.mesh)
+                rec["teacher"] = self.teacher_eval(rows)
             res = evaluate(self.eval_student, run.state.params["student"], rows, bs, run.mesh)
             res["step"] = step
             if which:
@@ -571,6 +641,18 @@ class Session:
                 "train_time_s": p["train_time_s"] + self.train_time,
                 "wall_time_s": p["wall_time_s"] + time.time() - self.t_start,
                 "started_at": p["started_at"]}
+
+    def teacher_eval(self, rows) -> dict:
+        """The teacher's evaluation: from the teacher cache's manifest when it has these rows,
+        else computed (loading the teacher's weights once if the run has not)."""
+        run = self.run
+        if run.cache is not None:
+            recorded = run.cache.teacher_eval(rows)
+            if recorded is not None:
+                return recorded
+            if run.teacher_params is None:
+                run.teacher_params = run.placement.put_teacher(_load_teacher_weights(run.config))
+        return evaluate(self.eval_teacher, run.teacher_params, rows, run.config.eval.batch_size, run.mesh)
 
     def save(self, state, step: int, data_state: dict) -> None:
         checkpoint.save(self.mngr, state, {**data_state, "teacher_fingerprint": self.run.teacher_fingerprint})
@@ -619,7 +701,7 @@ class Session:
         # step for that one batch would cost more than it saves, so buckets are for padded rows.
         buckets = cfg.train.logits_buckets if cfg.dataset.layout == "pad" else 0
         step_fn = BucketedTrainStep(run.step_config, run.tx, run.schedule, buckets=buckets,
-                                    on_compile=on_compile, placement=run.placement,
+                                    on_compile=on_compile, placement=run.step_placement,
                                     trainable=run.trainable)
         pending, grad_norms = [], collections.deque(self.saved_norms, maxlen=GRAD_NORM_WINDOW)
         untimed = []  # host metrics of the first step (compilation): logged, not in tokens/s
@@ -678,6 +760,8 @@ class Session:
                 if do_log or do_save or do_eval:
                     timer.restart()  # eval and checkpoint time is not training time
             bar.close()
+            if run.cache is not None:
+                run.batches.close()  # the prefetch thread
             if self.start < run.total_steps or "student_end" not in self.evals.get("heldout", {}):
                 ppl = self.evaluate("student_end", step)["student_end"]["ppl"]
                 if not np.isfinite(ppl):
@@ -705,7 +789,9 @@ class Session:
             "teacher": {"name_or_path": run.config.teacher.model_name_or_path,
                         "params": models.param_count(run.teacher_cfg), "n_layer": run.teacher_cfg.num_layers,
                         "config": hf.config_to_hf(run.teacher_cfg).to_dict(),
-                        "fingerprint": run.teacher_fingerprint},
+                        "fingerprint": run.teacher_fingerprint}
+            | ({"cache": {**run.cache.summary(), "host_wait_s": run.batches.wait_s}}
+               if run.cache is not None else {}),
             "student": {"params": models.param_count(run.student_cfg), "n_layer": run.student_cfg.num_layers,
                         "config": hf.config_to_hf(run.student_cfg).to_dict()},
             "dataset": {k: ds[k] for k in ("uri", "subset", "split", "column")}

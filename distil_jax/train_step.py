@@ -31,7 +31,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from distil_jax import models, sharding
-from distil_jax.objectives.objective import Objective, next_token_targets, real_token_positions
+from distil_jax.objectives.objective import (CachedTeacher, Objective, next_token_targets,
+                                             real_token_positions)
 
 Array = jax.Array
 
@@ -184,6 +185,10 @@ class StepConfig:
     logits_chunk: int = 0
     attention_impl: str = "xla"  # fused attention of the unmapped layers: "xla" or "cudnn"
     single_document_rows: bool = False  # the pad layout's rows (see the models' forward)
+    # > 0: the teacher is read from a teacher cache holding its top-k log-probabilities (k of
+    # them per position, docs/teacher_cache.md) instead of run: the batch carries them under
+    # objective.CACHE_BATCH_KEYS, the step gets no teacher parameters (None) and runs no teacher.
+    teacher_cache_k: int = 0
 
 
 def with_logits_chunk(sc: StepConfig, rows: int, seq: int) -> StepConfig:
@@ -197,7 +202,8 @@ def with_logits_chunk(sc: StepConfig, rows: int, seq: int) -> StepConfig:
 def distill_loss(sc: StepConfig, params: Mapping, teacher_params: Mapping, batch: Mapping,
                  rng: Optional[Array]) -> tuple[Array, dict]:
     """The objective on one (micro-)batch: (loss, metrics). params: {"student", "objective"} (the
-    trained parameters); batch: input_ids, segment_ids [B, S]."""
+    trained parameters); batch: input_ids, segment_ids [B, S], and with sc.teacher_cache_k the
+    cached teacher targets (CachedTeacher.from_batch)."""
     ids, seg = batch["input_ids"], batch["segment_ids"]
     B, S = ids.shape
     obj = sc.objective
@@ -210,7 +216,14 @@ def distill_loss(sc: StepConfig, params: Mapping, teacher_params: Mapping, batch
                   attention_impl=sc.attention_impl, single_document_rows=sc.single_document_rows)
     needs_teacher = obj.logits.active or obj.hs.active or obj.attn.active
     t_out = None
-    if needs_teacher:  # a clm-only objective (pretraining) runs no teacher at all
+    if sc.teacher_cache_k and needs_teacher:
+        obj.check_cacheable()  # startup checks this first; here so no path can trace past it
+        t_out = CachedTeacher.from_batch(batch)
+        if t_out.ids.shape[-1] != sc.teacher_cache_k:
+            raise ValueError(f"the batch carries top-{t_out.ids.shape[-1]} teacher targets, the step "
+                             f"was built for teacher_cache_k={sc.teacher_cache_k}")
+        needs_teacher = False  # nothing of the teacher runs
+    elif needs_teacher:  # a clm-only objective (pretraining) runs no teacher at all
         teacher_params = jax.lax.stop_gradient(teacher_params)
         t_out = models.forward(sc.teacher, teacher_params, ids, **feats["teacher"], **common)
         t_out = jax.lax.stop_gradient(t_out)

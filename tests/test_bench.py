@@ -210,3 +210,22 @@ def test_profile_steps_writes_a_trace_and_top_ops(tmp_path):
     assert lines[0].startswith("jax.profiler trace of 2 steps")
     assert len(lines) > 2  # at least one timed event
     assert float(lines[2].split()[0]) >= 0.0
+
+
+@pytest.mark.slow
+def test_teacher_cache_side_against_online(tmp_path):
+    """--teacher-cache-k: distil_jax from a top-k cache against its online step, both on the
+    logits-only objective, in one invocation (in this process)."""
+    out = tmp_path / "bench.json"
+    assert bt.main(["--teacher", "tiny", "--batch", "2", "--seq-len", "16", "--steps", "1",
+                    "--warmup-steps", "1", "--windows", "1", "--teacher-cache-k", "8", "--no-isolate",
+                    "--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert {"jax", "jax_cache", "ratio_cache_real_tokens_per_s"} <= set(d) and "torch" not in d
+    assert d["config"]["objective"] == "logits" and d["jax_cache"]["teacher_cache_k"] == 8
+    assert d["ratio_cache_real_tokens_per_s"] == pytest.approx(
+        d["jax_cache"]["real_tokens_per_s"] / d["jax"]["real_tokens_per_s"])
+    # No teacher FLOPs from a cache.
+    assert d["jax_cache"]["flops_per_token_parts"]["teacher"] == 0 < d["jax"]["flops_per_token_parts"]["teacher"]
+    with pytest.raises(ValueError, match="the torch baseline runs the reference objective only"):
+        bt.bench(bt.BenchConfig(teacher="tiny", teacher_cache_k=8), sides=("torch",), isolate=False)

@@ -6,6 +6,14 @@ weights (nothing is downloaded).
     python tools/bench_throughput.py --teacher gpt2-config --student-layers 6 --batch 4 \\
         --seq-len 256 --steps 6 --warmup-steps 2 --layout padded --json bench.json
 
+`--teacher-cache-k K` adds a third side, distil_jax training from a top-K teacher cache (the
+teacher's recorded top-K log-probabilities plus the rest's mass; docs/teacher_cache.md), and
+compares it with distil_jax's online step on the same logits-only objective (KL on the logits,
+`--objective logits`, implied): the default sides become `jax,jax_cache`. The cache side's targets
+are synthetic (K distinct random ids with sorted log-probabilities per position, as the cache
+stores them: uint16 ids, float16 log-probs), made on the host before timing, so its process
+never builds the teacher: its memory is what training from a cache needs.
+
 Each side runs in its own subprocess (so that peak RSS / device memory do not mix) and reports:
 median step time with min / max over timing windows, tokens/s over all positions and over real
 (non-padding) tokens, compile and warm-up time, peak memory (device memory on a GPU: jax
@@ -116,6 +124,9 @@ REFERENCE_OBJECTIVE = dict(
               norm="layernorm_teacher_only_affine", projector="orthogonal"),
 )
 ATTN_LAYER_K = 2  # layer-2
+# The logits-only objective of the teacher-cache comparison (what a cache can feed).
+LOGITS_OBJECTIVE = dict(logits=dict(weight=1.0, loss_fn="kl"))
+OBJECTIVES = {"reference": REFERENCE_OBJECTIVE, "logits": LOGITS_OBJECTIVE}
 
 GPU_PEAK_TFLOPS = 989.0  # H100 / H200 SXM, dense bf16
 
@@ -146,6 +157,8 @@ class BenchConfig:
     peak_tflops: Optional[float] = None
     gemm_size: int = 2048  # n of the n^3 f32 GEMM each side times; 0: skip
     gemm_reps: int = 10
+    objective: str = "reference"  # "reference" (KL + attention maps) or "logits" (KL only)
+    teacher_cache_k: int = 0  # > 0: the jax_cache side trains from a top-k teacher cache
 
     def resolved(self) -> "BenchConfig":
         c = dataclasses.replace(self)
@@ -168,6 +181,13 @@ class BenchConfig:
         if c.steps < 1:
             raise ValueError("--steps must be >= 1")
         c.windows = max(1, min(c.windows, c.steps))
+        if c.teacher_cache_k < 0:
+            raise ValueError("--teacher-cache-k must be >= 0")
+        if c.teacher_cache_k:
+            c.objective = "logits"  # a cache holds no attention maps: both sides logits-only
+            c.teacher_cache_k = min(c.teacher_cache_k, shape(c.teacher)["vocab"])
+        if c.objective not in OBJECTIVES:
+            raise ValueError(f"unknown --objective {c.objective!r}; valid: {', '.join(OBJECTIVES)}")
         return c
 
 
@@ -229,14 +249,16 @@ def block_params(t: dict) -> int:
     return 2 * D * D + 2 * D * kv + (3 if t["glu"] else 2) * D * t["mlp"]
 
 
-def flops_per_token(cfg: BenchConfig) -> dict:
-    """Model FLOPs per token position (see the module docstring for the formula)."""
+def flops_per_token(cfg: BenchConfig, teacher_forward: bool = True) -> dict:
+    """Model FLOPs per token position (see the module docstring for the formula). The
+    logits-only objective maps no attention (P = 0); from a teacher cache
+    (teacher_forward=False) no teacher FLOPs are spent."""
     t = shape(cfg.teacher)
     D, V, H, Lt = t["width"], t["vocab"], t["heads"], t["layers"]
-    Ls, S, P = cfg.student_layers, cfg.seq_len, 1
+    Ls, S, P = cfg.student_layers, cfg.seq_len, 1 if cfg.objective == "reference" else 0
     N = block_params(t)
     student = 6 * N * Ls + 12 * Ls * S * D + 6 * D * V
-    teacher = 2 * N * Lt + 4 * Lt * S * D + 2 * D * V
+    teacher = 2 * N * Lt + 4 * Lt * S * D + 2 * D * V if teacher_forward else 0
     objective = 6 * H * S * S * P
     return dict(student=student, teacher=teacher, objective=objective, total=student + teacher + objective)
 
@@ -309,10 +331,11 @@ def gemm_tflops_torch(n: int, reps: int) -> Optional[float]:
     return 2 * n ** 3 / statistics.median(times) / 1e12
 
 
-def _summarize(cfg: BenchConfig, batch: dict, window_times: list, extra: dict, on_gpu: bool) -> dict:
+def _summarize(cfg: BenchConfig, batch: dict, window_times: list, extra: dict, on_gpu: bool,
+               teacher_forward: bool = True) -> dict:
     med = statistics.median(window_times)
     B, S = cfg.batch, cfg.seq_len
-    fpt = flops_per_token(cfg)
+    fpt = flops_per_token(cfg, teacher_forward)
     peak, peak_src = _peak(cfg, on_gpu)
     tps = B * S / med
     mfu = fpt["total"] * tps / (peak * 1e12) if peak else None
@@ -342,8 +365,38 @@ def _summarize(cfg: BenchConfig, batch: dict, window_times: list, extra: dict, o
 # ----------------------------------------------------------------------------- distil_jax
 
 
-def run_jax(cfg: BenchConfig) -> dict:
-    """Time distil_jax's jitted train step (the library's own step, mesh and placement)."""
+def cache_targets(cfg: BenchConfig, host: dict) -> dict:
+    """Synthetic teacher-cache targets for the batch, in the stored dtypes: per position k
+    distinct random ids (uint16 / int32), descending float16 log-probabilities of a random
+    distribution, float32 log of the rest's mass."""
+    import numpy as np
+
+    from distil_jax import teacher_cache as tcache
+    from distil_jax.objectives.objective import CACHE_BATCH_KEYS
+
+    B, S, k = cfg.batch, cfg.seq_len, cfg.teacher_cache_k
+    V = shape(cfg.teacher)["vocab"]
+    rng = np.random.default_rng(cfg.seed + 99)
+    ids = np.stack([rng.choice(V, k, replace=False) for _ in range(B * S)]).reshape(B, S, k)
+    logits = rng.standard_normal((B, S, k + 1)) * 3
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True) * (1 + V / (k + 1)))
+    top = -np.sort(-logp[..., :k], axis=-1)
+    rest = np.log1p(-np.exp(top).sum(-1))
+    real = host["segment_ids"] > 0
+    out = (np.where(real[..., None], ids, 0).astype(tcache.ids_dtype(V)),
+           np.where(real[..., None], top, 0).astype(np.float16),
+           np.where(real, rest, 0).astype(np.float32))
+    return dict(zip(CACHE_BATCH_KEYS, out))
+
+
+def run_jax_cache(cfg: BenchConfig) -> dict:
+    """distil_jax's step training from a top-k teacher cache (no teacher in the process)."""
+    return run_jax(cfg, cached=True)
+
+
+def run_jax(cfg: BenchConfig, cached: bool = False) -> dict:
+    """Time distil_jax's jitted train step (the library's own step, mesh and placement);
+    cached: from a teacher cache (StepConfig.teacher_cache_k), no teacher forward."""
     cfg = cfg.resolved()
     import jax
     import jax.numpy as jnp
@@ -361,12 +414,15 @@ def run_jax(cfg: BenchConfig) -> dict:
     eos = shape(cfg.teacher)["vocab"] - 1
     tc = models.config_from_hf(dict(TEACHERS[cfg.teacher], bos_token_id=eos, eos_token_id=eos))
     k_t, k_s, k_o, k_r = jax.random.split(jax.random.PRNGKey(cfg.seed), 4)
-    teacher_params = jax.jit(lambda k: models.init_params(tc, k))(k_t)
+    # From a cache the teacher is never built (the student's LM head is initialized randomly
+    # instead of copied: the same shapes and trainable set, so the same step cost).
+    teacher_params = None if cached else jax.jit(lambda k: models.init_params(tc, k))(k_t)
     # The run's own builders (distil_jax.train), so the benchmark times what a run trains.
     sconf, sparams, strainable = train_lib.build_student(
-        {"overrides": {"num_hidden_layers": cfg.student_layers}, "copy_teacher_modules": [("lm_head", False)],
+        {"overrides": {"num_hidden_layers": cfg.student_layers},
+         "copy_teacher_modules": [] if cached else [("lm_head", False)],
          "dropout": cfg.jax_dropout}, tc, teacher_params, k_s, cfg.seq_len)
-    obj = train_lib.build_objective(dict(REFERENCE_OBJECTIVE, logits_chunk_tokens=cfg.logits_chunk_tokens),
+    obj = train_lib.build_objective(dict(OBJECTIVES[cfg.objective], logits_chunk_tokens=cfg.logits_chunk_tokens),
                                     sconf, tc)
     params, tmask = train_lib.trained_params(obj, sparams, strainable, k_o, sconf, tc, cfg.seq_len)
     total_steps = cfg.warmup_steps + cfg.steps
@@ -381,7 +437,8 @@ def run_jax(cfg: BenchConfig) -> dict:
     # float32 master weights and computes in `dtype`.
     teacher_params = jax.tree_util.tree_map(lambda x: x.astype(dtype), teacher_params)
     sc = ts.StepConfig(tc, sconf, obj, dtype=dtype, remat=cfg.remat, dropout=cfg.jax_dropout,
-                       attention_impl=cfg.attention, single_document_rows=cfg.layout == "padded")
+                       attention_impl=cfg.attention, single_document_rows=cfg.layout == "padded",
+                       teacher_cache_k=cfg.teacher_cache_k if cached else 0)
     models.check_attention_impl(sc.attention_impl, dtype)
 
     mesh = ts.make_mesh()
@@ -392,7 +449,10 @@ def run_jax(cfg: BenchConfig) -> dict:
     # The library's padding-aware step: the batch's logits bucket picks the compiled variant.
     bucketed = ts.BucketedTrainStep(sc, tx, sched, mesh, buckets=cfg.logits_buckets, trainable=tmask)
     logits_capacity = bucketed.capacity(host)
-    step, batch = bucketed.step_for({"input_ids": host["input_ids"], "segment_ids": host["segment_ids"]})
+    step_batch = {"input_ids": host["input_ids"], "segment_ids": host["segment_ids"]}
+    if cached:
+        step_batch.update(cache_targets(cfg, host))
+    step, batch = bucketed.step_for(step_batch)
     jax.block_until_ready((state, teacher_params, batch))
     setup_s = time.perf_counter() - t_setup
     rss_setup = _rss_bytes()
@@ -437,7 +497,7 @@ def run_jax(cfg: BenchConfig) -> dict:
     else:
         peak_mem, mem_kind = _rss_bytes(), "peak RSS of the process"
     extra = dict(
-        side="jax", device=f"{dev.platform}:{getattr(dev, 'device_kind', '')}", dtype=dtype_name,
+        side="jax_cache" if cached else "jax", device=f"{dev.platform}:{getattr(dev, 'device_kind', '')}", dtype=dtype_name,
         remat=cfg.remat, layout=cfg.layout, setup_s=setup_s, compile_s=compile_s, warmup_s=warmup_s,
         peak_memory_bytes=peak_mem, peak_memory_kind=mem_kind, rss_after_setup_bytes=rss_setup,
         loss_first=first_loss, loss_last=last_loss, load_avg_start=load_start,
@@ -445,8 +505,9 @@ def run_jax(cfg: BenchConfig) -> dict:
         logits_chunk_tokens=ts.with_logits_chunk(dataclasses.replace(sc, logits_groups=mesh.devices.size),
                                                  cfg.batch, cfg.seq_len).logits_chunk,
         versions=dict(jax=jax.__version__), gemm_f32_tflops=gemm, gemm_source="XLA",
+        objective=cfg.objective, teacher_cache_k=cfg.teacher_cache_k if cached else 0,
     )
-    return _summarize(cfg, host, window_times, extra, on_gpu)
+    return _summarize(cfg, host, window_times, extra, on_gpu, teacher_forward=not cached)
 
 
 def profile_steps(step, state, folder: str, steps: int = 2, top: int = 40) -> Path:
@@ -564,7 +625,7 @@ def run_torch(cfg: BenchConfig) -> dict:
     return _summarize(cfg, host, window_times, extra, on_gpu)
 
 
-RUNNERS = {"jax": run_jax, "torch": run_torch}
+RUNNERS = {"jax": run_jax, "torch": run_torch, "jax_cache": run_jax_cache}
 
 
 # ----------------------------------------------------------------------------- orchestration
@@ -589,6 +650,11 @@ def bench(cfg: BenchConfig, sides=("jax", "torch"), isolate: bool = True) -> dic
     for side in sides:
         if side not in RUNNERS:
             raise ValueError(f"unknown side {side!r}; valid: {', '.join(RUNNERS)}")
+        if side == "torch" and cfg.objective != "reference":
+            raise ValueError("the torch baseline runs the reference objective only; drop torch from "
+                             "--sides or use --objective reference without --teacher-cache-k")
+        if side == "jax_cache" and not cfg.teacher_cache_k:
+            raise ValueError("side jax_cache needs --teacher-cache-k K")
         result[side] = run_side_subprocess(cfg, side) if isolate else RUNNERS[side](cfg)
     if "jax" in result and "torch" in result:
         j, t = result["jax"], result["torch"]
@@ -603,6 +669,10 @@ def bench(cfg: BenchConfig, sides=("jax", "torch"), isolate: bool = True) -> dic
         r = result[side]
         r["gemm_share"] = {name: (dict(real_tokens=r["real_token_tflops"] / rate, all_positions=r["achieved_tflops"] / rate)
                                   if rate else None) for name, rate in gemm.items()}
+    if "jax" in result and "jax_cache" in result:
+        j, c = result["jax"], result["jax_cache"]
+        result["ratio_cache_real_tokens_per_s"] = c["real_tokens_per_s"] / j["real_tokens_per_s"]
+        result["ratio_cache_peak_memory"] = c["peak_memory_bytes"] / j["peak_memory_bytes"]
     return result
 
 
@@ -619,19 +689,20 @@ def _fmt_bytes(n) -> str:
 
 def format_table(result: dict) -> str:
     c = result["config"]
-    sides = [s for s in ("jax", "torch") if s in result]
+    sides = [s for s in ("jax", "jax_cache", "torch") if s in result]
     layouts = {c["layout"]} | {c.get("baseline_layout") or c["layout"]}
     layout_text = (c["layout"] if len(layouts) == 1 else
                    f"distil_jax {c['layout']}, baseline {c['baseline_layout']}")
     head = (f"teacher {c['teacher']} -> student {c['student_layers']} layers | batch {c['batch']} x seq "
             f"{c['seq_len']} | layout {layout_text}"
             + (f" (pad {c['pad_fraction']:.2f})" if "padded" in layouts else "")
-            + f" | remat {'on' if c['remat'] else 'off'} | {c['steps']} timed steps in {c['windows']} windows")
+            + f" | {c.get('objective', 'reference')} objective | remat {'on' if c['remat'] else 'off'}"
+            + f" | {c['steps']} timed steps in {c['windows']} windows")
     rows = [
         ("device", lambda r: r["device"]),
         ("dtype", lambda r: r["dtype"]),
         ("attention / LM-head tokens", lambda r: (f"{r['attention']} / {r['logits_capacity'] or 'every position'}"
-                                                  if r["side"] == "jax" else "eager, all maps / every position")),
+                                                  if r["side"] != "torch" else "eager, all maps / every position")),
         ("step time median (s)", lambda r: f"{r['step_time_s_median']:.4f}"),
         ("step time min..max (s)", lambda r: f"{r['step_time_s_min']:.4f}..{r['step_time_s_max']:.4f}"),
         ("tokens/s (all positions)", lambda r: f"{r['tokens_per_s']:,.0f}"),
@@ -653,12 +724,17 @@ def format_table(result: dict) -> str:
         ("loss first / last", lambda r: f"{r['loss_first'] if r['loss_first'] is None else round(r['loss_first'], 4)} / {r['loss_last']:.4f}"),
     ]
     width = max(len(k) for k, _ in rows)
-    names = {"jax": "distil_jax", "torch": "torch baseline (Distily)"}
+    names = {"jax": "distil_jax", "torch": "torch baseline (Distily)",
+             "jax_cache": f"distil_jax, top-{c.get('teacher_cache_k')} cache"}
     cells = {k: [f(result[s]) for s in sides] for k, f in rows}
     col = [max([len(names[s])] + [len(cells[k][i]) for k, _ in rows]) for i, s in enumerate(sides)]
     lines = [head, f"{'':<{width}}  " + " | ".join(f"{names[s]:<{col[i]}}" for i, s in enumerate(sides))]
     for k, _ in rows:
         lines.append(f"{k:<{width}}  " + " | ".join(f"{c:<{col[i]}}" for i, c in enumerate(cells[k])))
+    if "ratio_cache_real_tokens_per_s" in result:
+        lines.append(f"ratio cache / online ({c['objective']} objective): real tokens/s "
+                     f"{result['ratio_cache_real_tokens_per_s']:.2f}x, peak memory "
+                     f"{result['ratio_cache_peak_memory']:.2f}x")
     if "ratio_real_tokens_per_s" in result:
         lines.append(f"ratio distil_jax / baseline: real tokens/s {result['ratio_real_tokens_per_s']:.2f}x, "
                      f"all-position tokens/s {result['ratio_tokens_per_s']:.2f}x, peak memory "
@@ -680,7 +756,14 @@ def parse_args(argv=None) -> tuple[BenchConfig, list, Optional[str], bool]:
     p.add_argument("--steps", type=int, default=6, help="timed steps (all windows)")
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--windows", type=int, default=3, help="timing windows (median / min / max over them)")
-    p.add_argument("--sides", default="jax,torch")
+    p.add_argument("--sides", default=None, help="comma-separated, of jax, torch, jax_cache "
+                   "(default jax,torch; jax,jax_cache with --teacher-cache-k)")
+    p.add_argument("--objective", default="reference", choices=sorted(OBJECTIVES),
+                   help="distil_jax's objective: reference (KL + layer -2 attention maps) or logits "
+                        "(KL only; implied by --teacher-cache-k)")
+    p.add_argument("--teacher-cache-k", type=int, default=0, metavar="K",
+                   help="also time distil_jax training from a top-K teacher cache (side jax_cache) "
+                        "against its online step, both with the logits-only objective")
     p.add_argument("--layout", default="padded", choices=["padded", "packed"])
     p.add_argument("--baseline-layout", default=None, choices=["padded", "packed"],
                    help="the baseline's layout (default: --layout); e.g. --layout packed "
@@ -715,6 +798,8 @@ def parse_args(argv=None) -> tuple[BenchConfig, list, Optional[str], bool]:
     p.add_argument("--json", default=None, help="write the result here")
     p.add_argument("--child-config", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.sides is None:
+        a.sides = "jax,jax_cache" if a.teacher_cache_k else "jax,torch"
     sides = [s.strip() for s in a.sides.split(",") if s.strip()]
     if a.child_config:
         cfg = BenchConfig(**json.loads(a.child_config))
@@ -727,7 +812,8 @@ def parse_args(argv=None) -> tuple[BenchConfig, list, Optional[str], bool]:
                           jax_dropout=a.jax_dropout, attention=a.attention,
                           jax_profile=str(Path(a.jax_profile).resolve()) if a.jax_profile else None,
                           logits_buckets=a.logits_buckets, torch_dropout=not a.no_torch_dropout,
-                          host_sync=a.host_sync, peak_tflops=a.peak_tflops)
+                          host_sync=a.host_sync, peak_tflops=a.peak_tflops, objective=a.objective,
+                          teacher_cache_k=a.teacher_cache_k)
     return cfg, sides, a.json, bool(a.child_config) or a.no_isolate
 
 

@@ -20,6 +20,14 @@ Conventions (the "defects" are the numbered differences from Distily in docs/des
 
 Temperature scaling (logits / T, loss * T^2) is the caller's job: these functions see the logits
 they are given.
+
+Teacher cache (``topk_loss``, ``topk_log_probs``): when the teacher is read from a recorded
+top-k cache (docs/teacher_cache.md) the divergences ``kl``, ``reverse_kl``, ``cakld``, ``jsd`` and
+``ce`` are taken between the two distributions on k + 1 buckets: the teacher's top-k tokens of
+each position, and one bucket for the rest of the vocabulary (the teacher's mass there is
+recorded; the student's is a logsumexp over the non-top-k logits). With k = V this is the
+divergence over the vocabulary; with k < V it is that of the coarse-grained distributions, a
+lower bound for the KLs and the JSD (data-processing inequality).
 """
 
 from __future__ import annotations
@@ -29,7 +37,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-__all__ = ["LOSSES", "get_loss", "masked_mean"] + [
+__all__ = ["LOSSES", "LOG_PROB_ROWS", "get_loss", "masked_mean", "topk_log_probs",
+           "topk_loss"] + [
     "kl", "reverse_kl", "cakld", "jsd", "raw_mse", "soft_mse", "cos", "ce", "clm",
 ]
 
@@ -82,22 +91,62 @@ def _check_beta(beta) -> None:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
 
 
+def _reverse_kl_rows(log_s, log_t):
+    return _kl_rows(log_s, log_t)
+
+
+def _forward_kl_rows(log_s, log_t):
+    return _kl_rows(log_t, log_s)
+
+
+def _cakld_rows(log_s, log_t, beta=0.5):
+    return beta * _kl_rows(log_s, log_t) + (1.0 - beta) * _kl_rows(log_t, log_s)
+
+
+def _jsd_rows(log_s, log_t, beta=0.5):
+    beta = jnp.asarray(beta, jnp.float32)
+    a = jnp.log(beta) + log_t
+    b = jnp.log1p(-beta) + log_s
+    # logaddexp(-inf, x) = x with a zero gradient on the -inf side, but logaddexp(-inf, -inf)
+    # has a NaN gradient. Where both are -inf, p_t = p_s = 0 and _kl_rows ignores log m anyway.
+    both_zero = jnp.isneginf(a) & jnp.isneginf(b)
+    log_m = jnp.logaddexp(jnp.where(both_zero, 0.0, a), jnp.where(both_zero, 0.0, b))
+    return beta * _kl_rows(log_t, log_m) + (1.0 - beta) * _kl_rows(log_s, log_m)
+
+
+def _ce_rows(log_s, log_t):
+    p_t = jnp.exp(log_t)
+    positive = p_t > 0
+    # Same double-where as in _kl_rows: a -inf log p_s on a p_t == 0 term must not reach the grad.
+    return -jnp.sum(jnp.where(positive, p_t * jnp.where(positive, log_s, 0.0), 0.0), axis=-1)
+
+
+# Per-position divergences of two distributions given as float32 log-probabilities
+# (student, teacher) [..., F] -> [...]: the logits losses below apply them to log-softmaxes over
+# the vocabulary, the teacher-cache loss (`topk_log_probs`) to its k + 1 buckets.
+LOG_PROB_ROWS: dict[str, Callable[..., jax.Array]] = {
+    "kl": _forward_kl_rows,
+    "reverse_kl": _reverse_kl_rows,
+    "cakld": _cakld_rows,
+    "jsd": _jsd_rows,
+    "ce": _ce_rows,
+}
+
+
 def kl(student, teacher, mask=None):
     """Forward KL(teacher || student) from logits ``[..., V]``, mean over masked positions."""
-    return masked_mean(_kl_rows(_log_probs(teacher), _log_probs(student)), mask)
+    return masked_mean(_forward_kl_rows(_log_probs(student), _log_probs(teacher)), mask)
 
 
 def reverse_kl(student, teacher, mask=None):
     """Reverse KL(student || teacher) from logits ``[..., V]``, mean over masked positions."""
-    return masked_mean(_kl_rows(_log_probs(student), _log_probs(teacher)), mask)
+    return masked_mean(_reverse_kl_rows(_log_probs(student), _log_probs(teacher)), mask)
 
 
 def cakld(student, teacher, mask=None, *, beta: float = 0.5):
     """``beta * reverse_kl + (1 - beta) * kl`` from logits ``[..., V]`` (Distily: beta = 0.5)."""
     _check_beta(beta)
-    log_s, log_t = _log_probs(student), _log_probs(teacher)
-    rows = beta * _kl_rows(log_s, log_t) + (1.0 - beta) * _kl_rows(log_t, log_s)
-    return masked_mean(rows, mask)
+    return masked_mean(_cakld_rows(_log_probs(student), _log_probs(teacher), beta), mask)
 
 
 def jsd(student, teacher, mask=None, *, beta: float = 0.5):
@@ -109,16 +158,7 @@ def jsd(student, teacher, mask=None, *, beta: float = 0.5):
     probabilities, so it is finite wherever either distribution has mass.
     """
     _check_beta(beta)
-    log_s, log_t = _log_probs(student), _log_probs(teacher)
-    beta = jnp.asarray(beta, jnp.float32)
-    a = jnp.log(beta) + log_t
-    b = jnp.log1p(-beta) + log_s
-    # logaddexp(-inf, x) = x with a zero gradient on the -inf side, but logaddexp(-inf, -inf)
-    # has a NaN gradient. Where both are -inf, p_t = p_s = 0 and _kl_rows ignores log m anyway.
-    both_zero = jnp.isneginf(a) & jnp.isneginf(b)
-    log_m = jnp.logaddexp(jnp.where(both_zero, 0.0, a), jnp.where(both_zero, 0.0, b))
-    rows = beta * _kl_rows(log_t, log_m) + (1.0 - beta) * _kl_rows(log_s, log_m)
-    return masked_mean(rows, mask)
+    return masked_mean(_jsd_rows(_log_probs(student), _log_probs(teacher), beta), mask)
 
 
 def ce(student, teacher, mask=None):
@@ -126,12 +166,7 @@ def ce(student, teacher, mask=None):
 
     Distily applied the softmax twice; this is the textbook soft-label CE.
     """
-    log_s, log_t = _log_probs(student), _log_probs(teacher)
-    p_t = jnp.exp(log_t)
-    positive = p_t > 0
-    # Same double-where as in _kl_rows: a -inf log p_s on a p_t == 0 term must not reach the grad.
-    rows = -jnp.sum(jnp.where(positive, p_t * jnp.where(positive, log_s, 0.0), 0.0), axis=-1)
-    return masked_mean(rows, mask)
+    return masked_mean(_ce_rows(_log_probs(student), _log_probs(teacher)), mask)
 
 
 def raw_mse(student, teacher, mask=None):
@@ -182,6 +217,64 @@ def clm(student_logits, labels, mask=None):
         labels = jnp.where(jnp.asarray(mask, bool), labels, 0)
     picked = jnp.take_along_axis(log_s, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return masked_mean(-picked, mask)
+
+
+def _top_k_mask(ids: jax.Array, vocab: int) -> jax.Array:
+    """[..., k] token ids -> [..., V] bool, True at the listed ids (a scatter, not a one-hot sum:
+    no [..., k, V] intermediate)."""
+    lead = ids.shape[:-1]
+    flat = ids.reshape(-1, ids.shape[-1])
+    rows = jnp.arange(flat.shape[0])[:, None]
+    return jnp.zeros((flat.shape[0], vocab), bool).at[rows, flat].set(True).reshape(lead + (vocab,))
+
+
+def topk_log_probs(student_logits, ids, teacher_logprobs, rest_logmass):
+    """The student's and the teacher's distributions on the teacher cache's k + 1 buckets.
+
+    Args:
+      student_logits: ``[..., V]`` (any float dtype; the log-softmax is taken in float32).
+      ids: ``[..., k]`` int, the teacher's top-k token ids (distinct within a position).
+      teacher_logprobs: ``[..., k]`` the teacher's log-probabilities of those tokens (any float
+        dtype, e.g. float16 as stored).
+      rest_logmass: ``[...]`` log of the teacher's probability mass outside the top k,
+        ``log sum_{v not in top k} p_t(v)`` (-inf when nothing is left).
+
+    Returns ``(log_s, log_t)``, float32 ``[..., k + 1]`` (``[..., k]`` when k = V):
+
+      log_s = (log q(i_1), ..., log q(i_k), log sum_{v not in top k} q(v))
+      log_t = (log p(i_1), ..., log p(i_k), rest_logmass) - logsumexp of the same k + 1 values
+
+    with q = softmax(student_logits). The student's rest bucket is a logsumexp over the
+    non-top-k vocabulary (exact even when its mass is tiny, unlike log(1 - sum)). The teacher's
+    k + 1 buckets are renormalized so that rounding to the stored dtype cannot leave them
+    summing to anything but 1 (for float32 storage that is a change of ~1e-7). Any divergence of
+    ``LOG_PROB_ROWS`` applied to these buckets is the divergence between the two distributions
+    coarse-grained to {top-k tokens, everything else}; with k = V there is no rest bucket and it
+    is exactly the divergence over the whole vocabulary.
+    """
+    log_q = _log_probs(student_logits)
+    vocab, k = log_q.shape[-1], ids.shape[-1]
+    ids = jnp.asarray(ids).astype(jnp.int32)
+    log_s = jnp.take_along_axis(log_q, ids, axis=-1)
+    log_t = jnp.asarray(teacher_logprobs, jnp.float32)
+    if k < vocab:
+        rest_s = jax.nn.logsumexp(jnp.where(_top_k_mask(ids, vocab), -jnp.inf, log_q), axis=-1)
+        log_s = jnp.concatenate([log_s, rest_s[..., None]], axis=-1)
+        rest_t = jnp.asarray(rest_logmass, jnp.float32)[..., None]
+        log_t = jnp.concatenate([log_t, rest_t], axis=-1)
+    log_t = log_t - jax.nn.logsumexp(log_t, axis=-1, keepdims=True)
+    return log_s, log_t
+
+
+def topk_loss(name: str, student_logits, ids, teacher_logprobs, rest_logmass, mask=None):
+    """The logits loss ``name`` (kl, reverse_kl, cakld, jsd or ce) on the teacher cache's k + 1
+    buckets (see `topk_log_probs`), mean over masked positions. Shapes as in `topk_log_probs`."""
+    if name not in LOG_PROB_ROWS:
+        raise ValueError(f"the logits loss {name!r} cannot be computed from a teacher cache (it "
+                         f"holds top-k log-probabilities, not logits); use one of "
+                         f"{', '.join(LOG_PROB_ROWS)}")
+    log_s, log_t = topk_log_probs(student_logits, ids, teacher_logprobs, rest_logmass)
+    return masked_mean(LOG_PROB_ROWS[name](log_s, log_t), mask)
 
 
 LOSSES: dict[str, Callable[..., jax.Array]] = {

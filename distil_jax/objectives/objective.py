@@ -20,12 +20,13 @@ import dataclasses
 import os
 from typing import Any, Mapping, Optional
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 from distil_jax.models.common import ModelOutput, constrain, head_logits, segment_positions
 from distil_jax.objectives.layer_mappers import get_layer_mapper
-from distil_jax.objectives.losses import LOSSES, get_loss, masked_mean
+from distil_jax.objectives.losses import LOG_PROB_ROWS, LOSSES, get_loss, masked_mean, topk_loss
 from distil_jax.objectives.norms import apply_norm, init_norm
 from distil_jax.objectives.projectors import apply_projector, init_projector
 
@@ -88,6 +89,31 @@ def _component(d: Optional[Mapping], kind: str) -> Component:
         get_loss(comp.loss_fn)  # validates the name
         get_layer_mapper(comp.layer_mapper)
     return comp
+
+
+# The batch keys that carry a teacher cache's targets (see CachedTeacher).
+CACHE_BATCH_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_rest_logmass")
+
+
+@flax.struct.dataclass
+class CachedTeacher:
+    """The teacher's side of the logits losses read from a teacher cache instead of computed
+    (docs/teacher_cache.md). Passed to the objective in place of the teacher's ModelOutput.
+
+    ids: [B, S, k] int (uint16 or int32 as stored), the teacher's top-k token ids per position.
+    logprobs: [B, S, k] (float16 or float32 as stored), their log-probabilities at the
+      temperature the cache was recorded at.
+    rest: [B, S] float32, log of the teacher's mass outside the top k.
+    Positions that are not real tokens hold fillers (finite, masked out of every loss).
+    """
+
+    ids: jax.Array
+    logprobs: jax.Array
+    rest: jax.Array
+
+    @classmethod
+    def from_batch(cls, batch: Mapping) -> "CachedTeacher":
+        return cls(*(batch[k] for k in CACHE_BATCH_KEYS))
 
 
 def next_token_targets(input_ids: Array, segment_ids: Array) -> tuple[Array, Array]:
@@ -389,6 +415,22 @@ class Objective:
             _check_heads(student, teacher)
         return bound
 
+    def check_cacheable(self) -> None:
+        """ValueError (one line, naming the fix) unless every component can be computed from a
+        teacher cache, which holds the teacher's top-k log-probabilities and nothing else."""
+        for name in ("hs", "attn"):
+            if getattr(self, name).active:
+                raise ValueError(
+                    f"objective.{name} needs the teacher's "
+                    f"{'hidden states' if name == 'hs' else 'attention maps'}, which a teacher "
+                    f"cache does not hold: set objective.{name}.weight=0 or train without "
+                    f"teacher.cache")
+        if self.logits.active and self.logits.loss_fn not in LOG_PROB_ROWS:
+            raise ValueError(
+                f"objective.logits.loss_fn={self.logits.loss_fn!r} needs the teacher's logits, "
+                f"which a teacher cache does not hold (only top-k log-probabilities): use one "
+                f"of {', '.join(LOG_PROB_ROWS)} or train without teacher.cache")
+
     def _pairs_loss(self, comp: Component, params, pairs, student_feats, teacher_feats) -> Array:
         """Per-position loss [...] (the features' shape without the last axis), averaged over
         the layer pairs: projector (student side) -> norm -> loss, in float32."""
@@ -402,32 +444,39 @@ class Objective:
 
     def _logits_losses(self, student_out, teacher_out, segment_ids, input_ids, s_head, t_head,
                        positions=None, c: int = 0):
-        """(distillation loss on logits, hard next-token loss), each a mean over real tokens."""
+        """(distillation loss on logits, hard next-token loss), each a mean over real tokens.
+        teacher_out: the teacher's ModelOutput, a CachedTeacher, or None (clm only)."""
         B, S = segment_ids.shape
         mask = segment_ids > 0
         labels, label_ok = next_token_targets(input_ids, segment_ids)
+        cached = isinstance(teacher_out, CachedTeacher)
         if student_out.logits is not None:
-            t_logits = teacher_out.logits if teacher_out is not None else None
+            t_logits = teacher_out if cached else (teacher_out.logits if teacher_out is not None else None)
             return self._logits_chunk(student_out.logits, t_logits, mask, labels, label_ok, mean=True)
         # The objective applies the LM heads to the final hidden states itself.
         hs = student_out.last_hidden_state
-        # Without a teacher (clm only) the teacher slot carries the student's states, unused.
-        ht = teacher_out.last_hidden_state if teacher_out is not None else hs
+        # Without a teacher (clm only) the teacher slot carries the student's states, unused; a
+        # cache's targets are gathered and chunked along with the student's states.
+        ht = teacher_out if cached else (teacher_out.last_hidden_state if teacher_out is not None else hs)
         n_tokens, n_labels = mask.sum(), label_ok.sum()  # before any compaction
         tokens = (hs, ht, mask, labels, label_ok)
         if positions is not None:  # only the real tokens (the fill entries are masked out)
-            tokens = tuple(gather_positions(x, positions) for x in tokens)
+            tokens = jax.tree_util.tree_map(lambda x: gather_positions(x, positions), tokens)
             listed = (positions >= 0).reshape(-1)  # False on the -1 fill
             tokens = tokens[:2] + (tokens[2] & listed, tokens[3], tokens[4] & listed)
         else:
-            tokens = tuple(x.reshape((B * S,) + x.shape[2:]) for x in tokens)
+            tokens = jax.tree_util.tree_map(lambda x: x.reshape((B * S,) + x.shape[2:]), tokens)
         # Tokens stay split like the rows they came from (on a mesh): otherwise XLA splits the
         # hidden states by width to meet the FSDP-sharded head and gathers them whole.
-        tokens = tuple(constrain(x, ("batch",) + (None,) * (x.ndim - 1)) for x in tokens)
+        tokens = jax.tree_util.tree_map(lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1)),
+                                        tokens)
         n = tokens[0].shape[0]
 
         def losses(h_s, h_t, m, lab, lab_ok):
-            t_logits = head_logits(h_t, t_head) if t_head is not None else None
+            if cached:
+                t_logits = h_t
+            else:
+                t_logits = head_logits(h_t, t_head) if t_head is not None else None
             return self._logits_chunk(head_logits(h_s, s_head), t_logits, m, lab, lab_ok,
                                       mean=False)
 
@@ -437,8 +486,9 @@ class Objective:
             # Chunked over tokens: logits of neither model are ever held in full; each chunk's
             # are recomputed in the backward pass.
             pad = (-n) % c
-            xs = tuple(jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape((-1, c) + x.shape[1:])
-                       for x in tokens)
+            xs = jax.tree_util.tree_map(
+                lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape((-1, c) + x.shape[1:]),
+                tokens)
 
             @jax.checkpoint
             def chunk(carry, x):
@@ -450,17 +500,26 @@ class Objective:
         return ls / jnp.maximum(n_tokens, 1), lc / jnp.maximum(n_labels, 1)
 
     def _logits_chunk(self, s_logits, t_logits, mask, labels, label_ok, mean: bool):
-        """Logits losses on one chunk [..., V]: means (mean=True) or sums over its tokens."""
+        """Logits losses on one chunk [..., V]: means (mean=True) or sums over its tokens.
+        t_logits: the teacher's logits [..., V], or a CachedTeacher ([..., k] targets)."""
         s = s_logits.astype(jnp.float32)
         ls = lc = jnp.zeros((), jnp.float32)
         if self.logits.active:
-            t = t_logits.astype(jnp.float32)
             T = self.temperature
-            if self.logits.loss_fn in _DISTRIBUTION_LOSSES and T != 1.0:
-                # Softened distributions, scaled by T² so gradients keep their size (Hinton et al.).
-                ls = get_loss(self.logits.loss_fn)(s / T, t / T, mask) * (T * T)
+            if isinstance(t_logits, CachedTeacher):
+                # The cache holds the teacher's log-probabilities at temperature T already
+                # (recorded at the run's temperature, checked at startup): only the student's
+                # logits are softened, and the T² scale is the online loss's.
+                c = t_logits
+                ls = topk_loss(self.logits.loss_fn, s / T if T != 1.0 else s, c.ids, c.logprobs,
+                               c.rest, mask) * (T * T)
             else:
-                ls = get_loss(self.logits.loss_fn)(s, t, mask)
+                t = t_logits.astype(jnp.float32)
+                if self.logits.loss_fn in _DISTRIBUTION_LOSSES and T != 1.0:
+                    # Softened distributions, scaled by T² so gradients keep their size (Hinton et al.).
+                    ls = get_loss(self.logits.loss_fn)(s / T, t / T, mask) * (T * T)
+                else:
+                    ls = get_loss(self.logits.loss_fn)(s, t, mask)
             if not mean:
                 ls = ls * mask.sum()
         if self.clm_weight:
