@@ -482,27 +482,6 @@ def _remove_new_workdir(workdir: Path) -> None:
 # ----------------------------------------------------------------------------- the run
 
 
-def _load_teacher(config, weights: bool = False):
-    """(teacher config, params on the host). With a teacher cache the weights are read only when
-    the student's initialization copies teacher modules (or `weights`), else params is None."""
-    path = config.teacher.model_name_or_path
-    if config.teacher.cache and not weights and \
-            not teacher_cache.student_needs_teacher_weights(config.student.to_dict()):
-        return hf.load_config(path), None
-    return hf.load_pretrained(path, DTYPES[config.teacher.dtype])
-
-
-def _open_teacher_cache(config, teacher_cfg, tokenizer, seq_len: int, train_rows):
-    """The run's TeacherCache (checked against this run's teacher, tokenizer, rows, temperature
-    and k), or None when the run computes the teacher online."""
-    if not config.teacher.cache:
-        return None
-    pins = teacher_cache.run_pins(config, teacher_cfg, tokenizer, seq_len, train_rows,
-                                  teacher_cache.teacher_fingerprint(config.teacher.model_name_or_path))
-    k = teacher_cache.effective_k(config.teacher.cache_k, teacher_cfg.vocab_size)
-    return teacher_cache.TeacherCache.open(config.teacher.cache, pins, train_rows, k)
-
-
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     """Run (or resume) the distillation described by `config` in `workdir`; returns the final
     metrics: {"step", "loss", ..., "eval": {evaluator: {"teacher", "student_start", "student_end"}}}.
