@@ -98,8 +98,7 @@ def record(config: ml_collections.ConfigDict, workdir, *, shard_rows: int = 0,
         if existing.get("complete"):
             log.info("teacher cache %s is complete (%d shards); nothing to do", out, len(ranges))
             return {**existing, "recording": {"tokens": 0, "seconds": 0.0, "tokens_per_s": None}}
-    for stale in tc.remove_stale_temps(out / tc.DATA_DIR):
-        log.info("removed %s, left by an interrupted recording", stale)
+    tc.remove_stale_temps(out, len(ranges))  # fsio logs what it removes
 
     seg_all = np.asarray(train_rows["segment_ids"])
     todo = []

@@ -31,22 +31,20 @@ and reading), the reader that training opens (`TeacherCache`) and the prefetchin
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import queue
-import secrets
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from distil_jax import data
+from distil_jax import data, fsio
 
 log = logging.getLogger(__name__)
 
@@ -69,67 +67,21 @@ class CacheMismatch(ValueError):
     """A teacher cache that does not fit the run (or is incomplete, truncated or corrupted)."""
 
 
-# ----------------------------------------------------------------------------- atomic files
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Any]:
-    """A binary file object on a temp file beside `path`, flushed, fsynced and renamed over
-    `path` on success, removed on any error: `path` is complete or absent, even after SIGKILL.
-
-    distil_jax/main has no shared atomic-write helper yet (one is planned as distil_jax/fsio.py);
-    this is the cache's own, with the same contract, and the one place it writes files.
-    The temp name `.<name>.tmp-<pid>-<random>` lets `remove_stale_temps` recognize leftovers.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    # The rename itself is durable only once the folder is synced.
-    with contextlib.suppress(OSError):
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def remove_stale_temps(folder: Path) -> list[Path]:
-    """Remove the temp files that a killed writer (a dead pid) left in `folder`."""
-    removed = []
-    if not folder.is_dir():
-        return removed
-    for entry in folder.glob(".*.tmp-*"):
-        pid = entry.name.rsplit(".tmp-", 1)[-1].split("-")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            with contextlib.suppress(OSError):
-                entry.unlink()
-                removed.append(entry)
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+# ----------------------------------------------------------------------------- files
 
 
 def write_json(path: Path, obj: Any) -> None:
-    with atomic_file(path) as f:
-        f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    """The manifest, atomically (`fsio`: temp beside it, fsync, rename); deterministic bytes."""
+    fsio.write_json(path, obj)
+
+
+def remove_stale_temps(folder: Path, n_shards: int) -> list[Path]:
+    """Remove the temp files that killed writers (dead processes of this machine) left beside
+    the manifest and the shards (`fsio.clean_stale`; a rewrite of a file also cleans its own)."""
+    removed = fsio.clean_stale(folder / MANIFEST)
+    for i in range(n_shards):
+        removed += fsio.clean_stale(folder / shard_name(i, n_shards))
+    return removed
 
 
 def read_manifest(folder: str | os.PathLike) -> Optional[dict]:
@@ -337,7 +289,7 @@ def write_shard(path: Path, table) -> None:
     """Atomically and deterministically (the same table gives the same bytes: no timestamps)."""
     import pyarrow as pa
 
-    with atomic_file(path) as f:
+    with fsio.atomic_file(path, "wb") as f:
         with pa.ipc.new_stream(f, table.schema,
                                options=pa.ipc.IpcWriteOptions(compression=COMPRESSION)) as writer:
             writer.write_table(table)

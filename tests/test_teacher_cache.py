@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distil_jax import checkpoint, config as config_lib, teacher_cache as tc
+from distil_jax import checkpoint, config as config_lib, fsio, teacher_cache as tc
 from distil_jax import train_step as ts
 from distil_jax.objectives import losses
 from distil_jax.objectives.objective import CACHE_BATCH_KEYS, Objective
@@ -358,7 +358,9 @@ def test_recorder_resumes_after_sigkill_with_identical_bytes(recorded, tmp_path)
     # A shard damaged after the kill is recorded again; a dead writer's temp file is removed.
     damaged = done_before[0]
     damaged.write_bytes(damaged.read_bytes()[:100])
-    stale = killed / "data" / ".train-00099-of-00099.arrow.tmp-999999999-abcd"
+    # fsio's temp name for the last shard, written by a process that no longer exists.
+    last = json.loads((whole / tc.MANIFEST).read_text())["shards"][-1]["file"]
+    stale = killed / f"{Path(last).parent}/.{Path(last).name}.tmp-{fsio._host()}-999999999-abcd"
     stale.write_bytes(b"partial")
     mtimes = {p.name: p.stat().st_mtime_ns for p in done_before[1:]}
 
