@@ -264,7 +264,25 @@ def trainable_mask(student_trainable, objective_params) -> dict:
 
 
 def build_data(config, tokenizer, seq_len: int, cache_dir: Optional[Path]) -> tuple:
-    """(train rows, {evaluator: rows} with "heldout" first, data stats)."""
+    """(train rows, {evaluator: rows} with "heldout" first, data stats).
+
+    In a run of several processes, process 0 tokenizes first and writes the token cache; the
+    others wait for it, then read the cache instead of tokenizing the corpus again (when the
+    workdir is shared, as a multi-host run's must be for its checkpoints; otherwise each
+    tokenizes for itself, with the same result). Every process then holds the same rows."""
+    if jax.process_count() == 1:
+        return _build_data(config, tokenizer, seq_len, cache_dir)
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+        out = _build_data(config, tokenizer, seq_len, cache_dir)
+        multihost_utils.sync_global_devices("distil_jax: token cache written")
+        return out
+    multihost_utils.sync_global_devices("distil_jax: token cache written")
+    return _build_data(config, tokenizer, seq_len, cache_dir)
+
+
+def _build_data(config, tokenizer, seq_len: int, cache_dir: Optional[Path]) -> tuple:
     train_rows, test_rows, data_stats = data.build_datasets(
         config.dataset, tokenizer, seq_len, config.dataset.layout, cache_dir=cache_dir)
     eval_sets = {"heldout": test_rows}

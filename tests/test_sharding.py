@@ -180,8 +180,12 @@ def _seed(src, dst):
 @pytest.mark.slow
 def test_two_processes_equal_one(one_process_run, tmp_path):
     """Two processes (jax.distributed over localhost, gloo CPU collectives) train the tiny
-    config to the parameters of the one-process run; only process 0 writes metrics."""
+    config to the parameters of the one-process run; only process 0 writes metrics, and only
+    process 0 tokenizes the corpus (process 1 reads the token cache it wrote)."""
+    import shutil
+
     workdir = _seed(one_process_run, tmp_path / "two")
+    shutil.rmtree(workdir / "cache")
     procs = _launch(workdir, 2, _free_port(), "--config.train.max_steps=4",
                     "--config.train.save_steps=2")
     outs = [p.communicate(timeout=600) for p in procs]
@@ -196,6 +200,8 @@ def test_two_processes_equal_one(one_process_run, tmp_path):
              if '"loss"' in line]
     assert steps == sorted(set(steps)) and steps[-1] == 4  # one writer: no line twice
     assert "distill" not in outs[1][1]  # process 1 shows no progress bar
+    assert "token cache written" in outs[0][1]
+    assert "token cache hit" in outs[1][1] and "token cache written" not in outs[1][1]
 
 
 @pytest.mark.slow
