@@ -297,7 +297,8 @@ def _build_data(config, tokenizer, seq_len: int, cache_dir: Optional[Path]) -> t
 def step_config(config, teacher_cfg, student_cfg, objective: Objective) -> StepConfig:
     """The train step's static settings from the config's `train`, `student` and `dataset`."""
     return StepConfig(teacher=teacher_cfg, student=student_cfg, objective=objective,
-                      dtype=DTYPES[config.train.dtype], remat=config.train.remat,
+                      dtype=DTYPES[config.train.dtype],
+                      remat=config.train.remat_policy if config.train.remat else False,
                       grad_accum=config.train.grad_accum, dropout=config.student.dropout,
                       attention_impl=config.train.attention,
                       single_document_rows=config.dataset.layout == "pad")

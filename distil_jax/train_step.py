@@ -172,7 +172,7 @@ class StepConfig:
     student: Any
     objective: Objective
     dtype: Any = jnp.float32  # compute dtype
-    remat: bool = False
+    remat: bool | str = False  # the student's gradient checkpointing: False, True / "full", "dots"
     grad_accum: int = 1
     dropout: bool = False  # student dropout, as HF's train mode (teacher never)
     # Padding-aware logits: the LM heads and logits losses run on at most `logits_capacity` real

@@ -116,8 +116,12 @@ def test_remat_and_last_hidden_same_values():
     def loss(p, remat):
         return jnp.mean(models.forward(config, p, ids, remat=remat).logits ** 2)
 
-    g0, g1 = jax.grad(loss)(params, False), jax.grad(loss)(params, True)
-    assert max(_maxdiff(a, b) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1))) < TOL
+    g0 = jax.grad(loss)(params, False)
+    for policy in (True, "dots"):  # "full" recompute, and keeping the matmul outputs
+        g1 = jax.grad(loss)(params, policy)
+        assert max(_maxdiff(a, b) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1))) < TOL
+    with pytest.raises(ValueError, match="train.remat_policy='some': use one of full, dots"):
+        models.forward(config, params, ids, remat="some")
 
 
 def test_dropout_needs_rng_and_changes_output():

@@ -146,6 +146,7 @@ class BenchConfig:
     docs_per_row: float = 4.0  # packed layout: mean documents per row
     dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on a CPU
     remat: bool = True
+    remat_policy: str = "full"  # distil_jax's train.remat_policy (the baseline's is always HF's full)
     seed: int = 0
     logits_chunk_tokens: Optional[int] = None  # distil_jax only; None = its automatic choice
     jax_dropout: bool = False  # distil_jax only; StepConfig.dropout (its default: off)
@@ -438,7 +439,8 @@ def run_jax(cfg: BenchConfig, cached: bool = False) -> dict:
     # The frozen teacher is kept in the compute dtype (it is never trained); the student keeps
     # float32 master weights and computes in `dtype`.
     teacher_params = jax.tree_util.tree_map(lambda x: x.astype(dtype), teacher_params)
-    sc = ts.StepConfig(tc, sconf, obj, dtype=dtype, remat=cfg.remat, dropout=cfg.jax_dropout,
+    sc = ts.StepConfig(tc, sconf, obj, dtype=dtype, remat=cfg.remat_policy if cfg.remat else False,
+                       dropout=cfg.jax_dropout,
                        attention_impl=cfg.attention, single_document_rows=cfg.layout == "padded",
                        teacher_cache_k=cfg.teacher_cache_k if cached else 0)
     models.check_attention_impl(sc.attention_impl, dtype)
@@ -698,7 +700,8 @@ def format_table(result: dict) -> str:
     head = (f"teacher {c['teacher']} -> student {c['student_layers']} layers | batch {c['batch']} x seq "
             f"{c['seq_len']} | layout {layout_text}"
             + (f" (pad {c['pad_fraction']:.2f})" if "padded" in layouts else "")
-            + f" | {c.get('objective', 'reference')} objective | remat {'on' if c['remat'] else 'off'}"
+            + f" | {c.get('objective', 'reference')} objective | remat "
+            + (f"on (distil_jax: {c.get('remat_policy', 'full')})" if c["remat"] else "off")
             + f" | {c['steps']} timed steps in {c['windows']} windows")
     rows = [
         ("device", lambda r: r["device"]),
@@ -778,6 +781,9 @@ def parse_args(argv=None) -> tuple[BenchConfig, list, Optional[str], bool]:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True,
                    help="gradient checkpointing on both sides (the reference run: on)")
+    p.add_argument("--remat-policy", default="full", choices=["full", "dots"],
+                   help="distil_jax's train.remat_policy: full (recompute each block, as HF) or dots "
+                        "(keep the weight matmuls' outputs)")
     p.add_argument("--logits-chunk-tokens", type=int, default=None,
                    help="distil_jax's objective.logits_chunk_tokens (default: automatic; 0: never chunk)")
     p.add_argument("--jax-dropout", action="store_true", help="distil_jax StepConfig.dropout (default off)")
@@ -810,7 +816,7 @@ def parse_args(argv=None) -> tuple[BenchConfig, list, Optional[str], bool]:
                           steps=a.steps, warmup_steps=a.warmup_steps, windows=a.windows, layout=a.layout,
                           baseline_layout=a.baseline_layout, gemm_size=a.gemm_size, gemm_reps=a.gemm_reps,
                           pad_fraction=a.pad_fraction, docs_per_row=a.docs_per_row, dtype=a.dtype,
-                          remat=a.remat, seed=a.seed, logits_chunk_tokens=a.logits_chunk_tokens,
+                          remat=a.remat, remat_policy=a.remat_policy, seed=a.seed, logits_chunk_tokens=a.logits_chunk_tokens,
                           jax_dropout=a.jax_dropout, attention=a.attention,
                           jax_profile=str(Path(a.jax_profile).resolve()) if a.jax_profile else None,
                           logits_buckets=a.logits_buckets, torch_dropout=not a.no_torch_dropout,

@@ -93,6 +93,24 @@ def constrain(x: Array, names: Sequence[Optional[str]]) -> Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*parts)))
 
 
+# Gradient checkpointing of each block (train.remat_policy): "full" saves only the block's input
+# and recomputes the whole block in the backward pass (HF's gradient_checkpointing, Distily's);
+# "dots" also saves the outputs of the weight matmuls (no batch dimensions: not the S x S
+# attention scores), so the backward pass recomputes only the cheap elementwise work.
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def remat_block(block_cls, remat):
+    """`block_cls` as is (remat False), or under nn.remat with the policy `remat` names (True is
+    "full"). One place for both families."""
+    if not remat:
+        return block_cls
+    name = "full" if remat is True else remat
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"train.remat_policy={name!r}: use one of {', '.join(REMAT_POLICIES)}")
+    return nn.remat(block_cls, policy=REMAT_POLICIES[name])
+
+
 def check_attention_impl(attention_impl: str, dtype: Any) -> None:
     """ValueError naming the fix when `attention_impl` cannot run here (checked before tracing,
     so the user gets this line rather than a lowering error)."""

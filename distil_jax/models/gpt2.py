@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from distil_jax.models.common import (FusedAttention, ModelOutput, attend, attention_mask_4d,
                                       check_attention_impl, constrain, default_positions,
-                                      head_logits, normalize_layers)
+                                      head_logits, normalize_layers, remat_block)
 
 Array = jax.Array
 GPT2Output = ModelOutput  # what `forward` returns
@@ -255,13 +255,13 @@ class Blocks(nn.Module):
     dtype: Any = jnp.float32
     attention_layers: tuple = ()
     output_hidden_states: bool = False
-    remat: bool = False
+    remat: bool | str = False  # False, True ("full") or a REMAT_POLICIES name
     deterministic: bool = True
     fused: FusedAttention = FusedAttention()
 
     @nn.compact
     def __call__(self, x: Array, mask: Array):
-        block_cls = nn.remat(Block) if self.remat else Block
+        block_cls = remat_block(Block, self.remat)
         hidden, attentions = [], {}
         for i in range(self.config.n_layer):
             if self.output_hidden_states:
@@ -282,7 +282,7 @@ class GPT2LMHeadModel(nn.Module):
     dtype: Any = jnp.float32  # compute dtype; parameters stay in their own dtype
     attention_layers: tuple = ()
     output_hidden_states: bool = False
-    remat: bool = False
+    remat: bool | str = False  # False, True ("full") or a REMAT_POLICIES name
     deterministic: bool = True
     fused: FusedAttention = FusedAttention()
 
@@ -321,7 +321,7 @@ def forward(
     deterministic: bool = True,
     dropout_rng: Optional[Array] = None,
     dtype: Any = jnp.float32,
-    remat: bool = False,
+    remat: bool | str = False,
     return_last_hidden: bool = False,
     attention_impl: str = "xla",
     single_document_rows: bool = False,
@@ -341,7 +341,8 @@ def forward(
       positions: [B, S] explicit position ids (default: from segment_ids, else 0..S-1).
       deterministic: False enables dropout (needs dropout_rng).
       dtype: compute dtype (float32 or bfloat16); LayerNorm and softmax always run in float32.
-      remat: rematerialize each block in the backward pass (gradient checkpointing).
+      remat: rematerialize each block in the backward pass (gradient checkpointing): True or
+        "full" recomputes the block, "dots" keeps its matmul outputs (common.REMAT_POLICIES).
       return_last_hidden: skip the LM head and return `last_hidden_state` only (logits None).
       attention_impl: the layers that return no probabilities: "xla" (XLA's attention, any
         backend) or "cudnn" (cuDNN flash attention: NVIDIA GPU, bfloat16 or float16 compute).

@@ -42,7 +42,7 @@ import numpy as np
 
 from distil_jax.models.common import (FusedAttention, ModelOutput, attend, attention_mask_4d,
                                       check_attention_impl, constrain, default_positions,
-                                      head_logits, normalize_layers)
+                                      head_logits, normalize_layers, remat_block)
 
 Array = jax.Array
 
@@ -574,13 +574,13 @@ class Layers(nn.Module):
     dtype: Any = jnp.float32
     attention_layers: tuple = ()
     output_hidden_states: bool = False
-    remat: bool = False
+    remat: bool | str = False  # False, True ("full") or a REMAT_POLICIES name
     deterministic: bool = True
     fused: FusedAttention = FusedAttention()
 
     @nn.compact
     def __call__(self, x: Array, mask: Array, cos: Array, sin: Array):
-        layer_cls = nn.remat(DecoderLayer) if self.remat else DecoderLayer
+        layer_cls = remat_block(DecoderLayer, self.remat)
         hidden, attentions = [], {}
         for i in range(self.config.num_hidden_layers):
             if self.output_hidden_states:
@@ -601,7 +601,7 @@ class ForCausalLM(nn.Module):
     dtype: Any = jnp.float32  # compute dtype; parameters stay in their own dtype
     attention_layers: tuple = ()
     output_hidden_states: bool = False
-    remat: bool = False
+    remat: bool | str = False  # False, True ("full") or a REMAT_POLICIES name
     deterministic: bool = True
     fused: FusedAttention = FusedAttention()
 
@@ -626,7 +626,7 @@ class _Model(nn.Module):
     dtype: Any = jnp.float32
     attention_layers: tuple = ()
     output_hidden_states: bool = False
-    remat: bool = False
+    remat: bool | str = False  # False, True ("full") or a REMAT_POLICIES name
     deterministic: bool = True
     fused: FusedAttention = FusedAttention()
 
@@ -661,7 +661,7 @@ def forward(
     deterministic: bool = True,
     dropout_rng: Optional[Array] = None,
     dtype: Any = jnp.float32,
-    remat: bool = False,
+    remat: bool | str = False,
     return_last_hidden: bool = False,
     attention_impl: str = "xla",
     single_document_rows: bool = False,
@@ -683,7 +683,8 @@ def forward(
       deterministic: False enables attention dropout (needs dropout_rng).
       dtype: compute dtype (float32 or bfloat16); RMSNorm statistics, the rotary tables and the
         materialized softmax are float32 either way, and logits are float32.
-      remat: rematerialize each block in the backward pass (gradient checkpointing).
+      remat: rematerialize each block in the backward pass (gradient checkpointing): True or
+        "full" recomputes the block, "dots" keeps its matmul outputs (common.REMAT_POLICIES).
       return_last_hidden: skip the LM head (logits None); `last_hidden_state` is [B, S, D].
       attention_impl, single_document_rows: how the layers that return no probabilities attend
         ("xla" or "cudnn"; see `common.attend`).
