@@ -425,8 +425,13 @@ def _summary_section(f: _Facts) -> str:
                      + (f" of {_int(vocab)}" if vocab else "")
                      + f" at every position ({cache.get('logprobs_dtype', '')} log-probabilities, "
                      f"recorded at temperature {cache.get('temperature', 1.0)}) plus the probability "
-                     "mass of the rest as one bucket; the logits loss compared the student with that "
-                     "coarse-grained distribution (distil_jax docs/teacher_cache.md)")
+                     "mass of the rest as one bucket"
+                     + (f" and {cache['tail_samples']} tokens drawn from that rest; the logits loss "
+                        "compared the student with the top tokens exactly and estimated the rest's "
+                        "share from the drawn tokens (distil_jax docs/teacher_cache.md)"
+                        if cache.get("tail_samples") else
+                        "; the logits loss compared the student with that coarse-grained "
+                        "distribution (distil_jax docs/teacher_cache.md)"))
     lines.append("- **Student:** " + (f"{_int(s_params)} parameters" if s_params is not None
                                        else f"parameter count {NOT_RECORDED}")
                  + (f", {_layers(s_layers)}" if s_layers is not None else ""))

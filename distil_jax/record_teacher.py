@@ -7,7 +7,8 @@ the top k, to `teacher.cache` (default W/teacher_cache). Train from it with
 `--config.teacher.cache=DIR`. Format: docs/teacher_cache.md; reading: distil_jax.teacher_cache.
 
 Relevant config fields: teacher.cache_k (k, default 64), teacher.cache_dtype (float16 or float32
-log-probabilities), objective.temperature (the distribution recorded is softmax(logits / T)),
+log-probabilities), teacher.cache_tail_samples (m tokens drawn from the rest of the
+distribution per position, with train.seed), objective.temperature (the distribution recorded is softmax(logits / T)),
 eval.batch_size (rows per forward pass, unless --batch_size), and everything that decides the
 rows (teacher, tokenizer, dataset.*).
 
@@ -71,12 +72,15 @@ def record(config: ml_collections.ConfigDict, workdir, *, shard_rows: int = 0,
     train_rows, eval_sets, _ = train_lib.build_data(config, tokenizer, seq_len, workdir / "cache")
 
     k = tc.effective_k(config.teacher.cache_k, teacher_cfg.vocab_size)
+    m_tail = int(config.teacher.cache_tail_samples) if k < teacher_cfg.vocab_size else 0
     n_rows = int(train_rows["input_ids"].shape[0])
     shard_rows = int(shard_rows) or tc.default_shard_rows(seq_len)
     ranges = tc.shard_ranges(n_rows, shard_rows)
     id_dtype = tc.ids_dtype(teacher_cfg.vocab_size)
     pins = tc.run_pins(config, teacher_cfg, tokenizer, seq_len, train_rows,
                        tc.teacher_fingerprint(teacher_path))
+    if m_tail:
+        pins.update(tail_samples=m_tail, tail_seed=int(config.train.seed))
     pins.update(k=k, storage={"ids_dtype": id_dtype.name, "logprobs_dtype": config.teacher.cache_dtype,
                               "rest_logmass_dtype": "float32", "format": tc.SHARD_FORMAT,
                               "compression": tc.COMPRESSION,
@@ -106,8 +110,9 @@ def record(config: ml_collections.ConfigDict, workdir, *, shard_rows: int = 0,
         path = out / tc.shard_name(i, len(ranges))
         if not _shard_ok(path, int((seg_all[a:b] > 0).sum())):
             todo.append(i)
-    log.info("teacher cache %s: top %d of %d tokens, %d rows of %d (%s), %d shards of %d rows; %d "
-             "to record", out, k, teacher_cfg.vocab_size, n_rows, seq_len, config.dataset.layout,
+    log.info("teacher cache %s: top %d of %d tokens%s, %d rows of %d (%s), %d shards of %d rows; %d "
+             "to record", out, k, teacher_cfg.vocab_size,
+             f" + {m_tail} tail samples" if m_tail else "", n_rows, seq_len, config.dataset.layout,
              len(ranges), shard_rows, len(todo))
 
     mesh = make_mesh()
@@ -116,31 +121,35 @@ def record(config: ml_collections.ConfigDict, workdir, *, shard_rows: int = 0,
     dtype = DTYPES[config.train.dtype]
     T = float(config.objective.temperature)
     single_doc = config.dataset.layout == "pad"
-    top_k = jax.jit(lambda p, ids, seg: tc.teacher_top_k(
-        teacher_cfg, p, ids, seg, k=k, temperature=T, dtype=dtype, single_document_rows=single_doc))
+    top_k = jax.jit(lambda p, ids, seg, row: tc.teacher_top_k(
+        teacher_cfg, p, ids, seg, k=k, temperature=T, dtype=dtype, single_document_rows=single_doc,
+        tail_samples=m_tail, rows=row, seed=int(config.train.seed)))
     params = replicate(params, mesh)
 
     # Compiled up front, so the throughput below is the recording's alone.
     t_compile = time.time()
     if todo:
-        zeros = shard_batch({key: np.zeros((bs, seq_len), np.int32) for key in ("input_ids", "segment_ids")}, mesh)
-        top_k = top_k.lower(params, zeros["input_ids"], zeros["segment_ids"]).compile()
+        zeros = shard_batch({key: np.zeros((bs, seq_len), np.int32) for key in ("input_ids", "segment_ids")}
+                            | {"row_index": np.zeros((bs,), np.int32)}, mesh)
+        top_k = top_k.lower(params, zeros["input_ids"], zeros["segment_ids"], zeros["row_index"]).compile()
         log.info("compiled the teacher's top-k pass in %.1f s", time.time() - t_compile)
 
     def dispatch(i):
         """Queue shard i's batches on the device (asynchronously); fixed shapes, one compilation."""
         a, b = ranges[i]
         rows = {key: np.asarray(v[a:b]) for key, v in train_rows.items()}
+        rows["row_index"] = np.arange(a, b, dtype=np.int32)  # keys the tail samples' draws
         outs = []
         for batch in data.eval_batches(rows, bs):
             placed = shard_batch(batch, mesh)
-            outs.append(top_k(params, placed["input_ids"], placed["segment_ids"]))
+            outs.append(top_k(params, placed["input_ids"], placed["segment_ids"], placed["row_index"]))
         return i, rows["segment_ids"], outs
 
     def finish(i, seg, outs) -> int:
         a, b = ranges[i]
-        ids, lp, rest = (np.concatenate([np.asarray(o[j]) for o in outs])[: b - a] for j in range(3))
-        table = tc.shard_table(a, seg, ids, lp, rest, id_dtype, np.dtype(config.teacher.cache_dtype))
+        arrays = [np.concatenate([np.asarray(o[j]) for o in outs])[: b - a] for j in range(len(outs[0]))]
+        table = tc.shard_table(a, seg, *arrays[:3], id_dtype, np.dtype(config.teacher.cache_dtype),
+                               *arrays[3:])
         tc.write_shard(out / tc.shard_name(i, len(ranges)), table)
         return table.num_rows
 

@@ -19,6 +19,9 @@ record is one real token (segment id > 0) of one training row:
                                   (int32 when the vocabulary has more than 65536 tokens)
     topk_logprobs  k x float16    their log-probabilities (float32 with teacher.cache_dtype)
     rest_logmass   float32        log of the probability mass of the other V - k tokens
+    tail_ids       m x uint16     with teacher.cache_tail_samples = m > 0: m tokens drawn from the
+                                  teacher's distribution outside the top k (systematic sampling)
+    tail_logprobs  m x float16    their log-probabilities (the stored dtype, as topk_logprobs)
 
 The log-probabilities are a float32 log-softmax of the teacher's logits / T (T = the objective's
 temperature at recording) taken before selecting; the cache is keyed by row index, so any epoch
@@ -226,13 +229,17 @@ def _first_difference(a: Any, b: Any, path: str = "") -> Optional[str]:
 
 
 def teacher_top_k(config, params, input_ids, segment_ids, *, k: int, temperature: float = 1.0,
-                  dtype=None, single_document_rows: bool = False):
+                  dtype=None, single_document_rows: bool = False, tail_samples: int = 0,
+                  rows=None, seed: int = 0):
     """The teacher's top-k next-token distribution at every position (jittable).
 
     input_ids, segment_ids: [B, S]. Returns (ids [B, S, k] int32, most probable first;
     logprobs [B, S, k] float32; rest [B, S] float32 = log of the mass outside the top k, -inf
     when k = V), all from a float32 log-softmax of logits / temperature, as the online step sees
-    them (same forward, same compute dtype).
+    them (same forward, same compute dtype). With tail_samples = m > 0 (k < V) also
+    (tail_ids [B, S, m] int32, tail_logprobs [B, S, m] float32): see `sample_tail`, drawn with
+    a key made from `seed` and each row's index `rows` [B] int32 in the training rows, so the
+    draw does not depend on how rows are batched.
     """
     import jax
     import jax.numpy as jnp
@@ -250,7 +257,39 @@ def teacher_top_k(config, params, input_ids, segment_ids, *, k: int, temperature
         rest = jax.nn.logsumexp(jnp.where(_top_k_mask(top_ids, logp.shape[-1]), -jnp.inf, logp), axis=-1)
     else:
         rest = jnp.full(logp.shape[:-1], -jnp.inf, jnp.float32)
-    return top_ids, top_lp, rest
+    if not tail_samples:
+        return top_ids, top_lp, rest
+    keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.PRNGKey(seed), r))(rows)
+    u = jax.vmap(lambda key: jax.random.uniform(key, logp.shape[1:2]))(keys)  # [B, S]
+    tail_ids = sample_tail(logp, top_ids, u, tail_samples)
+    return top_ids, top_lp, rest, tail_ids, jnp.take_along_axis(logp, tail_ids, axis=-1)
+
+
+def sample_tail(logp, top_ids, u, m: int):
+    """m tokens per position drawn from the distribution outside the top k, p(v) / p_rest.
+
+    logp: [..., V] float32 log-probabilities; top_ids: [..., k]; u: [...] uniform in [0, 1).
+    Systematic sampling: the j-th draw is the token whose cumulative tail mass first exceeds
+    (j + u) / m of the total (one uniform per position, m evenly spaced points). Each draw is
+    marginally distributed as p(v) / p_rest, so an average over the m draws is an unbiased
+    estimate of a tail mean, with less variance than m independent draws. Returns [..., m]
+    int32 ids: never a top-k token when the tail has mass (their mass is zeroed before the
+    cumulative sum); where it has none, the loss gives the draws weight 0.
+    """
+    import jax.numpy as jnp
+
+    from distil_jax.objectives.losses import _top_k_mask
+
+    V = logp.shape[-1]
+    p = jnp.where(_top_k_mask(top_ids, V), 0.0, jnp.exp(logp))
+    cdf = jnp.cumsum(p, axis=-1)
+    total = cdf[..., -1:]
+    points = (jnp.arange(m, dtype=jnp.float32) + u[..., None]) / m * total
+    # Rounding must not put a point at or past the total (that would pick the last token, maybe
+    # a top-k one): the largest float below the total.
+    points = jnp.minimum(points, jnp.nextafter(total, 0.0))
+    find = jnp.vectorize(lambda c, x: jnp.searchsorted(c, x, side="right"), signature="(v),(m)->(m)")
+    return jnp.minimum(find(cdf, points), V - 1).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------- shards
@@ -266,23 +305,29 @@ def shard_name(i: int, n: int) -> str:
 
 
 def shard_table(first_row: int, segment_ids: np.ndarray, top_ids: np.ndarray, top_lp: np.ndarray,
-                rest: np.ndarray, id_dtype, lp_dtype):
+                rest: np.ndarray, id_dtype, lp_dtype, tail_ids=None, tail_lp=None):
     """The Arrow table of rows [first_row, first_row + n): one record per real token.
 
-    segment_ids [n, S]; top_ids, top_lp [n, S, k]; rest [n, S] (host arrays)."""
+    segment_ids [n, S]; top_ids, top_lp [n, S, k]; rest [n, S]; tail_ids, tail_lp [n, S, m] or
+    None (host arrays)."""
     import pyarrow as pa
 
     r, p = np.nonzero(np.asarray(segment_ids) > 0)
-    k = top_ids.shape[-1]
-    ids = np.ascontiguousarray(top_ids[r, p].astype(id_dtype)).reshape(-1)
-    lp = np.ascontiguousarray(top_lp[r, p].astype(lp_dtype)).reshape(-1)
-    return pa.table({
+
+    def lists(x, dtype):
+        flat = np.ascontiguousarray(x[r, p].astype(dtype)).reshape(-1)
+        return pa.FixedSizeListArray.from_arrays(pa.array(flat), x.shape[-1])
+
+    columns = {
         "row": pa.array((r + first_row).astype(np.int32)),
         "position": pa.array(p.astype(np.int32)),
-        "topk_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids), k),
-        "topk_logprobs": pa.FixedSizeListArray.from_arrays(pa.array(lp), k),
+        "topk_ids": lists(top_ids, id_dtype),
+        "topk_logprobs": lists(top_lp, lp_dtype),
         "rest_logmass": pa.array(rest[r, p].astype(np.float32)),
-    })
+    }
+    if tail_ids is not None:
+        columns.update(tail_ids=lists(tail_ids, id_dtype), tail_logprobs=lists(tail_lp, lp_dtype))
+    return pa.table(columns)
 
 
 def write_shard(path: Path, table) -> None:
@@ -303,16 +348,20 @@ def shard_records(path: Path) -> int:
         return pa.ipc.open_stream(source).read_all().num_rows
 
 
-def read_shard(path: Path, k: int) -> dict:
-    """A shard's columns as numpy: row, position [T]; topk_ids, topk_logprobs [T, k]; rest_logmass [T]."""
+def read_shard(path: Path, k: int, m: int = 0) -> dict:
+    """A shard's columns as numpy: row, position [T]; topk_ids, topk_logprobs [T, k]; rest_logmass
+    [T]; with m tail samples also tail_ids, tail_logprobs [T, m]."""
     import pyarrow as pa
 
     with pa.memory_map(str(path)) as source:
         t = pa.ipc.open_stream(source).read_all()
     out = {name: t.column(name).to_numpy() for name in ("row", "position", "rest_logmass")}
-    for name in ("topk_ids", "topk_logprobs"):
+    lists = {"topk_ids": k, "topk_logprobs": k}
+    if m:
+        lists.update(tail_ids=m, tail_logprobs=m)
+    for name, width in lists.items():
         col = t.column(name).combine_chunks()
-        out[name] = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+        out[name] = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
     return out
 
 
@@ -326,13 +375,16 @@ class TeacherCache:
     (teacher, tokenizer, layout, sequence length, dataset, temperature), holds fewer than the
     run's k tokens per position, or has a truncated / corrupted / missing shard (size and sha256
     against the manifest). The arrays stay in the stored dtypes: T real tokens hold
-    T·(k·(2 + 2) + 4) bytes at float16 / uint16.
+    T·((k + m)·(2 + 2) + 4) bytes at float16 / uint16 with m tail samples.
     """
 
     def __init__(self, folder: Path, manifest: dict, k: int, row_start: np.ndarray,
-                 ids: np.ndarray, logprobs: np.ndarray, rest: np.ndarray):
+                 ids: np.ndarray, logprobs: np.ndarray, rest: np.ndarray,
+                 tail_ids: Optional[np.ndarray] = None, tail_logprobs: Optional[np.ndarray] = None):
         self.folder, self.manifest, self.k = folder, manifest, k
         self.row_start, self.ids, self.logprobs, self.rest = row_start, ids, logprobs, rest
+        self.tail_ids, self.tail_logprobs = tail_ids, tail_logprobs
+        self.tail_samples = 0 if tail_ids is None else int(tail_ids.shape[-1])
 
     @classmethod
     def open(cls, folder: str | os.PathLike, run: Mapping, train_rows: Mapping, k: int) -> "TeacherCache":
@@ -345,6 +397,14 @@ class TeacherCache:
             raise CacheMismatch(f"teacher cache {folder} holds the top {m['k']} tokens per position, the "
                                 f"run asks teacher.cache_k={k}: set teacher.cache_k<={m['k']} or record "
                                 f"a cache with teacher.cache_k={k}")
+        m_tail = int(m.get("tail_samples", 0))
+        if m_tail and k < m["k"]:
+            # Its samples are of the mass outside the recorded top k; the tokens k..K would be
+            # counted twice.
+            raise CacheMismatch(f"teacher cache {folder} holds tail samples drawn outside its top "
+                                f"{m['k']}, the run asks teacher.cache_k={k}: set teacher.cache_k="
+                                f"{m['k']} (a cache with tail samples is read at the k it was "
+                                "recorded with)")
         t0 = time.time()
         parts = []
         for shard in m["shards"]:
@@ -359,7 +419,7 @@ class TeacherCache:
                     f"teacher cache {folder}: shard {shard['file']} is {what} ({size} bytes, sha256 "
                     f"differs from the manifest's {shard['bytes']} bytes); delete it and rerun "
                     "python -m distil_jax.record_teacher with the same config to rewrite it")
-            parts.append(read_shard(path, m["k"]))
+            parts.append(read_shard(path, m["k"], m_tail))
         cat = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
         # The records must be exactly the run's real tokens, row by row, in order (the manifest
         # pins the rows' fingerprint; this catches a shard the manifest was made to agree with).
@@ -377,17 +437,20 @@ class TeacherCache:
         n = int(np.asarray(train_rows["segment_ids"]).shape[0])
         row_start = np.zeros(n + 1, np.int64)
         np.cumsum(np.bincount(r, minlength=n), out=row_start[1:])
-        log.info("teacher cache %s: %d real tokens, top %d of %d (%s), %.1f MB in memory, loaded in %.1f s",
-                 folder, len(rest), k, m["teacher"]["vocab_size"], m["storage"]["logprobs_dtype"],
-                 (ids.nbytes + lp.nbytes + rest.nbytes) / 1e6, time.time() - t0)
-        return cls(folder, m, k, row_start, ids, lp, rest)
+        tail = (cat["tail_ids"], cat["tail_logprobs"]) if m_tail else (None, None)
+        log.info("teacher cache %s: %d real tokens, top %d of %d%s (%s), %.1f MB in memory, loaded in %.1f s",
+                 folder, len(rest), k, m["teacher"]["vocab_size"],
+                 f" + {m_tail} tail samples" if m_tail else "", m["storage"]["logprobs_dtype"],
+                 sum(a.nbytes for a in (ids, lp, rest) + tail if a is not None) / 1e6, time.time() - t0)
+        return cls(folder, m, k, row_start, ids, lp, rest, *tail)
 
     def targets(self, row_index: np.ndarray, segment_ids: np.ndarray) -> dict:
-        """The cached targets of one host batch: {CACHE_BATCH_KEYS: [B, S, k], [B, S, k], [B, S]}.
+        """The cached targets of one host batch: {CACHE_BATCH_KEYS: [B, S, k], [B, S, k], [B, S]},
+        and with tail samples {CACHE_TAIL_KEYS: [B, S, m], [B, S, m]}.
 
         row_index [B]: each batch row's index in the training rows; segment_ids [B, S]. Rows with
         no real token (the all-padding rows that fill a last batch) get fillers only."""
-        from distil_jax.objectives.objective import CACHE_BATCH_KEYS
+        from distil_jax.objectives.objective import CACHE_BATCH_KEYS, CACHE_TAIL_KEYS
 
         seg = np.asarray(segment_ids)
         real = seg > 0
@@ -404,7 +467,13 @@ class TeacherCache:
         lp = np.zeros((B, S, self.k), self.logprobs.dtype)
         rest = np.zeros((B, S), np.float32)
         ids[real], lp[real], rest[real] = self.ids[idx], self.logprobs[idx], self.rest[idx]
-        return dict(zip(CACHE_BATCH_KEYS, (ids, lp, rest)))
+        out = dict(zip(CACHE_BATCH_KEYS, (ids, lp, rest)))
+        if self.tail_samples:
+            t_ids = np.zeros((B, S, self.tail_samples), self.tail_ids.dtype)
+            t_lp = np.zeros((B, S, self.tail_samples), self.tail_logprobs.dtype)
+            t_ids[real], t_lp[real] = self.tail_ids[idx], self.tail_logprobs[idx]
+            out.update(zip(CACHE_TAIL_KEYS, (t_ids, t_lp)))
+        return out
 
     def batches(self, rows: Mapping, batch_size: int, *, seed: int, shuffle: bool = True,
                 drop_last: bool = False) -> "CachedBatches":
@@ -423,6 +492,7 @@ class TeacherCache:
         """What the run summary (and the model card) say about the cache."""
         m = self.manifest
         return {"path": str(self.folder), "k": self.k, "recorded_k": m["k"],
+                "tail_samples": self.tail_samples,
                 "vocab_size": m["teacher"]["vocab_size"], "logprobs_dtype": m["storage"]["logprobs_dtype"],
                 "temperature": m["temperature"], "teacher_fingerprint": m["teacher"]["fingerprint"],
                 "real_tokens": m["real_tokens"], "bytes": sum(s["bytes"] for s in m["shards"])}

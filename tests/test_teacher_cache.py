@@ -204,6 +204,88 @@ def test_k_below_vocab_is_a_lower_bound_of_the_full_kl():
     assert got == pytest.approx(full, abs=1e-6)  # k = V
 
 
+def _tail_inputs(seed, shape=(3, 5), V=23, k=4, m=3):
+    """_random_cache_inputs plus m tail ids per position (any tokens outside the top k)."""
+    s, ids, lp, rest, mask = _random_cache_inputs(seed, shape, V, k)
+    rng = np.random.default_rng(seed + 1)
+    t_logp = _np_log_softmax(np.random.default_rng(seed).standard_normal(shape + (V,)) * 3)
+    tail = np.zeros(shape + (m,), np.int32)
+    for i in np.ndindex(shape):
+        outside = np.setdiff1d(np.arange(V), ids[i])
+        tail[i] = rng.choice(outside, m)
+    return s, ids, lp, rest, mask, tail, np.take_along_axis(t_logp, tail, -1).astype(np.float32)
+
+
+def np_tail_loss(name, s_logits, ids, t_logprobs, rest, mask, tail, tail_lp):
+    """float64 reference of the documented tail-sampled formula (losses._tail_sampled_rows)."""
+    log_q = _np_log_softmax(s_logits)
+    lp = np.concatenate([np.asarray(t_logprobs, np.float64), np.asarray(rest, np.float64)[..., None]], -1)
+    norm = np.log(np.exp(lp).sum(-1, keepdims=True))
+    p = np.exp(lp - norm)
+    k, m = ids.shape[-1], tail.shape[-1]
+    lq_top, lq_tail = np.take_along_axis(log_q, ids, -1), np.take_along_axis(log_q, tail, -1)
+    w = p[..., k:] / m
+    if name == "kl":
+        rows = (p[..., :k] * (np.log(p[..., :k]) - lq_top)).sum(-1) + (w * (tail_lp - norm - lq_tail)).sum(-1)
+    else:
+        rows = -(p[..., :k] * lq_top).sum(-1) - (w * lq_tail).sum(-1)
+    return (rows * mask).sum() / max(mask.sum(), 1)
+
+
+@pytest.mark.parametrize("name", losses.TAIL_SAMPLED)
+def test_tail_sampled_loss_matches_float64_reference(name):
+    """kl and ce with tail samples: value against the float64 formula (1e-5), gradient against
+    its finite differences."""
+    s, ids, lp, rest, mask, tail, tail_lp = _tail_inputs(4)
+    got = float(losses.topk_loss(name, s, ids, lp, rest, mask, tail, tail_lp))
+    assert got == pytest.approx(np_tail_loss(name, s, ids, lp, rest, mask, tail, tail_lp), rel=1e-5, abs=1e-6)
+    # The samples change the value: the test would fail if they were ignored.
+    assert abs(got - float(losses.topk_loss(name, s, ids, lp, rest, mask))) > 1e-3
+    s, ids, lp, rest, mask, tail, tail_lp = _tail_inputs(5, shape=(2, 3), V=9, k=3, m=2)
+    grad = np.asarray(jax.grad(lambda x: losses.topk_loss(name, x, ids, lp, rest, mask, tail, tail_lp))(
+        jnp.asarray(s)))
+    s64, eps, fd = s.astype(np.float64), 1e-6, np.zeros(s.shape)
+    for i in np.ndindex(s64.shape):
+        d = np.zeros_like(s64)
+        d[i] = eps
+        fd[i] = (np_tail_loss(name, s64 + d, ids, lp, rest, mask, tail, tail_lp)
+                 - np_tail_loss(name, s64 - d, ids, lp, rest, mask, tail, tail_lp)) / (2 * eps)
+    np.testing.assert_allclose(grad, fd, atol=2e-5, rtol=1e-4)
+
+
+def test_tail_samples_give_the_full_kl_gradient_in_expectation():
+    """sample_tail draws only outside the top k, with frequencies p(v) / p_rest; averaged over
+    draws, the tail-sampled KL's gradient is the whole-vocabulary KL's (the k + 1 buckets' is
+    not: that difference is what the samples are for)."""
+    V, k, m, n = 17, 3, 4, 20000
+    rng = np.random.default_rng(7)
+    s = rng.standard_normal(V).astype(np.float32) * 2
+    t_logp = _np_log_softmax(rng.standard_normal(V) * 2).astype(np.float32)
+    ids = np.argsort(-t_logp)[:k].astype(np.int32)
+    top_lp = t_logp[ids]
+    in_top = np.isin(np.arange(V), ids)
+    rest = np.log(np.exp(t_logp[~in_top].astype(np.float64)).sum()).astype(np.float32)
+    u = rng.random(n).astype(np.float32)
+    tail = np.asarray(tc.sample_tail(jnp.broadcast_to(t_logp, (n, V)), jnp.broadcast_to(ids, (n, k)),
+                                     jnp.asarray(u), m))
+    assert not np.isin(tail, ids).any()
+    freq = np.bincount(tail.reshape(-1), minlength=V) / tail.size
+    p_tail = np.where(in_top, 0.0, np.exp(t_logp.astype(np.float64))) / np.exp(float(rest))
+    np.testing.assert_allclose(freq, p_tail, atol=3e-3)
+
+    def mean_loss(x, tail_ids):
+        b = tail_ids.shape[0]
+        return losses.topk_loss("kl", jnp.broadcast_to(x, (b, V)), np.broadcast_to(ids, (b, k)),
+                                np.broadcast_to(top_lp, (b, k)), np.full(b, rest), None, tail_ids,
+                                t_logp[tail_ids])
+
+    sampled = np.asarray(jax.grad(mean_loss)(jnp.asarray(s), tail))
+    exact = np.asarray(jax.grad(lambda x: losses.kl(x, t_logp))(jnp.asarray(s)))
+    buckets = np.asarray(jax.grad(lambda x: losses.topk_loss("kl", x, ids, top_lp, rest))(jnp.asarray(s)))
+    np.testing.assert_allclose(sampled, exact, atol=2e-3)
+    assert np.abs(buckets - exact).max() > 10 * 2e-3
+
+
 def test_recorder_targets_are_the_online_teacher_distribution(models_):
     """teacher_top_k: the top k of the float32 log-softmax of the teacher's logits, sorted, and
     the log of the rest's mass."""
@@ -271,8 +353,22 @@ def recorded(tmp_path_factory):
     from distil_jax.record_teacher import record
 
     workdir = tmp_path_factory.mktemp("rec")
-    manifest = record(tiny_config(), workdir, shard_rows=64)
+    manifest = record(tiny_config(**{"teacher.cache_tail_samples": 0}), workdir, shard_rows=64)
     return workdir, manifest
+
+
+def _run_of(workdir: Path, cfg):
+    """(teacher config, float32 teacher params, training rows, run_pins) of the tiny run `cfg`
+    on the demo teacher and corpus in `workdir`."""
+    from distil_jax import data, hf, train as train_lib
+
+    cfg.teacher.model_name_or_path = str(workdir / "teacher")
+    cfg.dataset.uri = str(workdir / "data" / "stdlib_docstrings.jsonl")
+    tcfg, tp = hf.load_pretrained(cfg.teacher.model_name_or_path, jnp.float32)
+    tok = train_lib._tokenizer(cfg.teacher.model_name_or_path)
+    rows, _, _ = data.build_datasets(cfg.dataset, tok, 32, "pack", cache_dir=workdir / "cache")
+    return tcfg, tp, rows, tc.run_pins(cfg, tcfg, tok, 32, rows,
+                                       tc.teacher_fingerprint(cfg.teacher.model_name_or_path))
 
 
 @pytest.mark.slow
@@ -281,7 +377,6 @@ def test_recorded_cache_format(recorded):
     reads; their records are the teacher's top k for every real token, in row order."""
     import datasets
 
-    from distil_jax import data, hf, train as train_lib
 
     workdir, m = recorded
     cache = workdir / "teacher_cache"
@@ -298,13 +393,7 @@ def test_recorded_cache_format(recorded):
     assert ds.column_names == ["row", "position", "topk_ids", "topk_logprobs", "rest_logmass"]
     assert len(ds) == m["shards"][0]["tokens"] and len(ds[0]["topk_ids"]) == 16
 
-    cfg = tiny_config()
-    cfg.teacher.model_name_or_path = str(workdir / "teacher")
-    cfg.dataset.uri = str(workdir / "data" / "stdlib_docstrings.jsonl")
-    tcfg, tp = hf.load_pretrained(cfg.teacher.model_name_or_path, jnp.float32)
-    tok = train_lib._tokenizer(cfg.teacher.model_name_or_path)
-    rows, _, _ = data.build_datasets(cfg.dataset, tok, 32, "pack", cache_dir=workdir / "cache")
-    run = tc.run_pins(cfg, tcfg, tok, 32, rows, tc.teacher_fingerprint(cfg.teacher.model_name_or_path))
+    tcfg, tp, rows, run = _run_of(workdir, tiny_config())
     reader = tc.TeacherCache.open(cache, run, rows, k=16)
     pick = np.array([0, 5, len(rows["input_ids"]) - 1])
     sub = {k: v[pick] for k, v in rows.items()}
@@ -324,6 +413,56 @@ def test_recorded_cache_format(recorded):
     with pytest.raises(tc.CacheMismatch, match="holds the top 16 tokens per position, the run asks "
                                                "teacher.cache_k=32"):
         tc.TeacherCache.open(cache, run, rows, k=32)
+
+
+@pytest.mark.slow
+def test_recorded_tail_samples(recorded, tmp_path):
+    """teacher.cache_tail_samples = m: m draws per token from outside its top k, stored with the
+    teacher's log-probabilities of them; the draws do not depend on the batching (identical
+    bytes at another batch size); a run trains from them, and reads them only at the recorded k."""
+    from distil_jax.record_teacher import record
+
+    src, _ = recorded
+    workdir = _seed_workdir(src, tmp_path / "w")
+    caches = []
+    for bs in (8, 4):
+        cfg = tiny_config(**{"teacher.cache_tail_samples": 5, "teacher.cache": str(workdir / f"c{bs}")})
+        m = record(cfg, workdir, shard_rows=64, batch_size=bs)
+        caches.append(workdir / f"c{bs}")
+    assert m["tail_samples"] == 5 and m["tail_seed"] == cfg.train.seed
+    assert _files(caches[0]) == _files(caches[1])
+
+    tcfg, tp, rows, run = _run_of(workdir, cfg)
+    reader = tc.TeacherCache.open(caches[0], run, rows, k=16)
+    pick = np.arange(8)
+    sub = {k: v[pick] for k, v in rows.items()}
+    got = reader.targets(pick, sub["segment_ids"])
+    real = sub["segment_ids"] > 0
+    tail, tail_lp = got["teacher_tail_ids"][real], got["teacher_tail_logprobs"][real]
+    assert tail.shape[-1] == 5
+    assert not (tail[:, :, None] == got["teacher_topk_ids"][real][:, None, :]).any()
+    from distil_jax import models
+
+    logp = np.asarray(jax.nn.log_softmax(models.forward(tcfg, tp, sub["input_ids"],
+                                                        segment_ids=sub["segment_ids"]).logits, -1))[real]
+    np.testing.assert_allclose(tail_lp.astype(np.float32), np.take_along_axis(logp, tail.astype(int), -1),
+                               atol=2e-2, rtol=2e-3)  # float16
+    with pytest.raises(tc.CacheMismatch, match="read at the k it was recorded with"):
+        tc.TeacherCache.open(caches[0], run, rows, k=8)
+
+    from distil_jax.train import train
+
+    out = _seed_workdir(src, tmp_path / "run")
+    res = train(tiny_config(**{"teacher.cache": str(caches[0]), "train.max_steps": 4}), out)
+    assert res["step"] == 4
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["teacher"]["cache"]["tail_samples"] == 5
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(rec["loss/logits"]) for rec in lines if "loss/logits" in rec)
+    from distil_jax.export import export
+
+    card = (export(out, tmp_path / "export") / "README.md").read_text()
+    assert "top-16 teacher cache" in card and "5 tokens drawn from that rest" in card
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@ weights (nothing is downloaded).
         --seq-len 256 --steps 6 --warmup-steps 2 --layout padded --json bench.json
 
 `--teacher-cache-k K` adds a third side, distil_jax training from a top-K teacher cache (the
-teacher's recorded top-K log-probabilities plus the rest's mass; docs/teacher_cache.md), and
+teacher's recorded top-K log-probabilities plus the rest's mass and, with
+`--teacher-cache-tail M` (default 8, the library's), M tail samples; docs/teacher_cache.md), and
 compares it with distil_jax's online step on the same logits-only objective (KL on the logits,
 `--objective logits`, implied): the default sides become `jax,jax_cache`. The cache side's targets
 are synthetic (K distinct random ids with sorted log-probabilities per position, as the cache
@@ -160,6 +161,7 @@ class BenchConfig:
     gemm_reps: int = 10
     objective: str = "reference"  # "reference" (KL + attention maps) or "logits" (KL only)
     teacher_cache_k: int = 0  # > 0: the jax_cache side trains from a top-k teacher cache
+    teacher_cache_tail: int = 8  # its tail samples per position (the library's default)
 
     def resolved(self) -> "BenchConfig":
         c = dataclasses.replace(self)
@@ -374,7 +376,7 @@ def cache_targets(cfg: BenchConfig, host: dict) -> dict:
     import numpy as np
 
     from distil_jax import teacher_cache as tcache
-    from distil_jax.objectives.objective import CACHE_BATCH_KEYS
+    from distil_jax.objectives.objective import CACHE_BATCH_KEYS, CACHE_TAIL_KEYS
 
     B, S, k = cfg.batch, cfg.seq_len, cfg.teacher_cache_k
     V = shape(cfg.teacher)["vocab"]
@@ -389,7 +391,15 @@ def cache_targets(cfg: BenchConfig, host: dict) -> dict:
     out = (np.where(real[..., None], ids, 0).astype(tcache.ids_dtype(V)),
            np.where(real[..., None], top, 0).astype(np.float16),
            np.where(real, rest, 0).astype(np.float32))
-    return dict(zip(CACHE_BATCH_KEYS, out))
+    targets = dict(zip(CACHE_BATCH_KEYS, out))
+    m = cfg.teacher_cache_tail
+    if m:
+        # Tail draws: any ids (the step's cost does not depend on which), float16 log-probs.
+        tail = rng.integers(0, V, (B, S, m))
+        tail_lp = np.log(0.2 / (V - k)) + rng.standard_normal((B, S, m))
+        targets.update(zip(CACHE_TAIL_KEYS, (np.where(real[..., None], tail, 0).astype(tcache.ids_dtype(V)),
+                                             np.where(real[..., None], tail_lp, 0).astype(np.float16))))
+    return targets
 
 
 def run_jax_cache(cfg: BenchConfig) -> dict:
@@ -730,7 +740,8 @@ def format_table(result: dict) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     names = {"jax": "distil_jax", "torch": "torch baseline (Distily)",
-             "jax_cache": f"distil_jax, top-{c.get('teacher_cache_k')} cache"}
+             "jax_cache": f"distil_jax, top-{c.get('teacher_cache_k')} cache"
+                          + (f" + {c['teacher_cache_tail']} tail" if c.get("teacher_cache_tail") else "")}
     cells = {k: [f(result[s]) for s in sides] for k, f in rows}
     col = [max([len(names[s])] + [len(cells[k][i]) for k, _ in rows]) for i, s in enumerate(sides)]
     lines = [head, f"{'':<{width}}  " + " | ".join(f"{names[s]:<{col[i]}}" for i, s in enumerate(sides))]
@@ -766,6 +777,9 @@ def parse_args(argv=None) -> tuple[BenchConfig, list, Optional[str], bool]:
     p.add_argument("--objective", default="reference", choices=sorted(OBJECTIVES),
                    help="distil_jax's objective: reference (KL + layer -2 attention maps) or logits "
                         "(KL only; implied by --teacher-cache-k)")
+    p.add_argument("--teacher-cache-tail", type=int, default=8, metavar="M",
+                   help="the cache side's tail samples per position (teacher.cache_tail_samples; "
+                        "default 8, the library's)")
     p.add_argument("--teacher-cache-k", type=int, default=0, metavar="K",
                    help="also time distil_jax training from a top-K teacher cache (side jax_cache) "
                         "against its online step, both with the logits-only objective")
@@ -821,7 +835,7 @@ def parse_args(argv=None) -> tuple[BenchConfig, list, Optional[str], bool]:
                           jax_profile=str(Path(a.jax_profile).resolve()) if a.jax_profile else None,
                           logits_buckets=a.logits_buckets, torch_dropout=not a.no_torch_dropout,
                           host_sync=a.host_sync, peak_tflops=a.peak_tflops, objective=a.objective,
-                          teacher_cache_k=a.teacher_cache_k)
+                          teacher_cache_k=a.teacher_cache_k, teacher_cache_tail=a.teacher_cache_tail)
     return cfg, sides, a.json, bool(a.child_config) or a.no_isolate
 
 

@@ -252,7 +252,12 @@ def topk_log_probs(student_logits, ids, teacher_logprobs, rest_logmass):
     coarse-grained to {top-k tokens, everything else}; with k = V there is no rest bucket and it
     is exactly the divergence over the whole vocabulary.
     """
-    log_q = _log_probs(student_logits)
+    return _buckets(_log_probs(student_logits), ids, teacher_logprobs, rest_logmass)[:2]
+
+
+def _buckets(log_q, ids, teacher_logprobs, rest_logmass):
+    """`topk_log_probs` from the student's log-softmax ``log_q [..., V]``, plus the teacher's
+    normalizer ``[..., 1]`` (what was subtracted from the stored log-probabilities)."""
     vocab, k = log_q.shape[-1], ids.shape[-1]
     ids = jnp.asarray(ids).astype(jnp.int32)
     log_s = jnp.take_along_axis(log_q, ids, axis=-1)
@@ -262,17 +267,63 @@ def topk_log_probs(student_logits, ids, teacher_logprobs, rest_logmass):
         log_s = jnp.concatenate([log_s, rest_s[..., None]], axis=-1)
         rest_t = jnp.asarray(rest_logmass, jnp.float32)[..., None]
         log_t = jnp.concatenate([log_t, rest_t], axis=-1)
-    log_t = log_t - jax.nn.logsumexp(log_t, axis=-1, keepdims=True)
-    return log_s, log_t
+    norm = jax.nn.logsumexp(log_t, axis=-1, keepdims=True)
+    return log_s, log_t - norm, norm
 
 
-def topk_loss(name: str, student_logits, ids, teacher_logprobs, rest_logmass, mask=None):
+# The losses whose teacher-cache form uses the cache's tail samples (forward directions: the
+# teacher's probabilities weight the terms, so a sample of the tail estimates its share without
+# bias); the others use the k + 1 buckets.
+TAIL_SAMPLED = ("kl", "ce")
+
+
+def _tail_sampled_rows(name, log_q, ids, teacher_logprobs, rest_logmass, tail_ids, tail_logprobs):
+    """Per-position forward KL or CE ``[...]`` from the top k (exact) and m tail samples.
+
+    The top-k terms are the buckets' (`topk_log_probs`); the tail's share of the sum over the
+    vocabulary is estimated from m tokens drawn from the teacher's tail distribution
+    ``p(v) / p_rest`` (v outside the top k):
+
+      kl:  sum_{i<=k} p_i (log p_i - log q_i) + (p_rest / m) sum_{j<=m} (log p(t_j) - log q(t_j))
+      ce: -sum_{i<=k} p_i log q_i            - (p_rest / m) sum_{j<=m} log q(t_j)
+
+    whose expectation over the draw is the exact loss over the whole vocabulary, and so is its
+    gradient's (each tail token's expected target is p(v), where the k + 1 buckets give the tail
+    tokens the student's own shape). p_i, p_rest and p(t_j) are renormalized with the buckets.
+    tail_ids, tail_logprobs: ``[..., m]``.
+    """
+    log_s, log_t, norm = _buckets(log_q, ids, teacher_logprobs, rest_logmass)
+    k, m = ids.shape[-1], tail_ids.shape[-1]
+    head_rows = LOG_PROB_ROWS[name](log_s[..., :k], log_t[..., :k])
+    weight = jnp.exp(log_t[..., k:]) / m  # [..., 1]
+    log_q_tail = jnp.take_along_axis(log_q, jnp.asarray(tail_ids).astype(jnp.int32), axis=-1)
+    lp_tail = jnp.asarray(tail_logprobs, jnp.float32) - norm
+    # A zero weight (no tail mass) must keep -inf log-probabilities out of value and gradient.
+    used = (weight > 0) & jnp.isfinite(lp_tail)
+    safe_q = jnp.where(used, log_q_tail, 0.0)
+    if name == "kl":
+        terms = weight * (jnp.where(used, lp_tail, 0.0) - safe_q)
+    else:
+        terms = -weight * safe_q
+    return head_rows + jnp.sum(jnp.where(used, terms, 0.0), axis=-1)
+
+
+def topk_loss(name: str, student_logits, ids, teacher_logprobs, rest_logmass, mask=None,
+              tail_ids=None, tail_logprobs=None):
     """The logits loss ``name`` (kl, reverse_kl, cakld, jsd or ce) on the teacher cache's k + 1
-    buckets (see `topk_log_probs`), mean over masked positions. Shapes as in `topk_log_probs`."""
+    buckets (see `topk_log_probs`), mean over masked positions. Shapes as in `topk_log_probs`.
+
+    With tail samples (``tail_ids``, ``tail_logprobs`` ``[..., m]``, m > 0), kl and ce estimate
+    the tail's share from them instead (`_tail_sampled_rows`); the other losses use the buckets.
+    """
     if name not in LOG_PROB_ROWS:
         raise ValueError(f"the logits loss {name!r} cannot be computed from a teacher cache (it "
                          f"holds top-k log-probabilities, not logits); use one of "
                          f"{', '.join(LOG_PROB_ROWS)}")
+    if tail_ids is not None and tail_ids.shape[-1] and name in TAIL_SAMPLED:
+        rows = _tail_sampled_rows(name, _log_probs(student_logits), ids, teacher_logprobs,
+                                  rest_logmass, tail_ids, tail_logprobs)
+        return masked_mean(rows, mask)
     log_s, log_t = topk_log_probs(student_logits, ids, teacher_logprobs, rest_logmass)
     return masked_mean(LOG_PROB_ROWS[name](log_s, log_t), mask)
 

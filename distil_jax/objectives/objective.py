@@ -91,8 +91,10 @@ def _component(d: Optional[Mapping], kind: str) -> Component:
     return comp
 
 
-# The batch keys that carry a teacher cache's targets (see CachedTeacher).
+# The batch keys that carry a teacher cache's targets (see CachedTeacher); the tail samples'
+# two are present only when the cache holds tail samples.
 CACHE_BATCH_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_rest_logmass")
+CACHE_TAIL_KEYS = ("teacher_tail_ids", "teacher_tail_logprobs")
 
 
 @flax.struct.dataclass
@@ -104,16 +106,20 @@ class CachedTeacher:
     logprobs: [B, S, k] (float16 or float32 as stored), their log-probabilities at the
       temperature the cache was recorded at.
     rest: [B, S] float32, log of the teacher's mass outside the top k.
+    tail_ids, tail_logprobs: [B, S, m], m tokens drawn from the teacher's distribution outside
+      the top k and their log-probabilities, or None (a cache recorded without tail samples).
     Positions that are not real tokens hold fillers (finite, masked out of every loss).
     """
 
     ids: jax.Array
     logprobs: jax.Array
     rest: jax.Array
+    tail_ids: Optional[jax.Array] = None
+    tail_logprobs: Optional[jax.Array] = None
 
     @classmethod
     def from_batch(cls, batch: Mapping) -> "CachedTeacher":
-        return cls(*(batch[k] for k in CACHE_BATCH_KEYS))
+        return cls(*(batch[k] for k in CACHE_BATCH_KEYS), *(batch.get(k) for k in CACHE_TAIL_KEYS))
 
 
 def next_token_targets(input_ids: Array, segment_ids: Array) -> tuple[Array, Array]:
@@ -512,7 +518,7 @@ class Objective:
                 # logits are softened, and the T² scale is the online loss's.
                 c = t_logits
                 ls = topk_loss(self.logits.loss_fn, s / T if T != 1.0 else s, c.ids, c.logprobs,
-                               c.rest, mask) * (T * T)
+                               c.rest, mask, c.tail_ids, c.tail_logprobs) * (T * T)
             else:
                 t = t_logits.astype(jnp.float32)
                 if self.logits.loss_fn in _DISTRIBUTION_LOSSES and T != 1.0:
