@@ -21,6 +21,7 @@ from distil_jax import train_step as ts
 from distil_jax.objectives import losses
 from distil_jax.objectives.objective import CACHE_BATCH_KEYS, Objective
 from tests import tiny_setup as T
+from tests.np_reference import np_divergence_rows, np_log_softmax
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -111,21 +112,10 @@ def test_k_equal_vocab_train_step_with_grad_accumulation_equals_online(models_):
         assert abs(float(m_on[key]) - float(m_ca[key])) <= 1e-6 * max(1.0, abs(float(m_on[key]))), key
 
 
-def _np_log_softmax(x):
-    x = np.asarray(x, np.float64)
-    z = x - x.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def _np_kl(p, q):
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(p > 0, p * (np.log(p) - np.log(q)), 0.0).sum(-1)
-
-
 def np_topk_loss(name, s_logits, ids, t_logprobs, rest, mask, beta=0.5):
     """float64 reference of the documented formula: both distributions on the k + 1 buckets
     {top-k tokens, the rest}; the teacher's buckets renormalized."""
-    q = np.exp(_np_log_softmax(s_logits))
+    q = np.exp(np_log_softmax(s_logits))
     q_top = np.take_along_axis(q, ids, -1)
     q_b = np.concatenate([q_top, (1.0 - q_top.sum(-1))[..., None]], -1)
     # The rest summed directly (not 1 - sum) for the reference too where it is tiny.
@@ -134,26 +124,15 @@ def np_topk_loss(name, s_logits, ids, t_logprobs, rest, mask, beta=0.5):
     q_b[..., -1] = np.where(in_top, 0.0, q).sum(-1)
     p_b = np.exp(np.concatenate([np.asarray(t_logprobs, np.float64), np.asarray(rest, np.float64)[..., None]], -1))
     p_b /= p_b.sum(-1, keepdims=True)
-    if name == "kl":
-        rows = _np_kl(p_b, q_b)
-    elif name == "reverse_kl":
-        rows = _np_kl(q_b, p_b)
-    elif name == "cakld":
-        rows = beta * _np_kl(q_b, p_b) + (1 - beta) * _np_kl(p_b, q_b)
-    elif name == "jsd":
-        m = beta * p_b + (1 - beta) * q_b
-        rows = beta * _np_kl(p_b, m) + (1 - beta) * _np_kl(q_b, m)
-    elif name == "ce":
-        rows = -(p_b * np.log(q_b)).sum(-1)
-    else:
-        raise AssertionError(name)
+    rows = np_divergence_rows(name, q_b, p_b, beta)
+    assert rows is not None, name
     return (rows * mask).sum() / max(mask.sum(), 1)
 
 
 def _random_cache_inputs(seed, shape=(3, 5), V=23, k=6, lp_dtype=np.float32):
     rng = np.random.default_rng(seed)
     s = (rng.standard_normal(shape + (V,)) * 3).astype(np.float32)
-    t_logp = _np_log_softmax(rng.standard_normal(shape + (V,)) * 3)
+    t_logp = np_log_softmax(rng.standard_normal(shape + (V,)) * 3)
     order = np.argsort(-t_logp, -1, kind="stable")
     ids = order[..., :k]
     lp = np.take_along_axis(t_logp, ids, -1).astype(lp_dtype)
@@ -193,7 +172,7 @@ def test_k_below_vocab_is_a_lower_bound_of_the_full_kl():
     s = rng.standard_normal((4, 31)).astype(np.float32) * 2
     t = rng.standard_normal((4, 31)).astype(np.float32) * 2
     full = float(losses.kl(s, t))
-    t_logp = _np_log_softmax(t)
+    t_logp = np_log_softmax(t)
     for k in (1, 4, 16, 30, 31):
         order = np.argsort(-t_logp, -1)
         ids = order[:, :k]
@@ -208,7 +187,7 @@ def _tail_inputs(seed, shape=(3, 5), V=23, k=4, m=3):
     """_random_cache_inputs plus m tail ids per position (any tokens outside the top k)."""
     s, ids, lp, rest, mask = _random_cache_inputs(seed, shape, V, k)
     rng = np.random.default_rng(seed + 1)
-    t_logp = _np_log_softmax(np.random.default_rng(seed).standard_normal(shape + (V,)) * 3)
+    t_logp = np_log_softmax(np.random.default_rng(seed).standard_normal(shape + (V,)) * 3)
     tail = np.zeros(shape + (m,), np.int32)
     for i in np.ndindex(shape):
         outside = np.setdiff1d(np.arange(V), ids[i])
@@ -218,7 +197,7 @@ def _tail_inputs(seed, shape=(3, 5), V=23, k=4, m=3):
 
 def np_tail_loss(name, s_logits, ids, t_logprobs, rest, mask, tail, tail_lp):
     """float64 reference of the documented tail-sampled formula (losses._tail_sampled_rows)."""
-    log_q = _np_log_softmax(s_logits)
+    log_q = np_log_softmax(s_logits)
     lp = np.concatenate([np.asarray(t_logprobs, np.float64), np.asarray(rest, np.float64)[..., None]], -1)
     norm = np.log(np.exp(lp).sum(-1, keepdims=True))
     p = np.exp(lp - norm)
@@ -260,7 +239,7 @@ def test_tail_samples_give_the_full_kl_gradient_in_expectation():
     V, k, m, n = 17, 3, 4, 20000
     rng = np.random.default_rng(7)
     s = rng.standard_normal(V).astype(np.float32) * 2
-    t_logp = _np_log_softmax(rng.standard_normal(V) * 2).astype(np.float32)
+    t_logp = np_log_softmax(rng.standard_normal(V) * 2).astype(np.float32)
     ids = np.argsort(-t_logp)[:k].astype(np.int32)
     top_lp = t_logp[ids]
     in_top = np.isin(np.arange(V), ids)
