@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from distil_jax import data, hf, teacher_cache as tc
+from distil_jax import data, fsio, hf, teacher_cache as tc
 from distil_jax.config import DTYPES, validate
 from distil_jax.versions import package_versions
 
@@ -58,9 +58,6 @@ def record(config: ml_collections.ConfigDict, workdir, *, shard_rows: int = 0,
     if config.demo_teacher.enabled:
         config = train_lib._with_demo_inputs(config, workdir)
     out = Path(config.teacher.cache or workdir / "teacher_cache").resolve()
-    if config.teacher.cache_dtype not in tc.LOGPROB_DTYPES:
-        raise ValueError(f"teacher.cache_dtype={config.teacher.cache_dtype!r}: use "
-                         f"{' or '.join(tc.LOGPROB_DTYPES)}")
 
     # The rows exactly as training builds them (same calls, same token cache).
     teacher_path = config.teacher.model_name_or_path
@@ -92,7 +89,7 @@ def record(config: ml_collections.ConfigDict, workdir, *, shard_rows: int = 0,
             raise ValueError(f"teacher.cache={out} exists and is not a teacher cache (no "
                              f"{tc.MANIFEST}); choose a new or empty folder")
         # Written before any shard: a folder with shards but no manifest is never ours.
-        tc.write_json(out / tc.MANIFEST, {**pins, "complete": False})
+        fsio.write_json(out / tc.MANIFEST, {**pins, "complete": False})
     else:
         mine = {k_: v for k_, v in existing.items() if k_ in pins}
         diff = tc._first_difference(mine, pins)
@@ -184,7 +181,7 @@ def record(config: ml_collections.ConfigDict, workdir, *, shard_rows: int = 0,
     manifest = {**pins, "complete": True, "shards": shards, "teacher_eval": teacher_eval,
                 "versions": package_versions(), "bytes_per_token": round(
                     sum(s["bytes"] for s in shards) / max(pins["real_tokens"], 1), 2)}
-    tc.write_json(out / tc.MANIFEST, manifest)
+    fsio.write_json(out / tc.MANIFEST, manifest)
     rate = recorded / seconds if seconds > 0 and recorded else None
     log.info("teacher cache %s complete: %d real tokens, %.1f bytes/token on disk; this call "
              "recorded %d tokens in %.1f s (%s tokens/s); train from it with --config.teacher.cache=%s",

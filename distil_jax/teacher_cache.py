@@ -55,7 +55,6 @@ FORMAT = "distil_jax.teacher_cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DATA_DIR = "data"
-LOGPROB_DTYPES = ("float16", "float32")
 COMPRESSION = "zstd"
 SHARD_FORMAT = "arrow-ipc-stream"
 # Default shard size: about 2^20 real-or-padding positions, so a shard is some 10-300 MB at
@@ -71,11 +70,6 @@ class CacheMismatch(ValueError):
 
 
 # ----------------------------------------------------------------------------- files
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """The manifest, atomically (`fsio`: temp beside it, fsync, rename); deterministic bytes."""
-    fsio.write_json(path, obj)
 
 
 def remove_stale_temps(folder: Path, n_shards: int) -> list[Path]:
@@ -253,22 +247,23 @@ def teacher_top_k(config, params, input_ids, segment_ids, *, k: int, temperature
     logits = models.forward(config, params, input_ids, **kwargs).logits
     logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
     top_lp, top_ids = jax.lax.top_k(logp, k)
-    if k < logp.shape[-1]:
-        rest = jax.nn.logsumexp(jnp.where(_top_k_mask(top_ids, logp.shape[-1]), -jnp.inf, logp), axis=-1)
-    else:
-        rest = jnp.full(logp.shape[:-1], -jnp.inf, jnp.float32)
+    if k == logp.shape[-1]:
+        return top_ids, top_lp, jnp.full(logp.shape[:-1], -jnp.inf, jnp.float32)
+    in_top = _top_k_mask(top_ids, logp.shape[-1])  # [B, S, V], shared by the rest and the draws
+    rest = jax.nn.logsumexp(jnp.where(in_top, -jnp.inf, logp), axis=-1)
     if not tail_samples:
         return top_ids, top_lp, rest
     keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.PRNGKey(seed), r))(rows)
     u = jax.vmap(lambda key: jax.random.uniform(key, logp.shape[1:2]))(keys)  # [B, S]
-    tail_ids = sample_tail(logp, top_ids, u, tail_samples)
+    tail_ids = sample_tail(logp, in_top, u, tail_samples)
     return top_ids, top_lp, rest, tail_ids, jnp.take_along_axis(logp, tail_ids, axis=-1)
 
 
-def sample_tail(logp, top_ids, u, m: int):
+def sample_tail(logp, in_top, u, m: int):
     """m tokens per position drawn from the distribution outside the top k, p(v) / p_rest.
 
-    logp: [..., V] float32 log-probabilities; top_ids: [..., k]; u: [...] uniform in [0, 1).
+    logp: [..., V] float32 log-probabilities; in_top: [..., V] bool, True on the top-k tokens
+    (`losses._top_k_mask`); u: [...] uniform in [0, 1).
     Systematic sampling: the j-th draw is the token whose cumulative tail mass first exceeds
     (j + u) / m of the total (one uniform per position, m evenly spaced points). Each draw is
     marginally distributed as p(v) / p_rest, so an average over the m draws is an unbiased
@@ -278,10 +273,8 @@ def sample_tail(logp, top_ids, u, m: int):
     """
     import jax.numpy as jnp
 
-    from distil_jax.objectives.losses import _top_k_mask
-
     V = logp.shape[-1]
-    p = jnp.where(_top_k_mask(top_ids, V), 0.0, jnp.exp(logp))
+    p = jnp.where(in_top, 0.0, jnp.exp(logp))
     cdf = jnp.cumsum(p, axis=-1)
     total = cdf[..., -1:]
     points = (jnp.arange(m, dtype=jnp.float32) + u[..., None]) / m * total

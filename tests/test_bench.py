@@ -229,3 +229,14 @@ def test_teacher_cache_side_against_online(tmp_path):
     assert d["jax_cache"]["flops_per_token_parts"]["teacher"] == 0 < d["jax"]["flops_per_token_parts"]["teacher"]
     with pytest.raises(ValueError, match="the torch baseline runs the reference objective only"):
         bt.bench(bt.BenchConfig(teacher="tiny", teacher_cache_k=8), sides=("torch",), isolate=False)
+
+
+def test_bench_defaults_follow_the_library():
+    """The bench keeps its own copies of library defaults (its parent process imports no jax);
+    they must not drift from the config's."""
+    from distil_jax import config as config_lib
+
+    c = config_lib.default_config()
+    assert bt.BenchConfig().teacher_cache_tail == c.teacher.cache_tail_samples
+    assert bt.BenchConfig().remat_policy == c.train.remat_policy
+    assert bt.BenchConfig().logits_buckets == c.train.logits_buckets

@@ -245,7 +245,7 @@ def test_tail_samples_give_the_full_kl_gradient_in_expectation():
     in_top = np.isin(np.arange(V), ids)
     rest = np.log(np.exp(t_logp[~in_top].astype(np.float64)).sum()).astype(np.float32)
     u = rng.random(n).astype(np.float32)
-    tail = np.asarray(tc.sample_tail(jnp.broadcast_to(t_logp, (n, V)), jnp.broadcast_to(ids, (n, k)),
+    tail = np.asarray(tc.sample_tail(jnp.broadcast_to(t_logp, (n, V)), jnp.broadcast_to(in_top, (n, V)),
                                      jnp.asarray(u), m))
     assert not np.isin(tail, ids).any()
     freq = np.bincount(tail.reshape(-1), minlength=V) / tail.size
