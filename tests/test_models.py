@@ -41,6 +41,28 @@ def test_lm_head_is_the_tied_embedding_or_the_separate_head():
     np.testing.assert_array_equal(models.lm_head(untied, up), up["lm_head"]["kernel"])
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_head_logits_gradients_equal_autodiff_of_the_plain_product(dtype):
+    # head_logits' custom VJP only reorders the two gradient matmuls for the CPU backend's
+    # layouts; jax's own autodiff of the float32-accumulating product is the reference. The
+    # same products summed in another order: equal to float32 rounding (|x| <= 10 here).
+    from distil_jax.models.common import head_logits
+
+    def plain(h, w):
+        return jnp.matmul(h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+
+    h = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 16)).astype(dtype)
+    w = jax.random.normal(jax.random.PRNGKey(1), (16, 40)) * 0.3
+    ct = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 40))
+    (y, vjp), (y_ref, vjp_ref) = jax.vjp(head_logits, h, w), jax.vjp(plain, h, w)
+    assert y.dtype == jnp.float32
+    np.testing.assert_array_equal(y, y_ref)
+    for got, want in zip(vjp(ct), vjp_ref(ct)):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                   rtol=1e-6, atol=1e-5)
+
+
 def test_shape_problems_names_every_difference():
     want = {"a": {"k": jnp.zeros((2, 3))}, "b": jnp.zeros(4)}
     assert models.shape_problems(want, want) == []

@@ -219,4 +219,33 @@ def head_logits(hidden: Array, head: Array) -> Array:
     every loss sees unrounded logits: rounding them to bfloat16 first would move the KL of a
     token with logits around -80 by up to 1e-2.
     """
-    return jnp.matmul(hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    return _head_matmul(hidden, head.astype(hidden.dtype))
+
+
+@jax.custom_vjp
+def _head_matmul(hidden: Array, head: Array) -> Array:
+    return jnp.matmul(hidden, head, preferred_element_type=jnp.float32)
+
+
+def _head_matmul_fwd(hidden, head):
+    return _head_matmul(hidden, head), (hidden, head)
+
+
+def _head_matmul_bwd(res, g):
+    """The two vocabulary-sized gradient matmuls, written so that neither reads the logits'
+    gradient g [N, V] transposed: d_head = hidden^T g [D, V] transposes the small [N, D] states
+    instead. Left to autodiff, XLA's CPU backend computes the tied embedding's gradient as
+    g^T hidden [V, D] and writes a transposed copy of g for it (recomputing the softmax
+    backward into it): 0.44 s of a 7.3 s step at the CPU bench's shape (docs/benchmarks.md)."""
+    hidden, head = res
+    # The same mixed-dtype products (float32 g, compute-dtype operands, float32 accumulation)
+    # and casts as autodiff's, so the gradients are bit-identical to it.
+    d_hidden = jax.lax.dot_general(g, head, (((g.ndim - 1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
+    flat_h, flat_g = hidden.reshape(-1, hidden.shape[-1]), g.reshape(-1, g.shape[-1])
+    d_head = jax.lax.dot_general(flat_h, flat_g, (((0,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+    return d_hidden.astype(hidden.dtype), d_head.astype(head.dtype)
+
+
+_head_matmul.defvjp(_head_matmul_fwd, _head_matmul_bwd)
