@@ -112,9 +112,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.dtype = "bfloat16"  # compute dtype; master weights and optimizer state are float32
     c.train.remat = True  # gradient checkpointing of the student's blocks
     # What a checkpointed block keeps for its backward pass: "full" (its input only; recomputes
-    # everything, as HF's gradient checkpointing) or "dots" (also its weight matmuls' outputs:
-    # recomputes only elementwise work; more activation memory, fewer FLOPs).
-    c.train.remat_policy = "full"
+    # everything, as HF's gradient checkpointing), "dots" (also its weight matmuls' outputs:
+    # recomputes only elementwise work; more activation memory, fewer FLOPs) or "auto": "dots"
+    # when what it keeps fits in a tenth of the device's memory, else "full" (the run logs which).
+    c.train.remat_policy = "auto"
     # Padding-aware logits (dataset.layout = "pad"): LM heads and logits losses run on the real
     # tokens only, rounded up to 1/N of each device's share of the batch (at most N compiled
     # variants of the step); 0 = off.
@@ -422,8 +423,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if config.teacher.cache_k <= 0:
         raise ValueError(f"teacher.cache_k={config.teacher.cache_k}: use a positive number of "
                          "tokens per position (default 64)")
-    if config.train.remat_policy not in ("full", "dots"):
-        raise ValueError(f"train.remat_policy={config.train.remat_policy!r}: use 'full' or 'dots'")
+    if config.train.remat_policy not in ("auto", "full", "dots"):
+        raise ValueError(f"train.remat_policy={config.train.remat_policy!r}: use 'auto', 'full' or 'dots'")
     if config.teacher.cache_tail_samples < 0:
         raise ValueError(f"teacher.cache_tail_samples={config.teacher.cache_tail_samples}: use 0 "
                          "(none) or a positive number of tokens per position (e.g. 8)")

@@ -48,7 +48,7 @@ from distil_jax import workdir as workdir_lib
 from distil_jax.config import DTYPES, validate
 from distil_jax.objectives.objective import Objective
 from distil_jax.train_step import (BucketedTrainStep, StepConfig, create_train_state, make_eval_step,
-                                   make_optimizer, shard_batch)
+                                   make_optimizer, remat_choice, shard_batch)
 from distil_jax.versions import package_versions
 
 log = logging.getLogger("distil_jax")
@@ -673,6 +673,12 @@ class Session:
         log.info("train: %d rows of %d tokens (%s), %d real tokens, %.1f%% padding; %d steps of %d rows",
                  stats["rows"], run.seq_len, run.config.dataset.layout, stats["real_tokens"],
                  100 * stats["padding_fraction"], run.total_steps, run.rows_per_step)
+        sc = run.step_config
+        if sc.remat == "auto":
+            tokens = max(run.rows_per_step // (sharding.batch_shards(run.mesh) * sc.grad_accum), 1) * run.seq_len
+            policy, kept = remat_choice(sc, tokens)
+            log.info("gradient checkpointing: train.remat_policy=auto chose %s (keeping every student "
+                     "block's matmul outputs takes %.2f GiB per device)", policy, kept / 2**30)
 
     def train(self) -> dict:
         """The loop, from `start` to the last step; returns the last logged metrics.

@@ -31,8 +31,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from distil_jax import models, sharding
-from distil_jax.objectives.objective import (CachedTeacher, Objective, next_token_targets,
-                                             real_token_positions)
+from distil_jax.models.common import AUTO_REMAT_MEMORY_SHARE
+from distil_jax.objectives.objective import (CachedTeacher, Objective, device_memory_bytes,
+                                             next_token_targets, real_token_positions)
 
 Array = jax.Array
 
@@ -172,7 +173,9 @@ class StepConfig:
     student: Any
     objective: Objective
     dtype: Any = jnp.float32  # compute dtype
-    remat: bool | str = False  # the student's gradient checkpointing: False, True / "full", "dots"
+    # The student's gradient checkpointing: False, True / "full", "dots", or "auto" (resolved by
+    # `for_batch_shape` before the step is traced).
+    remat: bool | str = False
     grad_accum: int = 1
     dropout: bool = False  # student dropout, as HF's train mode (teacher never)
     # Padding-aware logits: the LM heads and logits losses run on at most `logits_capacity` real
@@ -181,7 +184,7 @@ class StepConfig:
     logits_capacity: Optional[int] = None
     logits_groups: int = 1
     # Tokens per chunk of the logits losses, 0 = unchunked: decided once on the host by
-    # `Objective.chunk_tokens` (see `with_logits_chunk`), never while tracing.
+    # `Objective.chunk_tokens` (see `for_batch_shape`), never while tracing.
     logits_chunk: int = 0
     attention_impl: str = "xla"  # fused attention of the unmapped layers: "xla" or "cudnn"
     single_document_rows: bool = False  # the pad layout's rows (see the models' forward)
@@ -191,12 +194,23 @@ class StepConfig:
     teacher_cache_k: int = 0
 
 
-def with_logits_chunk(sc: StepConfig, rows: int, seq: int) -> StepConfig:
-    """`sc` with `logits_chunk` decided for batches of `rows` rows of `seq` tokens (all devices
-    together): the objective's explicit setting, or its automatic choice for each device's share."""
+def for_batch_shape(sc: StepConfig, rows: int, seq: int) -> StepConfig:
+    """`sc` with its automatic settings decided for batches of `rows` rows of `seq` tokens (all
+    devices together), on the host, never while tracing: `logits_chunk` (the objective's
+    explicit setting, or its choice for each device's share) and a remat policy "auto"."""
     per_device = max(rows // (sc.logits_groups * sc.grad_accum), 1)
-    return dataclasses.replace(sc, logits_chunk=sc.objective.chunk_tokens(per_device, seq,
-                                                                         sc.student.vocab_size))
+    chunk = sc.objective.chunk_tokens(per_device, seq, sc.student.vocab_size)
+    remat = remat_choice(sc, per_device * seq)[0] if sc.remat == "auto" else sc.remat
+    return dataclasses.replace(sc, logits_chunk=chunk, remat=remat)
+
+
+def remat_choice(sc: StepConfig, tokens: int) -> tuple[str, int]:
+    """(the policy train.remat_policy="auto" picks, the bytes "dots" would keep) for `tokens`
+    tokens per device per micro-batch: "dots" when every student block's matmul outputs fit in
+    `AUTO_REMAT_MEMORY_SHARE` of the device's memory, else "full"."""
+    kept = (tokens * sc.student.num_layers * models.block_matmul_width(sc.student)
+            * jnp.dtype(sc.dtype).itemsize)
+    return ("dots" if kept <= AUTO_REMAT_MEMORY_SHARE * device_memory_bytes() else "full"), kept
 
 
 def distill_loss(sc: StepConfig, params: Mapping, teacher_params: Mapping, batch: Mapping,
@@ -395,7 +409,7 @@ class BucketedTrainStep:
         if cap not in self._steps:
             if self._on_compile is not None:
                 self._on_compile(cap)
-            sc = with_logits_chunk(dataclasses.replace(self._sc, logits_capacity=cap),
+            sc = for_batch_shape(dataclasses.replace(self._sc, logits_capacity=cap),
                                    *np.shape(host_batch["input_ids"]))
             self._steps[cap] = make_train_step(sc, *self._args)
         if self._mesh is not None:

@@ -82,7 +82,7 @@ def test_chunked_logits_loss_equals_unchunked_value_and_gradient(setup):
                           temperature=2.0)
         assert obj.chunk_tokens(B, S, T.VOCAB) == chunk
         params = T.params_tree(obj, s_cfg, tc, sp)
-        step_cfg = ts.with_logits_chunk(ts.StepConfig(tc, s_cfg, obj), B, S)
+        step_cfg = ts.for_batch_shape(ts.StepConfig(tc, s_cfg, obj), B, S)
         assert step_cfg.logits_chunk == chunk
         fn = jax.jit(jax.value_and_grad(lambda p, b: ts.distill_loss(step_cfg, p, tp, b, None),
                                         has_aux=True))

@@ -323,7 +323,7 @@ def test_unknown_config_key_is_an_error():
     ("optimizer.adam_beta2", 1.0, r"optimizer.adam_beta2=1.0: use a finite number >= 0 and < 1"),
     ("objective.temperature", 0.0, r"objective.temperature=0.0: use a finite number > 0"),
     ("eval.batch_size", -8, r"eval.batch_size=-8: use an integer >= 1"),
-    ("train.remat_policy", "offload", r"train.remat_policy='offload': use 'full' or 'dots'"),
+    ("train.remat_policy", "offload", r"train.remat_policy='offload': use 'auto', 'full' or 'dots'"),
     ("teacher.cache_tail_samples", -1, r"teacher.cache_tail_samples=-1: use 0 \(none\) or a positive"),
 ])
 def test_config_values_out_of_range_are_errors(field, value, message):

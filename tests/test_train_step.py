@@ -15,6 +15,7 @@ bounds the gradient difference. (With eps=1e-8 Adam maps float noise on an exact
 gradient, such as the attention key bias's, to ±lr.)
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -331,7 +332,7 @@ def test_padding_aware_logits_equal_every_position(teacher, chunk):
     s_cfg, obj, params, mask = _setup(tc, tp, objective=dict(clm_weight=0.5, logits_chunk_tokens=chunk))
     tx, sched = ts.make_optimizer(dict(learning_rate=1.0, adam_epsilon=1.0, max_grad_norm=1.0), 10, mask)
     host = T.batch(T.ROWS_8)
-    step_cfg = ts.with_logits_chunk(ts.StepConfig(tc, s_cfg, obj, grad_accum=2), *host["input_ids"].shape)
+    step_cfg = ts.for_batch_shape(ts.StepConfig(tc, s_cfg, obj, grad_accum=2), *host["input_ids"].shape)
     assert step_cfg.logits_chunk == chunk
     state = ts.create_train_state(T.to_numpy(params), tx, jax.random.PRNGKey(0))
     p_all, m_all = ts.make_train_step(step_cfg, tx, sched)(state, tp, _jnp(host))
@@ -353,6 +354,41 @@ def test_padding_aware_logits_equal_every_position(teacher, chunk):
 
 
 # ----------------------------------------------------------------------------- eval
+
+
+def test_remat_auto_keeps_the_matmul_outputs_only_when_they_fit(monkeypatch, teacher):
+    """train.remat_policy="auto": "dots" when every student block's matmul outputs (widths from
+    the model config's fields, as the HF modules' out_features) fit in a tenth of the device's
+    memory, else "full"; resolved per batch shape before tracing; the step it builds trains as
+    the step without checkpointing does."""
+    tc, tp = teacher
+    s_cfg, obj, params, mask = _setup(tc, tp)
+    D = s_cfg.n_embd
+    assert models.block_matmul_width(s_cfg) == 3 * D + D + s_cfg.mlp_width + D  # c_attn, c_proj, c_fc, c_proj
+    q = models.config_to_hf(T.LLAMA_TEACHER_CONFIG)  # transformers' Qwen3Config
+    kv = q.num_key_value_heads * q.head_dim  # q, k, v, o, gate, up, down
+    assert models.block_matmul_width(T.LLAMA_TEACHER_CONFIG) == (
+        q.num_attention_heads * q.head_dim + 2 * kv + q.hidden_size + 2 * q.intermediate_size + q.hidden_size)
+    host = T.batch(T.ROWS_8)
+    rows, seq = host["input_ids"].shape
+    sc = ts.StepConfig(tc, s_cfg, obj, remat="auto", grad_accum=2, logits_groups=2)
+    tokens = rows // 4 * seq  # per device and micro-batch
+    kept = tokens * s_cfg.num_layers * models.block_matmul_width(s_cfg) * 4  # float32
+    for memory, want in ((10 * kept, "dots"), (10 * kept - 1, "full")):
+        monkeypatch.setattr(ts, "device_memory_bytes", lambda m=memory: m)
+        assert ts.remat_choice(sc, tokens) == (want, kept)
+        assert ts.for_batch_shape(sc, rows, seq).remat == want
+    tx, sched = ts.make_optimizer(dict(learning_rate=1e-3), 2, mask)
+    with pytest.raises(ValueError, match="remat='auto' is decided per batch shape"):
+        ts.make_train_step(sc, tx, sched)(ts.create_train_state(T.to_numpy(params), tx, jax.random.PRNGKey(0)),
+                                          tp, _jnp(host))
+    monkeypatch.setattr(ts, "device_memory_bytes", lambda: 10 * kept)
+    got = {}
+    for remat in ("auto", False):
+        state = ts.create_train_state(T.to_numpy(params), tx, jax.random.PRNGKey(0))
+        step = ts.BucketedTrainStep(dataclasses.replace(sc, remat=remat, logits_groups=1), tx, sched)
+        got[remat] = T.to_numpy(step(state, tp, host)[0].params)
+    assert T.max_abs_diff(got["auto"], got[False]) < STATE_TOL
 
 
 def test_eval_step_log_likelihood_matches_float64(teacher):

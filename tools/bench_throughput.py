@@ -147,7 +147,7 @@ class BenchConfig:
     docs_per_row: float = 4.0  # packed layout: mean documents per row
     dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on a CPU
     remat: bool = True
-    remat_policy: str = "full"  # distil_jax's train.remat_policy (the baseline's is always HF's full)
+    remat_policy: str = "auto"  # distil_jax's train.remat_policy (the baseline's is always HF's full)
     seed: int = 0
     logits_chunk_tokens: Optional[int] = None  # distil_jax only; None = its automatic choice
     jax_dropout: bool = False  # distil_jax only; StepConfig.dropout (its default: off)
@@ -505,6 +505,9 @@ def run_jax(cfg: BenchConfig, cached: bool = False) -> dict:
             print(f"warning: --jax-profile {profile}", file=sys.stderr)
 
     dev = jax.devices()[0]
+    # The settings the library decided for this batch shape (as BucketedTrainStep did).
+    resolved = ts.for_batch_shape(dataclasses.replace(sc, logits_groups=mesh.devices.size), cfg.batch,
+                                  cfg.seq_len)
     stats = dev.memory_stats() if on_gpu else None
     if stats and "peak_bytes_in_use" in stats:
         peak_mem, mem_kind = int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
@@ -516,8 +519,7 @@ def run_jax(cfg: BenchConfig, cached: bool = False) -> dict:
         peak_memory_bytes=peak_mem, peak_memory_kind=mem_kind, rss_after_setup_bytes=rss_setup,
         loss_first=first_loss, loss_last=last_loss, load_avg_start=load_start,
         student_dropout=cfg.jax_dropout, attention=cfg.attention, profile=profile, logits_buckets=cfg.logits_buckets, logits_capacity=logits_capacity,
-        logits_chunk_tokens=ts.with_logits_chunk(dataclasses.replace(sc, logits_groups=mesh.devices.size),
-                                                 cfg.batch, cfg.seq_len).logits_chunk,
+        logits_chunk_tokens=resolved.logits_chunk, remat_policy=resolved.remat,
         versions=dict(jax=jax.__version__), gemm_f32_tflops=gemm, gemm_source="XLA",
         objective=cfg.objective, teacher_cache_k=cfg.teacher_cache_k if cached else 0,
     )
@@ -701,6 +703,13 @@ def _fmt_bytes(n) -> str:
     return "-" if n is None else f"{n / 2**30:.2f} GiB"
 
 
+def _remat_text(result: dict, c: dict) -> str:
+    """distil_jax's remat policy as asked, and what "auto" resolved to on the jax side."""
+    asked = c.get("remat_policy", "full")
+    got = (result.get("jax") or result.get("jax_cache") or {}).get("remat_policy")
+    return f"{asked} -> {got}" if asked == "auto" and got else asked
+
+
 def format_table(result: dict) -> str:
     c = result["config"]
     sides = [s for s in ("jax", "jax_cache", "torch") if s in result]
@@ -711,7 +720,7 @@ def format_table(result: dict) -> str:
             f"{c['seq_len']} | layout {layout_text}"
             + (f" (pad {c['pad_fraction']:.2f})" if "padded" in layouts else "")
             + f" | {c.get('objective', 'reference')} objective | remat "
-            + (f"on (distil_jax: {c.get('remat_policy', 'full')})" if c["remat"] else "off")
+            + (f"on (distil_jax: {_remat_text(result, c)})" if c["remat"] else "off")
             + f" | {c['steps']} timed steps in {c['windows']} windows")
     rows = [
         ("device", lambda r: r["device"]),
@@ -795,9 +804,10 @@ def parse_args(argv=None) -> tuple[BenchConfig, list, Optional[str], bool]:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True,
                    help="gradient checkpointing on both sides (the reference run: on)")
-    p.add_argument("--remat-policy", default="full", choices=["full", "dots"],
-                   help="distil_jax's train.remat_policy: full (recompute each block, as HF) or dots "
-                        "(keep the weight matmuls' outputs)")
+    p.add_argument("--remat-policy", default="auto", choices=["auto", "full", "dots"],
+                   help="distil_jax's train.remat_policy: full (recompute each block, as HF), dots "
+                        "(keep the weight matmuls' outputs) or auto (the library's default: dots when "
+                        "they fit in a tenth of the device's memory)")
     p.add_argument("--logits-chunk-tokens", type=int, default=None,
                    help="distil_jax's objective.logits_chunk_tokens (default: automatic; 0: never chunk)")
     p.add_argument("--jax-dropout", action="store_true", help="distil_jax StepConfig.dropout (default off)")

@@ -79,7 +79,7 @@ def measure(teacher: str, batch: int, seq: int, meshes) -> dict:
         t0 = time.time()
         mesh = sharding.make_mesh(spec)
         placement = sharding.make_placement(mesh, state, sc, tc, t_shapes)
-        step_cfg_m = ts.with_logits_chunk(
+        step_cfg_m = ts.for_batch_shape(
             __import__("dataclasses").replace(step_cfg, logits_groups=sharding.batch_shards(mesh)),
             batch, seq)
         step = ts.make_train_step(step_cfg_m, tx, sched, placement=placement)

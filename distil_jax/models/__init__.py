@@ -97,6 +97,16 @@ def param_shapes(config) -> dict:
     return jax.eval_shape(lambda r: init_params(config, r), jax.random.PRNGKey(0))
 
 
+def block_matmul_width(config) -> int:
+    """Output features of one block's weight matmuls together (the `[in, out]` kernels' out):
+    the values per token that remat policy "dots" keeps for each block's backward pass. 9 D
+    for GPT-2 (qkv 3 D, attention out D, MLP 4 D + D)."""
+    shapes = param_shapes(config)
+    for key in family(config).block_path(0):
+        shapes = shapes[key]
+    return sum(int(x.shape[-1]) for x in traverse_util.flatten_dict(shapes).values() if len(x.shape) == 2)
+
+
 def param_count(config) -> int:
     """Number of parameters, as HF counts them (a tied head counted once). No allocation."""
     return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(param_shapes(config)))

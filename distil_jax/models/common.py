@@ -96,8 +96,14 @@ def constrain(x: Array, names: Sequence[Optional[str]]) -> Array:
 # Gradient checkpointing of each block (train.remat_policy): "full" saves only the block's input
 # and recomputes the whole block in the backward pass (HF's gradient_checkpointing, Distily's);
 # "dots" also saves the outputs of the weight matmuls (no batch dimensions: not the S x S
-# attention scores), so the backward pass recomputes only the cheap elementwise work.
+# attention scores), so the backward pass recomputes only the cheap elementwise work. "auto"
+# (train.remat_policy's default) is not a policy: train_step.for_batch_shape resolves it to one
+# of these per batch shape.
 REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+# "auto" picks "dots" when what it keeps (every block's matmul outputs, per device) takes at
+# most this share of the device's memory: the student's forward matmuls are then not
+# recomputed (about 10 % of a distillation step's FLOPs) for activation memory that fits.
+AUTO_REMAT_MEMORY_SHARE = 0.1
 
 
 def remat_block(block_cls, remat):
@@ -106,6 +112,9 @@ def remat_block(block_cls, remat):
     if not remat:
         return block_cls
     name = "full" if remat is True else remat
+    if name == "auto":
+        raise ValueError("remat='auto' is decided per batch shape: pass the StepConfig through "
+                         "train_step.for_batch_shape first")
     if name not in REMAT_POLICIES:
         raise ValueError(f"train.remat_policy={name!r}: use one of {', '.join(REMAT_POLICIES)}")
     return nn.remat(block_cls, policy=REMAT_POLICIES[name])

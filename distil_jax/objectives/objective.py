@@ -265,7 +265,7 @@ class Objective:
 
     def chunk_tokens(self, batch: int, seq: int, vocab: int) -> int:
         """Tokens per chunk for the logits losses, 0 for unchunked: the one place that decides
-        it, on the host (train_step.with_logits_chunk), never while tracing. batch: rows per device.
+        it, on the host (train_step.for_batch_shape), never while tracing. batch: rows per device.
         Automatic (logits_chunk_tokens None): chunked when the unchunked logits arrays would
         take more than AUTO_CHUNK_MEMORY_SHARE of the device's memory."""
         if self.logits_chunk_tokens is not None:
