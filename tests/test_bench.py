@@ -66,8 +66,15 @@ def test_cli_json_keys(tmp_path):
     # baseline on Distily's padded rows, each side also timing its framework's f32 GEMM.
     assert bt.main(["--teacher", "tiny", "--batch", "2", "--seq-len", "16", "--steps", "2",
                     "--warmup-steps", "1", "--windows", "1", "--layout", "packed", "--baseline-layout",
-                    "padded", "--gemm-size", "128", "--gemm-reps", "2", "--json", str(out)]) == 0
+                    "padded", "--gemm-size", "128", "--gemm-reps", "2", "--rounds", "2",
+                    "--json", str(out)]) == 0
     d = json.loads(out.read_text())
+    # Two rounds, alternated, pooled: a window each; a GEMM sample before each window, 2 after.
+    for side in ("jax", "torch"):
+        r = d[side]
+        assert r["rounds"] == 2 and len(r["step_time_s_windows"]) == 2
+        assert len(r["gemm_f32_tflops_samples"]) == 6
+        assert r["gemm_f32_tflops"] == pytest.approx(np.median(r["gemm_f32_tflops_samples"]))
     assert {"jax", "torch", "ratio_real_tokens_per_s", "gemm_f32_tflops"} <= set(d)
     for side in ("jax", "torch"):
         for k in SIDE_KEYS:
@@ -90,6 +97,24 @@ def test_cli_json_keys(tmp_path):
         d["torch"]["flops_per_token"] * d["torch"]["real_tokens_per_s"] / 1e12)
     table = bt.format_table(d)
     assert "distil_jax packed, baseline padded" in table and "f32 GEMM on this machine" in table
+
+
+def test_pool_rounds_pools_windows_and_rescales_rates():
+    def run(windows, gemm, peak):
+        med = float(np.median(windows))
+        return dict(step_time_s_median=med, step_time_s_windows=windows, tokens_per_s=100 / med,
+                    real_tokens_per_s=80 / med, achieved_tflops=1 / med, real_token_tflops=0.8 / med,
+                    mfu=None, gemm_f32_tflops=float(np.median(gemm)), gemm_f32_tflops_samples=gemm,
+                    peak_memory_bytes=peak)
+    pooled = bt.pool_rounds([run([1.0, 2.0], [0.1, 0.3], 5), run([4.0, 5.0, 6.0], [0.2], 7)])
+    assert pooled["step_time_s_windows"] == [1.0, 2.0, 4.0, 5.0, 6.0]
+    assert pooled["step_time_s_median"] == 4.0 and pooled["step_time_s_round_medians"] == [1.5, 5.0]
+    assert (pooled["step_time_s_min"], pooled["step_time_s_max"]) == (1.0, 6.0)
+    assert pooled["real_tokens_per_s"] == pytest.approx(80 / 4.0)
+    assert pooled["real_token_tflops"] == pytest.approx(0.8 / 4.0) and pooled["mfu"] is None
+    assert pooled["gemm_f32_tflops"] == pytest.approx(0.2) and pooled["peak_memory_bytes"] == 7
+    one = run([3.0], [0.5], 1)
+    assert bt.pool_rounds([one]) == one
 
 
 def test_flops_formula():

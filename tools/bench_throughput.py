@@ -63,6 +63,11 @@ S = sequence length, H = heads, L_s / L_t = student / teacher blocks, P = mapped
     optimizer are not counted; attention is counted over the full S x S square, not the causal
     half.)
 
+Each side also samples the float32 GEMM rate of its own framework (n^3, `--gemm-size`) before
+every timed window and after the last; its model FLOP/s is reported as a share of their median.
+A shared CPU drifts by tens of percent within minutes: `--rounds R` alternates the sides R
+times and pools their windows, so the drift falls on both.
+
 MFU = FLOPs/token * tokens/s (all positions) / peak. Peak (`--peak-tflops`): default 989 TFLOP/s
 on a GPU (H100/H200 SXM dense bf16); on a CPU no default ("n/a"): a VM reports only its base clock
 (from which a nominal figure came out below the f32 GEMM rate XLA actually reaches), so pass
@@ -82,7 +87,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -159,6 +164,9 @@ class BenchConfig:
     peak_tflops: Optional[float] = None
     gemm_size: int = 2048  # n of the n^3 f32 GEMM each side times; 0: skip
     gemm_reps: int = 10
+    # Rounds of the sides, alternated (jax, torch, jax, torch, ...): each side's windows of every
+    # round pooled, so a drift of the machine's speed during the run falls on both sides.
+    rounds: int = 1
     objective: str = "reference"  # "reference" (KL + attention maps) or "logits" (KL only)
     teacher_cache_k: int = 0  # > 0: the jax_cache side trains from a top-k teacher cache
     teacher_cache_tail: int = 8  # its tail samples per position (the library's default)
@@ -290,9 +298,9 @@ def _load_avg() -> Optional[list]:
         return None
 
 
-def gemm_tflops_jax(n: int, reps: int) -> Optional[float]:
-    """The float32 GEMM rate XLA reaches here: TFLOP/s of an n x n x n matmul (full float32
-    precision), median of `reps` timed calls after a compiled warm-up call; None if n == 0."""
+def gemm_sampler_jax(n: int) -> Optional[Callable[[], float]]:
+    """A function timing one float32 n x n x n matmul in XLA (full float32 precision, compiled
+    and warmed up here) -> TFLOP/s; None if n == 0."""
     if n <= 0:
         return None
     import jax
@@ -303,17 +311,17 @@ def gemm_tflops_jax(n: int, reps: int) -> Optional[float]:
     b = jax.random.normal(kb, (n, n), jnp.float32)
     mm = jax.jit(lambda x, y: jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST))
     mm(a, b).block_until_ready()
-    times = []
-    for _ in range(max(1, reps)):
+
+    def sample() -> float:
         t0 = time.perf_counter()
         mm(a, b).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / statistics.median(times) / 1e12
+        return 2 * n ** 3 / (time.perf_counter() - t0) / 1e12
+
+    return sample
 
 
-def gemm_tflops_torch(n: int, reps: int) -> Optional[float]:
-    """The float32 GEMM rate torch's BLAS reaches here (cuBLAS without TF32 on a GPU, as torch's
-    default), measured as `gemm_tflops_jax` does."""
+def gemm_sampler_torch(n: int) -> Optional[Callable[[], float]]:
+    """As `gemm_sampler_jax`, with torch's BLAS (cuBLAS without TF32 on a GPU, torch's default)."""
     if n <= 0:
         return None
     import torch
@@ -325,13 +333,36 @@ def gemm_tflops_torch(n: int, reps: int) -> Optional[float]:
     b = torch.randn(n, n, generator=g).to(device)
     torch.mm(a, b)
     sync()
-    times = []
-    for _ in range(max(1, reps)):
+
+    def sample() -> float:
         t0 = time.perf_counter()
         torch.mm(a, b)
         sync()
-        times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / statistics.median(times) / 1e12
+        return 2 * n ** 3 / (time.perf_counter() - t0) / 1e12
+
+    return sample
+
+
+def _median_or_none(xs: list) -> Optional[float]:
+    return statistics.median(xs) if xs else None
+
+
+def timed_windows(cfg: BenchConfig, run_steps: Callable[[int], None],
+                  gemm: Optional[Callable[[], float]]) -> tuple[list, list]:
+    """(seconds per step of each timed window, GEMM TFLOP/s samples). A shared CPU's speed
+    drifts by tens of percent within minutes, so the GEMM rate is sampled right before every
+    window and `gemm_reps` times after the last, and a share of it is read against their
+    median, not against one reading taken at another moment."""
+    window_times, samples = [], []
+    for n in _window_sizes(cfg):
+        if gemm is not None:
+            samples.append(gemm())
+        t0 = time.perf_counter()
+        run_steps(n)
+        window_times.append((time.perf_counter() - t0) / n)
+    if gemm is not None:
+        samples += [gemm() for _ in range(max(1, cfg.gemm_reps))]
+    return window_times, samples
 
 
 def _summarize(cfg: BenchConfig, batch: dict, window_times: list, extra: dict, on_gpu: bool,
@@ -484,18 +515,17 @@ def run_jax(cfg: BenchConfig, cached: bool = False) -> dict:
     jax.block_until_ready(state)
     warmup_s = time.perf_counter() - t0
 
-    per_window = _window_sizes(cfg)
-    window_times = []
-    for n in per_window:
-        t0 = time.perf_counter()
+    def run_steps(n: int) -> None:
+        nonlocal state, metrics
         for _ in range(n):
             state, metrics = compiled(state, teacher_params, batch)
             if cfg.host_sync:
                 float(metrics["loss"])  # only with --host-sync: what a log-every-step loop does
         jax.block_until_ready((state, metrics))  # the only sync of the window
-        window_times.append((time.perf_counter() - t0) / n)
+
+    metrics = None
+    window_times, gemm_samples = timed_windows(cfg, run_steps, gemm_sampler_jax(cfg.gemm_size))
     last_loss = float(metrics["loss"])
-    gemm = gemm_tflops_jax(cfg.gemm_size, cfg.gemm_reps)  # after the timed windows
     profile = None
     if cfg.jax_profile:  # after the timed windows, so the trace costs them nothing
         try:
@@ -520,7 +550,8 @@ def run_jax(cfg: BenchConfig, cached: bool = False) -> dict:
         loss_first=first_loss, loss_last=last_loss, load_avg_start=load_start,
         student_dropout=cfg.jax_dropout, attention=cfg.attention, profile=profile, logits_buckets=cfg.logits_buckets, logits_capacity=logits_capacity,
         logits_chunk_tokens=resolved.logits_chunk, remat_policy=resolved.remat,
-        versions=dict(jax=jax.__version__), gemm_f32_tflops=gemm, gemm_source="XLA",
+        versions=dict(jax=jax.__version__), gemm_f32_tflops=_median_or_none(gemm_samples), gemm_f32_tflops_samples=gemm_samples,
+        gemm_source="XLA",
         objective=cfg.objective, teacher_cache_k=cfg.teacher_cache_k if cached else 0,
     )
     return _summarize(cfg, host, window_times, extra, on_gpu, teacher_forward=not cached)
@@ -612,17 +643,16 @@ def run_torch(cfg: BenchConfig) -> dict:
     sync()
     warmup_s = time.perf_counter() - t0
 
-    window_times = []
-    for n in _window_sizes(cfg):
-        t0 = time.perf_counter()
+    def run_steps(n: int) -> None:
+        nonlocal loss
         for _ in range(n):
             loss = trainer.step(ids, am)
             if cfg.host_sync:
                 float(loss)
         sync()
-        window_times.append((time.perf_counter() - t0) / n)
+
+    window_times, gemm_samples = timed_windows(cfg, run_steps, gemm_sampler_torch(cfg.gemm_size))
     last_loss = float(loss)
-    gemm = gemm_tflops_torch(cfg.gemm_size, cfg.gemm_reps)  # after the timed windows
 
     if on_gpu:
         peak_mem, mem_kind = int(torch.cuda.max_memory_allocated()), "torch.cuda.max_memory_allocated"
@@ -636,7 +666,8 @@ def run_torch(cfg: BenchConfig) -> dict:
         rss_after_setup_bytes=rss_setup, loss_first=first_loss, loss_last=last_loss,
         load_avg_start=load_start, student_dropout=cfg.torch_dropout, torch_threads=torch.get_num_threads(),
         versions=dict(torch=torch.__version__, transformers=transformers.__version__),
-        gemm_f32_tflops=gemm, gemm_source="torch",
+        gemm_f32_tflops=_median_or_none(gemm_samples), gemm_f32_tflops_samples=gemm_samples,
+        gemm_source="torch",
     )
     return _summarize(cfg, host, window_times, extra, on_gpu)
 
@@ -652,11 +683,35 @@ def run_side_subprocess(cfg: BenchConfig, side: str, timeout: Optional[float] = 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"{side}.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child-config",
-               json.dumps(dataclasses.asdict(cfg)), "--sides", side, "--json", str(out)]
+               json.dumps(dataclasses.asdict(dataclasses.replace(cfg, rounds=1))), "--sides", side,
+               "--json", str(out)]  # one round per process: the parent alternates them
         proc = subprocess.run(cmd, cwd=str(REPO), timeout=timeout)
         if proc.returncode != 0 or not out.exists():
             raise RuntimeError(f"the {side} benchmark process failed (exit code {proc.returncode})")
         return json.loads(out.read_text())[side]
+
+
+def pool_rounds(runs: list[dict]) -> dict:
+    """One side's result over several rounds: the first round's, with the step times of every
+    round's windows and every GEMM sample pooled (medians over the pool), each rate rescaled to
+    the pooled median step, and the largest peak memory."""
+    out = dict(runs[0])
+    if len(runs) == 1:
+        return out
+    windows = [t for r in runs for t in r["step_time_s_windows"]]
+    med = statistics.median(windows)
+    scale = out["step_time_s_median"] / med
+    for key in ("tokens_per_s", "real_tokens_per_s", "achieved_tflops", "real_token_tflops", "mfu"):
+        if out.get(key) is not None:
+            out[key] = out[key] * scale
+    samples = [g for r in runs for g in (r.get("gemm_f32_tflops_samples") or [])]
+    out.update(step_time_s_median=med, step_time_s_min=min(windows), step_time_s_max=max(windows),
+               step_time_s_windows=windows, rounds=len(runs),
+               step_time_s_round_medians=[r["step_time_s_median"] for r in runs],
+               gemm_f32_tflops=_median_or_none(samples), gemm_f32_tflops_samples=samples,
+               peak_memory_bytes=max(r["peak_memory_bytes"] for r in runs),
+               load_avg_end=runs[-1].get("load_avg_end"))
+    return out
 
 
 def bench(cfg: BenchConfig, sides=("jax", "torch"), isolate: bool = True) -> dict:
@@ -671,7 +726,12 @@ def bench(cfg: BenchConfig, sides=("jax", "torch"), isolate: bool = True) -> dic
                              "--sides or use --objective reference without --teacher-cache-k")
         if side == "jax_cache" and not cfg.teacher_cache_k:
             raise ValueError("side jax_cache needs --teacher-cache-k K")
-        result[side] = run_side_subprocess(cfg, side) if isolate else RUNNERS[side](cfg)
+    runs = {side: [] for side in sides}
+    for _ in range(max(1, cfg.rounds)):
+        for side in sides:
+            runs[side].append(run_side_subprocess(cfg, side) if isolate else RUNNERS[side](cfg))
+    for side in sides:
+        result[side] = pool_rounds(runs[side])
     if "jax" in result and "torch" in result:
         j, t = result["jax"], result["torch"]
         result["ratio_real_tokens_per_s"] = j["real_tokens_per_s"] / t["real_tokens_per_s"]
@@ -721,7 +781,8 @@ def format_table(result: dict) -> str:
             + (f" (pad {c['pad_fraction']:.2f})" if "padded" in layouts else "")
             + f" | {c.get('objective', 'reference')} objective | remat "
             + (f"on (distil_jax: {_remat_text(result, c)})" if c["remat"] else "off")
-            + f" | {c['steps']} timed steps in {c['windows']} windows")
+            + f" | {c['steps']} timed steps in {c['windows']} windows"
+            + (f", {c['rounds']} rounds alternated" if c.get("rounds", 1) > 1 else ""))
     rows = [
         ("device", lambda r: r["device"]),
         ("dtype", lambda r: r["dtype"]),
@@ -798,7 +859,11 @@ def parse_args(argv=None) -> tuple[BenchConfig, list, Optional[str], bool]:
                         "--baseline-layout padded: distil_jax packed against Distily's padded rows")
     p.add_argument("--gemm-size", type=int, default=2048,
                    help="each side also times an n^3 float32 GEMM in its framework (0: skip)")
-    p.add_argument("--gemm-reps", type=int, default=10)
+    p.add_argument("--gemm-reps", type=int, default=10,
+                   help="GEMM samples after the last window (one more is taken before each window)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the sides alternately this many times and pool their windows, so that "
+                        "the machine's drift falls on both sides (each round compiles and warms up again)")
     p.add_argument("--pad-fraction", type=float, default=0.24)
     p.add_argument("--docs-per-row", type=float, default=4.0)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
@@ -838,7 +903,7 @@ def parse_args(argv=None) -> tuple[BenchConfig, list, Optional[str], bool]:
     else:
         cfg = BenchConfig(teacher=a.teacher, student_layers=a.student_layers, batch=a.batch, seq_len=a.seq_len,
                           steps=a.steps, warmup_steps=a.warmup_steps, windows=a.windows, layout=a.layout,
-                          baseline_layout=a.baseline_layout, gemm_size=a.gemm_size, gemm_reps=a.gemm_reps,
+                          baseline_layout=a.baseline_layout, gemm_size=a.gemm_size, gemm_reps=a.gemm_reps, rounds=a.rounds,
                           pad_fraction=a.pad_fraction, docs_per_row=a.docs_per_row, dtype=a.dtype,
                           remat=a.remat, remat_policy=a.remat_policy, seed=a.seed, logits_chunk_tokens=a.logits_chunk_tokens,
                           jax_dropout=a.jax_dropout, attention=a.attention,
