@@ -352,11 +352,13 @@ def timed_windows(cfg: BenchConfig, run_steps: Callable[[int], None],
     """(seconds per step of each timed window, GEMM TFLOP/s samples). A shared CPU's speed
     drifts by tens of percent within minutes, so the GEMM rate is sampled right before every
     window and `gemm_reps` times after the last, and a share of it is read against their
-    median, not against one reading taken at another moment."""
+    median, not against one reading taken at another moment. The sample before a window is the
+    best of 3 calls: the first GEMM after a train step runs at as little as a third of the rate
+    (seen on a 2-core CPU), which would bias the median low."""
     window_times, samples = [], []
     for n in _window_sizes(cfg):
         if gemm is not None:
-            samples.append(gemm())
+            samples.append(max(gemm() for _ in range(3)))
         t0 = time.perf_counter()
         run_steps(n)
         window_times.append((time.perf_counter() - t0) / n)
