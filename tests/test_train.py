@@ -1,6 +1,7 @@
 """The training run end to end on the seconds-long demo config (configs/tiny.py:test)."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -488,9 +489,10 @@ def test_sequence_longer_than_student_positions(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_pad_layout_masks_padding(trained, tmp_path):
+def test_pad_layout_masks_padding(trained, tmp_path, caplog):
     """Distily's layout (one document per row): short documents leave padding, which is counted
-    and masked (only real tokens are trained on)."""
+    and masked (only real tokens are trained on). With gradient checkpointing on (the library's
+    default; tiny.py turns it off), whose automatic policy the run logs."""
     src, _ = trained
     docs = [json.loads(x)["text"] for x in (src / "data" / "stdlib_docstrings.jsonl").read_text().splitlines()]
     short = [line.strip() for d in docs for line in d.splitlines() if 20 < len(line.strip()) < 80][:80]
@@ -502,7 +504,11 @@ def test_pad_layout_masks_padding(trained, tmp_path):
     cfg.dataset.truncate = True  # Distily's rows: one per document (tiny.py keeps every token)
     cfg.train.max_steps = 6
     cfg.train.grad_accum = 2
-    result = train(cfg, _seed_workdir(src, tmp_path / "pad"))
+    cfg.train.remat = True
+    with caplog.at_level(logging.INFO, logger="distil_jax"):
+        result = train(cfg, _seed_workdir(src, tmp_path / "pad"))
+    # 8 rows of 32 tokens per micro-batch keep a few kB of matmul outputs: "dots".
+    assert "train.remat_policy=auto chose dots" in caplog.text
     summary = json.loads((tmp_path / "pad" / "run_summary.json").read_text())
     train_stats = summary["dataset"]["train"]
     assert train_stats["rows"] == train_stats["documents"] == 72  # 80 docs, 10% held out
