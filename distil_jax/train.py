@@ -673,10 +673,9 @@ class Session:
         log.info("train: %d rows of %d tokens (%s), %d real tokens, %.1f%% padding; %d steps of %d rows",
                  stats["rows"], run.seq_len, run.config.dataset.layout, stats["real_tokens"],
                  100 * stats["padding_fraction"], run.total_steps, run.rows_per_step)
-        sc = run.step_config
-        if sc.remat == "auto":
-            tokens = max(run.rows_per_step // (sharding.batch_shards(run.mesh) * sc.grad_accum), 1) * run.seq_len
-            policy, kept = remat_choice(sc, tokens)
+        if run.step_config.remat == "auto":
+            sc = dataclasses.replace(run.step_config, logits_groups=sharding.batch_shards(run.mesh))
+            policy, kept = remat_choice(sc, run.rows_per_step, run.seq_len)
             log.info("gradient checkpointing: train.remat_policy=auto chose %s (keeping every student "
                      "block's matmul outputs takes %.2f GiB per device)", policy, kept / 2**30)
 

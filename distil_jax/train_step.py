@@ -198,19 +198,24 @@ def for_batch_shape(sc: StepConfig, rows: int, seq: int) -> StepConfig:
     """`sc` with its automatic settings decided for batches of `rows` rows of `seq` tokens (all
     devices together), on the host, never while tracing: `logits_chunk` (the objective's
     explicit setting, or its choice for each device's share) and a remat policy "auto"."""
-    per_device = max(rows // (sc.logits_groups * sc.grad_accum), 1)
-    chunk = sc.objective.chunk_tokens(per_device, seq, sc.student.vocab_size)
-    remat = remat_choice(sc, per_device * seq)[0] if sc.remat == "auto" else sc.remat
+    chunk = sc.objective.chunk_tokens(_rows_per_device(sc, rows), seq, sc.student.vocab_size)
+    remat = remat_choice(sc, rows, seq)[0] if sc.remat == "auto" else sc.remat
     return dataclasses.replace(sc, logits_chunk=chunk, remat=remat)
 
 
-def remat_choice(sc: StepConfig, tokens: int) -> tuple[str, int]:
-    """(the policy train.remat_policy="auto" picks, the bytes "dots" would keep) for `tokens`
-    tokens per device per micro-batch: "dots" when every student block's matmul outputs fit in
-    `AUTO_REMAT_MEMORY_SHARE` of the device's memory, else "full"."""
+def remat_choice(sc: StepConfig, rows: int, seq: int) -> tuple[str, int]:
+    """(the policy train.remat_policy="auto" picks, the bytes "dots" would keep per device) for
+    batches of `rows` rows of `seq` tokens: "dots" when every student block's matmul outputs for
+    a device's share of a micro-batch fit in `AUTO_REMAT_MEMORY_SHARE` of its memory, else "full"."""
+    tokens = _rows_per_device(sc, rows) * seq
     kept = (tokens * sc.student.num_layers * models.block_matmul_width(sc.student)
             * jnp.dtype(sc.dtype).itemsize)
     return ("dots" if kept <= AUTO_REMAT_MEMORY_SHARE * device_memory_bytes() else "full"), kept
+
+
+def _rows_per_device(sc: StepConfig, rows: int) -> int:
+    """Rows of one micro-batch on each data-parallel device (`logits_groups` of them)."""
+    return max(rows // (sc.logits_groups * sc.grad_accum), 1)
 
 
 def distill_loss(sc: StepConfig, params: Mapping, teacher_params: Mapping, batch: Mapping,

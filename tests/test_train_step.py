@@ -376,7 +376,7 @@ def test_remat_auto_keeps_the_matmul_outputs_only_when_they_fit(monkeypatch, tea
     kept = tokens * s_cfg.num_layers * models.block_matmul_width(s_cfg) * 4  # float32
     for memory, want in ((10 * kept, "dots"), (10 * kept - 1, "full")):
         monkeypatch.setattr(ts, "device_memory_bytes", lambda m=memory: m)
-        assert ts.remat_choice(sc, tokens) == (want, kept)
+        assert ts.remat_choice(sc, rows, seq) == (want, kept)
         assert ts.for_batch_shape(sc, rows, seq).remat == want
     tx, sched = ts.make_optimizer(dict(learning_rate=1e-3), 2, mask)
     with pytest.raises(ValueError, match="remat='auto' is decided per batch shape"):

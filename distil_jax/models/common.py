@@ -248,7 +248,7 @@ def _head_matmul_bwd(res, g):
     backward into it): 0.44 s of a 7.3 s step at the CPU bench's shape (docs/benchmarks.md)."""
     hidden, head = res
     # The same mixed-dtype products (float32 g, compute-dtype operands, float32 accumulation)
-    # and casts as autodiff's, so the gradients are bit-identical to it.
+    # and casts as autodiff's: the gradients equal its up to the order of float32 sums.
     d_hidden = jax.lax.dot_general(g, head, (((g.ndim - 1,), (1,)), ((), ())),
                                    preferred_element_type=jnp.float32)
     flat_h, flat_g = hidden.reshape(-1, hidden.shape[-1]), g.reshape(-1, g.shape[-1])
