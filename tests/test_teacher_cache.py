@@ -129,7 +129,9 @@ def np_topk_loss(name, s_logits, ids, t_logprobs, rest, mask, beta=0.5):
     return (rows * mask).sum() / max(mask.sum(), 1)
 
 
-def _random_cache_inputs(seed, shape=(3, 5), V=23, k=6, lp_dtype=np.float32):
+def _random_cache_inputs(seed, shape=(3, 5), V=23, k=6, lp_dtype=np.float32, with_teacher=False):
+    """(student logits, top-k ids, their log-probs, rest, mask) of a random teacher; with
+    with_teacher also its whole float64 log-softmax [..., V]."""
     rng = np.random.default_rng(seed)
     s = (rng.standard_normal(shape + (V,)) * 3).astype(np.float32)
     t_logp = np_log_softmax(rng.standard_normal(shape + (V,)) * 3)
@@ -140,7 +142,8 @@ def _random_cache_inputs(seed, shape=(3, 5), V=23, k=6, lp_dtype=np.float32):
     rest = np.log(np.exp(rest_lp).sum(-1)).astype(np.float32)
     mask = rng.random(shape) < 0.7
     mask[0, 0] = True
-    return s, ids.astype(np.int32), lp, rest, mask
+    out = (s, ids.astype(np.int32), lp, rest, mask)
+    return out + (t_logp,) if with_teacher else out
 
 
 @pytest.mark.parametrize("name", CACHED_LOSSES)
@@ -184,10 +187,10 @@ def test_k_below_vocab_is_a_lower_bound_of_the_full_kl():
 
 
 def _tail_inputs(seed, shape=(3, 5), V=23, k=4, m=3):
-    """_random_cache_inputs plus m tail ids per position (any tokens outside the top k)."""
-    s, ids, lp, rest, mask = _random_cache_inputs(seed, shape, V, k)
+    """_random_cache_inputs plus m tail ids per position (any tokens outside the top k) and the
+    teacher's log-probabilities of them."""
+    s, ids, lp, rest, mask, t_logp = _random_cache_inputs(seed, shape, V, k, with_teacher=True)
     rng = np.random.default_rng(seed + 1)
-    t_logp = np_log_softmax(np.random.default_rng(seed).standard_normal(shape + (V,)) * 3)
     tail = np.zeros(shape + (m,), np.int32)
     for i in np.ndindex(shape):
         outside = np.setdiff1d(np.arange(V), ids[i])
@@ -356,7 +359,6 @@ def test_recorded_cache_format(recorded):
     reads; their records are the teacher's top k for every real token, in row order."""
     import datasets
 
-
     workdir, m = recorded
     cache = workdir / "teacher_cache"
     assert m["complete"] and m["k"] == 16 and m["layout"] == "pack" and m["seq_len"] == 32
@@ -399,7 +401,10 @@ def test_recorded_tail_samples(recorded, tmp_path):
     """teacher.cache_tail_samples = m: m draws per token from outside its top k, stored with the
     teacher's log-probabilities of them; the draws do not depend on the batching (identical
     bytes at another batch size); a run trains from them, and reads them only at the recorded k."""
+    from distil_jax import models
+    from distil_jax.export import export
     from distil_jax.record_teacher import record
+    from distil_jax.train import train
 
     src, _ = recorded
     workdir = _seed_workdir(src, tmp_path / "w")
@@ -420,16 +425,12 @@ def test_recorded_tail_samples(recorded, tmp_path):
     tail, tail_lp = got["teacher_tail_ids"][real], got["teacher_tail_logprobs"][real]
     assert tail.shape[-1] == 5
     assert not (tail[:, :, None] == got["teacher_topk_ids"][real][:, None, :]).any()
-    from distil_jax import models
-
     logp = np.asarray(jax.nn.log_softmax(models.forward(tcfg, tp, sub["input_ids"],
                                                         segment_ids=sub["segment_ids"]).logits, -1))[real]
     np.testing.assert_allclose(tail_lp.astype(np.float32), np.take_along_axis(logp, tail.astype(int), -1),
                                atol=2e-2, rtol=2e-3)  # float16
     with pytest.raises(tc.CacheMismatch, match="read at the k it was recorded with"):
         tc.TeacherCache.open(caches[0], run, rows, k=8)
-
-    from distil_jax.train import train
 
     out = _seed_workdir(src, tmp_path / "run")
     res = train(tiny_config(**{"teacher.cache": str(caches[0]), "train.max_steps": 4}), out)
@@ -438,8 +439,6 @@ def test_recorded_tail_samples(recorded, tmp_path):
     assert summary["teacher"]["cache"]["tail_samples"] == 5
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(rec["loss/logits"]) for rec in lines if "loss/logits" in rec)
-    from distil_jax.export import export
-
     card = (export(out, tmp_path / "export") / "README.md").read_text()
     assert "top-16 teacher cache" in card and "5 tokens drawn from that rest" in card
 

@@ -862,7 +862,7 @@ def parse_args(argv=None) -> tuple[BenchConfig, list, Optional[str], bool]:
     p.add_argument("--gemm-size", type=int, default=2048,
                    help="each side also times an n^3 float32 GEMM in its framework (0: skip)")
     p.add_argument("--gemm-reps", type=int, default=10,
-                   help="GEMM samples after the last window (one more is taken before each window)")
+                   help="GEMM samples after the last window (one more, the best of 3 calls, before each window)")
     p.add_argument("--rounds", type=int, default=1,
                    help="run the sides alternately this many times and pool their windows, so that "
                         "the machine's drift falls on both sides (each round compiles and warms up again)")
