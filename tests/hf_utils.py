@@ -34,6 +34,7 @@ def save_tiny(path, seed=0, **overrides):
 
 
 def torch_forward(model, ids, attention_mask=None):
+    """The HF model's outputs (logits, hidden states, attentions) for numpy ids [B, S]."""
     with torch.no_grad():
         return model(
             torch.as_tensor(np.asarray(ids), dtype=torch.long),

@@ -1,8 +1,9 @@
 """Tiny random Hugging Face Llama-family models, created in the tests (no downloads)."""
 
-import numpy as np
 import torch
 import transformers
+
+from tests.hf_utils import torch_forward  # noqa: F401  (one home for the HF forward; re-exported)
 
 _CLASSES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
@@ -42,14 +43,3 @@ def tiny_hf_model(model_type="llama", seed=0, **overrides):
             if name.endswith("bias") or "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
     return model
-
-
-def torch_forward(model, ids, attention_mask=None):
-    """The HF model's outputs (logits, hidden states, attentions) for numpy ids [B, S]."""
-    with torch.no_grad():
-        return model(
-            torch.as_tensor(np.asarray(ids), dtype=torch.long),
-            attention_mask=None if attention_mask is None else torch.as_tensor(np.asarray(attention_mask)),
-            output_hidden_states=True,
-            output_attentions=True,
-        )
