@@ -11,8 +11,9 @@
 4. the run summary for the model card (`Session.summary`).
 
 Re-running the same command with the same workdir resumes from the latest checkpoint, exactly:
-the data iterator's position and the RNG are part of the checkpoint. What a kill, Ctrl-C, a
-second run, a changed config or a NaN do: docs/usage.md, "What happens when".
+the data iterator's position and the RNG are part of the checkpoint. What a kill, Ctrl-C, SIGTERM
+(a checkpoint, then exit: `distil_jax.preemption`), a second run, a changed config or a NaN do:
+docs/usage.md, "What happens when".
 
 Workdir layout: config.json, tokenizer/, student/config.json, checkpoints/, metrics.jsonl,
 tb/ (TensorBoard events), evals.json, run_summary.json, sessions.jsonl, .lock, cache/ (tokenized
@@ -31,6 +32,7 @@ import logging
 import os
 import resource
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -43,7 +45,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from distil_jax import checkpoint, data, fsio, hf, models, sharding, student, teacher_cache
+from distil_jax import checkpoint, data, fsio, hf, models, preemption, sharding, student, teacher_cache
 from distil_jax import workdir as workdir_lib
 from distil_jax.config import DTYPES, validate
 from distil_jax.objectives.objective import Objective
@@ -413,6 +415,11 @@ class Interrupted(Exception):
     """Ctrl-C (SIGINT) stopped the run; the message says where and how to resume."""
 
 
+class Preempted(Exception):
+    """SIGTERM stopped the run after a checkpoint (`distil_jax.preemption`); the message says
+    which, and how to resume."""
+
+
 def _resume_config_changes(workdir: Path, given: dict) -> Optional[dict]:
     """Compare the config of this session with the one the run in `workdir` started with.
 
@@ -713,74 +720,89 @@ class Session:
         bar = tqdm(total=run.total_steps, initial=self.start, desc="distill", unit="step", dynamic_ncols=True,
                    disable=not sharding.is_writer())
         step = self.start
-        try:
-            while step < run.total_steps:
-                compiles_before = len(timer.compiles)
-                run.state, metrics = step_fn(run.state, run.teacher_params, next(run.batches))
-                step += 1
-                timer.step_done(compiles_before, first=step == self.start + 1)
-                if step == self.start + 1:
-                    untimed = [jax.device_get(metrics)]
-                else:
-                    pending.append(metrics)
-                do_log = step % cfg.train.log_steps == 0 or step == run.total_steps
-                do_save = cfg.train.save_steps > 0 and step % cfg.train.save_steps == 0
-                do_eval = cfg.eval.eval_steps > 0 and step % cfg.eval.eval_steps == 0 and step < run.total_steps
-                if do_log or do_save or do_eval or to_save is not None:
-                    timed = jax.device_get(pending)
-                    dt = timer.elapsed()
-                    host = untimed + timed
-                    untimed, pending = [], []
-                    self.train_tokens += float(sum(m["tokens"] for m in host))
-                    self.train_time += dt if timed else 0.0
-                    for i, m in enumerate(host):
-                        for key, name in (("loss", "loss"), ("grad_norm", "gradient norm")):
-                            if not np.isfinite(m[key]):
-                                raise self.not_finite(step - len(host) + 1 + i, f"{name} became {m[key]}")
-                    if to_save is not None:  # step k+1 ran finite on the state after step k
-                        self.save(*to_save)
-                        to_save = None
-                    grad_norms.extend(float(m["grad_norm"]) for m in host)
-                    if do_log:
-                        last = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
-                        # As HF logs them: the last step's clipping norm and the rate its
-                        # scheduler holds after the step.
-                        last["learning_rate"] = float(host[-1]["learning_rate"])
-                        last["grad_norm"] = float(host[-1]["grad_norm"])
-                        var = grad_norm_variance(grad_norms)
-                        if var is not None:
-                            last["grad_norm_var"] = var
-                        if timed and dt > 0:
-                            last["tokens_per_s"] = float(sum(m["tokens"] for m in timed)) / dt
-                        self.writer.write(step, {k: v for k, v in last.items() if k != "tokens"})
-                        bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last.get('tokens_per_s', 0):.0f}")
-                bar.update(1)
-                if do_eval:
-                    self.evaluate("", step)
-                if do_save and step < run.total_steps:
-                    to_save = (jax.device_get(run.state), step, {**run.batches.state(), "progress": self.totals(),
-                                                                 "grad_norms": list(grad_norms)})
-                if do_log or do_save or do_eval:
-                    timer.restart()  # eval and checkpoint time is not training time
-            bar.close()
-            if run.cache is not None:
-                run.batches.close()  # the prefetch thread
-            if self.start < run.total_steps or "student_end" not in self.evals.get("heldout", {}):
-                ppl = self.evaluate("student_end", step)["student_end"]["ppl"]
-                if not np.isfinite(ppl):
-                    raise self.not_finite(step, f"held-out perplexity became {ppl}")
-            if self.last_saved != step:
-                self.save(run.state, step, {**run.batches.state(), "progress": self.totals(),
-                                            "grad_norms": list(grad_norms)})
-        except KeyboardInterrupt:
-            bar.close()
-            where = (f"the last checkpoint is step {self.last_saved}" if self.last_saved is not None
-                     else "no checkpoint was written yet")
-            raise Interrupted(f"interrupted at step {step} of {run.total_steps}: {where}; run the same "
-                              "command again to resume from it") from None
-        finally:
-            self.writer.close()
-            self.mngr.close()
+        preempted_at = None  # the step whose state a SIGTERM saves (one step late, as any save)
+        with preemption.Notice() as notice:
+            try:
+                while step < run.total_steps:
+                    compiles_before = len(timer.compiles)
+                    run.state, metrics = step_fn(run.state, run.teacher_params, next(run.batches))
+                    step += 1
+                    timer.step_done(compiles_before, first=step == self.start + 1)
+                    if step == self.start + 1:
+                        untimed = [jax.device_get(metrics)]
+                    else:
+                        pending.append(metrics)
+                    if preempted_at is None and notice.reached(step):
+                        preempted_at = step
+                        log.warning("SIGTERM: saving the state after step %d once step %d has run finite "
+                                    "on it, then stopping", step, step + 1)
+                    do_log = step % cfg.train.log_steps == 0 or step == run.total_steps
+                    do_save = ((cfg.train.save_steps > 0 and step % cfg.train.save_steps == 0)
+                               or preempted_at == step)
+                    do_eval = (cfg.eval.eval_steps > 0 and step % cfg.eval.eval_steps == 0
+                               and step < run.total_steps)
+                    if do_log or do_save or do_eval or to_save is not None:
+                        timed = jax.device_get(pending)
+                        dt = timer.elapsed()
+                        host = untimed + timed
+                        untimed, pending = [], []
+                        self.train_tokens += float(sum(m["tokens"] for m in host))
+                        self.train_time += dt if timed else 0.0
+                        for i, m in enumerate(host):
+                            for key, name in (("loss", "loss"), ("grad_norm", "gradient norm")):
+                                if not np.isfinite(m[key]):
+                                    raise self.not_finite(step - len(host) + 1 + i, f"{name} became {m[key]}")
+                        if to_save is not None:  # step k+1 ran finite on the state after step k
+                            self.save(*to_save)
+                            to_save = None
+                        grad_norms.extend(float(m["grad_norm"]) for m in host)
+                        if do_log:
+                            last = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
+                            # As HF logs them: the last step's clipping norm and the rate its
+                            # scheduler holds after the step.
+                            last["learning_rate"] = float(host[-1]["learning_rate"])
+                            last["grad_norm"] = float(host[-1]["grad_norm"])
+                            var = grad_norm_variance(grad_norms)
+                            if var is not None:
+                                last["grad_norm_var"] = var
+                            if timed and dt > 0:
+                                last["tokens_per_s"] = float(sum(m["tokens"] for m in timed)) / dt
+                            self.writer.write(step, {k: v for k, v in last.items() if k != "tokens"})
+                            bar.set_postfix(loss=f"{last['loss']:.4f}",
+                                            tok_s=f"{last.get('tokens_per_s', 0):.0f}")
+                    bar.update(1)
+                    if do_eval:
+                        self.evaluate("", step)
+                    if do_save and step < run.total_steps:
+                        to_save = (jax.device_get(run.state), step,
+                                   {**run.batches.state(), "progress": self.totals(),
+                                    "grad_norms": list(grad_norms)})
+                    if do_log or do_save or do_eval:
+                        timer.restart()  # eval and checkpoint time is not training time
+                    if preempted_at is not None and to_save is None and self.last_saved == preempted_at:
+                        bar.close()
+                        raise Preempted(f"stopped by SIGTERM at step {step} of {run.total_steps}: the "
+                                        f"checkpoint of step {preempted_at} is written; run the same "
+                                        "command again to resume from it")
+                bar.close()
+                if run.cache is not None:
+                    run.batches.close()  # the prefetch thread
+                if self.start < run.total_steps or "student_end" not in self.evals.get("heldout", {}):
+                    ppl = self.evaluate("student_end", step)["student_end"]["ppl"]
+                    if not np.isfinite(ppl):
+                        raise self.not_finite(step, f"held-out perplexity became {ppl}")
+                if self.last_saved != step:
+                    self.save(run.state, step, {**run.batches.state(), "progress": self.totals(),
+                                                "grad_norms": list(grad_norms)})
+            except KeyboardInterrupt:
+                bar.close()
+                where = (f"the last checkpoint is step {self.last_saved}" if self.last_saved is not None
+                         else "no checkpoint was written yet")
+                raise Interrupted(f"interrupted at step {step} of {run.total_steps}: {where}; run the same "
+                                  "command again to resume from it") from None
+            finally:
+                self.writer.close()
+                self.mngr.close()
         return last
 
     def summary(self, last: dict) -> dict:
@@ -908,7 +930,8 @@ def parse_command_line(argv: list[str]) -> tuple[ml_collections.ConfigDict, str]
 
 
 def main(argv=None) -> int:
-    """The command line; returns the exit status (0 done, 2 an error, 130 interrupted)."""
+    """The command line; returns the exit status (0 done, 2 an error, 130 interrupted, 143 stopped
+    by SIGTERM after a checkpoint)."""
     argv = list(sys.argv if argv is None else argv)
     try:
         config, workdir = parse_command_line(argv)
@@ -964,6 +987,9 @@ def _run(config, workdir) -> int:
     except Interrupted as e:
         print(f"\n{e}", file=sys.stderr)
         return 130
+    except Preempted as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:  # before the first step: nothing to resume yet
         print("\ninterrupted before the first step; run the same command again to continue",
               file=sys.stderr)

@@ -205,6 +205,33 @@ def test_two_processes_equal_one(one_process_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_sigterm_to_one_process_checkpoints_the_same_step_on_both(one_process_run, tmp_path):
+    """SIGTERM to one of two processes: jax's preemption service spreads the notice, so both save
+    the same step and exit 143 naming it (test_train's stop-and-resume test checks that such a
+    checkpoint resumes to the uninterrupted run)."""
+    import signal
+    import time
+
+    workdir = _seed(one_process_run, tmp_path / "term")
+    procs = _launch(workdir, 2, _free_port(), "--config.train.max_steps=100000",
+                    "--config.train.save_steps=1000")
+    deadline = time.time() + 300
+    while '"loss"' not in ((workdir / "metrics.jsonl").read_text()
+                           if (workdir / "metrics.jsonl").exists() else ""):
+        assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
+        assert time.time() < deadline
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
+    steps = checkpoint.available_steps(workdir)
+    assert len(steps) == 1 and 0 < steps[0] < 1000, steps  # no regular save: the SIGTERM one
+    for _, err in outs:
+        assert f"the checkpoint of step {steps[0]} is written" in err, err[-3000:]
+
+
+@pytest.mark.slow
 def test_killed_process_makes_the_other_exit(one_process_run, tmp_path):
     """SIGKILL one of two processes mid-run: the other exits with an error naming the lost
     peer within the heartbeat timeout instead of waiting forever in a collective."""

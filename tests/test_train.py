@@ -89,9 +89,14 @@ def test_rerun_reuses_teacher_and_finished_run(trained):
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_equals_uninterrupted(trained, tmp_path):
-    """Kill the CLI with SIGKILL mid-run, rerun the same command: the final student parameters
-    equal those of an uninterrupted run with the same config. Tolerance: bitwise (CPU)."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_stop_and_resume_equals_uninterrupted(trained, tmp_path, sig):
+    """Stop the CLI mid-run, rerun the same command: the final student parameters equal those of
+    an uninterrupted run with the same config. Tolerance: bitwise (CPU).
+
+    SIGKILL: the last regular checkpoint survives. SIGTERM (a scheduler's notice before it
+    stops a job): the run checkpoints the step it reached, once one more step has run finite on
+    it, and exits 143 with one line naming that checkpoint."""
     src, _ = trained
     killed = _seed_workdir(src, tmp_path / "killed")
     cmd = [sys.executable, "-m", "distil_jax.train", "--config", TINY + ":test", "--workdir", str(killed)]
@@ -102,10 +107,16 @@ def test_sigkill_and_resume_equals_uninterrupted(trained, tmp_path):
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         assert time.time() < deadline
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=300)[1].decode()
     steps_at_kill = checkpoint.available_steps(killed)
     assert steps_at_kill and steps_at_kill[-1] < 30, steps_at_kill
+    if sig == signal.SIGTERM:
+        # Checkpoint 10 was written during step 11, so the signal is seen at step 12 or later.
+        assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+        assert steps_at_kill[-1] > 10
+        assert (f"stopped by SIGTERM at step {steps_at_kill[-1] + 1} of 30: the checkpoint of step "
+                f"{steps_at_kill[-1]} is written" in err), err[-2000:]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"resumed from the checkpoint at step {steps_at_kill[-1]}" in done.stderr

@@ -1,0 +1,63 @@
+"""SIGTERM, the notice a scheduler sends before it stops a job (SLURM before a time limit or a
+preemption, Kubernetes on eviction, a spot or preemptible VM): the training loop asks
+`Notice.reached(step)` after every step, and once it says yes the run checkpoints and exits
+instead of losing the steps since its last checkpoint to the SIGKILL that follows.
+
+One process: a Python handler for SIGTERM, installed for the length of the loop only (before
+it, nothing is worth saving and SIGTERM stops the process as usual).
+
+Several processes (`jax.distributed`): every process must save the same step, though the
+signal may reach only one of them, or each at another step. jax's preemption service (on by
+default; `jax_enable_preemption_service`) catches SIGTERM on each process, shares the notice
+through the coordination service and names one step that every process reaches:
+`multihost_utils.reached_preemption_sync_point` is True there, on every process alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import jax
+from jax.experimental import multihost_utils
+
+log = logging.getLogger(__name__)
+
+
+class Notice:
+    """A context manager for the training loop; `reached(step)` once per step, on every process."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+        self._service = False
+
+    def __enter__(self) -> "Notice":
+        self._service = jax.distributed.is_initialized()
+        # signal.signal works only in the main thread; a loop run elsewhere (a test harness's
+        # worker thread) keeps the process's SIGTERM behaviour.
+        if not self._service and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def _on_sigterm(self, signum, frame) -> None:
+        # Only a flag: the step in flight finishes, and the loop saves at its next boundary.
+        self.received = True
+
+    def reached(self, step: int) -> bool:
+        """True at the step whose state the run should save before it exits (the same step on
+        every process)."""
+        if self._service:
+            try:
+                return multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError as e:  # jax_enable_preemption_service=False: SIGTERM stops the run
+                log.warning("SIGTERM will not checkpoint this multi-process run: %s", e)
+                self._service = False
+                return False
+        return self.received
