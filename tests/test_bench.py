@@ -75,6 +75,7 @@ def test_cli_json_keys(tmp_path):
         assert r["rounds"] == 2 and len(r["step_time_s_windows"]) == 2
         assert len(r["gemm_f32_tflops_samples"]) == 6
         assert r["gemm_f32_tflops"] == pytest.approx(np.median(r["gemm_f32_tflops_samples"]))
+        assert r["minor_faults_per_step"] >= 0
     assert {"jax", "torch", "ratio_real_tokens_per_s", "gemm_f32_tflops"} <= set(d)
     for side in ("jax", "torch"):
         for k in SIDE_KEYS:
@@ -106,7 +107,10 @@ def test_pool_rounds_pools_windows_and_rescales_rates():
                     real_tokens_per_s=80 / med, achieved_tflops=1 / med, real_token_tflops=0.8 / med,
                     mfu=None, gemm_f32_tflops=float(np.median(gemm)), gemm_f32_tflops_samples=gemm,
                     peak_memory_bytes=peak)
-    pooled = bt.pool_rounds([run([1.0, 2.0], [0.1, 0.3], 5), run([4.0, 5.0, 6.0], [0.2], 7)])
+    rounds = [run([1.0, 2.0], [0.1, 0.3], 5), run([4.0, 5.0, 6.0], [0.2], 7)]
+    rounds[0]["minor_faults_per_step"], rounds[1]["minor_faults_per_step"] = 100.0, 300.0
+    pooled = bt.pool_rounds(rounds)
+    assert pooled["minor_faults_per_step"] == 200.0
     assert pooled["step_time_s_windows"] == [1.0, 2.0, 4.0, 5.0, 6.0]
     assert pooled["step_time_s_median"] == 4.0 and pooled["step_time_s_round_medians"] == [1.5, 5.0]
     assert (pooled["step_time_s_min"], pooled["step_time_s_max"]) == (1.0, 6.0)
@@ -115,6 +119,23 @@ def test_pool_rounds_pools_windows_and_rescales_rates():
     assert pooled["gemm_f32_tflops"] == pytest.approx(0.2) and pooled["peak_memory_bytes"] == 7
     one = run([3.0], [0.5], 1)
     assert bt.pool_rounds([one]) == one
+
+
+def test_timed_windows_counts_the_page_faults_of_fresh_memory():
+    """A step that writes 64 MiB of freshly mapped memory (above glibc's mmap threshold, so
+    mapped anew each time) faults more per step than one that touches nothing; the count is per
+    timed step (windows 2 x 2 steps). With 4 KiB pages that is 16,384 faults; with transparent
+    huge pages always on, 32: so only the comparison is asserted."""
+    cfg = _tiny(steps=2, windows=2)
+
+    def fresh(n):
+        for _ in range(n):
+            np.ones(64 << 20, np.uint8)
+
+    times, samples, touched = bt.timed_windows(cfg, fresh, None)
+    _, _, idle = bt.timed_windows(cfg, lambda n: None, None)
+    assert len(times) == 2 and samples == []
+    assert touched > idle >= 0 and touched >= 16
 
 
 def test_flops_formula():

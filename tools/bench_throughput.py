@@ -348,23 +348,26 @@ def _median_or_none(xs: list) -> Optional[float]:
 
 
 def timed_windows(cfg: BenchConfig, run_steps: Callable[[int], None],
-                  gemm: Optional[Callable[[], float]]) -> tuple[list, list]:
-    """(seconds per step of each timed window, GEMM TFLOP/s samples). A shared CPU's speed
+                  gemm: Optional[Callable[[], float]]) -> tuple[list, list, float]:
+    """(seconds per step of each timed window, GEMM TFLOP/s samples, the process's minor page
+    faults per timed step: memory the step touches fresh every time, as when an allocator maps
+    its temporaries anew; docs/benchmarks.md's huge-pages lever). A shared CPU's speed
     drifts by tens of percent within minutes, so the GEMM rate is sampled right before every
     window and `gemm_reps` times after the last, and a share of it is read against their
     median, not against one reading taken at another moment. The sample before a window is the
     best of 3 calls: the first GEMM after a train step runs at as little as a third of the rate
     (seen on a 2-core CPU), which would bias the median low."""
-    window_times, samples = [], []
+    window_times, samples, faults = [], [], 0
     for n in _window_sizes(cfg):
         if gemm is not None:
             samples.append(max(gemm() for _ in range(3)))
-        t0 = time.perf_counter()
+        f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
         run_steps(n)
         window_times.append((time.perf_counter() - t0) / n)
+        faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
     if gemm is not None:
         samples += [gemm() for _ in range(max(1, cfg.gemm_reps))]
-    return window_times, samples
+    return window_times, samples, faults / sum(_window_sizes(cfg))
 
 
 def _summarize(cfg: BenchConfig, batch: dict, window_times: list, extra: dict, on_gpu: bool,
@@ -393,6 +396,8 @@ def _summarize(cfg: BenchConfig, batch: dict, window_times: list, extra: dict, o
         mfu=mfu,
         cpu_count=os.cpu_count(),
         load_avg_end=_load_avg(),
+        # The process's malloc settings: GLIBC_TUNABLES=glibc.malloc.hugetlb=1 changes the faults.
+        glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
     )
     out.update(extra)
     return out
@@ -526,7 +531,7 @@ def run_jax(cfg: BenchConfig, cached: bool = False) -> dict:
         jax.block_until_ready((state, metrics))  # the only sync of the window
 
     metrics = None
-    window_times, gemm_samples = timed_windows(cfg, run_steps, gemm_sampler_jax(cfg.gemm_size))
+    window_times, gemm_samples, faults = timed_windows(cfg, run_steps, gemm_sampler_jax(cfg.gemm_size))
     last_loss = float(metrics["loss"])
     profile = None
     if cfg.jax_profile:  # after the timed windows, so the trace costs them nothing
@@ -553,7 +558,7 @@ def run_jax(cfg: BenchConfig, cached: bool = False) -> dict:
         student_dropout=cfg.jax_dropout, attention=cfg.attention, profile=profile, logits_buckets=cfg.logits_buckets, logits_capacity=logits_capacity,
         logits_chunk_tokens=resolved.logits_chunk, remat_policy=resolved.remat,
         versions=dict(jax=jax.__version__), gemm_f32_tflops=_median_or_none(gemm_samples), gemm_f32_tflops_samples=gemm_samples,
-        gemm_source="XLA",
+        gemm_source="XLA", minor_faults_per_step=faults,
         objective=cfg.objective, teacher_cache_k=cfg.teacher_cache_k if cached else 0,
     )
     return _summarize(cfg, host, window_times, extra, on_gpu, teacher_forward=not cached)
@@ -653,7 +658,7 @@ def run_torch(cfg: BenchConfig) -> dict:
                 float(loss)
         sync()
 
-    window_times, gemm_samples = timed_windows(cfg, run_steps, gemm_sampler_torch(cfg.gemm_size))
+    window_times, gemm_samples, faults = timed_windows(cfg, run_steps, gemm_sampler_torch(cfg.gemm_size))
     last_loss = float(loss)
 
     if on_gpu:
@@ -669,7 +674,7 @@ def run_torch(cfg: BenchConfig) -> dict:
         load_avg_start=load_start, student_dropout=cfg.torch_dropout, torch_threads=torch.get_num_threads(),
         versions=dict(torch=torch.__version__, transformers=transformers.__version__),
         gemm_f32_tflops=_median_or_none(gemm_samples), gemm_f32_tflops_samples=gemm_samples,
-        gemm_source="torch",
+        gemm_source="torch", minor_faults_per_step=faults,
     )
     return _summarize(cfg, host, window_times, extra, on_gpu)
 
@@ -696,7 +701,7 @@ def run_side_subprocess(cfg: BenchConfig, side: str, timeout: Optional[float] = 
 def pool_rounds(runs: list[dict]) -> dict:
     """One side's result over several rounds: the first round's, with the step times of every
     round's windows and every GEMM sample pooled (medians over the pool), each rate rescaled to
-    the pooled median step, and the largest peak memory."""
+    the pooled median step, the largest peak memory and the mean page faults per step."""
     out = dict(runs[0])
     if len(runs) == 1:
         return out
@@ -713,6 +718,9 @@ def pool_rounds(runs: list[dict]) -> dict:
                gemm_f32_tflops=_median_or_none(samples), gemm_f32_tflops_samples=samples,
                peak_memory_bytes=max(r["peak_memory_bytes"] for r in runs),
                load_avg_end=runs[-1].get("load_avg_end"))
+    faults = [r["minor_faults_per_step"] for r in runs if r.get("minor_faults_per_step") is not None]
+    if faults:
+        out["minor_faults_per_step"] = statistics.mean(faults)
     return out
 
 
@@ -808,6 +816,8 @@ def format_table(result: dict) -> str:
         ("MFU", lambda r: "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.2f}% of {r['peak_tflops']:.3g} TFLOP/s"),
         ("peak FLOP/s basis", lambda r: r["peak_source"]),
         ("load avg start / end", lambda r: f"{r['load_avg_start']} / {r['load_avg_end']}"),
+        ("minor page faults per step", lambda r: f"{r['minor_faults_per_step']:,.0f}"
+         if r.get("minor_faults_per_step") is not None else "-"),
         ("loss first / last", lambda r: f"{r['loss_first'] if r['loss_first'] is None else round(r['loss_first'], 4)} / {r['loss_last']:.4f}"),
     ]
     width = max(len(k) for k, _ in rows)
