@@ -779,10 +779,12 @@ class Session:
                                     "grad_norms": list(grad_norms)})
                     if do_log or do_save or do_eval:
                         timer.restart()  # eval and checkpoint time is not training time
-                    if preempted_at is not None and to_save is None and self.last_saved == preempted_at:
+                    # Once the preempted step's state is saved. (A regular save may be pending
+                    # again by then, with save_steps=1: the next step would save it, not this one.)
+                    if preempted_at is not None and (self.last_saved or 0) >= preempted_at:
                         bar.close()
                         raise Preempted(f"stopped by SIGTERM at step {step} of {run.total_steps}: the "
-                                        f"checkpoint of step {preempted_at} is written; run the same "
+                                        f"checkpoint of step {self.last_saved} is written; run the same "
                                         "command again to resume from it")
                 bar.close()
                 if run.cache is not None:

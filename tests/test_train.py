@@ -480,6 +480,33 @@ def test_ctrl_c_stops_cleanly_with_a_note_on_resuming(trained, tmp_path, capsys,
     assert (workdir / ".lock").read_text() == ""
 
 
+def test_sigterm_with_a_save_every_step_still_stops(trained, tmp_path, capsys, monkeypatch):
+    """SIGTERM (sent to this process during step 13's batch) with train.save_steps=1: a regular
+    save is pending again when the preempted step's checkpoint is written, and the run must stop
+    there all the same: exit status 143, the line naming checkpoint 13, the workdir released."""
+    src, _ = trained
+    workdir = _seed_workdir(src, tmp_path / "w")
+    real_next = data.BatchIterator.__next__
+    calls = []
+
+    def sigterm_at_step_13(self):
+        calls.append(1)
+        if len(calls) == 13:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_next(self)
+
+    monkeypatch.setattr(data.BatchIterator, "__next__", sigterm_at_step_13)
+    rc, err = _main(capsys, "--config", TINY + ":test", "--workdir", str(workdir),
+                    "--config.train.save_steps=1")
+    assert rc == 128 + signal.SIGTERM, err[-2000:]
+    assert err.strip().splitlines()[-1] == (
+        "stopped by SIGTERM at step 14 of 30: the checkpoint of step 13 is written; run the same "
+        "command again to resume from it")
+    assert checkpoint.available_steps(workdir) == [12, 13]  # save_total_limit 2
+    assert (workdir / ".lock").read_text() == ""
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the loop's handler is gone
+
+
 def test_missing_teacher_is_a_clear_error(tmp_path):
     cfg = tiny_config()
     cfg.demo_teacher.enabled = False
