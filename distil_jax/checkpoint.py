@@ -23,9 +23,19 @@ def checkpoint_dir(workdir: str | os.PathLike) -> Path:
     return Path(workdir).resolve() / "checkpoints"
 
 
-def manager(workdir: str | os.PathLike, max_to_keep: Optional[int] = None,
-            create: bool = True) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+def manager(workdir: str | os.PathLike, max_to_keep: Optional[int] = None, create: bool = True,
+            save_steps: int = 0, asynchronous: bool = False) -> ocp.CheckpointManager:
+    """The run's CheckpointManager. `save_steps` > 0: `mngr.should_save(step)` says yes every
+    that many steps, and at the step jax's preemption service names in a multi-process run
+    (orbax's own policies). The interval is given as `should_save_fn`, not
+    `save_interval_steps`, because the latter also adds orbax's InitialSavePolicy (a checkpoint at
+    the first step of a fresh run) that nothing here needs. `asynchronous`: `save` returns once the
+    arrays are copied off the devices; the files are written in the background, committed by a
+    rename (a kill mid-write keeps the previous checkpoint)."""
+    interval = int(save_steps)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=create, enable_async_checkpointing=asynchronous,
+        should_save_fn=lambda step, _last: interval > 0 and step % interval == 0)
     # Explicit handlers, so metadata and restores work in a fresh process before any save.
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
@@ -35,13 +45,19 @@ def state_to_dict(state) -> dict:
     return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "rng": state.rng}
 
 
-def save(mngr: ocp.CheckpointManager, state, data_state: Mapping[str, int]) -> None:
-    """Save asynchronously-safe: returns once the step is committed (so a kill after this keeps it)."""
-    step = int(jax.device_get(state.step))
+def save(mngr: ocp.CheckpointManager, state, data_state: Mapping[str, int], step: Optional[int] = None,
+         wait: bool = True) -> None:
+    """Save `state` (device arrays, sharded however they are: each process writes its shards) and
+    the data position as checkpoint `step` (default: the state's own). `wait`: return once the
+    step is committed (so a kill after this keeps it); otherwise an asynchronous manager
+    finishes it in the background (`mngr.wait_until_finished()`)."""
+    if step is None:
+        step = int(jax.device_get(state.step))
     mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state_to_dict(state)),
         data=ocp.args.JsonSave(dict(data_state))), force=True)
-    mngr.wait_until_finished()
+    if wait:
+        mngr.wait_until_finished()
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, like_state) -> tuple[Any, dict]:

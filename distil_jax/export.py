@@ -16,7 +16,6 @@ network the push fails with a one-line error and OUT stays as written.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import logging
@@ -210,27 +209,28 @@ def push_to_hub(out: str | Path, repo_id: str, private: bool = False, revision: 
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m distil_jax.export",
-        description="Export a training run's student to a Hugging Face model folder (safetensors, "
-                    "config, tokenizer, model card), and optionally push it to the hub.")
+    from distil_jax import cli
+
+    p = cli.parser("export", "Export a training run's student to a Hugging Face model folder "
+                   "(safetensors, config, tokenizer, model card), and optionally push it to the hub.")
     p.add_argument("--workdir", required=True, help="the training run's workdir")
     p.add_argument("--out", required=True, help="the output folder (created or replaced)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="weights' dtype in model.safetensors (default: float32)")
-    p.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
+    p.add_argument("--push-to-hub", "--push_to_hub", dest="push_to_hub", metavar="REPO_ID", default=None,
                    help="upload OUT to this hub model repo (created if needed)")
     p.add_argument("--private", action="store_true", help="create the hub repo private")
     p.add_argument("--revision", metavar="BRANCH", default=None,
                    help="hub branch to push to (created if needed; default main)")
-    args = p.parse_args(argv)
+    args, _ = cli.parse(p, list(sys.argv[1:] if argv is None else argv))
     if (args.private or args.revision) and not args.push_to_hub:
         p.error("--private and --revision need --push-to-hub")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    for noisy in ("absl", "orbax", "jax._src", "httpx", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    with cli.logging_to_stderr():
+        return _main(args)
+
+
+def _main(args) -> int:
     try:
         out = export(args.workdir, args.out, step=args.step, dtype=args.dtype,
                      model_name=args.push_to_hub)

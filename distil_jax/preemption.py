@@ -9,8 +9,10 @@ it, nothing is worth saving and SIGTERM stops the process as usual).
 Several processes (`jax.distributed`): every process must save the same step, though the
 signal may reach only one of them, or each at another step. jax's preemption service (on by
 default; `jax_enable_preemption_service`) catches SIGTERM on each process, shares the notice
-through the coordination service and names one step that every process reaches:
-`multihost_utils.reached_preemption_sync_point` is True there, on every process alike.
+through the coordination service and names one step that every process reaches: orbax's
+`CheckpointManager.reached_preemption(step)` is True there, on every process alike (and its
+`should_save(step)` too). Orbax cannot serve one process: without `jax.distributed` there is
+no preemption service (its `reached_preemption` is then always False), hence the flag.
 """
 
 from __future__ import annotations
@@ -20,15 +22,16 @@ import signal
 import threading
 
 import jax
-from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
 
 class Notice:
-    """A context manager for the training loop; `reached(step)` once per step, on every process."""
+    """A context manager for the training loop; `reached(step)` once per step, on every process.
+    `mngr`: the run's orbax CheckpointManager (asked in a multi-process run)."""
 
-    def __init__(self):
+    def __init__(self, mngr=None):
+        self.mngr = mngr
         self.received = False
         self._previous = None
         self._service = False
@@ -53,11 +56,6 @@ class Notice:
     def reached(self, step: int) -> bool:
         """True at the step whose state the run should save before it exits (the same step on
         every process)."""
-        if self._service:
-            try:
-                return multihost_utils.reached_preemption_sync_point(step)
-            except RuntimeError as e:  # jax_enable_preemption_service=False: SIGTERM stops the run
-                log.warning("SIGTERM will not checkpoint this multi-process run: %s", e)
-                self._service = False
-                return False
+        if self._service and self.mngr is not None:
+            return bool(self.mngr.reached_preemption(step))
         return self.received

@@ -55,16 +55,14 @@ def record(config: ml_collections.ConfigDict, workdir, *, shard_rows: int = 0,
     config = validate(ml_collections.ConfigDict(config.to_dict()))
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    if config.demo_teacher.enabled:
-        config = train_lib._with_demo_inputs(config, workdir)
+    config = train_lib.with_demo_inputs(config, workdir)
     out = Path(config.teacher.cache or workdir / "teacher_cache").resolve()
 
     # The rows exactly as training builds them (same calls, same token cache).
     teacher_path = config.teacher.model_name_or_path
     teacher_cfg, params = hf.load_pretrained(teacher_path, DTYPES[config.teacher.dtype])
-    tokenizer = train_lib._tokenizer(config.tokenizer_name_or_path or teacher_path)
-    tok_max = getattr(tokenizer, "model_max_length", None) or teacher_cfg.max_positions
-    seq_len = int(min(config.dataset.max_seq_len, teacher_cfg.max_positions, tok_max))
+    tokenizer = train_lib.load_tokenizer(config.tokenizer_name_or_path or teacher_path)
+    seq_len = train_lib.sequence_length(config, teacher_cfg, tokenizer)
     # The run's own data builder: the same rows, evaluators and token cache as training.
     train_rows, eval_sets, _ = train_lib.build_data(config, tokenizer, seq_len, workdir / "cache")
 
@@ -202,31 +200,38 @@ def _shard_ok(path: Path, tokens: int) -> bool:
         return False
 
 
-def main(argv: Optional[list] = None) -> None:
-    from absl import app, flags
-    from ml_collections import config_flags
+def main(argv: Optional[list] = None) -> int:
+    """The command line (`argv[0]`: the program); returns the exit status (0 done, 2 an error,
+    130 interrupted)."""
+    from distil_jax import cli
 
-    flags_ = flags.FLAGS
-    config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
-    flags.DEFINE_string("workdir", None, "The run's directory (the same one training uses).")
-    flags.DEFINE_integer("shard_rows", 0, "Training rows per shard (0: about 2^20 positions).")
-    flags.DEFINE_integer("batch_size", 0, "Rows per teacher forward pass (0: eval.batch_size).")
-    flags.mark_flags_as_required(["config", "workdir"])
-
-    def _main(_):
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                            datefmt="%H:%M:%S", stream=sys.stderr)
-        for noisy in ("absl", "orbax", "jax._src", "datasets", "httpx"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    argv = list(sys.argv if argv is None else argv)
+    p = cli.parser("record_teacher", "Record the teacher's top-k targets for a run's training rows "
+                   "(the teacher cache, docs/teacher_cache.md), or finish an interrupted recording.",
+                   config=True)
+    p.add_argument("--workdir", required=True, help="the run's directory (the same one training uses)")
+    p.add_argument("--shard-rows", "--shard_rows", dest="shard_rows", type=int, default=0,
+                   help="training rows per shard (0: about 2^20 positions)")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=0,
+                   help="rows per teacher forward pass (0: eval.batch_size)")
+    try:
+        args, config = cli.parse(p, argv[1:])
+    except SystemExit as e:  # --help (0) or a usage error (2, printed by argparse)
+        return int(e.code or 0)
+    except ValueError as e:  # a UsageError, or an unknown --config.FIELD
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with cli.logging_to_stderr():
         try:
-            record(flags_.config, flags_.workdir, shard_rows=flags_.shard_rows,
-                   batch_size=flags_.batch_size)
+            record(config, args.workdir, shard_rows=args.shard_rows, batch_size=args.batch_size)
         except (ValueError, FileNotFoundError, ConnectionError, ImportError) as e:
             print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    app.run(_main, argv=argv)
+            return 2
+        except KeyboardInterrupt:
+            print("\ninterrupted: run the same command again to finish the recording", file=sys.stderr)
+            return 130
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,8 +5,11 @@
   so a killed run never blocks the resume; a second live run is refused with the holder's name.
 * ``config_changes``: what differs between the config a run started with (``config.json``) and
   the one it is resumed with. Fields that cannot change the trained parameters (``NEUTRAL``:
-  logging and checkpoint intervals, evaluation) may change and are recorded in
-  ``sessions.jsonl``; any other change is refused.
+  logging and checkpoint intervals, evaluation) and launch facts (``LAUNCH``: the processes and
+  the mesh, which change the result only by the order of float reductions) may change and are
+  recorded in ``sessions.jsonl``; any other change is refused (``resume_config_changes``).
+* ``held``, ``write_records``, ``remove_new_workdir``: a run's hold on its workdir, the records
+  it writes there, and the undoing of a workdir a failed start created.
 * ``fingerprint``: a content hash of a parameter tree, so a resume can tell that the teacher is
   the one the run started with (a path can be overwritten, e.g. by an export).
 * ``inputs``: the folders and files a run reads, that an export must never replace.
@@ -14,11 +17,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -34,10 +39,16 @@ SESSIONS_FILE = "sessions.jsonl"
 # everything about evaluation, the model card's license. A resume may change them (they are
 # recorded); nothing else.
 NEUTRAL = ("train.log_steps", "train.save_steps", "train.save_total_limit", "eval", "license")
+# How a session is launched, not what it computes: the processes (each has its own process_id,
+# and a restarted job gets a new coordinator) and the device mesh (docs/scaling.md: a run may
+# resume on another mesh; the result moves only within float reduction order). Recorded too.
+LAUNCH = ("train.coordinator_address", "train.num_processes", "train.process_id",
+          "train.heartbeat_timeout_s", "train.mesh")
 
 
 def is_neutral(field: str) -> bool:
-    return any(field == n or field.startswith(n + ".") for n in NEUTRAL)
+    """True for a field a resume may change (NEUTRAL or LAUNCH)."""
+    return any(field == n or field.startswith(n + ".") for n in NEUTRAL + LAUNCH)
 # What a training run writes into its workdir, and reads back on resume.
 ENTRIES = ("config.json", "tokenizer", "student", "checkpoints", "metrics.jsonl", "tb", "evals.json",
            "run_summary.json", "cache", "teacher", "data", SESSIONS_FILE, LOCK_FILE)
@@ -226,3 +237,89 @@ def inputs(workdir: Path, config: Mapping) -> list[Path]:
         if isinstance(c, str) and c and Path(c).expanduser().exists():
             paths.append(Path(c).expanduser())
     return paths
+
+
+# ----------------------------------------------------------------------------- a run's workdir
+
+
+@contextlib.contextmanager
+def held(workdir: Path):
+    """Hold the workdir (created if missing) for this process; yields whether it was created."""
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"--workdir {workdir} exists and is not a folder; use a folder path")
+    created = not workdir.exists()
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock = WorkdirLock(workdir)
+    try:
+        lock.acquire()
+    except BaseException:
+        if created:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    try:
+        yield created
+    finally:
+        lock.release()
+
+
+def resume_config_changes(workdir: Path, given: dict) -> Optional[dict]:
+    """Compare the config of this session with the one the run in `workdir` started with.
+
+    Returns the changes a resume may make, to record ({} for none), or None when there is no
+    earlier run to continue (a fresh workdir, or one whose earlier start left no checkpoint: it
+    starts over). Raises ConfigChanged naming every field that would change the result."""
+    from distil_jax import checkpoint
+
+    path = workdir / "config.json"
+    if not path.exists():
+        if checkpoint.available_steps(workdir):
+            raise ValueError(f"{workdir} holds checkpoints but no config.json, the record of the "
+                             "config they were trained with: restore it, or use a new --workdir")
+        return None
+    try:
+        first = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path} ({e}), the config this run started with: restore it, "
+                         "or use a new --workdir") from None
+    refused, allowed = config_changes(first, given)
+    if not checkpoint.available_steps(workdir):
+        if refused or allowed:
+            log.warning("%s holds no checkpoint yet: starting it over with this config (changed: %s)",
+                        workdir, describe_changes({**refused, **allowed}))
+        return None
+    if refused:
+        raise ConfigChanged(
+            f"the run in {workdir} was started with another config, and resuming it with this one "
+            f"would change its result: {describe_changes(refused)}; rerun with the values "
+            f"of {path}, or use a new --workdir")
+    return allowed
+
+
+def write_records(workdir: Path, tokenizer, student_hf_config, given: dict,
+                  changes: Optional[dict], start: int) -> None:
+    """config.json (the first session only), this session in sessions.jsonl, tokenizer/ and
+    student/ (what the export needs). `changes`: resume_config_changes' answer."""
+    if changes is None:
+        fsio.write_json(workdir / "config.json", given)
+    elif changes:
+        log.info("config changes a resume may make (logging, evaluation, processes, mesh), recorded "
+                 "in %s: %s", workdir / SESSIONS_FILE, describe_changes(changes))
+    record_session(workdir, start, changes or {})
+    for name, obj in (("tokenizer", tokenizer), ("student", student_hf_config)):
+        if changes is None or not (workdir / name).exists():  # a resume has them already
+            with fsio.atomic_folder(workdir / name) as tmp:
+                obj.save_pretrained(tmp)
+
+
+def remove_new_workdir(workdir: Path) -> None:
+    """Undo a workdir this call created, when the run failed before starting: nothing of it is
+    kept but the demo's teacher and corpus (a run's own, reusable inputs, expensive to redo)."""
+    from distil_jax import demo
+
+    keep = {demo.teacher_path(workdir).name, demo.corpus_path(workdir).relative_to(workdir).parts[0],
+            LOCK_FILE}
+    for p in workdir.iterdir():
+        if p.name not in keep:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    if all(p.name == LOCK_FILE for p in workdir.iterdir()):
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -259,3 +259,89 @@ def test_killed_process_makes_the_other_exit(one_process_run, tmp_path):
                                                                  "distributed", "Error", "error"))]
     print(f"process 0 exited {procs[0].returncode} after {time.time() - t0:.0f} s:", *lines[-12:],
           sep="\n")
+
+
+# ----------------------------------------------------------------------------- resume (issue 24)
+
+
+def _reference_run(tmp_path_factory, name, steps, save_steps):
+    """An uninterrupted one-device run of the tiny config (the result a resume must reach)."""
+    from distil_jax.train import train
+
+    workdir = tmp_path_factory.mktemp(name)
+    c = config_lib.load(TINY + ":test")
+    c.train.max_steps, c.train.save_steps = steps, save_steps
+    train(c, workdir)
+    return workdir
+
+
+def _assert_params_close(workdir, reference):
+    s1, want = checkpoint.restore_params(reference)
+    s2, got = checkpoint.restore_params(workdir)
+    assert s1 == s2
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=SHARD_TOL * max(1.0, float(np.abs(b).max())))
+
+
+@pytest.fixture(scope="module")
+def twelve_steps(tmp_path_factory):
+    return _reference_run(tmp_path_factory, "twelve", 12, 2)
+
+
+def _session_changes(workdir):
+    return json.loads((workdir / "sessions.jsonl").read_text().splitlines()[-1])["config_changes"]
+
+
+def test_resume_on_a_changed_explicit_mesh(twelve_steps, tmp_path):
+    """Checkpoint 6 of a one-device run (the later ones removed, as a kill would leave it),
+    resumed with --config.train.mesh.data=2 on 2 devices: allowed (docs/scaling.md), recorded in
+    sessions.jsonl, and the result equals the uninterrupted one-device run within SHARD_TOL."""
+    import shutil
+
+    workdir = tmp_path / "w"
+    shutil.copytree(twelve_steps, workdir, ignore=shutil.ignore_patterns(".lock"))
+    for step in checkpoint.available_steps(workdir):
+        if step > 6:
+            shutil.rmtree(workdir / "checkpoints" / str(step))
+    (workdir / "run_summary.json").unlink()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               PYTHONPATH=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "distil_jax.train", "--config", TINY + ":test", "--workdir", str(workdir),
+         "--config.train.max_steps=12", "--config.train.save_steps=2", "--config.train.mesh.data=2"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from the checkpoint at step 6" in proc.stderr
+    assert _session_changes(workdir)["train.mesh.data"] == [-1, 2]
+    _assert_params_close(workdir, twelve_steps)
+
+
+@pytest.mark.slow
+def test_two_processes_resume_after_sigkill(twelve_steps, tmp_path):
+    """Two processes killed (SIGKILL, both) after checkpoint 2, then the same two commands on a
+    new coordinator port: neither is refused nor hangs (process_id and the coordinator are launch
+    facts), both exit 0, and the result equals the uninterrupted run within SHARD_TOL."""
+    import signal
+    import time
+
+    workdir = _seed(twelve_steps, tmp_path / "two")
+    args = ("--config.train.max_steps=12", "--config.train.save_steps=2")
+    procs = _launch(workdir, 2, _free_port(), *args)
+    deadline = time.time() + 300
+    while not (workdir / "checkpoints" / "2").exists():
+        assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    for p in procs:
+        p.communicate(timeout=60)
+    at_kill = checkpoint.available_steps(workdir)
+    assert at_kill and at_kill[-1] < 12, at_kill
+    procs = _launch(workdir, 2, _free_port(), *args)
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert f"resumed from the checkpoint at step {at_kill[-1]}" in err, err[-3000:]
+    assert "train.coordinator_address" in _session_changes(workdir)
+    _assert_params_close(workdir, twelve_steps)

@@ -347,7 +347,7 @@ def _run_of(workdir: Path, cfg):
     cfg.teacher.model_name_or_path = str(workdir / "teacher")
     cfg.dataset.uri = str(workdir / "data" / "stdlib_docstrings.jsonl")
     tcfg, tp = hf.load_pretrained(cfg.teacher.model_name_or_path, jnp.float32)
-    tok = train_lib._tokenizer(cfg.teacher.model_name_or_path)
+    tok = train_lib.load_tokenizer(cfg.teacher.model_name_or_path)
     rows, _, _ = data.build_datasets(cfg.dataset, tok, 32, "pack", cache_dir=workdir / "cache")
     return tcfg, tp, rows, tc.run_pins(cfg, tcfg, tok, 32, rows,
                                        tc.teacher_fingerprint(cfg.teacher.model_name_or_path))
