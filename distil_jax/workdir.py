@@ -1,7 +1,7 @@
 """What guards a run's workdir: one run at a time, the same config and teacher on every resume.
 
-* ``WorkdirLock``: an exclusive `flock` on ``WORKDIR/.lock``, which also names its holder (pid,
-  host, start time, command). The kernel drops the lock when the holder dies, however it dies,
+* ``WorkdirLock``: filelock's `FileLock` (an flock) on ``WORKDIR/.lock``, which also names its
+  holder (pid, host, start time, command). The kernel drops the lock when the holder dies, however it dies,
   so a killed run never blocks the resume; a second live run is refused with the holder's name.
 * ``config_changes``: what differs between the config a run started with (``config.json``) and
   the one it is resumed with. Fields that cannot change the trained parameters (``NEUTRAL``:
@@ -72,14 +72,17 @@ def _now() -> str:
 class WorkdirLock:
     """`with WorkdirLock(workdir):` holds the workdir for this process, or raises WorkdirBusy.
 
-    The lock is an flock on WORKDIR/.lock (released by the kernel when the process ends, even by
-    SIGKILL); the file's content names the holder for the message a second process gets. The
-    file itself is never deleted (deleting a locked file lets two processes lock two files)."""
+    The lock is filelock's `FileLock` on WORKDIR/.lock (an flock, released by the kernel when
+    the process ends, even by SIGKILL, so a killed run never blocks the resume); the file's
+    content names the holder for the message a second process gets. The file itself is never
+    deleted (deleting a locked file lets two processes lock two files)."""
 
     def __init__(self, workdir: str | os.PathLike):
+        import filelock
+
         self.workdir = Path(workdir)
         self.path = self.workdir / LOCK_FILE
-        self._fd: Optional[int] = None
+        self._lock = filelock.FileLock(self.path, timeout=0)
 
     def __enter__(self) -> "WorkdirLock":
         self.acquire()
@@ -89,60 +92,44 @@ class WorkdirLock:
         self.release()
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        import filelock
+
+        previous = _read_holder(self.path)
         try:
-            previous = _read_holder(fd)
-            if not _flock(fd, self.path, previous):
-                raise WorkdirBusy(
-                    f"workdir {self.workdir} is in use by another run ({_describe(previous)}); wait "
-                    "for it to finish or stop it, or use another --workdir")
-            if previous.get("pid") and previous.get("pid") != os.getpid():
-                # The kernel released its lock: that process is gone (a kill or a crash).
-                log.info("taking over %s from a run that ended without releasing it (%s)", self.workdir,
-                         _describe(previous))
-            holder = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": _now(),
-                      "command": " ".join(sys.argv)}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-            os.fsync(fd)
+            self._lock.acquire()
+        except filelock.Timeout:
+            raise WorkdirBusy(
+                f"workdir {self.workdir} is in use by another run ({_describe(_read_holder(self.path))}); "
+                "wait for it to finish or stop it, or use another --workdir") from None
+        if previous.get("pid") and previous.get("pid") != os.getpid():
+            # The kernel released its lock: that process is gone (a kill or a crash).
+            log.info("taking over %s from a run that ended without releasing it (%s)", self.workdir,
+                     _describe(previous))
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": _now(),
+                  "command": " ".join(sys.argv)}
+        try:
+            with open(self.path, "w", encoding="utf-8") as f:
+                f.write(json.dumps(holder) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
         except BaseException:
-            os.close(fd)
+            self._lock.release()
             raise
-        self._fd = fd
 
     def release(self) -> None:
-        if self._fd is None:
+        if not self._lock.is_locked:
             return
         try:
-            os.ftruncate(self._fd, 0)  # an empty lock file: nobody holds the workdir
+            with open(self.path, "w"):  # an empty lock file: nobody holds the workdir
+                pass
         except OSError:
             pass
-        os.close(self._fd)  # drops the flock
-        self._fd = None
+        self._lock.release()
 
 
-def _flock(fd: int, path: Path, previous: Mapping) -> bool:
-    """True if this process now holds the lock. Where flock is not supported (some network file
-    systems), fall back to the holder's pid: refused only if it names a live process here."""
+def _read_holder(path: Path) -> dict:
     try:
-        import fcntl
-    except ImportError:  # not POSIX
-        fcntl = None
-    if fcntl is not None:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            return False
-        except OSError as e:
-            log.warning("cannot lock %s (%s): guarding the workdir by the pid in it only", path, e)
-    pid, host = previous.get("pid"), previous.get("host")
-    return not (pid and host == socket.gethostname() and pid != os.getpid() and fsio.pid_alive(int(pid)))
-
-
-def _read_holder(fd: int) -> dict:
-    try:
-        text = os.pread(fd, 65536, 0).decode("utf-8", "replace").strip()
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
         holder = json.loads(text) if text else {}
         return holder if isinstance(holder, dict) else {}
     except (OSError, ValueError):

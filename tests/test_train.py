@@ -440,6 +440,35 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("module", ["train", "export", "record_teacher"])
+def test_help_prints_usage_and_exits_0(module, capsys):
+    """The three commands share one parser (distil_jax/cli.py): --help is usage, exit status 0."""
+    import importlib
+
+    main_ = importlib.import_module(f"distil_jax.{module}").main
+    try:
+        rc = main_(["--help"] if module == "export" else [module, "--help"])
+    except SystemExit as e:  # export's main lets argparse exit, as for its usage errors
+        rc = e.code
+    out = capsys.readouterr().out
+    assert rc == 0 and out.startswith(f"usage: python -m distil_jax.{module}"), out
+    assert "--workdir" in out
+
+
+def test_config_fields_accept_none_from_the_command_line(tmp_path, capsys):
+    """`--config.FIELD=None` is None, not the string 'None' (nor a parse error for an int
+    field); a field that may not be None is then refused by validation in one line."""
+    from distil_jax import cli
+
+    c = cli.load_config(TINY + ":test", ["--config.dataset.subset=None", "--config.dataset.sample_size=None",
+                                         "--config.train.max_steps=7"])
+    assert c.dataset.subset is None and c.dataset.sample_size is None and c.train.max_steps == 7
+    rc, err = _main(capsys, "--config", TINY + ":test", "--workdir", str(tmp_path / "w"),
+                    "--config.train.batch_size=None")
+    assert rc == 2 and err.strip() == "error: train.batch_size=None: use an integer >= 1", err
+    assert not (tmp_path / "w").exists()
+
+
 def _sys_is_read_only() -> bool:
     """/sys refuses new folders even to root (a chmod-ed folder does not stop root)."""
     try:
