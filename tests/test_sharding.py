@@ -271,6 +271,7 @@ def _reference_run(tmp_path_factory, name, steps, save_steps):
     workdir = tmp_path_factory.mktemp(name)
     c = config_lib.load(TINY + ":test")
     c.train.max_steps, c.train.save_steps = steps, save_steps
+    c.train.save_total_limit = 0  # every checkpoint kept: a test resumes from an earlier one
     train(c, workdir)
     return workdir
 
@@ -320,12 +321,18 @@ def test_resume_on_a_changed_explicit_mesh(twelve_steps, tmp_path):
 def test_two_processes_resume_after_sigkill(twelve_steps, tmp_path):
     """Two processes killed (SIGKILL, both) after checkpoint 2, then the same two commands on a
     new coordinator port: neither is refused nor hangs (process_id and the coordinator are launch
-    facts), both exit 0, and the result equals the uninterrupted run within SHARD_TOL."""
+    facts), both exit 0, and the result equals the uninterrupted two-process run within
+    SHARD_TOL. (Against the one-device run, 12 steps of another reduction order drift past
+    SHARD_TOL on near-zero Adam updates; test_two_processes_equal_one compares 4 steps.)"""
     import signal
     import time
 
-    workdir = _seed(twelve_steps, tmp_path / "two")
     args = ("--config.train.max_steps=12", "--config.train.save_steps=2")
+    whole = _seed(twelve_steps, tmp_path / "whole")
+    procs = _launch(whole, 2, _free_port(), *args)
+    for p, (_, err) in zip(procs, [p.communicate(timeout=600) for p in procs]):
+        assert p.returncode == 0, err[-3000:]
+    workdir = _seed(twelve_steps, tmp_path / "two")
     procs = _launch(workdir, 2, _free_port(), *args)
     deadline = time.time() + 300
     while not (workdir / "checkpoints" / "2").exists():
@@ -344,4 +351,4 @@ def test_two_processes_resume_after_sigkill(twelve_steps, tmp_path):
         assert p.returncode == 0, err[-3000:]
         assert f"resumed from the checkpoint at step {at_kill[-1]}" in err, err[-3000:]
     assert "train.coordinator_address" in _session_changes(workdir)
-    _assert_params_close(workdir, twelve_steps)
+    _assert_params_close(workdir, whole)
