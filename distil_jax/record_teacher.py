@@ -31,6 +31,7 @@ import jax
 import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
+from jax.sharding import NamedSharding, PartitionSpec
 
 from distil_jax import data, fsio, hf, teacher_cache as tc
 from distil_jax.config import DTYPES, validate
@@ -50,7 +51,8 @@ def record(config: ml_collections.ConfigDict, workdir, *, shard_rows: int = 0,
     """Record (or finish recording) the teacher cache of `config`'s run; returns its manifest
     plus "recording" (tokens recorded by this call, seconds, tokens/s; not in the file)."""
     from distil_jax import train as train_lib
-    from distil_jax.train_step import make_eval_step, make_mesh, replicate, shard_batch
+    from distil_jax import sharding
+    from distil_jax.train_step import make_eval_step
 
     config = validate(ml_collections.ConfigDict(config.to_dict()))
     workdir = Path(workdir).resolve()
@@ -110,7 +112,7 @@ def record(config: ml_collections.ConfigDict, workdir, *, shard_rows: int = 0,
              f" + {m_tail} tail samples" if m_tail else "", n_rows, seq_len, config.dataset.layout,
              len(ranges), shard_rows, len(todo))
 
-    mesh = make_mesh()
+    mesh = sharding.make_mesh()
     bs = int(batch_size) or int(config.eval.batch_size)
     bs = -(-bs // mesh.devices.size) * mesh.devices.size
     dtype = DTYPES[config.train.dtype]
@@ -119,12 +121,12 @@ def record(config: ml_collections.ConfigDict, workdir, *, shard_rows: int = 0,
     top_k = jax.jit(lambda p, ids, seg, row: tc.teacher_top_k(
         teacher_cfg, p, ids, seg, k=k, temperature=T, dtype=dtype, single_document_rows=single_doc,
         tail_samples=m_tail, rows=row, seed=int(config.train.seed)))
-    params = replicate(params, mesh)
+    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
 
     # Compiled up front, so the throughput below is the recording's alone.
     t_compile = time.time()
     if todo:
-        zeros = shard_batch({key: np.zeros((bs, seq_len), np.int32) for key in ("input_ids", "segment_ids")}
+        zeros = sharding.place_batch({key: np.zeros((bs, seq_len), np.int32) for key in ("input_ids", "segment_ids")}
                             | {"row_index": np.zeros((bs,), np.int32)}, mesh)
         top_k = top_k.lower(params, zeros["input_ids"], zeros["segment_ids"], zeros["row_index"]).compile()
         log.info("compiled the teacher's top-k pass in %.1f s", time.time() - t_compile)
@@ -136,7 +138,7 @@ def record(config: ml_collections.ConfigDict, workdir, *, shard_rows: int = 0,
         rows["row_index"] = np.arange(a, b, dtype=np.int32)  # keys the tail samples' draws
         outs = []
         for batch in data.eval_batches(rows, bs):
-            placed = shard_batch(batch, mesh)
+            placed = sharding.place_batch(batch, mesh)
             outs.append(top_k(params, placed["input_ids"], placed["segment_ids"], placed["row_index"]))
         return i, rows["segment_ids"], outs
 

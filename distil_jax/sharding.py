@@ -33,6 +33,7 @@ from typing import Any, Mapping, Optional, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -179,21 +180,14 @@ def objective_specs(obj_params: Mapping, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map_with_path(spec, obj_params)
 
 
-def opt_state_specs(opt_state: Any, params_specs: Mapping, params: Mapping) -> Any:
-    """PartitionSpecs of an optax state: a leaf whose path ends with a parameter's path (Adam's
-    mu and nu, ...) and has its shape is placed like that parameter; anything else (step
-    counts) is replicated."""
-    specs = traverse_util.flatten_dict(dict(params_specs))
-    shapes = {p: tuple(x.shape) for p, x in traverse_util.flatten_dict(dict(params)).items()}
-
-    def spec(path, x):
-        keys = tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
-        for i in range(len(keys)):
-            if keys[i:] in specs and shapes[keys[i:]] == tuple(getattr(x, "shape", ())):
-                return specs[keys[i:]]
-        return P()
-
-    return jax.tree_util.tree_map_with_path(spec, opt_state)
+def opt_state_specs(tx: optax.GradientTransformation, opt_state: Any, params_specs: Mapping) -> Any:
+    """PartitionSpecs of `tx`'s state: each copy of the parameter tree in it (Adam's mu and nu,
+    ...) is placed like the parameters; anything else (step counts) is replicated. Leaves a
+    masked transformation holds no state for (optax.MaskedNode) stay as they are."""
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    return optax.tree_utils.tree_map_params(
+        tx, lambda x, spec: x if masked(x) else spec, opt_state, params_specs,
+        transform_non_params=lambda x: P(), is_leaf=masked)
 
 
 # ----------------------------------------------------------------------------- placement
@@ -227,8 +221,9 @@ class Placement:
     def put_teacher(self, teacher_params):
         return jax.device_put(teacher_params, self.teacher)
 
-    def put_batch(self, host_batch: Mapping) -> dict:
-        return place_batch(host_batch, self.mesh)
+    def put_batch(self, rows: Mapping, global_rows: Optional[int] = None) -> dict:
+        """See `place_batch`: this process's rows, or the whole batch."""
+        return place_batch(rows, self.mesh, global_rows)
 
 
 def make_placement(mesh: Mesh, state: Any, student_config, teacher_config,
@@ -241,30 +236,53 @@ def make_placement(mesh: Mesh, state: Any, student_config, teacher_config,
     if "objective" in state.params:
         p_specs["objective"] = objective_specs(state.params["objective"], mesh)
     t_specs = param_specs(teacher_config, teacher_params, mesh, "teacher")
+    if state.tx is None:
+        raise ValueError("make_placement needs the optimizer that made the state: build it with "
+                         "train_step.create_train_state")
     state_specs = state.replace(step=P(), params=p_specs,
-                                opt_state=opt_state_specs(state.opt_state, p_specs, state.params),
+                                opt_state=opt_state_specs(state.tx, state.opt_state, p_specs),
                                 rng=P())
     named = lambda tree: jax.tree_util.tree_map(  # noqa: E731
         lambda s: NamedSharding(mesh, s), tree, is_leaf=lambda x: isinstance(x, P))
     return Placement(mesh, named(state_specs), named(t_specs))
 
 
-def place_batch(host_batch: Mapping, mesh: Mesh) -> dict:
-    """A host batch ([B, ...] numpy, the same global batch on every process) -> global arrays
-    with rows split over data x fsdp. Each process transfers only the rows of its own devices
-    (`jax.make_array_from_callback` asks only for addressable shards), so this is the
-    multi-host input path too."""
+def place_batch(rows: Mapping, mesh: Mesh, global_rows: Optional[int] = None) -> dict:
+    """Host rows ([R, ...] numpy) -> global arrays of `global_rows` rows split over data x fsdp.
+
+    rows: this process's rows (`process_rows(mesh, global_rows)` of the global batch: a
+    multi-host loader builds only those), or the whole global batch (R == global_rows; None: the
+    rows are the whole batch). Either way each process transfers only its own devices' rows
+    (`jax.make_array_from_process_local_data`).
+    """
     n = batch_shards(mesh)
-    b = np.shape(next(iter(host_batch.values())))[0]
+    local = np.shape(next(iter(rows.values())))[0]
+    b = local if global_rows is None else int(global_rows)
     if b % n:
         raise ValueError(f"batch size {b} is not divisible by the {n} batch shards of the mesh "
                          f"(data x fsdp); use a multiple of {n}")
+    mine = process_rows(mesh, b)
+    if local not in (b, mine.stop - mine.start):
+        raise ValueError(f"{local} host rows for a global batch of {b}: pass the whole batch or "
+                         f"this process's {mine.stop - mine.start} rows (sharding.process_rows)")
     sharding = NamedSharding(mesh, batch_spec(mesh))
-    out = {}
-    for k, v in host_batch.items():
-        v = np.asarray(v)
-        out[k] = jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
-    return out
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v),
+                                                      (b,) + np.shape(v)[1:])
+            for k, v in rows.items()}
+
+
+def process_rows(mesh: Mesh, global_rows: int) -> slice:
+    """The rows of a `global_rows` batch that this process's devices hold: one contiguous range
+    (the mesh lays devices out process-major, the batch is split over its outer axes)."""
+    sharding = NamedSharding(mesh, batch_spec(mesh))
+    starts = {idx[0].start or 0 for idx in sharding.addressable_devices_indices_map(
+        (global_rows,)).values()}
+    size = global_rows // batch_shards(mesh)
+    lo, hi = min(starts), max(starts) + size
+    if (hi - lo) != size * len(starts):
+        raise MeshError(f"train.mesh: this process's devices hold rows that are not contiguous "
+                        f"({sorted(starts)}); lay the mesh out process-major (sharding.make_mesh)")
+    return slice(lo, hi)
 
 
 def bytes_per_device(tree: Any, shardings: Any) -> int:

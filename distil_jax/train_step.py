@@ -10,11 +10,12 @@ optimizer group with their own learning rate, weight decay and clipping switch (
 compiled for the batch's padding-aware logits capacity (`logits_capacity`), so the LM heads and
 logits losses skip padding.
 
-Placement: with a `distil_jax.sharding.Placement` the one step is jitted with its shardings as
+Placement: with a `distil_jax.sharding.Placement` (training, the bench and the tests build one
+with `sharding.make_placement`) the one step is jitted with its shardings as
 `in_shardings`/`out_shardings`: batch rows over data x fsdp, student, Adam state and teacher by
-the families' logical-axis rules (FSDP, tensor parallelism); XLA inserts the collectives. With a
-bare `mesh` (data parallel) everything but the batch is replicated. One code path for 1..N
-devices and hosts.
+the families' logical-axis rules (data parallel, FSDP, tensor parallelism); XLA inserts the
+collectives. Without one it runs wherever its arguments are (one device). One code path for
+1..N devices and hosts.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ class TrainState:
     params: Any  # {"student": ..., "objective": ...}, float32 master weights
     opt_state: Any
     rng: Array  # base key; step keys are fold_in(rng, step)
+    # The optimizer that made `opt_state` (static, not checkpointed; as flax's TrainState): the
+    # placement reads which parts of the state are parameter-shaped from it.
+    tx: Any = flax.struct.field(pytree_node=False, default=None)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -159,7 +163,8 @@ def student_grad_norm(grads: Any, trainable: Any) -> Array:
 
 
 def create_train_state(params: Mapping, tx: optax.GradientTransformation, rng: Array) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
+                      tx=tx)
 
 
 # ----------------------------------------------------------------------------- the step
@@ -286,13 +291,11 @@ def _label_count(segment_ids: Array) -> Array:
 
 
 def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    mesh: Optional[Mesh] = None, placement: Optional[sharding.Placement] = None,
-                    trainable: Any = None):
+                    placement: Optional[sharding.Placement] = None, trainable: Any = None):
     """The jitted `step(state, teacher_params, batch) -> (state, metrics)`.
 
     placement: the shardings of state, teacher and batch (in and out: the new state keeps the
-    old one's, so the donated buffers are reused); mesh alone: data parallel, all but the batch
-    replicated; neither: wherever the arguments are (one device).
+    old one's, so the donated buffers are reused); None: wherever the arguments are (one device).
 
     With grad_accum = A, the batch [A·b, S] is split into A micro-batches whose gradients are
     summed, each weighted by its share of the real tokens (the clm loss, a mean over next-token
@@ -369,13 +372,7 @@ def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: 
         return jax.jit(step, donate_argnums=(0,),
                        in_shardings=(placement.state, placement.teacher, placement.batch),
                        out_shardings=(placement.state, rep))
-    if mesh is None:
-        return jax.jit(step, donate_argnums=(0,))
-    # Data parallel: parameters, optimizer state and teacher replicated, the batch split over
-    # data x fsdp; XLA inserts the gradient all-reduce.
-    rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, sharding.batch_spec(mesh))
-    return jax.jit(step, donate_argnums=(0,), in_shardings=(rep, rep, split),
-                   out_shardings=(rep, rep))
+    return jax.jit(step, donate_argnums=(0,))
 
 
 class BucketedTrainStep:
@@ -389,15 +386,14 @@ class BucketedTrainStep:
     """
 
     def __init__(self, sc: StepConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                 mesh: Optional[Mesh] = None, buckets: int = 8, on_compile=None,
-                 placement: Optional[sharding.Placement] = None, trainable: Any = None):
-        mesh = placement.mesh if placement is not None else mesh
+                 buckets: int = 8, on_compile=None, placement: Optional[sharding.Placement] = None,
+                 trainable: Any = None):
         # A group per batch shard (data x fsdp): each device compacts its own rows; the devices
         # of a tensor group hold the same rows and compact them alike.
-        groups = sharding.batch_shards(mesh) if mesh is not None else 1
+        groups = placement.batch_shards if placement is not None else 1
         self._sc = dataclasses.replace(sc, logits_groups=groups)
-        self._args = (tx, schedule, mesh, placement, trainable)
-        self._mesh = mesh
+        self._args = (tx, schedule, placement, trainable)
+        self._placement = placement
         # Without logits losses there is nothing to compact: one step.
         uses_logits = bool(sc.objective.logits.active or sc.objective.clm_weight)
         self.buckets = buckets if uses_logits else 0
@@ -409,7 +405,11 @@ class BucketedTrainStep:
                                self.buckets)
 
     def step_for(self, host_batch: Mapping):
-        """(the jitted step for this batch's bucket, the batch placed on the devices)."""
+        """(the jitted step for this batch's bucket, the batch placed on the devices).
+
+        host_batch: the whole global batch ([A·b, S] numpy, the same on every process): its
+        bucket is the most real tokens of any device's share, which every process must agree
+        on to run the same program. Each process transfers only its own devices' rows."""
         cap = self.capacity(host_batch)
         if cap not in self._steps:
             if self._on_compile is not None:
@@ -417,8 +417,8 @@ class BucketedTrainStep:
             sc = for_batch_shape(dataclasses.replace(self._sc, logits_capacity=cap),
                                    *np.shape(host_batch["input_ids"]))
             self._steps[cap] = make_train_step(sc, *self._args)
-        if self._mesh is not None:
-            batch = shard_batch(host_batch, self._mesh)
+        if self._placement is not None:
+            batch = self._placement.put_batch(host_batch)
         else:
             batch = {k: jnp.asarray(v) for k, v in host_batch.items()}
         return self._steps[cap], batch
@@ -456,20 +456,3 @@ def make_eval_step(config, dtype=jnp.float32, mesh: Optional[Mesh] = None):
     if mesh is None:
         return jax.jit(eval_step)
     return jax.jit(eval_step, out_shardings=NamedSharding(mesh, P()))
-
-
-# ----------------------------------------------------------------------------- placement
-
-
-def make_mesh(devices=None, spec: Optional[Mapping[str, int]] = None) -> Mesh:
-    """The (data, fsdp, tensor) mesh over all (or the given) devices; default all on `data`."""
-    return sharding.make_mesh(spec, devices)
-
-
-def replicate(tree, mesh: Mesh):
-    return jax.device_put(tree, NamedSharding(mesh, P()))
-
-
-def shard_batch(batch: Mapping, mesh: Mesh) -> dict:
-    """Put a host batch on the devices, rows split over data x fsdp (see sharding.place_batch)."""
-    return sharding.place_batch(batch, mesh)

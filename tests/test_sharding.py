@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from distil_jax import checkpoint, config as config_lib
 from distil_jax import models, sharding
+from distil_jax import train_step as ts_lib
 from tests import tiny_setup as T
 
 SHARD_TOL = 1e-5
@@ -128,6 +129,85 @@ def test_config_mesh_fields_are_validated():
         bad.train[field] = value
         with pytest.raises(ValueError, match=words):
             config_lib.validate(bad)
+
+
+def test_adam_moments_are_placed_like_their_parameters():
+    """Each copy of the parameter tree in the grouped optimizer's state (mu and nu of both groups)
+    gets its parameter's spec; frozen modules hold no state; step counts are replicated."""
+    tc, tp = T.teacher()
+    sc, sp, trainable = T.student(tc, tp, copy_teacher_modules=[("lm_head", True)])
+    obj = T.objective(sc, tc)
+    params = T.params_tree(obj, sc, tc, sp)
+    mask = T.trainable_mask(trainable, params["objective"])
+    assert mask["student"]["wte"]["embedding"] is False
+    tx, _ = ts_lib.make_optimizer(dict(learning_rate=1e-3, max_grad_norm=1.0,
+                                       objective_learning_rate=1e-2), 10, mask)
+    state = ts_lib.create_train_state(params, tx, jax.random.PRNGKey(0))
+    # A distinct spec per parameter: its own path.
+    specs = jax.tree_util.tree_map_with_path(lambda p, _: P(jax.tree_util.keystr(p)), params)
+    got = sharding.opt_state_specs(state.tx, state.opt_state, specs)
+    is_p = lambda x: isinstance(x, P)  # noqa: E731
+    placed = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]:
+        spec = [s for p, s in jax.tree_util.tree_flatten_with_path(got, is_leaf=is_p)[0]
+                if p == path][0]
+        placed.setdefault(spec, []).append(leaf.shape)
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        key = P(jax.tree_util.keystr(path))
+        n = len(placed.get(key, []))
+        frozen = path[1].key == "wte"
+        assert n == (0 if frozen else 2), (key, n)  # Adam's mu and nu, none when frozen
+        assert all(shape == x.shape for shape in placed.get(key, []))
+    assert set(placed) - {P(jax.tree_util.keystr(p)) for p, _ in
+                          jax.tree_util.tree_flatten_with_path(params)[0]} == {P()}
+
+
+_CONSTRAIN_SCRIPT = """
+import json, re, jax, jax.numpy as jnp
+from distil_jax import models, sharding
+mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+def f(x, y):
+    return (models.constrain(x, ("batch", None, "heads", None)),
+            models.constrain(y, ("batch", None, "heads", None)))
+args = (jnp.zeros((8, 3, 4, 5)), jnp.zeros((2, 3, 6, 5)))  # y: 2 rows over 4 batch shards
+def lowered():
+    return jax.jit(f).lower(*args).as_text()
+plain = lowered()
+with models.activation_sharding(mesh, sharding.RULES):
+    pinned = lowered()
+with models.activation_sharding(sharding.make_mesh({}, jax.devices()[:1]), sharding.RULES):
+    one = lowered()
+lines = lambda t: re.findall(r"sharding_constraint %\\S+ (<@mesh, \\[.*?\\]>)", t)
+print("RESULT " + json.dumps({"plain": lines(plain), "pinned": lines(pinned), "one": lines(one)}))
+"""
+
+
+def test_constrain_pins_activations_by_the_logical_rules():
+    """Inside activation_sharding the models' constraints follow sharding.RULES (rows over
+    data x fsdp, heads over tensor); a dimension its axes do not divide is left to XLA; outside
+    the context, and on one device, there is no constraint at all."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", _CONSTRAIN_SCRIPT], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1][7:])
+    assert out["plain"] == [] and out["one"] == []
+    x, y = out["pinned"]
+    assert x == '<@mesh, [{"data", "fsdp"}, {}, {"tensor"}, {}]>', x
+    assert y == '<@mesh, [{?}, {}, {"tensor"}, {}]>', y
+
+
+def test_a_process_places_its_own_rows():
+    """One process: its rows are the whole batch; rows that are neither the batch nor the
+    process's share are refused in one line."""
+    mesh = sharding.make_mesh({}, jax.devices()[:1])
+    assert sharding.process_rows(mesh, 8) == slice(0, 8)
+    b = T.batch(T.ROWS_4)
+    placed = sharding.place_batch(b, mesh, global_rows=4)
+    np.testing.assert_array_equal(np.asarray(placed["input_ids"]), b["input_ids"])
+    with pytest.raises(ValueError, match="3 host rows for a global batch of 4"):
+        sharding.place_batch({k: v[:3] for k, v in b.items()}, mesh, global_rows=4)
 
 
 # ----------------------------------------------------------------------------- multi-host

@@ -292,7 +292,8 @@ def test_distily_ppl_is_distilys_evaluator_and_ppl_is_token_weighted(tmp_path):
     import torch
 
     from distil_jax import hf
-    from distil_jax.train_step import make_eval_step, make_mesh
+    from distil_jax import sharding
+    from distil_jax.train_step import make_eval_step
     from tests.hf_utils import save_tiny
 
     model = save_tiny(tmp_path / "m")
@@ -302,7 +303,7 @@ def test_distily_ppl_is_distilys_evaluator_and_ppl_is_token_weighted(tmp_path):
     docs = [rs.randint(1, cfg.vocab_size, n).astype(np.int32) for n in (20, 5, 9, 1, 12)]
     rows = data.docs_to_rows(docs, S, "pack", eos_id=0, pad_id=0, truncate=True, append_eos=False)
     eval_set = data.EvalSet(rows, data.distily_eval_rows(docs, S, bos, pad_id=0))
-    got = train_lib.evaluate(make_eval_step(cfg), params, eval_set, 2, make_mesh())
+    got = train_lib.evaluate(make_eval_step(cfg), params, eval_set, 2, sharding.make_mesh())
 
     def nll(ids):  # HF's mean next-token loss over the row, and the number of predictions
         with torch.no_grad():

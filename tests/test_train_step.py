@@ -240,7 +240,7 @@ def test_schedule_follows_spec_formula(warmup, power):
 _DP_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
-    from distil_jax import train_step as ts
+    from distil_jax import sharding, train_step as ts
     from tests import tiny_setup as T
 
     tc, tp = T.teacher()
@@ -252,20 +252,26 @@ _DP_SCRIPT = textwrap.dedent("""
     host_batch = T.batch(T.ROWS_8)
     out = {"n_devices": jax.device_count()}
     results = {}
+    def placed(devices):
+        # The run's placement path on a data-parallel mesh over `devices`.
+        mesh = sharding.make_mesh({"data": -1}, devices)
+        state = ts.create_train_state(T.to_numpy(params), tx, jax.random.PRNGKey(0))
+        placement = sharding.make_placement(mesh, state, s_cfg, tc, tp)
+        return placement, placement.put_state(state), placement.put_teacher(tp)
+
     for name, devices in (("dp4", jax.devices()[:4]), ("dp1", jax.devices()[:1])):
-        mesh = ts.make_mesh(devices)
-        state = ts.replicate(ts.create_train_state(T.to_numpy(params), tx, jax.random.PRNGKey(0)), mesh)
-        batch = ts.shard_batch(host_batch, mesh)
+        placement, state, teacher = placed(devices)
+        batch = placement.put_batch(host_batch)
         out[name + "_batch_devices"] = len(batch["input_ids"].sharding.device_set)
-        step = ts.make_train_step(ts.StepConfig(tc, s_cfg, obj), tx, sched, mesh)
-        state, m = step(state, ts.replicate(tp, mesh), batch)
+        step = ts.make_train_step(ts.StepConfig(tc, s_cfg, obj), tx, sched, placement=placement)
+        state, m = step(state, teacher, batch)
         results[name] = (T.to_numpy(state.params), float(m["loss"]))
     # Padding-aware logits on 4 devices: each device compacts its own share of the batch.
-    mesh = ts.make_mesh(jax.devices()[:4])
-    state = ts.replicate(ts.create_train_state(T.to_numpy(params), tx, jax.random.PRNGKey(0)), mesh)
-    bucketed = ts.BucketedTrainStep(ts.StepConfig(tc, s_cfg, obj), tx, sched, mesh, buckets=8)
+    placement, state, teacher = placed(jax.devices()[:4])
+    bucketed = ts.BucketedTrainStep(ts.StepConfig(tc, s_cfg, obj), tx, sched, buckets=8,
+                                    placement=placement)
     out["dp4_capacity"] = bucketed.capacity(host_batch)
-    state, m = bucketed(state, ts.replicate(tp, mesh), host_batch)
+    state, m = bucketed(state, teacher, host_batch)
     results["dp4_bucketed"] = (T.to_numpy(state.params), float(m["loss"]))
     out["bucketed_param_diff"] = T.max_abs_diff(results["dp4_bucketed"][0], results["dp1"][0])
     out["bucketed_loss_diff"] = abs(results["dp4_bucketed"][1] - results["dp1"][1])
@@ -273,7 +279,7 @@ _DP_SCRIPT = textwrap.dedent("""
     out["param_change"] = T.max_abs_diff(results["dp1"][0], T.to_numpy(params))
     out["loss_diff"] = abs(results["dp4"][1] - results["dp1"][1])
     try:
-        ts.shard_batch(T.batch(T.ROWS_4[:3]), ts.make_mesh(jax.devices()[:4]))
+        sharding.place_batch(T.batch(T.ROWS_4[:3]), sharding.make_mesh({"data": 4}, jax.devices()[:4]))
         out["indivisible_error"] = None
     except ValueError as e:
         out["indivisible_error"] = str(e)

@@ -452,7 +452,7 @@ def run_jax(cfg: BenchConfig, cached: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from distil_jax import models
+    from distil_jax import models, sharding
     from distil_jax import train as train_lib
     from distil_jax import train_step as ts
 
@@ -493,13 +493,21 @@ def run_jax(cfg: BenchConfig, cached: bool = False) -> dict:
                        teacher_cache_k=cfg.teacher_cache_k if cached else 0)
     models.check_attention_impl(sc.attention_impl, dtype)
 
-    mesh = ts.make_mesh()
-    state = ts.replicate(ts.create_train_state(params, tx, k_r), mesh)
-    teacher_params = ts.replicate(teacher_params, mesh)
+    # The run's placement (distil_jax.sharding) on a data-parallel mesh over every device.
+    state = ts.create_train_state(params, tx, k_r)
+    placement = sharding.make_placement(
+        sharding.make_mesh(), state, sconf, tc,
+        models.param_shapes(tc) if teacher_params is None else teacher_params)
+    state = placement.put_state(state)
+    if cached:  # the step gets no teacher argument
+        placement = dataclasses.replace(placement, teacher=None)
+    else:
+        teacher_params = placement.put_teacher(teacher_params)
     del params, sparams
     host = make_batch(cfg)
     # The library's padding-aware step: the batch's logits bucket picks the compiled variant.
-    bucketed = ts.BucketedTrainStep(sc, tx, sched, mesh, buckets=cfg.logits_buckets, trainable=tmask)
+    bucketed = ts.BucketedTrainStep(sc, tx, sched, buckets=cfg.logits_buckets, placement=placement,
+                                    trainable=tmask)
     logits_capacity = bucketed.capacity(host)
     step_batch = {"input_ids": host["input_ids"], "segment_ids": host["segment_ids"]}
     if cached:
@@ -543,7 +551,7 @@ def run_jax(cfg: BenchConfig, cached: bool = False) -> dict:
 
     dev = jax.devices()[0]
     # The settings the library decided for this batch shape (as BucketedTrainStep did).
-    resolved = ts.for_batch_shape(dataclasses.replace(sc, logits_groups=mesh.devices.size), cfg.batch,
+    resolved = ts.for_batch_shape(dataclasses.replace(sc, logits_groups=placement.batch_shards), cfg.batch,
                                   cfg.seq_len)
     stats = dev.memory_stats() if on_gpu else None
     if stats and "peak_bytes_in_use" in stats:

@@ -8,7 +8,6 @@ A family module (`gpt2.py`, `llama.py`) builds its own projections, norms and ML
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import math
 from typing import Any, Callable, Optional, Sequence
@@ -17,7 +16,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import PartitionSpec
 
 Array = jax.Array
 
@@ -54,20 +53,16 @@ class FusedAttention:
 ATTENTION_IMPLS = ("xla", "cudnn")
 
 
-# (mesh, logical axis rules) while the train step is traced on a mesh (distil_jax.sharding),
-# else None: `constrain` is then a no-op, so one device and the tests see plain code.
-_ACTIVATION_SHARDING: contextvars.ContextVar = contextvars.ContextVar(
-    "distil_jax_activation_sharding", default=None)
-
-
 @contextlib.contextmanager
 def activation_sharding(mesh, rules):
-    """Within this context, `constrain` pins activations to `mesh` by the logical `rules`."""
-    token = _ACTIVATION_SHARDING.set((mesh, rules))
-    try:
+    """Within this context (entered while the step is traced), `constrain` pins activations to
+    `mesh` by the logical `rules`: flax's `logical_axis_rules` on jax's abstract mesh. Outside
+    it, or on one device, `constrain` is a no-op, so one device and the tests see plain code."""
+    if mesh.size == 1:
         yield
-    finally:
-        _ACTIVATION_SHARDING.reset(token)
+        return
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+        yield
 
 
 def constrain(x: Array, names: Sequence[Optional[str]]) -> Array:
@@ -76,21 +71,18 @@ def constrain(x: Array, names: Sequence[Optional[str]]) -> Array:
     Why: from the parameters' shardings alone XLA may split an FSDP activation along the width
     (as the weights are) instead of the batch, and then rematerializes it whole on every device;
     on the reference run that tripled the temporaries. A dimension that its mesh axes do not
-    divide (a small micro-batch) is left to XLA.
+    divide (a small micro-batch) is left to XLA (unconstrained) rather than padded.
     """
-    ctx = _ACTIVATION_SHARDING.get()
-    if ctx is None or ctx[0].size == 1:  # one device: nothing to pin, the HLO stays as it was
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
         return x
-    mesh, rules = ctx
-    parts = []
-    for dim, axes in zip(x.shape, nn.logical_to_mesh_axes(tuple(names), rules)):
-        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
-        if not axes or dim % math.prod(mesh.shape[a] for a in axes):
-            parts.append(None if not axes else PartitionSpec.UNCONSTRAINED)
-        else:
-            parts.append(axes[0] if len(axes) == 1 else axes)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*parts)))
+    axes = nn.logical_to_mesh_axes(tuple(names))
+    fitted = []
+    for dim, name, split in zip(x.shape, names, axes):
+        split = (split,) if isinstance(split, str) else tuple(split or ())
+        n = math.prod(mesh.shape[a] for a in split)
+        fitted.append(PartitionSpec.UNCONSTRAINED if n > 1 and dim % n else name)
+    return nn.with_logical_constraint(x, tuple(fitted))
 
 
 # Gradient checkpointing of each block (train.remat_policy): "full" saves only the block's input

@@ -36,6 +36,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 
 __all__ = ["LOSSES", "LOG_PROB_ROWS", "get_loss", "masked_mean", "topk_log_probs",
            "topk_loss"] + [
@@ -185,11 +186,6 @@ def soft_mse(student, teacher, mask=None):
     return masked_mean(jnp.mean(jnp.square(diff), axis=-1), mask)
 
 
-def _safe_norm(x: jax.Array, eps: float) -> jax.Array:
-    """``max(||x||_2, eps)`` over the last axis with a finite gradient at x = 0."""
-    return jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1), eps * eps))
-
-
 def cos(student, teacher, mask=None):
     """Mean over masked positions of ``1 - cosine_similarity`` along the last axis ``[..., F]``.
 
@@ -197,7 +193,8 @@ def cos(student, teacher, mask=None):
     """
     s = jnp.asarray(student, jnp.float32)
     t = jnp.asarray(teacher, jnp.float32)
-    similarity = jnp.sum(s * t, axis=-1) / (_safe_norm(s, _COS_EPS) * _safe_norm(t, _COS_EPS))
+    similarity = jnp.sum(s * t, axis=-1) / (optax.safe_norm(s, _COS_EPS, axis=-1)
+                                     * optax.safe_norm(t, _COS_EPS, axis=-1))
     return masked_mean(1.0 - similarity, mask)
 
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from distil_jax import data, fsio, sharding
-from distil_jax.train_step import make_eval_step, shard_batch
+from distil_jax.train_step import make_eval_step
 from distil_jax.training.builders import load_teacher_weights
 
 log = logging.getLogger("distil_jax")
@@ -31,7 +31,7 @@ def evaluate(eval_fn, params, eval_set: data.EvalSet, batch_size: int, mesh) -> 
     nll = tokens = 0.0
     t0, timed_tokens = None, 0.0
     for batch in data.eval_batches(eval_set.rows, batch_size):
-        out = jax.device_get(eval_fn(params, shard_batch(batch, mesh)))
+        out = jax.device_get(eval_fn(params, sharding.place_batch(batch, mesh)))
         nll -= float(out["logprob_sum"])
         tokens += float(out["tokens"])
         if t0 is None:
@@ -41,7 +41,7 @@ def evaluate(eval_fn, params, eval_set: data.EvalSet, batch_size: int, mesh) -> 
     dt = time.time() - t0 if t0 is not None else 0.0
     doc_nll, doc_tok = [np.zeros(0)], [np.zeros(0)]
     for batch in data.eval_batches(eval_set.distily_rows, batch_size):
-        out = jax.device_get(eval_fn(params, shard_batch(batch, mesh)))
+        out = jax.device_get(eval_fn(params, sharding.place_batch(batch, mesh)))
         has = out["doc_tokens"] > 0
         doc_nll.append(-out["doc_logprob"][has])
         doc_tok.append(out["doc_tokens"][has])
