@@ -160,7 +160,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.demo_teacher.batch_size = 16
     c.demo_teacher.learning_rate = 2e-3
 
-    c.license = "apache-2.0"  # for the model card
+    # The card's license: "" takes the teacher's, where its own card or config states one (never
+    # invented); set it when you know the student's terms.
+    c.license = ""
     return c
 
 

@@ -5,9 +5,11 @@
 
 OUT is a complete `transformers` folder: config.json (the family's class, e.g. GPT2LMHeadModel or
 LlamaForCausalLM), model.safetensors,
-generation_config.json, the teacher's tokenizer files and README.md (the model card, generated
-from the run's records by `distil_jax.modelcard`). It is written atomically: OUT appears complete
-or not at all, and an OUT from an earlier export is replaced only once the new one is complete.
+generation_config.json, the teacher's tokenizer files, README.md (the model card, generated
+from the run's records by `distil_jax.modelcard`) and distil_jax_export.json (the files this
+export wrote). It is written atomically: OUT appears complete or not at all. An existing OUT is
+replaced only when it is empty or an earlier export holding nothing but the files its
+distil_jax_export.json lists; anything else there is refused, never deleted.
 
 `--push-to-hub` uploads OUT after it is written (creating the repo if needed) with the token that
 huggingface_hub finds itself (HF_TOKEN, or the one saved by `hf auth login`); without a token or a
@@ -30,12 +32,15 @@ import numpy as np
 
 from distil_jax import fsio, hf, models
 from distil_jax.config import DTYPES
-from distil_jax.modelcard import model_card
+from distil_jax.modelcard import model_card, teacher_license, teacher_of
 from distil_jax.versions import package_versions
 
 log = logging.getLogger(__name__)
 
 _MODEL_FILES = ("config.json", "model.safetensors")
+# The record of what an export wrote; an OUT may be replaced only if it holds nothing else.
+MARKER = "distil_jax_export.json"
+_WRITTEN = (*_MODEL_FILES, "generation_config.json", "README.md", MARKER)
 
 
 class PushError(RuntimeError):
@@ -70,12 +75,27 @@ def _check_out(workdir: Path, out: Path, run_config: Mapping) -> None:
             raise ValueError(f"--out {out} would overwrite {path}, which the run in {workdir} reads "
                              "or writes; choose an output folder outside the workdir's entries and "
                              "the run's teacher, tokenizer and data")
-    if o.exists():
-        if not o.is_dir():
-            raise ValueError(f"--out {out} exists and is not a folder")
-        if any(o.iterdir()) and not all((o / f).exists() for f in _MODEL_FILES):
-            raise ValueError(f"--out {out} exists and is not a model folder (no config.json + "
-                             "model.safetensors); refusing to replace it: choose a new or empty folder")
+    if o.exists() and not o.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder; choose a new or empty folder")
+    foreign = _not_written_by_export(o) if o.exists() else []
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ValueError(f"--out {out} holds files an export did not write ({shown}); refusing to "
+                         "replace them: choose a new or empty folder, or move them out")
+
+
+def _not_written_by_export(folder: Path) -> list[str]:
+    """The entries of `folder` (relative paths) that no export wrote: all of them unless its
+    MARKER lists the files an earlier export wrote; [] for an empty folder."""
+    try:
+        listed = set(json.loads((folder / MARKER).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = set()
+    parents = {Path(f).parent.as_posix() for f in listed}
+    entries = sorted(folder.rglob("*"))
+    return [rel + ("/" if p.is_dir() else "") for p in entries
+            if (rel := p.relative_to(folder).as_posix()) not in
+            (parents if p.is_dir() and not p.is_symlink() else listed)]
 
 
 def _check_params(config, params: Mapping, workdir: Path, step: int) -> None:
@@ -93,7 +113,8 @@ def export(workdir: str | Path, out: str | Path, step: Optional[int] = None, dty
     Args:
       workdir: a training run's workdir (config.json, student/, tokenizer/, checkpoints/,
         run_summary.json).
-      out: the output folder (created, or replaced if it holds an earlier export).
+      out: the output folder: created, or replaced if it is empty or holds an earlier export and
+        nothing else (MARKER lists what that export wrote).
       step: the checkpoint step (default: the latest).
       dtype: "float32" (the master weights, exactly) or "bfloat16" (half the size).
       model_name: the name in the card's title and loading snippet (default: the folder name).
@@ -104,8 +125,8 @@ def export(workdir: str | Path, out: str | Path, step: Optional[int] = None, dty
     Raises:
       FileNotFoundError: no workdir, no checkpoint in it (train first), no such step (the message
         lists the available ones), no student config or tokenizer.
-      ValueError: an unknown dtype, an `out` that would replace the run or a non-model folder, a
-        checkpoint that does not match the student's config.
+      ValueError: an unknown dtype, an `out` that would replace the run or one of its inputs, or
+        files an export did not write; a checkpoint that does not match the student's config.
     """
     from distil_jax import checkpoint
 
@@ -153,12 +174,25 @@ def export(workdir: str | Path, out: str | Path, step: Optional[int] = None, dty
         "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     summary = _read_json(workdir / "run_summary.json", "the run summary")
+    info["teacher_license"] = teacher_license(teacher_of(summary, run_config))
     card = model_card(summary, run_config, export=info, model_name=model_name or out.resolve().name)
-    hf.save_pretrained(config, params, out, tokenizer=tokenizer, dtype=DTYPES[dtype],
-                       extra_files={"README.md": card})
+    files = {**_tokenizer_files(tokenizer), "README.md": card}
+    files[MARKER] = json.dumps({"written_by": "distil_jax.export", "step": int(step),
+                                "files": sorted({*_WRITTEN, *files})}, indent=2) + "\n"
+    hf.save_pretrained(config, params, out, dtype=DTYPES[dtype], extra_files=files)
     log.info("exported the student of step %d (%s params, %s) from %s to %s", step, f"{n_params:,}",
              dtype, workdir, out)
     return out
+
+
+def _tokenizer_files(tokenizer) -> dict[str, bytes]:
+    """The files `tokenizer.save_pretrained` writes, by relative path: saved once to a scratch
+    folder so that the export knows (and MARKER lists) every file it writes."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {p.relative_to(tmp).as_posix(): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()}
 
 
 def _one_line(e: BaseException, secret: Optional[str]) -> str:

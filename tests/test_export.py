@@ -137,7 +137,8 @@ def _leaves(tree):
 def test_card_holds_the_runs_real_figures(run, f32_export):
     card = (f32_export / "README.md").read_text()
     summary = json.loads((run / "run_summary.json").read_text())
-    assert card.startswith("---\n") and "library_name: distil_jax" in card and "license: apache-2.0" in card
+    assert card.startswith("---\n") and "library_name: transformers" in card
+    assert "license:" not in card  # the demo teacher states none: never invented
     assert f"{summary['student']['params']:,} parameters" in card
     assert f"{summary['teacher']['params']:,} parameters" in card
     ev = summary["evaluation"]["heldout"]
@@ -218,7 +219,7 @@ def test_error_out_would_replace_the_run_or_a_foreign_folder(run, tmp_path):
     foreign = tmp_path / "notes"
     foreign.mkdir()
     (foreign / "todo.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="not a model folder"):
+    with pytest.raises(ValueError, match="files an export did not write .todo.txt."):
         export(run, foreign)
     assert (foreign / "todo.txt").read_text() == "keep me"
     assert checkpoint.available_steps(run) == [20, 30]
@@ -229,6 +230,38 @@ def test_error_out_would_replace_the_run_or_a_foreign_folder(run, tmp_path):
         with pytest.raises(ValueError, match="which the run in .* reads or writes"):
             export(run, inside)
     assert (run / "teacher" / "model.safetensors").read_bytes() == teacher
+
+
+@pytest.mark.slow
+def test_export_never_deletes_files_it_did_not_write(run, f32_export, tmp_path, capsys):
+    """An earlier export with a user's notes.txt and sub/ added, and another run's teacher/ (a
+    model folder no export wrote): both refused in one line, every file kept."""
+    import shutil
+
+    out = tmp_path / "model"
+    shutil.copytree(f32_export, out)
+    written = json.loads((out / export_lib.MARKER).read_text())["files"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(written)  # the marker lists every file
+    (out / "notes.txt").write_text("keep me")
+    (out / "sub").mkdir()
+    (out / "sub" / "x.txt").write_text("me too")
+    assert main(["--workdir", str(run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "notes.txt, sub/, sub/x.txt" in err and "choose a new or empty folder" in err
+    assert len(err.splitlines()) == 1
+    assert (out / "notes.txt").read_text() == "keep me" and (out / "sub" / "x.txt").read_text() == "me too"
+    other = tmp_path / "other_run" / "teacher"
+    shutil.copytree(run / "teacher", other)
+    before = (other / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="files an export did not write .*config.json"):
+        export(run, other)
+    assert (other / "model.safetensors").read_bytes() == before
+    # Without the foreign files, the earlier export is replaced; an empty folder is used.
+    (out / "notes.txt").unlink()
+    shutil.rmtree(out / "sub")
+    assert export(run, out, step=20) == out and "checkpoint of step 20" in (out / "README.md").read_text()
+    (tmp_path / "empty").mkdir()
+    assert (export(run, tmp_path / "empty") / "model.safetensors").exists()
 
 
 @pytest.mark.slow

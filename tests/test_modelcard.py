@@ -1,11 +1,14 @@
-"""The model card: never crashes on missing records, bolds the lowest perplexity, real figures."""
+"""The model card: never crashes on missing records, bolds the lowest perplexity, real figures,
+hub metadata that huggingface_hub parses back, a license only where one is stated."""
 
+import json
 import re
 
 import pytest
 import yaml
+from huggingface_hub import ModelCard
 
-from distil_jax.modelcard import NOT_RECORDED, model_card, module_summary
+from distil_jax.modelcard import NOT_RECORDED, model_card, module_summary, teacher_license
 from distil_jax import models
 from distil_jax.models.gpt2 import GPT2Config
 
@@ -36,9 +39,10 @@ def _summary(**evaluation):
 def test_empty_records_never_crash(summary, config):
     card = model_card(summary, config)
     meta = _front_matter(card)
-    assert meta["library_name"] == "distil_jax" and "distillation" in meta["tags"]
-    assert "base_model" not in meta and "datasets" not in meta
-    assert ("license" in meta) == bool(config and config.get("license"))
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
+    assert {"distillation", "distil_jax"} <= set(meta["tags"])
+    assert "base_model" not in meta and "datasets" not in meta and "model-index" not in meta
+    assert meta.get("license") == (config or {}).get("license")  # never invented
     sections = ["Summary", "Architecture", "Evaluation", "Resource usage", "Teacher → student",
                 "Train dataset", "Training objective", "Framework versions"]
     if not config:
@@ -103,3 +107,70 @@ def test_real_figures_and_module_diff():
 def test_intermediate_step_export_is_flagged():
     card = model_card(_summary(), {}, export={"step": 5})
     assert "not the end of the run (step 12)" in card
+
+
+def test_metadata_round_trips_through_huggingface_hub():
+    """huggingface_hub's own parser reads the front matter back, model-index included; the
+    perplexity results are the student's end-of-run figures, only on the weights they measured."""
+    s = _summary(heldout={"teacher": {"ppl": 30.25}, "student_end": {"ppl": 150.5}},
+                 other={"student_end": {"ppl": float("nan")}})
+    config = {"dataset": {"uri": "wikimedia/wikipedia"}}
+    card = ModelCard(model_card(s, config, export={"step": 12}, model_name="me/student"))
+    data = card.data
+    assert (data.library_name, data.pipeline_tag, data.base_model) == ("transformers", "text-generation", "gpt2")
+    assert data.datasets == ["wikimedia/wikipedia"] and {"distillation", "distil_jax"} <= set(data.tags)
+    assert data.model_name == "me/student"
+    (result,) = data.eval_results  # the nan is no result
+    assert (result.metric_type, result.metric_value, result.dataset_type, result.task_type) == \
+        ("perplexity", 150.5, "wikimedia/wikipedia", "text-generation")
+    assert card.text.lstrip().startswith("# me/student")
+    # An earlier step's export: the end-of-run figures were measured on other weights.
+    assert ModelCard(model_card(s, config, export={"step": 5})).data.eval_results is None
+
+
+def test_license_is_stated_never_invented(tmp_path):
+    """The teacher's card (README.md front matter) or config.json gives the license; a teacher
+    that states none gets none; the run's config (`license`) overrides both."""
+    stated = tmp_path / "stated"
+    stated.mkdir()
+    (stated / "README.md").write_text("---\nlicense: other\nlicense_name: llama3.2\n"
+                                      "license_link: LICENSE.txt\n---\n# a teacher\n")
+    in_config = tmp_path / "in_config"
+    in_config.mkdir()
+    (in_config / "config.json").write_text(json.dumps({"model_type": "gpt2", "license": "mit"}))
+    silent = tmp_path / "silent"
+    silent.mkdir()
+    (silent / "README.md").write_text("# a teacher, no front matter\n")
+    (silent / "config.json").write_text("{}")
+    assert teacher_license(stated) == {"license": "other", "license_name": "llama3.2", "license_link": "LICENSE.txt"}
+    assert teacher_license(in_config) == {"license": "mit"}
+    assert teacher_license(silent) is None and teacher_license(tmp_path / "absent") is None
+    assert teacher_license("org/never-downloaded") is None  # the tests run offline: the cache only
+    meta = _front_matter(model_card({}, {}, export={"teacher_license": teacher_license(stated)}))
+    assert (meta["license"], meta["license_name"]) == ("other", "llama3.2")
+    meta = _front_matter(model_card({}, {"license": "apache-2.0"}, export={"teacher_license": {"license": "mit"}}))
+    assert meta["license"] == "apache-2.0"
+    assert "license" not in _front_matter(model_card({}, {"license": ""}, export={"teacher_license": None}))
+
+
+@pytest.mark.parametrize("hf_config", [
+    dict(TEACHER_CFG, n_layer=2),
+    dict(model_type="qwen3", vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=32,
+         tie_word_embeddings=False),
+    dict(model_type="qwen2", vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)])
+def test_parameters_listed_in_the_models_own_order(hf_config):
+    """The family's MODULE_ORDER puts the parameters in transformers' own order (its state dict's:
+    embeddings, each block's modules, the final norm, the head); qwen2 adds q/k/v biases, qwen3
+    q/k norms and an untied head."""
+    import torch  # noqa: F401  (transformers' models)
+    import transformers
+    from flax import traverse_util
+
+    cfg = models.config_from_hf(hf_config)
+    fam = models.family(cfg)
+    ours = sorted((fam.path_to_hf(p) for p in traverse_util.flatten_dict(models.param_shapes(cfg))),
+                  key=lambda n: models.hf_order(cfg, n))
+    theirs = [n for n, _ in transformers.AutoModelForCausalLM.from_config(models.config_to_hf(cfg)).named_parameters()]
+    assert ours == theirs

@@ -22,6 +22,7 @@ A family is one module (`gpt2.py`, `llama.py`) that provides:
   hf_transposed(path)         True where HF stores the leaf transposed (torch Linear [out, in])
   module_path(name)           HF module name ("model.layers.3", "lm_head") -> parameter path
   block_path(i)               the parameter path of block i
+  MODULE_ORDER                HF module names in transformers' order (its state dict's; `hf_order`)
   PARAM_AXES                  (path regex, logical axis names) pairs: one name per dimension of
                               each parameter ("embed", "heads", "mlp", ...), mapped to mesh axes
                               by `distil_jax.sharding.RULES`
@@ -142,3 +143,12 @@ def logical_axes(config, params: Optional[Mapping] = None) -> dict:
                              f"has {len(x.shape)} dimensions")
         out[path] = tuple(rule)
     return out
+
+
+def hf_order(config, name: str) -> tuple:
+    """Sort key that puts HF state-dict names in transformers' own order (embeddings, block 0,
+    ..., the final norm, the head), from the family's MODULE_ORDER; block numbers sort as numbers
+    and a name the family does not list sorts last."""
+    order = family(config).MODULE_ORDER
+    return tuple((0, int(p), "") if p.isdigit() else (1, order.index(p), "") if p in order
+                 else (2, 0, p) for p in name.split("."))

@@ -489,3 +489,10 @@ def module_path(name: str) -> tuple[str, ...]:
 
 def block_path(i: int) -> tuple[str, ...]:
     return ("h", str(i))
+
+
+# Module names in transformers' order (its state dict's, `named_parameters()`'s: the order the
+# modules are registered), outermost first; the card lists parameters in it. A parameter tree is
+# a dict, which jax keeps sorted by key, so the order is a fact of the family, written here.
+MODULE_ORDER = ("transformer", "wte", "wpe", "h", "ln_1", "attn", "c_attn", "ln_2", "mlp", "c_fc",
+                "c_proj", "ln_f", "lm_head", "weight", "bias")

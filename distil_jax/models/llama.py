@@ -851,3 +851,10 @@ def module_path(name: str) -> tuple:
 def block_path(i: int) -> tuple:
     """The parameter path of block i (HF's model.layers.i)."""
     return ("model", "layers", str(i))
+
+
+# Module names in transformers' order (its state dict's; see gpt2.MODULE_ORDER): HF registers a
+# layer's attention and MLP before its two norms.
+MODULE_ORDER = ("model", "embed_tokens", "layers", "self_attn", "q_proj", "k_proj", "v_proj", "o_proj",
+                "q_norm", "k_norm", "mlp", "gate_proj", "up_proj", "down_proj", "input_layernorm",
+                "post_attention_layernorm", "norm", "lm_head", "weight", "bias")
