@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Iterator, Optional
@@ -128,3 +130,41 @@ def logging_to_stderr() -> Iterator[None]:
         logger.removeHandler(handler)
         logger.setLevel(level)
         logger.propagate = propagate
+
+
+class Terminated(BaseException):
+    """SIGTERM outside the training loop (whose own handler checkpoints first): the command
+    unwinds like Ctrl-C, releasing its workdir lock and removing half-written files."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """For the length of a command, SIGTERM raises `Terminated` instead of killing the process
+    mid-write (the training loop installs its own handler inside this one). Only in the main
+    thread: signal handlers cannot be set elsewhere."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def exit(code: int) -> None:  # noqa: A001 (the command's exit, as sys.exit)
+    """End the process of a `python -m distil_jax.X` command with `code`. After Ctrl-C or
+    SIGTERM (130, 143) the interpreter's teardown is skipped: XLA's compiler threads may still
+    be running (the signal can land mid-compilation), and finalizing Python under them
+    segfaults. Everything worth keeping is written by then (the command's own cleanup ran)."""
+    if code in (130, 128 + signal.SIGTERM):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

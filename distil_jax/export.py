@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distil_jax import fsio, hf, models
+from distil_jax import cli, fsio, hf, models
 from distil_jax.config import DTYPES
 from distil_jax.modelcard import model_card, teacher_license, teacher_of
 from distil_jax.versions import package_versions
@@ -243,8 +243,6 @@ def push_to_hub(out: str | Path, repo_id: str, private: bool = False, revision: 
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from distil_jax import cli
-
     p = cli.parser("export", "Export a training run's student to a Hugging Face model folder "
                    "(safetensors, config, tokenizer, model card), and optionally push it to the hub.")
     p.add_argument("--workdir", required=True, help="the training run's workdir")
@@ -260,7 +258,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args, _ = cli.parse(p, list(sys.argv[1:] if argv is None else argv))
     if (args.private or args.revision) and not args.push_to_hub:
         p.error("--private and --revision need --push-to-hub")
-    with cli.logging_to_stderr():
+    with cli.logging_to_stderr(), cli.sigterm_unwinds():
         return _main(args)
 
 
@@ -274,10 +272,11 @@ def _main(args) -> int:
     except OSError as e:  # a read-only or full target
         print(f"error: {fsio.describe_os_error(e, 'choose a writable --out')}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: {args.out} is unchanged (the export writes it only once complete)",
+    except (KeyboardInterrupt, cli.Terminated) as e:
+        what = "stopped by SIGTERM" if isinstance(e, cli.Terminated) else "interrupted"
+        print(f"\n{what}: {args.out} is unchanged (the export writes it only once complete)",
               file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, cli.Terminated) else 130
     print(f"exported to {out}")
     if args.push_to_hub:
         try:
@@ -290,4 +289,4 @@ def _main(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit(main())

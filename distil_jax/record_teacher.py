@@ -33,7 +33,7 @@ import numpy as np
 from tqdm.auto import tqdm
 from jax.sharding import NamedSharding, PartitionSpec
 
-from distil_jax import data, fsio, hf, teacher_cache as tc
+from distil_jax import cli, data, fsio, hf, teacher_cache as tc
 from distil_jax.config import DTYPES, validate
 from distil_jax.versions import package_versions
 
@@ -204,9 +204,7 @@ def _shard_ok(path: Path, tokens: int) -> bool:
 
 def main(argv: Optional[list] = None) -> int:
     """The command line (`argv[0]`: the program); returns the exit status (0 done, 2 an error,
-    130 interrupted)."""
-    from distil_jax import cli
-
+    130 interrupted, 143 stopped by SIGTERM)."""
     argv = list(sys.argv if argv is None else argv)
     p = cli.parser("record_teacher", "Record the teacher's top-k targets for a run's training rows "
                    "(the teacher cache, docs/teacher_cache.md), or finish an interrupted recording.",
@@ -223,17 +221,19 @@ def main(argv: Optional[list] = None) -> int:
     except ValueError as e:  # a UsageError, or an unknown --config.FIELD
         print(f"error: {e}", file=sys.stderr)
         return 2
-    with cli.logging_to_stderr():
+    with cli.logging_to_stderr(), cli.sigterm_unwinds():
         try:
             record(config, args.workdir, shard_rows=args.shard_rows, batch_size=args.batch_size)
         except (ValueError, FileNotFoundError, ConnectionError, ImportError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print("\ninterrupted: run the same command again to finish the recording", file=sys.stderr)
-            return 130
+        except (KeyboardInterrupt, cli.Terminated) as e:
+            what = "stopped by SIGTERM" if isinstance(e, cli.Terminated) else "interrupted"
+            print(f"\n{what}: the shards written are kept; run the same command again to finish "
+                  "the recording", file=sys.stderr)
+            return 143 if isinstance(e, cli.Terminated) else 130
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit(main())

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     except ValueError as e:  # a UsageError, or an unknown --config.FIELD
         print(f"error: {e}", file=sys.stderr)
         return 2
-    with cli.logging_to_stderr():
+    with cli.logging_to_stderr(), cli.sigterm_unwinds():
         return _run(config, args.workdir)
 
 
@@ -72,6 +72,10 @@ def _run(config, workdir) -> int:
         print("\ninterrupted before the first step; run the same command again to continue",
               file=sys.stderr)
         return 130
+    except cli.Terminated:  # SIGTERM outside the loop (the loop's own handler checkpoints)
+        print("\nstopped by SIGTERM outside the training steps (nothing was half-written); run the "
+              "same command again to continue from the last checkpoint", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except (ValueError, FileNotFoundError, FloatingPointError, ConnectionError, ImportError,
             workdir_lib.WorkdirBusy) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -95,4 +99,4 @@ def _run(config, workdir) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit(main())

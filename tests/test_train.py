@@ -600,3 +600,45 @@ def test_checkpoint_of_other_shapes_is_refused(trained):
     with pytest.raises(ValueError, match=r"different shapes \(checkpoint vs this config: "
                                          r"student/wte/embedding: \(512, 64\), expected \(3, 64\)\)"):
         checkpoint.restore(mngr, 30, like)
+
+
+def _signal_cli(workdir: Path, marker: str, delay: float, sig: int):
+    """Run the training command, send `sig` `delay` s after a stderr line containing `marker`;
+    (exit status, everything it printed)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "distil_jax.train", "--config", TINY + ":test",
+                             "--workdir", str(workdir)], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line:
+            time.sleep(delay)
+            proc.send_signal(sig)
+            break
+    seen.append(proc.stdout.read())
+    return proc.wait(timeout=120), "".join(seen)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.5, 1.5, 2.5])
+def test_ctrl_c_during_the_first_compilation_exits_130_with_one_line(trained, tmp_path, delay):
+    """SIGINT while XLA compiles the first step (after the step-0 evaluation): exit 130 and the
+    one line on resuming, never a segfault in the interpreter's teardown (it was rc -11)."""
+    workdir = _seed_workdir(trained[0], tmp_path / "w")
+    rc, out = _signal_cli(workdir, "eval heldout step 0", delay, signal.SIGINT)
+    assert rc == 130, out[-3000:]
+    assert "Fatal Python error" not in out and "Traceback" not in out, out[-3000:]
+    assert "run the same command again" in out.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_sigterm_before_the_first_step_exits_143_and_releases_the_workdir(trained, tmp_path):
+    """SIGTERM while the run is being built: one line, exit 143, the lock released (a second
+    run starts at once and finishes), no traceback (it was a silent rc -15)."""
+    workdir = _seed_workdir(trained[0], tmp_path / "w")
+    rc, out = _signal_cli(workdir, "train: ", 0.0, signal.SIGTERM)
+    assert rc == 128 + signal.SIGTERM, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert "stopped by SIGTERM outside the training steps" in out.strip().splitlines()[-1]
+    assert main(["train", "--config", TINY + ":test", "--workdir", str(workdir)]) == 0
