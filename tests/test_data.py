@@ -70,7 +70,7 @@ def test_tokenize_cached_reuses_the_cache(tmp_path, texts, tokenizer, docs, monk
     def fail(*a, **k):
         raise AssertionError("cache miss")
 
-    monkeypatch.setattr(data, "tokenize", fail)
+    monkeypatch.setattr(data.tokens, "tokenize", fail)  # the name tokenize_cached calls
     second = data.tokenize_cached(texts, tokenizer, tmp_path)
     assert [d.tolist() for d in second] == [d.tolist() for d in docs]
     with pytest.raises(AssertionError, match="cache miss"):  # other texts: another key
