@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from distil_jax import corpus, data
+from distil_jax import data
+from distil_jax.demo import corpus
 
 
 @pytest.fixture(scope="module")
