@@ -14,7 +14,7 @@ per step of the way:
   ``segment_ids`` int32 [B, S]; segment id 0 is padding (masked out of every loss), real tokens
   carry 1, 2, ... for the documents of their row.
 * ``rows``: a run's training rows and evaluation sets from its spec (``build_datasets``,
-  ``texts_to_rows``, ``texts_to_eval_set``, ``EvalSet``).
+  ``texts_to_rows``, ``texts_to_eval_set``, ``EvalSet``) and its row length (``row_length``).
 * ``batches``: ``BatchIterator`` (deterministic, endless, resumable from a two-int state) and
   ``eval_batches`` (finite, ordered, static shapes).
 
@@ -23,12 +23,20 @@ trains on the padding (docs/design.md, difference 1); segment 0 lets every loss 
 and packing several documents per row (each its own segment) removes most of it.
 """
 
-from distil_jax.data.batches import BatchIterator, _num_rows, _pad_rows, eval_batches
-from distil_jax.data.layout import (LAYOUTS, Arrays, _check_seq_len, _rows_from_segments,
-                                    _with_eos, best_fit_rows, distily_eval_rows, docs_to_rows,
-                                    layout_stats, pack, pad)
-from distil_jax.data.rows import (EvalSet, _layout_options, _pad_id, _tokenized, build_datasets,
-                                  texts_to_eval_set, texts_to_rows)
-from distil_jax.data.sources import _BUILDERS, _field, load_all_texts, load_texts, split_indices
-from distil_jax.data.tokens import (_TOKEN_CACHE_VERSION, _require_eos, _tokenizer_fingerprint,
-                                    token_cache_key, tokenize, tokenize_cached)
+from distil_jax.data.batches import BatchIterator, eval_batches, row_count
+from distil_jax.data.layout import (LAYOUTS, Arrays, best_fit_rows, check_seq_len,
+                                    distily_eval_rows, docs_to_rows, layout_stats, pack, pad)
+from distil_jax.data.rows import (EvalSet, build_datasets, row_length, texts_to_eval_set,
+                                  texts_to_rows)
+from distil_jax.data.sources import (load_all_texts, load_texts, spec_field, split_indices,
+                                     test_rows)
+from distil_jax.data.tokens import (pad_id, require_eos, token_cache_key, tokenize,
+                                    tokenize_cached, tokenizer_content)
+
+__all__ = [
+    "Arrays", "BatchIterator", "EvalSet", "LAYOUTS", "best_fit_rows", "build_datasets",
+    "check_seq_len", "distily_eval_rows", "docs_to_rows", "eval_batches", "layout_stats",
+    "load_all_texts", "load_texts", "pack", "pad", "pad_id", "require_eos", "row_count",
+    "row_length", "spec_field", "split_indices", "test_rows", "texts_to_eval_set", "texts_to_rows",
+    "token_cache_key", "tokenize", "tokenize_cached", "tokenizer_content",
+]

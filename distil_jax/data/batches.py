@@ -10,7 +10,8 @@ import numpy as np
 from distil_jax.data.layout import Arrays
 
 
-def _num_rows(arrays: Arrays) -> int:
+def row_count(arrays: Arrays) -> int:
+    """The number of rows of arrays that share their leading (row) dimension; ValueError if they do not."""
     sizes = {k: int(np.shape(v)[0]) for k, v in arrays.items()}
     if not sizes or len(set(sizes.values())) != 1:
         raise ValueError(f"arrays must share their leading (row) dimension, got {sizes}")
@@ -52,7 +53,7 @@ class BatchIterator:
         if int(batch_size) != batch_size or batch_size <= 0:
             raise ValueError(f"batch_size={batch_size} must be a positive integer")
         self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
-        self.num_rows = _num_rows(self.arrays)
+        self.num_rows = row_count(self.arrays)
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
@@ -114,6 +115,6 @@ def eval_batches(arrays: Arrays, batch_size: int) -> Iterator[Arrays]:
     if int(batch_size) != batch_size or batch_size <= 0:
         raise ValueError(f"batch_size={batch_size} must be a positive integer")
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
-    n = _num_rows(arrays)
+    n = row_count(arrays)
     for start in range(0, n, batch_size):
         yield _pad_rows({k: v[start : start + batch_size] for k, v in arrays.items()}, batch_size)

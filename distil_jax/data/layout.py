@@ -21,7 +21,7 @@ Arrays = dict[str, np.ndarray]
 LAYOUTS = ("pack", "pad")
 
 
-def _check_seq_len(seq_len: int) -> int:
+def check_seq_len(seq_len: int) -> int:
     if int(seq_len) != seq_len or seq_len <= 0:
         raise ValueError(f"seq_len={seq_len} must be a positive integer")
     return int(seq_len)
@@ -93,7 +93,7 @@ def pack(docs: Sequence[np.ndarray], seq_len: int, eos_id: int, *, truncate: boo
     included, if appended) and is one segment of one row, placed by ``best_fit_rows``; rows may
     end in padding. Every document then sees exactly the context it has alone in a padded row.
     """
-    seq_len = _check_seq_len(seq_len)
+    seq_len = check_seq_len(seq_len)
     docs = _with_eos(docs, eos_id if append_eos else None)
     if truncate:
         docs = [d[:seq_len] for d in docs]
@@ -143,7 +143,7 @@ def pad(docs: Sequence[np.ndarray], seq_len: int, pad_id: int, *, truncate: bool
     truncate=False: a longer document goes on in further rows (positions restart at 0 in each);
     no token is lost.
     """
-    seq_len = _check_seq_len(seq_len)
+    seq_len = check_seq_len(seq_len)
     docs = _with_eos(docs, eos_id)
     truncated = sum(len(d) > seq_len for d in docs)
     if truncate:
@@ -179,7 +179,7 @@ def distily_eval_rows(docs: Sequence[np.ndarray], seq_len: int, bos_id: int | No
     Each document is cut to its first seq_len - 1 tokens and, when the tokenizer has a BOS
     token, BOS is prepended (in the document's segment), so the first real token is scored too;
     one document per row, right-padded (segment 0)."""
-    seq_len = _check_seq_len(seq_len)
+    seq_len = check_seq_len(seq_len)
     prefix = np.array([] if bos_id is None else [bos_id], np.int32)
     pieces = [np.concatenate([prefix, np.asarray(d, np.int32)[:seq_len - 1]]) for d in docs]
     return _rows_from_segments([[p] for p in pieces], seq_len, pad_id)

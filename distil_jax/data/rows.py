@@ -11,12 +11,28 @@ from typing import Any
 
 import numpy as np
 
-from distil_jax.data.layout import (LAYOUTS, Arrays, _check_seq_len, distily_eval_rows,
+from distil_jax.data.layout import (LAYOUTS, Arrays, check_seq_len, distily_eval_rows,
                                     docs_to_rows, layout_stats)
-from distil_jax.data.sources import _field, load_texts
-from distil_jax.data.tokens import _require_eos, tokenize, tokenize_cached
+from distil_jax.data.sources import spec_field, load_texts
+from distil_jax.data.tokens import pad_id, require_eos, tokenize, tokenize_cached
 
 logger = logging.getLogger(__name__)
+
+
+def row_length(max_seq_len: int, model_positions: int, tokenizer_max: int | None = None) -> int:
+    """The row length S of a run: ``dataset.max_seq_len``, cut to the positions the model takes
+    and the tokenizer's ``model_max_length`` (when it has one). A cut is logged (a warning): the
+    rows are shorter than the config asks."""
+    limits = {"the teacher's maximum positions": int(model_positions)}
+    if tokenizer_max:
+        limits["the tokenizer's model_max_length"] = int(tokenizer_max)
+    seq_len = min(int(max_seq_len), *limits.values())
+    if seq_len < max_seq_len:
+        which = min(limits, key=limits.get)
+        logger.warning("dataset.max_seq_len=%d is more than %s (%d): rows are %d tokens long; set "
+                       "dataset.max_seq_len<=%d to silence this", max_seq_len, which, limits[which],
+                       seq_len, seq_len)
+    return seq_len
 
 
 @dataclasses.dataclass
@@ -34,8 +50,8 @@ class EvalSet:
 
 def _layout_options(spec: Any) -> dict[str, bool]:
     # Absent fields: Distily's (the config's defaults).
-    return {"truncate": bool(_field(spec, "truncate", True)),
-            "append_eos": bool(_field(spec, "append_eos", False))}
+    return {"truncate": bool(spec_field(spec, "truncate", True)),
+            "append_eos": bool(spec_field(spec, "append_eos", False))}
 
 
 def build_datasets(
@@ -77,12 +93,6 @@ def _tokenized(texts, tokenizer, cache_dir):
     return tokenize(texts, tokenizer)
 
 
-def _pad_id(tokenizer: Any) -> int:
-    # Distily pads with EOS (GPT-2 has no pad token); a tokenizer's own pad token wins.
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    return _require_eos(tokenizer) if pad_id is None else int(pad_id)
-
-
 def texts_to_rows(
     texts: Sequence[str],
     tokenizer: Any,
@@ -104,11 +114,11 @@ def texts_to_rows(
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is not supported: use 'pack' or 'pad'")
-    seq_len = _check_seq_len(seq_len)
-    eos_id = _require_eos(tokenizer)
+    seq_len = check_seq_len(seq_len)
+    eos_id = require_eos(tokenizer)
     if docs is None:
         docs = _tokenized(texts, tokenizer, cache_dir)
-    arrays = docs_to_rows(docs, seq_len, layout, eos_id=eos_id, pad_id=_pad_id(tokenizer),
+    arrays = docs_to_rows(docs, seq_len, layout, eos_id=eos_id, pad_id=pad_id(tokenizer),
                           truncate=truncate, append_eos=append_eos)
     s = layout_stats(arrays)
     s["segments"] = s.pop("documents")
@@ -140,6 +150,6 @@ def texts_to_eval_set(
     rows, stats = texts_to_rows(texts, tokenizer, seq_len, layout, name=name, truncate=truncate,
                                 append_eos=append_eos, docs=docs)
     bos_id = getattr(tokenizer, "bos_token_id", None)
-    distily = distily_eval_rows(docs, seq_len, bos_id, _pad_id(tokenizer))
+    distily = distily_eval_rows(docs, seq_len, bos_id, pad_id(tokenizer))
     return EvalSet(rows, distily), stats
 

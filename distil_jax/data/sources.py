@@ -33,7 +33,7 @@ _BUILDERS = {
 
 
 
-def _field(spec: Any, name: str, default: Any) -> Any:
+def spec_field(spec: Any, name: str, default: Any) -> Any:
     """spec.name, or ``default`` when the field is absent or None (ConfigDict or any object)."""
     value = getattr(spec, name, None)
     return default if value is None else value
@@ -119,15 +119,15 @@ def _load_rows(spec: Any, cache_dir: str | None) -> list[str]:
     """The sampled rows of the text column, in order (before the train/test split)."""
     import datasets
 
-    uri = str(_field(spec, "uri", ""))
+    uri = str(spec_field(spec, "uri", ""))
     if not uri:
         raise ValueError("dataset uri is empty: set it to a hub dataset id or a local path")
-    subset = _field(spec, "subset", None)
-    split = _field(spec, "split", "train")
-    column = _field(spec, "column", "text")
-    sample_size = _field(spec, "sample_size", None)
-    shuffle = bool(_field(spec, "shuffle", False))
-    seed = int(_field(spec, "seed", 42))
+    subset = spec_field(spec, "subset", None)
+    split = spec_field(spec, "split", "train")
+    column = spec_field(spec, "column", "text")
+    sample_size = spec_field(spec, "sample_size", None)
+    shuffle = bool(spec_field(spec, "shuffle", False))
+    seed = int(spec_field(spec, "seed", 42))
     if sample_size is not None and int(sample_size) <= 0:
         raise ValueError(f"sample_size={sample_size} must be positive (or None for all rows)")
 
@@ -149,7 +149,7 @@ def _load_rows(spec: Any, cache_dir: str | None) -> list[str]:
 
     if local is not None:
         builder, files = local
-        kwargs = {"sample_by": _field(spec, "sample_by", "document")} if builder == "text" else {}
+        kwargs = {"sample_by": spec_field(spec, "sample_by", "document")} if builder == "text" else {}
         if all(os.path.getsize(f) == 0 for f in files):
             return []  # datasets' json builder raises a bare StopIteration on empty files
         try:
@@ -281,27 +281,36 @@ def _as_texts(uri: str, column: str, values: Sequence[Any]) -> list[str]:
     return texts
 
 
+def test_rows(test_size: float | int) -> float | int:
+    """``test_size`` as ``split_indices`` reads it: a fraction (float in (0, 1)) of the rows, or a
+    row count (int >= 1). A whole float >= 1 is a row count: a config field that holds a float
+    (``dataset.test_size``, default 0.002) turns ``--config.dataset.test_size=2`` into 2.0.
+    ValueError (one line) for anything else."""
+    numeric = (int, float, np.integer, np.floating)
+    if isinstance(test_size, bool) or not isinstance(test_size, numeric) or not math.isfinite(test_size):
+        raise ValueError(f"test_size={test_size!r}: use a fraction in (0, 1) or a row count (an "
+                         "integer >= 1)")
+    if isinstance(test_size, (float, np.floating)) and not float(test_size).is_integer():
+        if not 0.0 < test_size < 1.0:
+            raise ValueError(f"test_size={test_size}: use a fraction in (0, 1) or a row count (an "
+                             "integer >= 1)")
+        return float(test_size)
+    if test_size < 1:
+        raise ValueError(f"test_size={test_size}: use a row count of at least 1 or a fraction in "
+                         "(0, 1); both train and test splits must be non-empty")
+    return int(test_size)
+
+
 def split_indices(n: int, test_size: float | int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train_idx, test_idx): ``datasets.Dataset.train_test_split(test_size, seed=seed)``'s rows.
 
     Exactly datasets' shuffled split (as Distily calls it): n_test = ceil(test_size * n) for a
-    float (test_size rows for an int), perm = np.random.default_rng(seed).permutation(n),
-    test = perm[:n_test], train = perm[n_test:], each in permutation order.
+    fraction, test_size rows for a row count (``test_rows``), perm =
+    np.random.default_rng(seed).permutation(n), test = perm[:n_test], train = perm[n_test:],
+    each in permutation order.
     """
-    numeric = (int, float, np.integer, np.floating)
-    if isinstance(test_size, bool) or not isinstance(test_size, numeric):
-        raise ValueError(
-            f"test_size={test_size!r} must be a fraction in (0, 1) or an int row count"
-        )
-    if isinstance(test_size, (float, np.floating)):
-        if not 0.0 < test_size < 1.0:
-            raise ValueError(
-                f"test_size={test_size} must be a fraction in (0, 1) or an int row count: both "
-                "train and test splits must be non-empty"
-            )
-        n_test = math.ceil(float(test_size) * n)
-    else:
-        n_test = int(test_size)
+    test_size = test_rows(test_size)
+    n_test = math.ceil(test_size * n) if isinstance(test_size, float) else test_size
     n_train = n - n_test
     if n_test <= 0 or n_train <= 0:
         raise ValueError(
@@ -319,11 +328,11 @@ def load_all_texts(spec: Any, cache_dir: str | None = None) -> list[str]:
     Same fields and errors as ``load_texts`` (test_size and seed of the split are not used).
     """
     if cache_dir is None:
-        cache_dir = _field(spec, "cache_dir", None)
+        cache_dir = spec_field(spec, "cache_dir", None)
     texts = _load_rows(spec, cache_dir)
     if not texts:
         raise ValueError(
-            f"dataset {str(_field(spec, 'uri', ''))!r} (split {_field(spec, 'split', 'train')!r}) "
+            f"dataset {str(spec_field(spec, 'uri', ''))!r} (split {spec_field(spec, 'split', 'train')!r}) "
             "has no rows: check uri/split/sample_size or add data"
         )
     return texts
@@ -347,8 +356,8 @@ def load_texts(spec: Any, cache_dir: str | None = None) -> tuple[list[str], list
       sample_size: keep the first N rows (None: all). With shuffle, N rows of a seeded shuffle.
       shuffle: shuffle the rows with ``seed`` before taking sample_size (default False, Distily).
       seed: seed of that shuffle and of the train/test split (default 42).
-      test_size: fraction (float in (0, 1)) or count (int) of the sampled rows held out
-        (default 0.002). Rows go to test exactly as ``datasets``' ``train_test_split(test_size,
+      test_size: fraction (float in (0, 1)) or count (a whole number >= 1, see ``test_rows``) of
+        the sampled rows held out (default 0.002). Rows go to test exactly as ``datasets``' ``train_test_split(test_size,
         seed=seed)`` sends them (shuffled split, see ``split_indices``): 5000 rows with 0.002 ->
         4990 train / 10 test.
 
@@ -365,10 +374,10 @@ def load_texts(spec: Any, cache_dir: str | None = None) -> tuple[list[str], list
       ValueError: empty dataset or split, missing/non-text column, bad test_size.
       ConnectionError: a hub id could not be reached (offline): pass a local path instead.
     """
-    uri = str(_field(spec, "uri", ""))
+    uri = str(spec_field(spec, "uri", ""))
     texts = load_all_texts(spec, cache_dir)
     train_idx, test_idx = split_indices(
-        len(texts), _field(spec, "test_size", 0.002), int(_field(spec, "seed", 42))
+        len(texts), spec_field(spec, "test_size", 0.002), int(spec_field(spec, "seed", 42))
     )
     train = [texts[i] for i in train_idx]
     test = [texts[i] for i in test_idx]
@@ -378,7 +387,7 @@ def load_texts(spec: Any, cache_dir: str | None = None) -> tuple[list[str], list
         if not any(t.strip() for t in split_texts):
             raise ValueError(
                 f"dataset {uri!r}: every text of the {name} split ({len(split_texts)} rows of column "
-                f"{_field(spec, 'column', 'text')!r}) is empty; check column, or use more rows "
+                f"{spec_field(spec, 'column', 'text')!r}) is empty; check column, or use more rows "
                 "(sample_size) or another test_size"
             )
     logger.info("dataset %s: %d rows -> %d train / %d test", uri, len(texts), len(train), len(test))

@@ -19,7 +19,8 @@ logger = logging.getLogger(__name__)
 _TOKEN_CACHE_VERSION = "1"
 
 
-def _require_eos(tokenizer: Any) -> int:
+def require_eos(tokenizer: Any) -> int:
+    """The tokenizer's EOS id; ValueError (one line, with the fix) if it has none."""
     eos_id = getattr(tokenizer, "eos_token_id", None)
     if eos_id is None:
         raise ValueError(
@@ -31,13 +32,20 @@ def _require_eos(tokenizer: Any) -> int:
     return int(eos_id)
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The id rows are padded with: the tokenizer's pad token, else its EOS (as Distily: GPT-2
+    has no pad token)."""
+    own = getattr(tokenizer, "pad_token_id", None)
+    return require_eos(tokenizer) if own is None else int(own)
+
+
 def tokenize(texts: Sequence[str], tokenizer: Any, batch_size: int = 1000) -> list[np.ndarray]:
     """Token ids of each text: a list of int32 arrays [len_i], no special tokens added.
 
     Calls the (fast) tokenizer on batches of ``batch_size`` texts. No truncation: ``pack`` and
     ``pad`` decide what to do with long documents.
     """
-    _require_eos(tokenizer)
+    require_eos(tokenizer)
     out: list[np.ndarray] = []
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(
@@ -52,7 +60,9 @@ def tokenize(texts: Sequence[str], tokenizer: Any, batch_size: int = 1000) -> li
     return out
 
 
-def _tokenizer_fingerprint(tokenizer: Any) -> bytes:
+def tokenizer_content(tokenizer: Any) -> bytes:
+    """What a tokenizer is, as bytes (for content hashes: the token cache's key, the teacher
+    cache's tokenizer fingerprint): its full serialization when it has one, else its vocabulary."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         # The full serialized tokenizer (vocab, merges, normalizer, pre-tokenizer, added tokens):
@@ -66,7 +76,7 @@ def token_cache_key(texts: Sequence[str], tokenizer: Any) -> str:
     """sha256 hex digest of (cache format, tokenizer content, every text)."""
     h = hashlib.sha256()
     h.update(f"distil_jax.tokens.v{_TOKEN_CACHE_VERSION}\0".encode())
-    fp = _tokenizer_fingerprint(tokenizer)
+    fp = tokenizer_content(tokenizer)
     h.update(len(fp).to_bytes(8, "little") + fp)
     h.update(len(texts).to_bytes(8, "little"))
     for t in texts:
@@ -84,7 +94,7 @@ def tokenize_cached(
     The .npz holds ``tokens`` int32 [sum len_i] and ``offsets`` int64 [n + 1]; written atomically
     (``fsio.atomic_file``), so concurrent runs and interrupted writes never leave a bad file.
     """
-    _require_eos(tokenizer)
+    require_eos(tokenizer)
     cache_dir = os.fspath(cache_dir)
     path = os.path.join(cache_dir, f"tokens-{token_cache_key(texts, tokenizer)[:32]}.npz")
     if os.path.exists(path):

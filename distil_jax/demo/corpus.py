@@ -106,7 +106,7 @@ def stdlib_docstrings(min_chars: int = 200, max_docs: int | None = None) -> list
     One document per module (the module docstring, then each documented class and function,
     each preceded by a header line ``class Name`` or ``def Class.name(args)``), in sorted path
     order, keeping documents with at least ``min_chars`` characters. Deterministic for a given
-    Python installation; about 500 documents / 5 MB on CPython 3.11.
+    Python installation.
 
     Args:
       min_chars: drop documents shorter than this (characters).

@@ -9,9 +9,11 @@ docs/teacher_cache.md; in short:
 
 The shards are Arrow IPC streams (the format `datasets` keeps its own data in; it reads them
 with `load_dataset("arrow", data_files=...)` or `Dataset.from_file`) with zstd-compressed
-buffers: as small as Parquet with the same list columns, and measured 5x faster to read and 6x
-faster to write (Parquet encodes list columns value by value; docs/teacher_cache.md). Each
-record is one real token (segment id > 0) of one training row:
+buffers: about as small as Parquet with the same list columns and several times faster to read
+and write, since Parquet encodes list columns value by value (measured in docs/teacher_cache.md).
+Each shard also describes itself in its schema's metadata (k, tail samples, temperature, dtypes,
+fingerprints, rows), checked against the manifest on read. Each record is one real token
+(segment id > 0) of one training row:
 
     row            int32          index of the row in the run's training rows (before shuffling)
     position       int32          position of the token in the row, 0..S-1
@@ -36,15 +38,26 @@ fingerprints and run settings a cache is made for, and the check of a run agains
 
 from distil_jax.teacher_cache.format import (COMPRESSION, DATA_DIR, FORMAT, FORMAT_VERSION,
                                              MANIFEST, SHARD_FORMAT, SHARD_POSITIONS,
-                                             CacheMismatch, _sha256_file, bytes_per_token,
-                                             default_shard_rows, ids_dtype, read_manifest,
-                                             read_shard, remove_stale_temps, shard_name,
-                                             shard_ranges, shard_records, shard_table, write_shard)
-from distil_jax.teacher_cache.pins import (_DATASET_FIELDS, _first_difference, check_pins,
-                                           effective_k, rows_fingerprint, run_pins,
-                                           teacher_fingerprint, tokenizer_fingerprint)
-from distil_jax.teacher_cache.reader import (CachedBatches, TeacherCache, _logsumexp,
-                                             check_config, require_complete,
-                                             student_needs_teacher_weights)
+                                             CacheMismatch, bytes_per_token, default_shard_rows,
+                                             ids_dtype, open_shard, read_manifest, read_shard,
+                                             remove_stale_temps, sha256_file, shard_columns,
+                                             shard_meta, shard_name, shard_problem, shard_ranges,
+                                             shard_table, write_shard)
+from distil_jax.teacher_cache.pins import (check_pins, effective_k, recording_difference,
+                                           rows_fingerprint, run_pins, teacher_fingerprint,
+                                           tokenizer_fingerprint)
+from distil_jax.teacher_cache.reader import (CachedBatches, TeacherCache, check_config,
+                                             require_complete, student_needs_teacher_weights)
 from distil_jax.teacher_cache.recorder import record
 from distil_jax.teacher_cache.topk import sample_tail, teacher_top_k
+
+__all__ = [
+    "COMPRESSION", "CacheMismatch", "CachedBatches", "DATA_DIR", "FORMAT", "FORMAT_VERSION",
+    "MANIFEST", "SHARD_FORMAT", "SHARD_POSITIONS", "TeacherCache", "bytes_per_token",
+    "check_config", "check_pins", "default_shard_rows", "effective_k", "ids_dtype", "open_shard",
+    "read_manifest", "read_shard", "record", "recording_difference", "remove_stale_temps",
+    "require_complete", "rows_fingerprint", "run_pins", "sample_tail", "sha256_file",
+    "shard_columns", "shard_meta", "shard_name", "shard_problem", "shard_ranges", "shard_table",
+    "student_needs_teacher_weights", "teacher_fingerprint", "teacher_top_k",
+    "tokenizer_fingerprint", "write_shard",
+]

@@ -4,18 +4,22 @@ rows, and the run settings it was made for (``run_pins``); ``check_pins`` matche
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import numpy as np
 
 from distil_jax import data
-from distil_jax.teacher_cache.format import FORMAT, FORMAT_VERSION, CacheMismatch, _sha256_file
+from distil_jax.teacher_cache.format import FORMAT, FORMAT_VERSION, CacheMismatch, sha256_file
 
 # The dataset fields a cache pins (besides the fingerprint of the rows they make).
 _DATASET_FIELDS = ("uri", "subset", "split", "column", "sample_size", "shuffle", "seed",
                    "test_size", "sample_by")
+# Where the inputs were found, not what they are (the fingerprints say that): a moved workdir (the
+# demo's teacher and corpus live in it) or a teacher copied elsewhere changes them.
+_LOCATIONS = (("teacher", "name_or_path"), ("tokenizer", "name_or_path"), ("dataset", "uri"))
 
+
+# ----------------------------------------------------------------------------- fingerprints
 
 
 def teacher_fingerprint(name_or_path: str) -> str:
@@ -33,12 +37,12 @@ def teacher_fingerprint(name_or_path: str) -> str:
     if not weights:
         raise FileNotFoundError(f"no weight files in the teacher folder {folder}")
     for f in weights:
-        h.update(f.name.encode() + b"\0" + _sha256_file(f).encode())
+        h.update(f.name.encode() + b"\0" + sha256_file(f).encode())
     return h.hexdigest()
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    return hashlib.sha256(data._tokenizer_fingerprint(tokenizer)).hexdigest()
+    return hashlib.sha256(data.tokenizer_content(tokenizer)).hexdigest()
 
 
 def rows_fingerprint(arrays) -> str:
@@ -118,6 +122,22 @@ def check_pins(folder, manifest: Mapping, run: Mapping) -> None:
                f"{run['temperature']}")
 
 
+def recording_difference(manifest: Mapping, pins: Mapping) -> Optional[str]:
+    """The first pinned field in which an existing cache's manifest differs from a recording's
+    `pins` ("path (theirs vs ours)"), or None: a recording may finish (or find complete) only a
+    cache of the same inputs and settings. Where the inputs were found (`_LOCATIONS`) is left
+    out, so a recording resumes from a moved workdir."""
+    def content(m: Mapping) -> dict:
+        out = {key: (dict(value) if isinstance(value, Mapping) else value)
+               for key, value in m.items() if key in pins}
+        for section, field in _LOCATIONS:
+            if isinstance(out.get(section), dict):
+                out[section].pop(field, None)
+        return out
+
+    return _first_difference(content(manifest), content(pins))
+
+
 def _first_difference(a: Any, b: Any, path: str = "") -> Optional[str]:
     if isinstance(a, Mapping) and isinstance(b, Mapping):
         for key in sorted(set(a) | set(b)):
@@ -126,5 +146,3 @@ def _first_difference(a: Any, b: Any, path: str = "") -> Optional[str]:
                 return d
         return None
     return None if a == b else f"{path} ({a!r} vs {b!r})"
-
-

@@ -14,7 +14,8 @@ from typing import Mapping, Optional
 import numpy as np
 
 from distil_jax import data
-from distil_jax.teacher_cache.format import MANIFEST, CacheMismatch, _sha256_file, read_manifest, read_shard
+from distil_jax.teacher_cache.format import (MANIFEST, CacheMismatch, read_manifest, read_shard,
+                                             shard_meta)
 from distil_jax.teacher_cache.pins import check_pins, rows_fingerprint
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,8 @@ class TeacherCache:
     `open` refuses (CacheMismatch, one line) a cache that is incomplete, not made for this run
     (teacher, tokenizer, layout, sequence length, dataset, temperature), holds fewer than the
     run's k tokens per position, or has a truncated / corrupted / missing shard (size and sha256
-    against the manifest). The arrays stay in the stored dtypes: T real tokens hold
+    against the manifest) or one whose own description (k, tail samples, temperature, dtypes,
+    fingerprints, rows) differs from the manifest's. The arrays stay in the stored dtypes: T real tokens hold
     T·((k + m)·(2 + 2) + 4) bytes at float16 / uint16 with m tail samples.
     """
 
@@ -45,50 +47,20 @@ class TeacherCache:
         folder = Path(folder)
         m = require_complete(folder)
         check_pins(folder, m, run)
-        if k > m["k"]:
-            raise CacheMismatch(f"teacher cache {folder} holds the top {m['k']} tokens per position, the "
-                                f"run asks teacher.cache_k={k}: set teacher.cache_k<={m['k']} or record "
-                                f"a cache with teacher.cache_k={k}")
-        m_tail = int(m.get("tail_samples", 0))
-        if m_tail and k < m["k"]:
-            # Its samples are of the mass outside the recorded top k; the tokens k..K would be
-            # counted twice.
-            raise CacheMismatch(f"teacher cache {folder} holds tail samples drawn outside its top "
-                                f"{m['k']}, the run asks teacher.cache_k={k}: set teacher.cache_k="
-                                f"{m['k']} (a cache with tail samples is read at the k it was "
-                                "recorded with)")
+        _check_k(folder, m, k)
         t0 = time.time()
-        parts = []
-        for shard in m["shards"]:
-            path = folder / shard["file"]
-            if not path.exists():
-                raise CacheMismatch(f"teacher cache {folder}: shard {shard['file']} is missing; record "
-                                    "the cache again (python -m distil_jax.record_teacher)")
-            size = path.stat().st_size
-            if size != shard["bytes"] or _sha256_file(path) != shard["sha256"]:
-                what = "truncated" if size < shard["bytes"] else "corrupted"
-                raise CacheMismatch(
-                    f"teacher cache {folder}: shard {shard['file']} is {what} ({size} bytes, sha256 "
-                    f"differs from the manifest's {shard['bytes']} bytes); delete it and rerun "
-                    "python -m distil_jax.record_teacher with the same config to rewrite it")
-            parts.append(read_shard(path, m["k"], m_tail))
-        cat = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+        cat = _read_records(folder, m)
         # The records must be exactly the run's real tokens, row by row, in order (the manifest
         # pins the rows' fingerprint; this catches a shard the manifest was made to agree with).
-        r, p = np.nonzero(np.asarray(train_rows["segment_ids"]) > 0)
+        seg = np.asarray(train_rows["segment_ids"])
+        r, p = np.nonzero(seg > 0)
         if not (np.array_equal(cat["row"], r) and np.array_equal(cat["position"], p)):
             raise CacheMismatch(f"teacher cache {folder}: its records are not the run's real tokens "
                                 "(rows / positions differ); record it again")
-        ids, lp, rest = cat["topk_ids"], cat["topk_logprobs"], cat["rest_logmass"]
-        if k < m["k"]:
-            # Fewer buckets than recorded: the top k are the first k (sorted), the others join
-            # the rest bucket, exactly.
-            extra = lp[:, k:].astype(np.float32)
-            rest = np.logaddexp(rest, _logsumexp(extra)).astype(np.float32)
-            ids, lp = np.ascontiguousarray(ids[:, :k]), np.ascontiguousarray(lp[:, :k])
-        n = int(np.asarray(train_rows["segment_ids"]).shape[0])
-        row_start = np.zeros(n + 1, np.int64)
-        np.cumsum(np.bincount(r, minlength=n), out=row_start[1:])
+        ids, lp, rest = _first_k(cat["topk_ids"], cat["topk_logprobs"], cat["rest_logmass"], k)
+        row_start = np.zeros(seg.shape[0] + 1, np.int64)
+        np.cumsum(np.bincount(r, minlength=seg.shape[0]), out=row_start[1:])
+        m_tail = int(m.get("tail_samples", 0))
         tail = (cat["tail_ids"], cat["tail_logprobs"]) if m_tail else (None, None)
         log.info("teacher cache %s: %d real tokens, top %d of %d%s (%s), %.1f MB in memory, loaded in %.1f s",
                  folder, len(rest), k, m["teacher"]["vocab_size"],
@@ -163,13 +135,38 @@ def require_complete(folder: Path) -> dict:
     return m
 
 
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    if x.shape[-1] == 0:
-        return np.full(x.shape[:-1], -np.inf, np.float32)
-    top = x.max(axis=-1)
-    safe = np.where(np.isfinite(top), top, 0.0)
-    with np.errstate(divide="ignore"):
-        return np.log(np.exp(x - safe[..., None]).sum(-1)) + safe
+def _check_k(folder: Path, m: Mapping, k: int) -> None:
+    """Refuses a run's k that the cache cannot give (more than recorded; fewer with tail samples)."""
+    if k > m["k"]:
+        raise CacheMismatch(f"teacher cache {folder} holds the top {m['k']} tokens per position, the "
+                            f"run asks teacher.cache_k={k}: set teacher.cache_k<={m['k']} or record "
+                            f"a cache with teacher.cache_k={k}")
+    if m.get("tail_samples", 0) and k < m["k"]:
+        # Its samples are of the mass outside the recorded top k; the tokens k..K would be
+        # counted twice.
+        raise CacheMismatch(f"teacher cache {folder} holds tail samples drawn outside its top "
+                            f"{m['k']}, the run asks teacher.cache_k={k}: set teacher.cache_k="
+                            f"{m['k']} (a cache with tail samples is read at the k it was "
+                            "recorded with)")
+
+
+def _read_records(folder: Path, m: Mapping) -> dict:
+    """Every shard's columns, concatenated in row order; each shard checked against the manifest
+    (`format.read_shard`: file size and sha256, and its own description)."""
+    parts = [read_shard(folder, entry, shard_meta(m, entry["rows"], entry["tokens"]))
+             for entry in m["shards"]]
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def _first_k(ids: np.ndarray, lp: np.ndarray, rest: np.ndarray, k: int) -> tuple:
+    """The top k of a larger top-K record: its first k (sorted); the others join the rest bucket,
+    exactly. ids, lp [T, K]; rest [T] -> [T, k], [T, k], [T] float32."""
+    if k == ids.shape[-1]:
+        return ids, lp, rest
+    # numpy's own log-sum-exp (scipy is not a declared dependency); -inf entries give -inf.
+    folded = np.logaddexp.reduce(lp[:, k:].astype(np.float32), axis=-1)
+    rest = np.logaddexp(rest, folded).astype(np.float32)
+    return np.ascontiguousarray(ids[:, :k]), np.ascontiguousarray(lp[:, :k]), rest
 
 
 class CachedBatches:
@@ -183,7 +180,7 @@ class CachedBatches:
 
     def __init__(self, cache: TeacherCache, rows: Mapping, batch_size: int, *, seed: int,
                  shuffle: bool = True, drop_last: bool = False, depth: int = 2):
-        n = data._num_rows(dict(rows))
+        n = data.row_count(dict(rows))
         self._it = data.BatchIterator(dict(rows, row_index=np.arange(n)), batch_size, shuffle=shuffle,
                                       seed=seed, drop_last=drop_last)
         self.cache, self.depth = cache, depth
