@@ -291,6 +291,7 @@ def _check_dataset(c: _Checker, prefix: str, *, demo: bool) -> None:
 
 
 def _check_ranges(config: ml_collections.ConfigDict) -> None:
+    from distil_jax.data import test_rows
     from distil_jax.objectives.layer_mappers import get_layer_mapper
     from distil_jax.objectives.losses import LOSSES
     from distil_jax.objectives.norms import NORMS
@@ -323,12 +324,13 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
     c.boolean("student.dropout")
 
     _check_dataset(c, "dataset", demo=demo)
-    test_size = config.dataset.test_size
-    if isinstance(test_size, int) and not isinstance(test_size, bool):
-        c.number("dataset.test_size", 1, integer=True, hint="a row count, or a fraction in (0, 1)")
-    else:
+    try:  # data.test_rows says what test_size means (a whole float >= 1 is a row count)
+        test_rows(config.dataset.test_size)
+    except ValueError:
         c.number("dataset.test_size", 0, 1, lo_open=True, hi_open=True,
                  hint="a fraction of the rows, or an integer row count")
+        c.fail("dataset.test_size", config.dataset.test_size, "use a fraction of the rows in (0, 1) "
+               "or an integer row count")
     c.choice("dataset.layout", ("pack", "pad"))
     c.number("dataset.max_seq_len", 2, integer=True, hint="next-token losses need 2 tokens")
 

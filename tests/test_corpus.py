@@ -1,11 +1,11 @@
-"""Tests for distil_jax.corpus: the stdlib docstring corpus and the byte-level BPE tokenizer."""
+"""Tests for distil_jax.demo.corpus: the stdlib docstring corpus and the byte-level BPE tokenizer."""
 
 import json
 
 import pytest
 import transformers
 
-from distil_jax import corpus
+from distil_jax.demo import corpus
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from distil_jax import corpus, data
+from distil_jax import data
+from distil_jax.demo import corpus
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_tokenize_cached_reuses_the_cache(tmp_path, texts, tokenizer, docs, monk
     def fail(*a, **k):
         raise AssertionError("cache miss")
 
-    monkeypatch.setattr(data, "tokenize", fail)
+    monkeypatch.setattr(data.tokens, "tokenize", fail)  # the name tokenize_cached calls
     second = data.tokenize_cached(texts, tokenizer, tmp_path)
     assert [d.tolist() for d in second] == [d.tolist() for d in docs]
     with pytest.raises(AssertionError, match="cache miss"):  # other texts: another key
@@ -240,6 +241,46 @@ def test_load_jsonl_split_sizes_match_datasets(tmp_path):
     )
     ref = datasets.Dataset.from_dict({"text": rows}).shuffle(seed=1).select(range(100))
     assert sorted(shuffled[0] + shuffled[1]) == sorted(ref["text"])
+
+
+def test_row_count_test_size_from_the_config_field(tmp_path):
+    """dataset.test_size holds a float (default 0.002), so ConfigDict turns
+    --config.dataset.test_size=2 into 2.0: a whole number >= 1 is a row count, as the message
+    for a bad value offers; the rows are datasets' train_test_split(test_size=2)'s."""
+    from distil_jax import config as config_lib
+
+    c = config_lib.default_config()
+    c.dataset.test_size = 2
+    assert c.dataset.test_size == 2.0 and isinstance(c.dataset.test_size, float)
+    config_lib._check_ranges(c)  # accepted
+    for bad in (0, 1.5, -3):
+        c.dataset.test_size = bad
+        with pytest.raises(ValueError, match="dataset.test_size=.*integer row count"):
+            config_lib._check_ranges(c)
+
+    rows = [f"document {i}" for i in range(30)]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    s = ml_collections.ConfigDict(dict(spec(tmp_path / "d.jsonl")))
+    s.test_size = 2
+    train, test = data.load_texts(s, cache_dir=str(tmp_path / "hf"))
+    ref = datasets.Dataset.from_dict({"text": rows}).train_test_split(test_size=2, seed=42)
+    assert test == list(ref["test"]["text"]) and train == list(ref["train"]["text"])
+
+
+def test_row_length_says_when_it_cuts(caplog):
+    """dataset.max_seq_len above what the model or the tokenizer takes is cut, with a warning
+    that names both numbers; within them, silently kept."""
+    with caplog.at_level(logging.INFO, logger="distil_jax.data"):
+        assert data.row_length(1024, 1024, 1024) == 1024
+        assert data.row_length(512, 1024, None) == 512
+        assert caplog.text == ""
+        assert data.row_length(2048, 1024, int(1e30)) == 1024
+    assert ("dataset.max_seq_len=2048 is more than the teacher's maximum positions (1024): rows are "
+            "1024 tokens long") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="distil_jax.data"):
+        assert data.row_length(2048, 1024, 512) == 512
+    assert "more than the tokenizer's model_max_length (512)" in caplog.text
 
 
 def test_load_txt_and_parquet(tmp_path):

@@ -601,3 +601,86 @@ def _shard(path, i=1):
 ])
 def test_cache_mismatches_are_refused(recorded, tmp_path, edit, match):
     _expect_refusal(recorded, tmp_path, match, cache=_edited_cache(recorded, tmp_path, edit))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("edit, overrides, match", [
+    # The manifest's k halved: read at its k, the shards' k = 16 records would be split in two.
+    (lambda c: _set_manifest(c, k=8), {"teacher.cache_k": 8},
+     r"shard data/train-00000-of-000\d\d.arrow does not match the manifest \(k is 16 in the shard, "
+     r"8 in the manifest\).*delete .* and record the cache again"),
+    # The manifest's temperature edited to the run's: the shards hold the distribution at T = 1.
+    (lambda c: _set_manifest(c, temperature=2.0), {"objective.temperature": 2.0},
+     r"does not match the manifest \(temperature is 1.0 in the shard, 2.0 in the manifest\)"),
+    (lambda c: _set_manifest(c, **{"storage.logprobs_dtype": "float32"}), {},
+     r"does not match the manifest \(logprobs_dtype is 'float16' in the shard, 'float32'"),
+])
+def test_manifest_that_disagrees_with_its_shards_is_refused(recorded, tmp_path, edit, overrides, match):
+    """Each shard carries its own k, temperature and dtypes: a manifest that says otherwise is
+    refused in one line, before any training (not read with the wrong widths)."""
+    _expect_refusal(recorded, tmp_path, match, cache=_edited_cache(recorded, tmp_path, edit), **overrides)
+
+
+def _meta(**overrides):
+    meta = {"format_version": tc.FORMAT_VERSION, "k": 3, "tail_samples": 0, "temperature": 1.0,
+            "ids_dtype": "uint16", "logprobs_dtype": "float16", "vocab_size": 10,
+            "teacher_fingerprint": "t" * 64, "rows_fingerprint": "r" * 64, "rows": [4, 6], "tokens": 6}
+    return {**meta, **overrides}
+
+
+def test_shard_describes_itself(tmp_path):
+    """A shard's schema metadata is its own description: read back equal to what it was written
+    with, each field and each column width checked against what a manifest expects."""
+    rng = np.random.default_rng(0)
+    seg = np.array([[1, 1, 2, 0], [1, 1, 1, 0]], np.int32)  # 6 real tokens in rows 4 and 5
+    ids = rng.integers(0, 10, (2, 4, 3))
+    lp = np.sort(rng.normal(size=(2, 4, 3)), -1)[..., ::-1]
+    rest = rng.normal(size=(2, 4))
+    path = tmp_path / "shard.arrow"
+    tc.write_shard(path, tc.shard_table(_meta(), seg, ids, lp, rest))
+    table = tc.open_shard(path)
+    assert tc.shard_problem(table, _meta()) is None
+    cols = tc.shard_columns(table)
+    r, p = np.nonzero(seg > 0)
+    np.testing.assert_array_equal(cols["row"], r + 4)
+    np.testing.assert_array_equal(cols["topk_ids"], ids[r, p])
+    np.testing.assert_array_equal(cols["topk_logprobs"], lp[r, p].astype(np.float16))
+    assert tc.shard_problem(table, _meta(k=6)) == "k is 3 in the shard, 6 in the manifest"
+    assert "tail_samples is 0 in the shard, 2" in tc.shard_problem(table, _meta(tail_samples=2))
+    assert "rows is [4, 6] in the shard, [0, 2]" in tc.shard_problem(table, _meta(rows=[0, 2]))
+    # A shard written with another description under the same name: its columns say so too.
+    tc.write_shard(path, tc.shard_table(_meta(k=2), seg, ids[..., :2], lp[..., :2], rest))
+    assert tc.shard_problem(tc.open_shard(path), _meta()) == "k is 2 in the shard, 3 in the manifest"
+    other = tc.open_shard(path).replace_schema_metadata({tc.format.META_KEY: json.dumps(_meta())})
+    assert tc.shard_problem(other, _meta()) == ("column topk_ids holds 2 x uint16, the manifest "
+                                                "says 3 x uint16")
+
+
+@pytest.mark.slow
+def test_recording_finishes_in_a_moved_workdir(recorded, tmp_path, caplog):
+    """An interrupted recording of the demo (its teacher and corpus in the workdir) finishes after
+    the workdir is moved: the paths of the inputs are not what the cache pins, their fingerprints
+    are. Its shards are the uninterrupted recording's; training reads it. A dataset.max_seq_len
+    above the teacher's positions is cut with a warning naming both."""
+    import logging
+
+    from distil_jax.record_teacher import record
+
+    src, m = recorded
+    before = _seed_workdir(src, tmp_path / "before")
+    shutil.copytree(src / "teacher_cache", before / "teacher_cache")
+    _set_manifest(before / "teacher_cache", complete=False)  # as a killed recording leaves it
+    _shard(before / "teacher_cache", 1).unlink()
+    after = tmp_path / "after"
+    shutil.move(before, after)
+    with caplog.at_level(logging.INFO, logger="distil_jax"):
+        done = record(tiny_config(**{"dataset.max_seq_len": 64, "teacher.cache_tail_samples": 0}),
+                      after, shard_rows=64)
+    assert done["complete"] and done["recording"]["tokens"] == m["shards"][1]["tokens"]
+    assert done["teacher"]["name_or_path"] == str(after / "teacher")
+    assert done["shards"] == m["shards"]
+    assert _files(after / "teacher_cache" / "data") == _files(src / "teacher_cache" / "data")
+    assert "dataset.max_seq_len=64 is more than the teacher's maximum positions (32): rows are 32 " \
+           "tokens long" in caplog.text
+    tcfg, _, rows, run = _run_of(after, tiny_config())
+    tc.TeacherCache.open(after / "teacher_cache", run, rows, k=16)

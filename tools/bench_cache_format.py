@@ -6,7 +6,7 @@
 DIR is a recorded teacher cache (python -m distil_jax.record_teacher). Its first N records are
 written, in memory, as: the cache's own format (Arrow IPC stream, zstd buffers), Arrow IPC
 uncompressed, and Parquet (the same list columns; zstd; pyarrow's defaults, and with dictionary
-encoding off). Reading is timed to the numpy arrays training uses (ids and log-probs [T, k]).
+encoding off). Reading is timed to the numpy arrays training uses (`teacher_cache.shard_columns`).
 Best of R repeats. Prints a markdown table (docs/teacher_cache.md records it).
 """
 
@@ -28,13 +28,6 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from distil_jax import teacher_cache as tc  # noqa: E402
-
-
-def _arrays(table, k):
-    out = [table.column(c).to_numpy() for c in ("row", "position", "rest_logmass")]
-    for c in ("topk_ids", "topk_logprobs"):
-        out.append(table.column(c).combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, k))
-    return out
 
 
 def _ipc(table, compression):
@@ -72,8 +65,7 @@ def main(argv=None) -> int:
     k = m["k"]
     parts, n = [], 0
     for shard in m["shards"]:
-        with pa.memory_map(str(Path(a.cache) / shard["file"])) as src:
-            parts.append(pa.ipc.open_stream(src).read_all())
+        parts.append(tc.open_shard(Path(a.cache) / shard["file"]))
         n += parts[-1].num_rows
         if n >= a.tokens:
             break
@@ -97,7 +89,7 @@ def main(argv=None) -> int:
             raw = write()
             w = min(w, time.perf_counter() - t0)
             t0 = time.perf_counter()
-            _arrays(read(raw), k)
+            tc.shard_columns(read(raw))  # the reader's own conversion
             r = min(r, time.perf_counter() - t0)
         rows[name] = dict(bytes_per_token=len(raw) / n, write=n / w / 1e6, read=n / r / 1e6)
         print(f"| {name} | {len(raw) / n:.1f} | {n / w / 1e6:.2f} | {n / r / 1e6:.2f} |", flush=True)

@@ -32,10 +32,10 @@ def load_tokenizer(name_or_path: str):
 
 
 def sequence_length(config, teacher_cfg, tokenizer) -> int:
-    """The run's row length: dataset.max_seq_len, capped by the teacher's positions and the
-    tokenizer's model_max_length."""
-    tok_max = getattr(tokenizer, "model_max_length", None) or teacher_cfg.max_positions
-    return int(min(config.dataset.max_seq_len, teacher_cfg.max_positions, tok_max))
+    """The run's row length: dataset.max_seq_len, capped (with a warning) by the teacher's
+    positions and the tokenizer's model_max_length."""
+    return data.row_length(config.dataset.max_seq_len, teacher_cfg.max_positions,
+                           getattr(tokenizer, "model_max_length", None))
 
 
 def with_demo_inputs(config, workdir: Path):

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from distil_jax import corpus, data, hf, models
+from distil_jax import data, hf, models
+from distil_jax.demo import corpus
 from distil_jax.objectives.objective import Component, Objective
 from distil_jax.train_step import (StepConfig, create_train_state, make_optimizer,
                                    make_train_step)
