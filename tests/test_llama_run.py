@@ -21,7 +21,8 @@ import pytest
 import torch
 import transformers
 
-from distil_jax import checkpoint, corpus, demo, export as export_lib, hf, models
+from distil_jax import checkpoint, demo, export as export_lib, hf, models
+from distil_jax.demo import corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5  # float32 max abs logit difference, export vs the JAX student
