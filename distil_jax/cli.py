@@ -52,6 +52,22 @@ def parse(p: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespa
     return args, load_config(args.config, overrides)
 
 
+
+def command(p: argparse.ArgumentParser, argv: list[str], run) -> int:
+    """A command's whole life: parse `argv` (without the program name) with `p`, then
+    `run(args, config)` with distil_jax's log on stderr and SIGTERM unwinding (`sigterm_unwinds`);
+    returns the exit status (argparse's 0 after --help or 2 on a usage error; 2 on a bad
+    --config argument; else what `run` returns)."""
+    try:
+        args, config = parse(p, argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, printed by argparse)
+        return int(e.code or 0)
+    except ValueError as e:  # a UsageError, or an unknown --config.FIELD
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with logging_to_stderr(), sigterm_unwinds():
+        return run(args, config)
+
 def load_config(spec: str, overrides: list[str]) -> ml_collections.ConfigDict:
     """The config of `--config SPEC` with `--config.FIELD=VALUE` overrides applied. `=None` sets
     the field to None (validation then says whether the field may be None)."""

@@ -255,14 +255,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--private", action="store_true", help="create the hub repo private")
     p.add_argument("--revision", metavar="BRANCH", default=None,
                    help="hub branch to push to (created if needed; default main)")
-    args, _ = cli.parse(p, list(sys.argv[1:] if argv is None else argv))
+    return cli.command(p, list(sys.argv[1:] if argv is None else argv), _main)
+
+
+def _main(args, _config=None) -> int:
     if (args.private or args.revision) and not args.push_to_hub:
-        p.error("--private and --revision need --push-to-hub")
-    with cli.logging_to_stderr(), cli.sigterm_unwinds():
-        return _main(args)
-
-
-def _main(args) -> int:
+        print("error: --private and --revision need --push-to-hub", file=sys.stderr)
+        return 2
     try:
         out = export(args.workdir, args.out, step=args.step, dtype=args.dtype,
                      model_name=args.push_to_hub)

@@ -40,24 +40,20 @@ def main(argv: Optional[list] = None) -> int:
                    help="training rows per shard (0: about 2^20 positions)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=0,
                    help="rows per teacher forward pass (0: eval.batch_size)")
+    return cli.command(p, argv[1:], _record)
+
+
+def _record(args, config) -> int:
     try:
-        args, config = cli.parse(p, argv[1:])
-    except SystemExit as e:  # --help (0) or a usage error (2, printed by argparse)
-        return int(e.code or 0)
-    except ValueError as e:  # a UsageError, or an unknown --config.FIELD
+        record(config, args.workdir, shard_rows=args.shard_rows, batch_size=args.batch_size)
+    except (ValueError, FileNotFoundError, ConnectionError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    with cli.logging_to_stderr(), cli.sigterm_unwinds():
-        try:
-            record(config, args.workdir, shard_rows=args.shard_rows, batch_size=args.batch_size)
-        except (ValueError, FileNotFoundError, ConnectionError, ImportError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except (KeyboardInterrupt, cli.Terminated) as e:
-            what = "stopped by SIGTERM" if isinstance(e, cli.Terminated) else "interrupted"
-            print(f"\n{what}: the shards written are kept; run the same command again to finish "
-                  "the recording", file=sys.stderr)
-            return 143 if isinstance(e, cli.Terminated) else 130
+    except (KeyboardInterrupt, cli.Terminated) as e:
+        what = "stopped by SIGTERM" if isinstance(e, cli.Terminated) else "interrupted"
+        print(f"\n{what}: the shards written are kept; run the same command again to finish "
+              "the recording", file=sys.stderr)
+        return 143 if isinstance(e, cli.Terminated) else 130
     return 0
 
 

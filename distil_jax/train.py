@@ -48,15 +48,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv if argv is None else argv)
     p = cli.parser("train", DESCRIPTION, config=True)
     p.add_argument("--workdir", required=True, help="the run's directory (created; re-use it to resume)")
-    try:
-        args, config = cli.parse(p, argv[1:])
-    except SystemExit as e:  # --help (0) or a usage error (2, printed by argparse)
-        return int(e.code or 0)
-    except ValueError as e:  # a UsageError, or an unknown --config.FIELD
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    with cli.logging_to_stderr(), cli.sigterm_unwinds():
-        return _run(config, args.workdir)
+    return cli.command(p, argv[1:], lambda args, config: _run(config, args.workdir))
 
 
 def _run(config, workdir) -> int:

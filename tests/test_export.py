@@ -439,8 +439,7 @@ def test_push_offline_mode_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_cli_flags_need_push(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["--workdir", str(tmp_path), "--out", str(tmp_path / "o"), "--private"])
+    assert main(["--workdir", str(tmp_path), "--out", str(tmp_path / "o"), "--private"]) == 2
     assert "need --push-to-hub" in capsys.readouterr().err
 
 
