@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(VENV)/bin/python -m distil_jax.train --config configs/tiny.py --workdir $(WORKDIR)
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n auto --dist loadfile
 
 clean-demo:
 	rm -rf $(WORKDIR)

@@ -65,7 +65,9 @@ def command(p: argparse.ArgumentParser, argv: list[str], run) -> int:
     except ValueError as e:  # a UsageError, or an unknown --config.FIELD
         print(f"error: {e}", file=sys.stderr)
         return 2
-    with logging_to_stderr(), sigterm_unwinds():
+    from distil_jax import preemption
+
+    with logging_to_stderr(), sigterm_unwinds(), preemption.ctrl_c_kept():
         return run(args, config)
 
 def load_config(spec: str, overrides: list[str]) -> ml_collections.ConfigDict:

@@ -17,9 +17,11 @@ no preemption service (its `reached_preemption` is then always False), hence the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
+from typing import Iterator
 
 import jax
 
@@ -59,3 +61,36 @@ class Notice:
         if self._service and self.mngr is not None:
             return bool(self.mngr.reached_preemption(step))
         return self.received
+
+
+_interrupted = threading.Event()
+
+
+def _on_sigint(signum, frame) -> None:
+    _interrupted.set()
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def ctrl_c_kept() -> Iterator[None]:
+    """For the length of a command: Ctrl-C raises KeyboardInterrupt as usual and is also
+    remembered, so that `check_ctrl_c` raises it again at the next step when the first one was
+    swallowed (Python drops an exception raised inside a gc callback, such as jax's, with an
+    "Exception ignored" line, and the run would go on). Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _interrupted.clear()
+    previous = signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _interrupted.clear()
+
+
+def check_ctrl_c() -> None:
+    """Raise KeyboardInterrupt if Ctrl-C was pressed under `ctrl_c_kept` (the loop asks after
+    every step)."""
+    if _interrupted.is_set():
+        raise KeyboardInterrupt

@@ -605,7 +605,8 @@ def test_checkpoint_of_other_shapes_is_refused(trained):
 def _signal_cli(workdir: Path, marker: str, delay: float, sig: int):
     """Run the training command, send `sig` `delay` s after a stderr line containing `marker`;
     (exit status, everything it printed)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # No persistent compilation cache: the first step must really compile (seconds, not a read).
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_ENABLE_COMPILATION_CACHE": "false"}
     proc = subprocess.Popen([sys.executable, "-m", "distil_jax.train", "--config", TINY + ":test",
                              "--workdir", str(workdir)], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -621,7 +622,7 @@ def _signal_cli(workdir: Path, marker: str, delay: float, sig: int):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("delay", [0.5, 1.5, 2.5])
+@pytest.mark.parametrize("delay", [1.5, 2.5])
 def test_ctrl_c_during_the_first_compilation_exits_130_with_one_line(trained, tmp_path, delay):
     """SIGINT while XLA compiles the first step (after the step-0 evaluation): exit 130 and the
     one line on resuming, never a segfault in the interpreter's teardown (it was rc -11)."""

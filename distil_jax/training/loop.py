@@ -188,6 +188,7 @@ class Session:
             compiles_before = len(self.timer.compiles)
             run.state, metrics = step_fn(run.state, run.teacher_params, next(run.batches))
             self.step += 1
+            preemption.check_ctrl_c()  # a Ctrl-C that a callback swallowed
             first = self.step == self.start + 1
             self.timer.step_done(compiles_before, first=first)
             self.metrics.add(self.step, metrics, timed=not first)
