@@ -1,6 +1,7 @@
 """The training run: `python -m distil_jax.train --config CONFIG.py --workdir DIR [--config.x=y]`.
 
-`train(config, workdir)` does the whole Distily run; its parts live in `distil_jax.training`:
+`train(config, workdir)` does the whole Distily run; its parts live in `distil_jax.training`
+(import them from there):
 
 1. `builders`: the run from its config (`build_run`: teacher and tokenizer, student, objective,
    data, optimizer, mesh and step), each piece by a named function the benchmark, the teacher
@@ -30,13 +31,7 @@ import traceback
 
 from distil_jax import cli, fsio
 from distil_jax import workdir as workdir_lib
-from distil_jax.training.builders import (Run, build_data, build_objective, build_run, build_student,  # noqa: F401
-                                          load_teacher, load_tokenizer, run_steps, sequence_length,
-                                          step_config, train_batches, trainable_mask, trained_params,
-                                          with_demo_inputs)
-from distil_jax.training.evaluation import evaluate  # noqa: F401
 from distil_jax.training.loop import Interrupted, Preempted, train
-from distil_jax.training.metrics import GRAD_NORM_WINDOW, MetricsWriter, grad_norm_variance  # noqa: F401
 
 DESCRIPTION = ("Distill a teacher model into a student (or resume the run in --workdir). Exit status: "
                "0 done, 2 an error, 130 interrupted, 143 stopped by SIGTERM after a checkpoint.")

@@ -342,7 +342,8 @@ def recorded(tmp_path_factory):
 def _run_of(workdir: Path, cfg):
     """(teacher config, float32 teacher params, training rows, run_pins) of the tiny run `cfg`
     on the demo teacher and corpus in `workdir`."""
-    from distil_jax import data, hf, train as train_lib
+    from distil_jax import data, hf
+    from distil_jax.training import builders as train_lib
 
     cfg.teacher.model_name_or_path = str(workdir / "teacher")
     cfg.dataset.uri = str(workdir / "data" / "stdlib_docstrings.jsonl")

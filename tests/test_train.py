@@ -16,9 +16,10 @@ import optax
 import pytest
 
 from distil_jax import checkpoint, config as config_lib, data, hf, train_step
-from distil_jax.train import MetricsWriter, main, train
+from distil_jax.train import main, train
 from distil_jax.workdir import WorkdirBusy
-from distil_jax import train as train_lib
+from distil_jax.training import builders, evaluation, metrics
+from distil_jax.training.metrics import MetricsWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -271,7 +272,7 @@ def test_base_config_pad_layout_gives_distilys_624_steps():
         rows = data.docs_to_rows(docs, base.dataset.max_seq_len, base.dataset.layout, eos_id=50256,
                                  pad_id=50256, truncate=base.dataset.truncate,
                                  append_eos=base.dataset.append_eos)
-        steps[layout] = train_lib.run_steps(base.train, train_lib.train_batches(base, rows).steps_per_epoch)
+        steps[layout] = builders.run_steps(base.train, builders.train_batches(base, rows).steps_per_epoch)
         assert data.layout_stats(rows)["real_tokens"] == sum(min(len(d), 1024) for d in docs)
     assert steps["pad"] == 624
     assert steps["pack"] < 600
@@ -279,9 +280,9 @@ def test_base_config_pad_layout_gives_distilys_624_steps():
 
 def test_grad_norm_variance_is_the_sample_variance_of_the_last_16():
     norms = list(np.random.RandomState(0).uniform(0.5, 3.0, 20))
-    assert train_lib.grad_norm_variance(norms[:15]) is None  # logged once 16 exist
-    assert train_lib.grad_norm_variance(norms[:16]) == pytest.approx(np.var(norms[:16], ddof=1), rel=1e-12)
-    assert train_lib.grad_norm_variance(norms) == pytest.approx(np.var(norms[-16:], ddof=1), rel=1e-12)
+    assert metrics.grad_norm_variance(norms[:15]) is None  # logged once 16 exist
+    assert metrics.grad_norm_variance(norms[:16]) == pytest.approx(np.var(norms[:16], ddof=1), rel=1e-12)
+    assert metrics.grad_norm_variance(norms) == pytest.approx(np.var(norms[-16:], ddof=1), rel=1e-12)
 
 
 def test_distily_ppl_is_distilys_evaluator_and_ppl_is_token_weighted(tmp_path):
@@ -303,7 +304,7 @@ def test_distily_ppl_is_distilys_evaluator_and_ppl_is_token_weighted(tmp_path):
     docs = [rs.randint(1, cfg.vocab_size, n).astype(np.int32) for n in (20, 5, 9, 1, 12)]
     rows = data.docs_to_rows(docs, S, "pack", eos_id=0, pad_id=0, truncate=True, append_eos=False)
     eval_set = data.EvalSet(rows, data.distily_eval_rows(docs, S, bos, pad_id=0))
-    got = train_lib.evaluate(make_eval_step(cfg), params, eval_set, 2, sharding.make_mesh())
+    got = evaluation.evaluate(make_eval_step(cfg), params, eval_set, 2, sharding.make_mesh())
 
     def nll(ids):  # HF's mean next-token loss over the row, and the number of predictions
         with torch.no_grad():

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from distil_jax import student as student_lib
-from distil_jax import models, train
+from distil_jax import models
+from distil_jax.training import builders
 from distil_jax.models.gpt2 import GPT2Config
 
 VOCAB = 101
@@ -54,7 +55,7 @@ def objective(s_config, t_config, **cfg):
     """A bound Objective: the reference objective, updated by `cfg`."""
     full = dict(REFERENCE_OBJECTIVE)
     full.update(cfg)
-    return train.build_objective(full, s_config, t_config)
+    return builders.build_objective(full, s_config, t_config)
 
 
 def params_tree(obj, s_config, t_config, s_params, seed=2, seq=SEQ):
@@ -102,7 +103,7 @@ def batch(rows=ROWS_4, seed=0, seq=SEQ):
 
 
 # The run's own mask of the trained tree {"student", "objective"}.
-trainable_mask = train.trainable_mask
+trainable_mask = builders.trainable_mask
 
 
 def to_numpy(tree):

@@ -453,7 +453,7 @@ def run_jax(cfg: BenchConfig, cached: bool = False) -> dict:
     import jax.numpy as jnp
 
     from distil_jax import models, sharding
-    from distil_jax import train as train_lib
+    from distil_jax.training import builders as train_lib
     from distil_jax import train_step as ts
 
     load_start = _load_avg()
