@@ -55,7 +55,8 @@ def parse(p: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespa
 
 def command(p: argparse.ArgumentParser, argv: list[str], run) -> int:
     """A command's whole life: parse `argv` (without the program name) with `p`, then
-    `run(args, config)` with distil_jax's log on stderr and SIGTERM unwinding (`sigterm_unwinds`);
+    `run(args, config)` with distil_jax's log on stderr and the signals of `preemption`
+    (SIGTERM unwinds, Ctrl-C is never lost);
     returns the exit status (argparse's 0 after --help or 2 on a usage error; 2 on a bad
     --config argument; else what `run` returns)."""
     try:
@@ -65,9 +66,9 @@ def command(p: argparse.ArgumentParser, argv: list[str], run) -> int:
     except ValueError as e:  # a UsageError, or an unknown --config.FIELD
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from distil_jax import preemption
+    from distil_jax import preemption  # imports jax: not at import time
 
-    with logging_to_stderr(), sigterm_unwinds(), preemption.ctrl_c_kept():
+    with logging_to_stderr(), preemption.sigterm_unwinds(), preemption.ctrl_c_kept():
         return run(args, config)
 
 def load_config(spec: str, overrides: list[str]) -> ml_collections.ConfigDict:
@@ -148,32 +149,6 @@ def logging_to_stderr() -> Iterator[None]:
         logger.removeHandler(handler)
         logger.setLevel(level)
         logger.propagate = propagate
-
-
-class Terminated(BaseException):
-    """SIGTERM outside the training loop (whose own handler checkpoints first): the command
-    unwinds like Ctrl-C, releasing its workdir lock and removing half-written files."""
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
-
-
-@contextlib.contextmanager
-def sigterm_unwinds() -> Iterator[None]:
-    """For the length of a command, SIGTERM raises `Terminated` instead of killing the process
-    mid-write (the training loop installs its own handler inside this one). Only in the main
-    thread: signal handlers cannot be set elsewhere."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def exit(code: int) -> None:  # noqa: A001 (the command's exit, as sys.exit)

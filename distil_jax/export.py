@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distil_jax import cli, fsio, hf, models
+from distil_jax import cli, fsio, hf, models, preemption
 from distil_jax.config import DTYPES
 from distil_jax.modelcard import model_card, teacher_license, teacher_of
 from distil_jax.versions import package_versions
@@ -271,11 +271,11 @@ def _main(args, _config=None) -> int:
     except OSError as e:  # a read-only or full target
         print(f"error: {fsio.describe_os_error(e, 'choose a writable --out')}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, cli.Terminated) as e:
-        what = "stopped by SIGTERM" if isinstance(e, cli.Terminated) else "interrupted"
+    except (KeyboardInterrupt, preemption.Terminated) as e:
+        what = "stopped by SIGTERM" if isinstance(e, preemption.Terminated) else "interrupted"
         print(f"\n{what}: {args.out} is unchanged (the export writes it only once complete)",
               file=sys.stderr)
-        return 143 if isinstance(e, cli.Terminated) else 130
+        return 143 if isinstance(e, preemption.Terminated) else 130
     print(f"exported to {out}")
     if args.push_to_hub:
         try:

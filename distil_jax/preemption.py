@@ -1,4 +1,7 @@
-"""SIGTERM, the notice a scheduler sends before it stops a job (SLURM before a time limit or a
+"""The signals a run answers. Ctrl-C is never lost (`ctrl_c_kept`, `check_ctrl_c`); SIGTERM
+outside the training loop unwinds the command (`sigterm_unwinds`); inside it:
+
+SIGTERM, the notice a scheduler sends before it stops a job (SLURM before a time limit or a
 preemption, Kubernetes on eviction, a spot or preemptible VM): the training loop asks
 `Notice.reached(step)` after every step, and once it says yes the run checkpoints and exits
 instead of losing the steps since its last checkpoint to the SIGKILL that follows.
@@ -94,3 +97,28 @@ def check_ctrl_c() -> None:
     every step)."""
     if _interrupted.is_set():
         raise KeyboardInterrupt
+
+
+class Terminated(BaseException):
+    """SIGTERM outside the training loop (whose own handler checkpoints first): the command
+    unwinds like Ctrl-C, releasing its workdir lock and removing half-written files."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """For the length of a command, SIGTERM raises `Terminated` instead of killing the process
+    mid-write (the training loop installs its own handler inside this one). Only in the main
+    thread: signal handlers cannot be set elsewhere."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+

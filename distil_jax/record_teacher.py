@@ -24,7 +24,7 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-from distil_jax import cli
+from distil_jax import cli, preemption
 from distil_jax.teacher_cache.recorder import record
 
 
@@ -49,11 +49,11 @@ def _record(args, config) -> int:
     except (ValueError, FileNotFoundError, ConnectionError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, cli.Terminated) as e:
-        what = "stopped by SIGTERM" if isinstance(e, cli.Terminated) else "interrupted"
+    except (KeyboardInterrupt, preemption.Terminated) as e:
+        what = "stopped by SIGTERM" if isinstance(e, preemption.Terminated) else "interrupted"
         print(f"\n{what}: the shards written are kept; run the same command again to finish "
               "the recording", file=sys.stderr)
-        return 143 if isinstance(e, cli.Terminated) else 130
+        return 143 if isinstance(e, preemption.Terminated) else 130
     return 0
 
 

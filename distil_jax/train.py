@@ -29,7 +29,7 @@ import signal
 import sys
 import traceback
 
-from distil_jax import cli, fsio
+from distil_jax import cli, fsio, preemption
 from distil_jax import workdir as workdir_lib
 from distil_jax.training.loop import Interrupted, Preempted, train
 
@@ -59,7 +59,7 @@ def _run(config, workdir) -> int:
         print("\ninterrupted before the first step; run the same command again to continue",
               file=sys.stderr)
         return 130
-    except cli.Terminated:  # SIGTERM outside the loop (the loop's own handler checkpoints)
+    except preemption.Terminated:  # SIGTERM outside the loop (the loop's own handler checkpoints)
         print("\nstopped by SIGTERM outside the training steps (nothing was half-written); run the "
               "same command again to continue from the last checkpoint", file=sys.stderr)
         return 128 + signal.SIGTERM
