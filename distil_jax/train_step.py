@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from distil_jax import models, sharding
+from distil_jax import models, sharding, student
 from distil_jax.models.common import AUTO_REMAT_MEMORY_SHARE
 from distil_jax.objectives.objective import (CachedTeacher, Objective, device_memory_bytes,
                                              next_token_targets, real_token_positions)
@@ -133,12 +133,12 @@ def make_optimizer(cfg: Mapping, total_steps: int, trainable: Any) -> tuple[opta
                          "learning_rate must be positive")
     grouped = isinstance(trainable, Mapping) and set(trainable) == {"student", "objective"}
     if grouped:
-        labels = {"student": jax.tree_util.tree_map(lambda t: "student" if t else "frozen",
+        labels = {"student": jax.tree_util.tree_map(lambda t: "student" if student.trains(t) else "frozen",
                                                     trainable["student"]),
                   "objective": jax.tree_util.tree_map(lambda t: "objective" if t else "frozen",
                                                       trainable["objective"])}
     else:
-        labels = jax.tree_util.tree_map(lambda t: "student" if t else "frozen", trainable)
+        labels = jax.tree_util.tree_map(lambda t: "student" if student.trains(t) else "frozen", trainable)
     groups = {"student": opt(schedule, wd, _decay_mask),
               "objective": opt(obj_schedule, obj_wd, obj_decay_mask),
               "frozen": optax.set_to_zero()}
@@ -149,7 +149,7 @@ def make_optimizer(cfg: Mapping, total_steps: int, trainable: Any) -> tuple[opta
         clipped = jax.tree_util.tree_map(
             lambda label: label == "student" or (label == "objective" and obj_clip), labels)
         tx = optax.chain(optax.masked(optax.clip_by_global_norm(cfg["max_grad_norm"]), clipped), tx)
-    return tx, schedule
+    return student.frozen_layers(tx, trainable), schedule
 
 
 def student_grad_norm(grads: Any, trainable: Any) -> Array:
@@ -158,7 +158,8 @@ def student_grad_norm(grads: Any, trainable: Any) -> Array:
     without those keys counts whole)."""
     if isinstance(trainable, Mapping) and "student" in trainable:
         grads, trainable = grads["student"], trainable["student"]
-    leaves = [g for g, t in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(trainable)) if t]
+    leaves = [student.trained_part(g, t) for g, t in
+              zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(trainable)) if student.trains(t)]
     return optax.tree.norm(leaves) if leaves else jnp.zeros((), jnp.float32)
 
 

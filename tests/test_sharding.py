@@ -109,10 +109,11 @@ def test_every_gpt2_parameter_has_logical_axes():
     tc, _ = T.teacher()
     for cfg in (tc, tc.replace(tie_word_embeddings=False)):
         axes = models.logical_axes(cfg)
-        assert axes[("h", "0", "mlp", "c_fc", "kernel")] == ("embed", "mlp")
-        assert axes[("h", "0", "attn", "c_attn", "kernel")] == ("embed", "qkv")
+        assert axes[("h", "mlp", "c_fc", "kernel")] == ("layers", "embed", "mlp")
+        assert axes[("h", "attn", "c_attn", "kernel")] == ("layers", "embed", "qkv")
     assert axes[("lm_head", "kernel")] == ("embed", "vocab")
     assert sharding.logical_spec(("embed", "mlp")) == P("fsdp", "tensor")
+    assert sharding.logical_spec(("layers", "embed", "mlp")) == P(None, "fsdp", "tensor")
     assert sharding.logical_spec(("batch", None)) == P(("data", "fsdp"), None)
 
 

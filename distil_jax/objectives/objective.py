@@ -254,13 +254,16 @@ class Objective:
 
     def features(self, student, teacher) -> dict:
         """What each model must return: {"student"/"teacher": dict(output_hidden_states,
-        output_attentions)}; only mapped attention layers are materialized."""
-        pairs = self.attn_pairs(student.num_layers, teacher.num_layers)
+        output_attentions)}, each the mapped layers' indices only. The models run their blocks
+        as a scan cut at exactly these layers (`models.stack`), so only the mapped attention
+        maps [B, H, S, S] and hidden states are ever held, not every layer's."""
+        attn = self.attn_pairs(student.num_layers, teacher.num_layers)
+        hs = self.hs_pairs(student.num_layers, teacher.num_layers)
         return {
-            "student": dict(output_hidden_states=self.hs.active,
-                            output_attentions=tuple(sorted({s for s, _ in pairs}))),
-            "teacher": dict(output_hidden_states=self.hs.active,
-                            output_attentions=tuple(sorted({t for _, t in pairs}))),
+            "student": dict(output_hidden_states=tuple(sorted({s for s, _ in hs})),
+                            output_attentions=tuple(sorted({s for s, _ in attn}))),
+            "teacher": dict(output_hidden_states=tuple(sorted({t for _, t in hs})),
+                            output_attentions=tuple(sorted({t for _, t in attn}))),
         }
 
     def chunk_tokens(self, batch: int, seq: int, vocab: int) -> int:
