@@ -261,6 +261,36 @@ def test_completion_step_accumulates_and_evaluates_over_counted_tokens(setup):
     assert abs(float(out["logprob_sum"]) + nll.sum()) < LOSS_TOL * nll.sum()  # relative
 
 
+def test_teacher_cache_records_every_real_token_and_the_step_masks_it(setup):
+    """The recorder stores the teacher's targets at every real token (loss_on does not change
+    them); training applies the batch's loss_mask to the cached targets as to the online
+    teacher: k = V gives the online loss and gradients (1e-6). A cache pins its rows with
+    their loss mask, so a cache made for other counted tokens is never used."""
+    from distil_jax.objectives.objective import CACHE_BATCH_KEYS, Objective
+    from distil_jax.teacher_cache import pins
+    from distil_jax.teacher_cache.topk import teacher_top_k
+
+    tc, tp, s_cfg, sp, _ = setup
+    host = _masked_batch()
+    obj = Objective.from_config(dict(logits=dict(weight=1.0, loss_fn="kl"), clm_weight=0.3)).bind(s_cfg, tc)
+    params = {"student": sp, "objective": {}}
+    targets = jax.jit(lambda p, i, s: teacher_top_k(tc, p, i, s, k=T.VOCAB))(
+        tp, host["input_ids"], host["segment_ids"])
+    batch = {k: jnp.asarray(v) for k, v in host.items()}
+    cbatch = dict(batch, **dict(zip(CACHE_BATCH_KEYS, (jnp.asarray(t) for t in targets))))
+    results = []
+    for sc, tparams, b in ((ts.StepConfig(tc, s_cfg, obj), tp, batch),
+                           (ts.StepConfig(tc, s_cfg, obj, teacher_cache_k=T.VOCAB), None, cbatch)):
+        fn = jax.value_and_grad(lambda p: ts.distill_loss(sc, p, tparams, b, None)[0])
+        loss, grad = fn(params)
+        results.append((float(loss), T.to_numpy(grad)))
+    (l_on, g_on), (l_ca, g_ca) = results
+    assert abs(l_on - l_ca) <= 1e-6 * max(1.0, abs(l_on))
+    assert T.max_abs_diff(g_on, g_ca) <= 1e-6
+    unmasked = {k: v for k, v in host.items() if k != "loss_mask"}
+    assert pins.rows_fingerprint(host) != pins.rows_fingerprint(unmasked)
+
+
 # ------------------------------------------------------------------------------ errors
 
 
@@ -318,6 +348,65 @@ def test_chat_jsonl_end_to_end_rows(tmp_path, tok):
     again, _, _ = data.build_datasets(spec, tok, 64, "pack", cache_dir=tmp_path / "tok")
     for k in train:
         np.testing.assert_array_equal(train[k], again[k])
+
+
+def test_streaming_takes_sample_size_rows_of_the_stream(tmp_path, monkeypatch):
+    """dataset.streaming: a hub dataset is read as an IterableDataset and only its first
+    sample_size rows are kept (the hub is offline here: the stream is a local one)."""
+    path = tmp_path / "big.jsonl"
+    with open(path, "w") as f:
+        for i in range(50):
+            f.write(json.dumps({"messages": CONVERSATIONS[i % 3], "n": i}) + "\n")
+    real_load = datasets.load_dataset
+    calls = []
+
+    def fake_hub(uri, subset=None, split=None, streaming=False, **kw):
+        calls.append((uri, subset, split, streaming))
+        assert streaming, "a hub dataset with streaming=True must be streamed"
+        return real_load("json", data_files={split: str(path)}, split=split, streaming=True)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
+    spec = ml_collections.ConfigDict(dict(uri="someone/chats", split="train_sft", streaming=True,
+                                          sample_size=7, shuffle=False))
+    ds, shape = data.load_rows(spec)
+    assert calls == [("someone/chats", None, "train_sft", True)]
+    assert ds["n"] == list(range(7)) and shape == data.RowShape("chat", "messages")
+    with pytest.raises(ValueError, match="streaming=True reads sample_size rows.*sample_size"):
+        data.load_rows(ml_collections.ConfigDict(dict(uri="someone/chats", streaming=True)))
+
+
+def test_token_cache_versions(tmp_path, tok):
+    """Plain text with loss_on="all" keeps the v1 file (same key, same layout as before); chat
+    rows and masks have their own v2 file; a file that lacks the masks is rebuilt, not read."""
+    import glob
+
+    texts = ["first document", "second one"]
+    rows = datasets.Dataset.from_dict({"text": texts})
+    v1 = data.tokenize_cached(texts, tok, tmp_path)
+    docs, masks = data.encode_cached(rows, tok, data.RowShape("text", "text"), "all", tmp_path)
+    assert masks is None and [d.tolist() for d in docs] == [d.tolist() for d in v1]
+    assert len(glob.glob(str(tmp_path / "tokens-*.npz"))) == 1  # the same file
+    shape = data.RowShape("chat", "messages")
+    docs, masks = data.encode_cached(chat_rows(), tok, shape, "completion", tmp_path)
+    files = sorted(glob.glob(str(tmp_path / "tokens-*.npz")))
+    assert len(files) == 2
+    chat_file = [f for f in files if "token_mask" in np.load(f).files]
+    assert len(chat_file) == 1
+    with np.load(chat_file[0]) as z:  # an old-format file under the new key: no masks
+        tokens, offsets = z["tokens"], z["offsets"]
+    np.savez(chat_file[0], tokens=tokens, offsets=offsets)
+    again, again_masks = data.encode_cached(chat_rows(), tok, shape, "completion", tmp_path)
+    assert [m.tolist() for m in again_masks] == [m.tolist() for m in masks]
+    assert "token_mask" in np.load(chat_file[0]).files
+
+
+def test_num_proc_gives_the_same_ids_and_masks(tok):
+    """dataset.num_proc: datasets.map over 2 processes tokenizes exactly as one."""
+    shape = data.RowShape("chat", "messages")
+    one = data.encode(chat_rows(8), tok, shape, "completion")
+    two = data.encode(chat_rows(8), tok, shape, "completion", num_proc=2)
+    for a, b in zip(one, two):
+        assert [x.tolist() for x in a] == [x.tolist() for x in b]
 
 
 def test_default_config_trains_on_every_row(tmp_path):
