@@ -34,7 +34,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from distil_jax import models, sharding, student
 from distil_jax.models.common import AUTO_REMAT_MEMORY_SHARE
 from distil_jax.objectives.objective import (CachedTeacher, Objective, device_memory_bytes,
-                                             next_token_targets, real_token_positions)
+                                             counted_positions, next_token_targets,
+                                             real_token_positions)
 
 Array = jax.Array
 
@@ -262,7 +263,7 @@ def distill_loss(sc: StepConfig, params: Mapping, teacher_params: Mapping, batch
     if compact:
         heads["logits_positions"] = real_token_positions(seg > 0, sc.logits_groups, sc.logits_capacity)
     return obj(params.get("objective", {}), s_out, t_out, seg, ids, **heads,
-               single_document_rows=sc.single_document_rows)
+               single_document_rows=sc.single_document_rows, loss_mask=batch.get("loss_mask"))
 
 
 def logits_capacity(segment_ids: np.ndarray, groups: int = 1, grad_accum: int = 1,
@@ -284,11 +285,16 @@ def logits_capacity(segment_ids: np.ndarray, groups: int = 1, grad_accum: int = 
     return None if capacity >= size else capacity
 
 
-def _label_count(segment_ids: Array) -> Array:
-    """Number of next-token labels (the clm loss's denominator): positions whose next token is
-    in the same document."""
+def _label_count(segment_ids: Array, loss_mask: Optional[Array] = None) -> Array:
+    """Number of next-token labels (the clm loss's denominator): counted positions whose next
+    token is in the same document."""
     _, valid = next_token_targets(segment_ids, segment_ids)  # only the validity is used
-    return valid.sum().astype(jnp.float32)
+    return (valid & counted_positions(segment_ids, loss_mask)).sum().astype(jnp.float32)
+
+
+def _token_count(batch: Mapping) -> Array:
+    """Counted positions of a (micro-)batch (the feature and logits losses' denominator)."""
+    return counted_positions(batch["segment_ids"], batch.get("loss_mask")).sum().astype(jnp.float32)
 
 
 def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -332,18 +338,18 @@ def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: 
 
     def _step(state: TrainState, teacher_params, batch):
         rng = jax.random.fold_in(state.rng, state.step)
-        n_tokens = jnp.maximum((batch["segment_ids"] > 0).sum(), 1).astype(jnp.float32)
+        n_tokens = jnp.maximum(_token_count(batch), 1.0)
         if sc.grad_accum == 1:
             (_, metrics), grads = grad_fn(state.params, teacher_params, batch, rng)
         else:
             A = sc.grad_accum
             micro = jax.tree_util.tree_map(lambda x: x.reshape((A, -1) + x.shape[1:]), batch)
-            n_labels = jnp.maximum(_label_count(batch["segment_ids"]), 1.0)
+            n_labels = jnp.maximum(_label_count(batch["segment_ids"], batch.get("loss_mask")), 1.0)
 
             def body(carry, mb_i):
                 mb, i = mb_i
-                w_tok = (mb["segment_ids"] > 0).sum().astype(jnp.float32) / n_tokens
-                w_lab = _label_count(mb["segment_ids"]) / n_labels
+                w_tok = _token_count(mb) / n_tokens
+                w_lab = _label_count(mb["segment_ids"], mb.get("loss_mask")) / n_labels
                 (share, m), g = accum_grad_fn(state.params, teacher_params, mb,
                                               jax.random.fold_in(rng, i), w_tok, w_lab)
                 acc_g, acc_m = carry
@@ -364,7 +370,10 @@ def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: 
         metrics["grad_norm"] = student_grad_norm(
             grads, trainable if trainable is not None else jax.tree_util.tree_map(lambda _: True, grads))
         metrics["learning_rate"] = schedule(state.step + 1)
-        metrics["tokens"] = n_tokens
+        # Real tokens (the throughput's); with a loss mask also the positions the losses counted.
+        metrics["tokens"] = jnp.maximum((batch["segment_ids"] > 0).sum(), 1).astype(jnp.float32)
+        if "loss_mask" in batch:
+            metrics["counted_tokens"] = _token_count(batch)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
@@ -449,6 +458,7 @@ def make_eval_step(config, dtype=jnp.float32, mesh: Optional[Mesh] = None):
         logits = models.forward(config, params, ids, segment_ids=seg, dtype=dtype).logits
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         labels, valid = next_token_targets(ids, seg)
+        valid = valid & counted_positions(seg, batch.get("loss_mask"))
         lp = jnp.where(valid, jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0], 0.0)
         per_doc = jax.vmap(lambda v, s: jax.ops.segment_sum(v, s, num_segments=S))
         return {"logprob_sum": lp.sum(), "tokens": valid.sum(),

@@ -80,6 +80,7 @@ def load_teacher(config) -> tuple:
     else:
         teacher_cfg, teacher_params = hf.load_pretrained(path, DTYPES[config.teacher.dtype])
     tokenizer = load_tokenizer(config.tokenizer_name_or_path or config.teacher.model_name_or_path)
+    data.check_vocab(tokenizer, teacher_cfg.vocab_size, f"the teacher {path!r}")
     seq_len = sequence_length(config, teacher_cfg, tokenizer)
     return teacher_cfg, teacher_params, tokenizer, seq_len
 
@@ -105,6 +106,7 @@ def build_student(student_section: Mapping, teacher_cfg, teacher_params, rng, se
     `student` section; dropout off unless `student.dropout`. Refuses a student that cannot hold
     `seq_len` positions."""
     section = dict(student_section)
+    _check_student_vocab(section, teacher_cfg)
     student_cfg, student_params, trainable = student.build_student(teacher_cfg, teacher_params,
                                                                    section, rng)
     if not section.get("dropout", True):
@@ -113,6 +115,20 @@ def build_student(student_section: Mapping, teacher_cfg, teacher_params, rng, se
         raise ValueError(f"sequence length {seq_len} exceeds the student's maximum of "
                          f"{student_cfg.max_positions} positions; lower dataset.max_seq_len")
     return student_cfg, student_params, trainable
+
+
+def _check_student_vocab(section: Mapping, teacher_cfg) -> None:
+    """A pretrained student must share the teacher's vocabulary (a random one is given it)."""
+    path = section.get("model_name_or_path")
+    if not path:
+        return
+    vocab = dict(section.get("overrides") or {}).get("vocab_size") or hf.load_config(path).vocab_size
+    if int(vocab) != int(teacher_cfg.vocab_size):
+        raise ValueError(f"student.model_name_or_path={path!r} has a vocabulary of {vocab} tokens, "
+                         f"the teacher {teacher_cfg.vocab_size}: the logits losses compare them "
+                         "token by token; use a student of the teacher's family and tokenizer, or "
+                         "student.model_name_or_path='' for a random student with the teacher's "
+                         "vocabulary")
 
 
 def build_objective(objective_section: Mapping, student_cfg, teacher_cfg) -> Objective:
@@ -165,9 +181,10 @@ def _build_data(config, tokenizer, seq_len: int, cache_dir: Optional[Path]) -> t
     eval_sets = {"heldout": test_rows}
     for name, spec in config.eval.evaluators.items():
         # Every sampled row of an extra evaluator is an evaluation row, laid out as the run's.
-        eval_sets[name], _ = data.texts_to_eval_set(
-            data.load_all_texts(spec), tokenizer, seq_len, config.dataset.layout, cache_dir,
-            name, truncate=config.dataset.truncate, append_eos=config.dataset.append_eos)
+        eval_sets[name], _ = data.spec_to_eval_set(
+            spec, tokenizer, seq_len, config.dataset.layout, cache_dir, name,
+            truncate=config.dataset.truncate, append_eos=config.dataset.append_eos,
+            loss_on=config.dataset.loss_on)
     return train_rows, eval_sets, data_stats
 
 
