@@ -54,11 +54,13 @@ def with_demo_inputs(config, workdir: Path):
     return config
 
 
-def train_batches(config: ml_collections.ConfigDict, rows: Mapping) -> data.BatchIterator:
+def train_batches(config: ml_collections.ConfigDict, rows: Mapping,
+                  process_rows: Optional[slice] = None) -> data.BatchIterator:
     """The run's batches: batch_size x grad_accum rows per step, shuffled by the run's seed,
-    the last, partial batch of an epoch kept (filled with empty rows), as HF's sampler does."""
+    the last, partial batch of an epoch kept (filled with empty rows), as HF's sampler does.
+    process_rows: the rows of each batch this process builds (sharding.process_rows)."""
     return data.BatchIterator(rows, config.train.batch_size * config.train.grad_accum, shuffle=True,
-                              seed=config.train.seed, drop_last=False)
+                              seed=config.train.seed, drop_last=False, process_rows=process_rows)
 
 
 def run_steps(train_cfg: Mapping, steps_per_epoch: int) -> int:
@@ -247,13 +249,6 @@ def build_run(config, workdir: Path) -> Run:
                                        student_cfg, teacher_cfg, seq_len)
     train_rows, eval_sets, data_stats = build_data(config, tokenizer, seq_len, workdir / "cache")
     cache = open_teacher_cache(config, teacher_cfg, tokenizer, seq_len, train_rows)
-    if cache is not None:  # the same batches, with the teacher's cached targets attached
-        batches = cache.batches(train_rows, config.train.batch_size * config.train.grad_accum,
-                                seed=config.train.seed, drop_last=False)
-    else:
-        batches = train_batches(config, train_rows)
-    total_steps = run_steps(config.train, batches.steps_per_epoch)
-    tx, schedule = make_optimizer(config.optimizer.to_dict(), total_steps, trainable)
     # The mesh and where every array lives on it (a mesh that does not fit the devices or the
     # models is a one-line error here, before any compilation).
     mesh = sharding.make_mesh(config.train.mesh.to_dict())
@@ -263,6 +258,15 @@ def build_run(config, workdir: Path) -> Run:
             raise ValueError(f"{field}={size} is not divisible by the "
                              f"{sharding.batch_shards(mesh)} batch shards of train.mesh (data x "
                              f"fsdp of {dict(mesh.shape)}); use a multiple")
+    # Each process builds only its own devices' rows of every batch.
+    mine = sharding.process_rows(mesh, config.train.batch_size * config.train.grad_accum)
+    if cache is not None:  # the same batches, with the teacher's cached targets attached
+        batches = cache.batches(train_rows, config.train.batch_size * config.train.grad_accum,
+                                seed=config.train.seed, drop_last=False, process_rows=mine)
+    else:
+        batches = train_batches(config, train_rows, mine)
+    total_steps = run_steps(config.train, batches.steps_per_epoch)
+    tx, schedule = make_optimizer(config.optimizer.to_dict(), total_steps, trainable)
     state = create_train_state(params, tx, rng_state)
     if cache is not None:
         # Read only to build the student (if at all); the step runs no teacher.
