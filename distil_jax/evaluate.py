@@ -30,7 +30,6 @@ from distil_jax import cli, fsio
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "evals_downstream.json"
-EXPORT_MARKER = "distil_jax_export.json"  # = export.MARKER (export imports jax; this need not)
 INSTALL_HINT = "lm-evaluation-harness is not installed: pip install distil_jax[eval]"
 
 
@@ -99,12 +98,13 @@ def markdown(rows: list[dict]) -> str:
 
 def _check(workdir: Path, student: Path, teacher: Optional[str], tasks: Sequence[str], task_manager) -> str:
     """The teacher to evaluate (the run's own by default); one-line errors for what is missing."""
+    from distil_jax.export import MARKER
     from distil_jax.modelcard import teacher_of
 
     if not workdir.is_dir():
         raise FileNotFoundError(f"workdir {workdir} does not exist; pass the --workdir of a training run")
-    if not (student / EXPORT_MARKER).is_file():
-        raise FileNotFoundError(f"--student {student} is not an export folder (no {EXPORT_MARKER}): export "
+    if not (student / MARKER).is_file():
+        raise FileNotFoundError(f"--student {student} is not an export folder (no {MARKER}): export "
                                 f"it first, python -m distil_jax.export --workdir {workdir} --out {student}")
     unknown = [t for t in tasks if t not in task_manager.all_tasks]
     if unknown:
@@ -133,6 +133,8 @@ def evaluate(workdir: str | Path, student: str | Path, tasks: Sequence[str], *, 
 
     Raises: ImportError (no lm-eval), FileNotFoundError (no workdir, `student` not an export, no
     teacher), ValueError (an unknown task)."""
+    from distil_jax.export import MARKER
+
     lm_eval, TaskManager = _lm_eval()
     workdir, student = Path(workdir), Path(student)
     manager = TaskManager(include_path=include_path)
@@ -143,7 +145,7 @@ def evaluate(workdir: str | Path, student: str | Path, tasks: Sequence[str], *, 
     t_res = run_tasks(teacher, tasks, manager, **kw)
     log.info("lm-eval %s on the student %s", ",".join(tasks), student)
     s_res = run_tasks(student, tasks, manager, **kw)
-    step = json.loads((student / EXPORT_MARKER).read_text()).get("step")
+    step = json.loads((student / MARKER).read_text()).get("step")
     record = dict(tasks=list(tasks), limit=limit, num_fewshot=num_fewshot, lm_eval_version=lm_eval.__version__,
                   teacher={"model": str(teacher)}, student={"model": str(student), "step": step},
                   rows=side_by_side(t_res, s_res))

@@ -126,6 +126,33 @@ def test_markdown_table_is_printed(evaluated, capsys):
     assert "| docstring_ll | perplexity ↓ |" in table
 
 
+@pytest.mark.slow
+def test_export_puts_the_results_in_the_model_index(run, evaluated, tmp_path):
+    """An export after the evaluation: the student's figures are model-index results that
+    huggingface_hub parses back into ModelCardData; an export of another step leaves them out."""
+    from huggingface_hub import ModelCardData, metadata_load
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    from distil_jax.export import export
+
+    workdir, _ = run
+    out = export(workdir, tmp_path / "card", model_name="me/student")
+    meta = metadata_load(out / "README.md")
+    data = ModelCardData(**meta)  # the round trip the hub's own loader does
+    assert (data.library_name, data.pipeline_tag) == ("transformers", "text-generation")
+    assert {"distil_jax", "distillation"} <= set(data.tags) and data.model_name == "me/student"
+    name, results = model_index_to_eval_results(meta["model-index"])
+    got = {(r.dataset_name, r.metric_type): r.metric_value for r in results}
+    summary = json.loads((workdir / "run_summary.json").read_text())
+    assert got.pop(("heldout", "perplexity")) == summary["evaluation"]["heldout"]["student_end"]["ppl"]
+    assert got == {(r["task"], r["metric"]): r["student"] for r in evaluated["rows"]}
+    assert all(r.source_name == "lm-evaluation-harness" for r in results if r.dataset_name != "heldout")
+    assert evaluate_lib.markdown(evaluated["rows"]) in (out / "README.md").read_text()
+    earlier = export(workdir, tmp_path / "step20", step=20, model_name="me/student")
+    assert "model-index" not in metadata_load(earlier / "README.md")
+    assert "(not this export's weights)" in (earlier / "README.md").read_text()
+
+
 def test_help_exits_0(capsys):
     assert evaluate_lib.main(["--help"]) == 0
     assert "--include-path" in capsys.readouterr().out
