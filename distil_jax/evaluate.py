@@ -90,9 +90,10 @@ def side_by_side(teacher: dict, student: dict) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     """The side-by-side table as markdown (the card and the command print the same one)."""
     fmt = lambda v: "—" if v is None else f"{v:.4g}"  # noqa: E731
+    arrow = {True: " ↑", False: " ↓", None: ""}  # higher / lower is better
     lines = ["| task | metric | teacher | student | student / teacher |", "|---|---|---|---|---|"]
-    lines += [f"| {r['task']} | {r['metric']}{'' if r.get('higher_is_better') is None else ' ↑' if r['higher_is_better'] else ' ↓'}"
-              f" | {fmt(r['teacher'])} | {fmt(r['student'])} | {fmt(r['ratio'])} |" for r in rows]
+    lines += [f"| {r['task']} | {r['metric']}{arrow[r.get('higher_is_better')]} | {fmt(r['teacher'])} | "
+              f"{fmt(r['student'])} | {fmt(r['ratio'])} |" for r in rows]
     return "\n".join(lines)
 
 

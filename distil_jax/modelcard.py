@@ -114,7 +114,8 @@ def teacher_license(name_or_path: Any) -> Optional[dict]:
         return None
     for fname in ("README.md", "config.json"):
         try:
-            path = Path(name_or_path) / fname if local else huggingface_hub.try_to_load_from_cache(name_or_path, fname)
+            path = Path(name_or_path) / fname if local else \
+                huggingface_hub.try_to_load_from_cache(name_or_path, fname)
             if not local and not isinstance(path, str) and not huggingface_hub.constants.is_offline_mode():
                 path = huggingface_hub.hf_hub_download(name_or_path, fname)
             if not isinstance(path, (str, Path)) or not os.path.isfile(path):
@@ -141,13 +142,15 @@ def _eval_results(summary: Mapping, config: Mapping, export: Mapping, downstream
     ev = _get(summary, "evaluation") if step == _num(_get(summary, "steps")) else None
     for name, entry in ev.items() if isinstance(ev, Mapping) else ():
         ppl = _num(_get(entry, "student_end", "ppl"))
-        uri = _get(config, "eval", "evaluators", name, "uri") or (_get(config, "dataset", "uri") if name == "heldout" else None)
+        uri = _get(config, "eval", "evaluators", name, "uri") or \
+            (_get(config, "dataset", "uri") if name == "heldout" else None)
         if ppl is not None and math.isfinite(ppl):
             out.append(EvalResult(
                 task_type="text-generation", dataset_type=uri if _is_hub_id(uri) else name, dataset_name=name,
                 dataset_split="held-out test split" if name == "heldout" else None, metric_type="perplexity",
                 metric_name="perplexity (token-weighted)", metric_value=ppl))
-    rows = _get(downstream, "rows") if step is not None and _num(_get(downstream, "student", "step")) == step else None
+    same = step is not None and _num(_get(downstream, "student", "step")) == step
+    rows = _get(downstream, "rows") if same else None
     for r in rows if isinstance(rows, list) else ():
         v, ds = _num(_get(r, "student")), _get(r, "dataset")
         if v is not None and math.isfinite(v) and _get(r, "task") and _get(r, "metric"):
@@ -155,11 +158,12 @@ def _eval_results(summary: Mapping, config: Mapping, export: Mapping, downstream
             out.append(EvalResult(
                 task_type="text-generation", dataset_type=ds if hub else r["task"], dataset_name=r["task"],
                 metric_type=r["metric"], metric_value=v, source_name=LM_EVAL[0], source_url=LM_EVAL[1],
-                metric_name=f"{r['metric']} ({_int(r.get('num_fewshot'))}-shot)" if r.get("num_fewshot") is not None else None))
+                metric_name=None if r.get("num_fewshot") is None else f"{r['metric']} ({r['num_fewshot']}-shot)"))
     return out
 
 
-def _card_data(summary: Mapping, config: Mapping, export: Mapping, downstream: Mapping, model_name: Optional[str]):
+def _card_data(summary: Mapping, config: Mapping, export: Mapping, downstream: Mapping,
+               model_name: Optional[str]):
     """The hub metadata: a transformers text-generation model whose base is the teacher; a license
     only where the run's config (`license`) or the teacher's own card states one."""
     from huggingface_hub import ModelCardData
@@ -218,20 +222,22 @@ def _summary(r) -> dict:
                 uri=_get(s, "dataset", "uri") or _get(r.config, "dataset", "uri"))
 
 
-_SHAPE = (("layers", "num_layers"), ("width", "width"), ("query heads", "num_heads"), ("key/value heads", "num_kv_heads"),
-          ("MLP width", "mlp_width"), ("vocabulary", "vocab_size"), ("positions", "max_positions"),
-          ("tied LM head", "tie_word_embeddings"))
+_SHAPE = (("layers", "num_layers"), ("width", "width"), ("query heads", "num_heads"),
+          ("key/value heads", "num_kv_heads"), ("MLP width", "mlp_width"), ("vocabulary", "vocab_size"),
+          ("positions", "max_positions"), ("tied LM head", "tie_word_embeddings"))
 
 
 def _architecture(r) -> Optional[str]:
-    t, s, t_params = _model(_get(r.summary, "teacher", "config")), _model(r.s_hf), _get(r.summary, "teacher", "params")
+    t, s = _model(_get(r.summary, "teacher", "config")), _model(r.s_hf)
+    t_params = _get(r.summary, "teacher", "params")
     if t is None and s is None and t_params is None and r.s_params is None:
         return None
     cell = lambda v: _int(v) if _num(v) is not None else _value(v)  # noqa: E731
     rows = [("class", t and t[0], s and s[0]), ("parameters", t_params, r.s_params),
             *((k, t and getattr(t[1], a), s and getattr(s[1], a)) for k, a in _SHAPE),
             ("weights dtype", _get(r.config, "teacher", "dtype"), _get(r.export, "dtype"))]
-    rows = [(k, cell(a), cell(b), f"{_num(b) / _num(a):.3f}" if _num(a) and _num(b) is not None else "") for k, a, b in rows]
+    rows = [(k, cell(a), cell(b), f"{_num(b) / _num(a):.3f}" if _num(a) and _num(b) is not None else "")
+            for k, a, b in rows]
     rows += [("size of the weights (this export)", "", _bytes(_get(r.export, "weight_bytes")), ""),
              ("training compute dtype (train.dtype)", "", cell(_get(r.config, "train", "dtype")), "")]
     return _table(rows, ["", "teacher", "student", "student / teacher"])
@@ -251,22 +257,30 @@ def _evaluation(r) -> dict:
     ev = _get(r.summary, "evaluation")
     names = [n for n, e in ev.items() if isinstance(e, Mapping)] if isinstance(ev, Mapping) else []
     keys = list(dict.fromkeys(k for n in names for k, v in ev[n].items() if isinstance(v, Mapping)))
-    step = next((s for n in names if (s := _get(ev[n], "student_end", "step")) is not None), _get(r.summary, "steps"))
+    step = next((s for n in names if (s := _get(ev[n], "student_end", "step")) is not None),
+                _get(r.summary, "steps"))
     who = _get(r.summary, "teacher", "name_or_path")
-    labels = {"teacher": f"teacher ({who})" if who else "teacher", "student_start": "student, before training (step 0)",
+    labels = {"teacher": f"teacher ({who})" if who else "teacher",
+              "student_start": "student, before training (step 0)",
               "student_end": "student, end of training" + (f" (step {_int(step)})" if step is not None else "")}
     rank = {"teacher": "0", "student_start": "1", "student_end": "3"}
     rows = [(k, labels.get(k, k.replace("_", " "))) for k in sorted(keys, key=lambda k: rank.get(k, "2" + k))]
-    counts = {n: "; ".join(f"{_int(d)} documents, {_int(t)} predicted tokens" for d, t in sorted(
-        {(_get(ev[n], k, "documents"), _get(ev[n], k, "tokens")) for k, _ in rows} - {(None, None)}, key=str))
-        or "document and token counts " + NOT_RECORDED for n in names}
+    measured = []
+    for n in names:
+        spec = _get(r.config, "eval", "evaluators", n, default={})
+        source = ", ".join(f"`{spec[k]}`" for k in ("uri", "subset", "split") if _get(spec, k)) or (
+            "the run's held-out test split (never trained on)" if n == "heldout" else "source " + NOT_RECORDED)
+        counts = {(_get(ev[n], k, "documents"), _get(ev[n], k, "tokens")) for k, _ in rows} - {(None, None)}
+        counts = "; ".join(f"{_int(d)} documents, {_int(t)} predicted tokens" for d, t in sorted(counts, key=str))
+        measured.append(f"`{n}`: {source}; {counts or 'counts ' + NOT_RECORDED}")
     distily = any(_num(_get(ev[n], k, "distily_ppl")) is not None for n in names for k, _ in rows)
     fm, down = _get(r.summary, "final_metrics"), _get(r.downstream, "rows")
     from distil_jax.evaluate import markdown
 
-    return dict(names=names, counts=counts, ppl=names and _ppl_table(ev, names, rows, "ppl"),
+    return dict(measured=measured, ppl=names and _ppl_table(ev, names, rows, "ppl"),
                 distily=distily and _ppl_table(ev, names, rows, "distily_ppl"),
-                metrics=isinstance(fm, Mapping) and fm and _table([(k, _cell(k, v)) for k, v in _flat(fm)], ["metric", "value"]),
+                metrics=isinstance(fm, Mapping) and fm and _table([(k, _cell(k, v)) for k, v in _flat(fm)],
+                                                                  ["metric", "value"]),
                 downstream=isinstance(down, list) and markdown([x for x in down if isinstance(x, Mapping)]),
                 down_step=_get(r.downstream, "student", "step"))
 
@@ -280,7 +294,9 @@ def _records(r, key: str) -> Optional[str]:
 
 def _config(r) -> dict:
     obj, config = _get(r.config, "objective"), _redact(r.config)
-    versions = lambda v: sorted(v.items(), key=lambda kv: kv[0] != "distil_jax") if isinstance(v, Mapping) else []  # noqa: E731
+    def versions(v):  # distil_jax first
+        return sorted(v.items(), key=lambda kv: kv[0] != "distil_jax") if isinstance(v, Mapping) else []
+
     return dict(objective=_objective_line(obj), trained=versions(_get(r.summary, "versions")),
                 json=isinstance(obj, Mapping) and obj and json.dumps(_redact(obj), indent=2, default=str),
                 hparams=config and _table([(k, v if isinstance(v, str) and v else json.dumps(v, default=str))
@@ -300,7 +316,8 @@ def model_card(summary: Mapping | None, config: Mapping | None, *, export: Mappi
     import jinja2
     from huggingface_hub import ModelCardData
 
-    summary, config, export, downstream = (d if isinstance(d, Mapping) else {} for d in (summary, config, export, downstream))
+    summary, config, export, downstream = (d if isinstance(d, Mapping) else {}
+                                           for d in (summary, config, export, downstream))
     s_hf = _get(summary, "student", "config") or _get(export, "student_config")
     r = SimpleNamespace(summary=summary, config=config, export=export, downstream=downstream, s_hf=s_hf,
                         s_params=_get(summary, "student", "params", default=_get(export, "params")))
@@ -315,7 +332,8 @@ def model_card(summary: Mapping | None, config: Mapping | None, *, export: Mappi
             ctx[name] = fn(r)
         except Exception as e:  # a malformed record: that section says so
             log.warning("model card section %s: %s: %s", name, type(e).__name__, e)
-            ctx[name] = {"error": f"This section could not be rendered from the run's records ({type(e).__name__})."}
+            ctx[name] = {"error": "This section could not be rendered from the run's records "
+                                  f"({type(e).__name__})."}
     env = jinja2.Environment(loader=jinja2.PackageLoader("distil_jax", "templates"), trim_blocks=True,
                              lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.ChainableUndefined)
     env.filters.update(count=_int, ppl=_ppl, value=_value)
