@@ -6,7 +6,8 @@
 OUT is a complete `transformers` folder: config.json (the family's class, e.g. GPT2LMHeadModel or
 LlamaForCausalLM), model.safetensors,
 generation_config.json, the teacher's tokenizer files, README.md (the model card, generated
-from the run's records by `distil_jax.modelcard`) and distil_jax_export.json (the files this
+from the run's records by `distil_jax.modelcard`, with the downstream results of
+`distil_jax.evaluate` when the workdir has them) and distil_jax_export.json (the files this
 export wrote). It is written atomically: OUT appears complete or not at all. An existing OUT is
 replaced only when it is empty or an earlier export holding nothing but the files its
 distil_jax_export.json lists; anything else there is refused, never deleted.
@@ -32,6 +33,7 @@ import numpy as np
 
 from distil_jax import cli, fsio, hf, models, preemption
 from distil_jax.config import DTYPES
+from distil_jax.evaluate import RESULTS_FILE
 from distil_jax.modelcard import model_card, teacher_license, teacher_of
 from distil_jax.versions import package_versions
 
@@ -112,7 +114,7 @@ def export(workdir: str | Path, out: str | Path, step: Optional[int] = None, dty
 
     Args:
       workdir: a training run's workdir (config.json, student/, tokenizer/, checkpoints/,
-        run_summary.json).
+        run_summary.json; evals_downstream.json if `distil_jax.evaluate` ran).
       out: the output folder: created, or replaced if it is empty or holds an earlier export and
         nothing else (MARKER lists what that export wrote).
       step: the checkpoint step (default: the latest).
@@ -128,9 +130,33 @@ def export(workdir: str | Path, out: str | Path, step: Optional[int] = None, dty
       ValueError: an unknown dtype, an `out` that would replace the run or one of its inputs, or
         files an export did not write; a checkpoint that does not match the student's config.
     """
-    from distil_jax import checkpoint
+    import transformers
 
     workdir, out = Path(workdir), Path(out)
+    run_config = _check_workdir(workdir, out, step, dtype)
+    config = hf.load_config(workdir / "student")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(workdir / "tokenizer")
+    step, params = _student_params(workdir, step, config)
+    info = _facts(config, params, step, dtype)
+    summary = _read_json(workdir / "run_summary.json", "the run summary")
+    info["teacher_license"] = teacher_license(teacher_of(summary, run_config))
+    downstream = _read_json(workdir / RESULTS_FILE, "the downstream evaluation") \
+        if (workdir / RESULTS_FILE).exists() else {}  # optional: only after distil_jax.evaluate
+    card = model_card(summary, run_config, export=info, downstream=downstream,
+                      model_name=model_name or out.resolve().name)
+    files = {**_tokenizer_files(tokenizer), "README.md": card}
+    files[MARKER] = json.dumps({"written_by": "distil_jax.export", "step": int(step),
+                                "files": sorted({*_WRITTEN, *files})}, indent=2) + "\n"
+    hf.save_pretrained(config, params, out, dtype=DTYPES[dtype], extra_files=files)
+    log.info("exported the student of step %d (%s params, %s) from %s to %s", step, f"{info['params']:,}",
+             dtype, workdir, out)
+    return out
+
+
+def _check_workdir(workdir: Path, out: Path, step: Optional[int], dtype: str) -> dict:
+    """The run's config, once the workdir, the step, `dtype` and `out` are known to be usable."""
+    from distil_jax import checkpoint
+
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: use one of {', '.join(DTYPES)}")
     if not workdir.is_dir():
@@ -152,37 +178,33 @@ def export(workdir: str | Path, out: str | Path, step: Optional[int] = None, dty
     if not (workdir / "tokenizer").is_dir():
         raise FileNotFoundError(f"no tokenizer in {workdir / 'tokenizer'}: this workdir was not "
                                 "written by distil_jax.train")
-    import transformers
+    return run_config
 
-    config = hf.load_config(workdir / "student")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(workdir / "tokenizer")
+
+def _student_params(workdir: Path, step: Optional[int], config) -> tuple[int, dict]:
+    """(step, the student's parameters as numpy arrays) of the checkpoint, checked against `config`."""
+    from distil_jax import checkpoint
+
     step, tree = checkpoint.restore_params(workdir, step)
     if not isinstance(tree, Mapping) or "student" not in tree:
         raise ValueError(f"checkpoint step {step} in {workdir} holds no student parameters")
     params = jax.tree_util.tree_map(np.asarray, tree["student"])
     _check_params(config, params, workdir, step)
+    return step, params
 
+
+def _facts(config, params: Mapping, step: int, dtype: str) -> dict:
+    """This export's facts, for the card (see distil_jax.modelcard)."""
     n_params = sum(math.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(params))
-    itemsize = jnp.dtype(DTYPES[dtype]).itemsize
-    info = {
+    return {
         "step": int(step),
         "dtype": dtype,
         "params": int(n_params),
-        "weight_bytes": int(n_params * itemsize),
+        "weight_bytes": int(n_params * jnp.dtype(DTYPES[dtype]).itemsize),
         "student_config": hf.config_to_hf(config).to_dict(),
         "versions": package_versions(),
         "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    summary = _read_json(workdir / "run_summary.json", "the run summary")
-    info["teacher_license"] = teacher_license(teacher_of(summary, run_config))
-    card = model_card(summary, run_config, export=info, model_name=model_name or out.resolve().name)
-    files = {**_tokenizer_files(tokenizer), "README.md": card}
-    files[MARKER] = json.dumps({"written_by": "distil_jax.export", "step": int(step),
-                                "files": sorted({*_WRITTEN, *files})}, indent=2) + "\n"
-    hf.save_pretrained(config, params, out, dtype=DTYPES[dtype], extra_files=files)
-    log.info("exported the student of step %d (%s params, %s) from %s to %s", step, f"{n_params:,}",
-             dtype, workdir, out)
-    return out
 
 
 def _tokenizer_files(tokenizer) -> dict[str, bytes]:

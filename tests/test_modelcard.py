@@ -8,9 +8,8 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from distil_jax.modelcard import NOT_RECORDED, model_card, module_summary, teacher_license
+from distil_jax.modelcard import NOT_RECORDED, model_card, teacher_license
 from distil_jax import models
-from distil_jax.models.gpt2 import GPT2Config
 
 TEACHER_CFG = dict(model_type="gpt2", n_layer=4, n_embd=32, n_head=4, vocab_size=101, n_positions=32)
 STUDENT_CFG = dict(TEACHER_CFG, n_layer=2)
@@ -43,8 +42,8 @@ def test_empty_records_never_crash(summary, config):
     assert {"distillation", "distil_jax"} <= set(meta["tags"])
     assert "base_model" not in meta and "datasets" not in meta and "model-index" not in meta
     assert meta.get("license") == (config or {}).get("license")  # never invented
-    sections = ["Summary", "Architecture", "Evaluation", "Resource usage", "Teacher → student",
-                "Train dataset", "Training objective", "Framework versions"]
+    sections = ["Summary", "Architecture", "Evaluation", "Resource usage", "Train dataset",
+                "Training objective", "Framework versions"]
     if not config:
         sections.append("Hyperparameters")
     for section in sections:
@@ -85,7 +84,7 @@ def test_best_is_per_column_and_student_can_win():
     assert "**3.0000**" in teacher and "| 4.0000 |" in student  # other: teacher best
 
 
-def test_real_figures_and_module_diff():
+def test_real_figures_and_shapes():
     config = {"license": "apache-2.0", "objective": {"logits": {"weight": 1.0, "loss_fn": "kl"},
                                                      "attn": {"weight": 5.0, "loss_fn": "raw_mse"}},
               "train": {"batch_size": 8}, "hub": {"hf_token": "hf_SECRET123"}}
@@ -97,11 +96,10 @@ def test_real_figures_and_module_diff():
     assert "| train.batch_size | 8 |" in card
     assert "hf_SECRET123" not in card and "<redacted>" in card
     assert "logits: kl × 1; attn: raw_mse × 5" in card
-    # Module summaries: totals are the real counts; the diff shows 4 blocks -> 2 blocks.
-    s_tree = module_summary(STUDENT_CFG)
-    total = int(s_tree.splitlines()[-1].split()[-1].replace(",", ""))
-    assert total == models.param_count(GPT2Config(**{k: v for k, v in STUDENT_CFG.items() if k != "model_type"}))
-    assert "-  transformer.h.0-3 (4 blocks, each" in card and "+  transformer.h.0-1 (2 blocks, each" in card
+    # The teacher -> student table: the recorded configs' shapes side by side, with their ratio.
+    assert "| class | GPT2LMHeadModel | GPT2LMHeadModel |" in card
+    assert "| layers | 4 | 2 | 0.500 |" in card and "| width | 32 | 32 | 1.000 |" in card
+    assert "| parameters | 111 | 77 | 0.694 |" in card and "| size of the weights (this export) |  | 308 bytes" in card
 
 
 def test_intermediate_step_export_is_flagged():
@@ -174,3 +172,20 @@ def test_parameters_listed_in_the_models_own_order(hf_config):
                   key=lambda n: models.hf_order(cfg, n))
     theirs = [n for n, _ in transformers.AutoModelForCausalLM.from_config(models.config_to_hf(cfg)).named_parameters()]
     assert ours == theirs
+
+
+def test_downstream_results_only_for_the_weights_they_measured():
+    """evals_downstream.json's student figures go in the model-index (as huggingface_hub reads
+    it back) only when they were measured on an export of this step; the table always shows."""
+    downstream = {"lm_eval_version": "0.4.13", "student": {"model": "out", "step": 12},
+                  "rows": [dict(task="hellaswag", metric="acc_norm", teacher=0.5, student=0.25, ratio=0.5,
+                                higher_is_better=True, num_fewshot=0, dataset="Rowan/hellaswag"),
+                           dict(task="mine", metric="acc", teacher=0.8, student=float("nan"), ratio=None,
+                                higher_is_better=True, num_fewshot=5, dataset="json")]}
+    card = ModelCard(model_card(_summary(), {}, export={"step": 12}, downstream=downstream, model_name="me/s"))
+    (ppl, acc) = card.data.eval_results  # the nan is no result
+    assert (acc.dataset_type, acc.dataset_name, acc.metric_type, acc.metric_value, acc.source_name) == \
+        ("Rowan/hellaswag", "hellaswag", "acc_norm", 0.25, "lm-evaluation-harness")
+    assert ppl.metric_type == "perplexity" and "| hellaswag | acc_norm ↑ | 0.5 | 0.25 | 0.5 |" in card.text
+    other = ModelCard(model_card(_summary(), {}, export={"step": 5}, downstream=downstream))
+    assert other.data.eval_results is None and "(not this export's weights)" in other.text
