@@ -144,3 +144,70 @@ def test_too_long_is_a_one_line_error(model):
         generate(config, params, ids, mask, max_new_tokens=too_many)
     with pytest.raises(ValueError, match="needs an rng key"):
         generate(config, params, ids, mask, max_new_tokens=2, temperature=1.0)
+
+
+# ----------------------------------------------------------------------------- the command
+
+PROMPTS = ["Return the number of", "def f(x):\n    return"]
+
+
+def _tiny_config():
+    spec = importlib.util.spec_from_file_location("tiny_config", ROOT / "configs" / "tiny.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config = mod.get_config("test")
+    config.train.max_steps = 10
+    return config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A seconds-long distillation run (demo teacher, 10 steps) and its export."""
+    from distil_jax import train
+    from distil_jax.export import export
+
+    workdir = tmp_path_factory.mktemp("run")
+    train.train(_tiny_config(), workdir)
+    return workdir, export(workdir, tmp_path_factory.mktemp("exports") / "student")
+
+
+def _command(capsys, *argv):
+    code = main([*argv, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--max-new-tokens", "6"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_command_on_an_export_prints_transformers_completions(run, capsys):
+    import transformers
+
+    _, folder = run
+    code, out, err = _command(capsys, "--model", str(folder))
+    assert code == 0, err
+    tok = transformers.AutoTokenizer.from_pretrained(folder, padding_side="left")
+    tok.pad_token = tok.pad_token or tok.eos_token
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    enc = tok(PROMPTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ids = model.generate(**enc, do_sample=False, max_new_tokens=6, pad_token_id=tok.pad_token_id)
+    texts = tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    expected = "".join(f"--- {i + 1}/2\n{p}{t}\n" for i, (p, t) in enumerate(zip(PROMPTS, texts)))
+    assert out == expected
+
+
+def test_command_on_a_workdir_equals_its_export(run, capsys):
+    workdir, folder = run
+    code, from_workdir, err = _command(capsys, "--workdir", str(workdir))
+    assert code == 0, err
+    assert _command(capsys, "--model", str(folder))[1] == from_workdir
+    code, sampled, err = _command(capsys, "--workdir", str(workdir), "--temperature", "1.0",
+                                  "--top-k", "50", "--top-p", "0.9", "--seed", "3")
+    assert code == 0, err
+    assert sampled.count("--- ") == 2
+
+
+def test_command_errors_are_one_line(tmp_path, capsys):
+    assert main(["--help"]) == 0
+    code, _, err = _command(capsys, "--workdir", str(tmp_path / "nope"))
+    assert code == 2 and err.count("\n") == 1 and "does not exist" in err
+    code, _, err = _command(capsys, "--workdir", str(tmp_path))
+    assert code == 2 and err.count("\n") == 1 and "student/config.json" in err
