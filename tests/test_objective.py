@@ -255,7 +255,7 @@ def test_packed_rows_give_the_pad_layouts_per_token_losses_and_gradients(setup, 
         assert abs(parts_pad[k] - pad_tok[k].sum() / n_real) < PACK_TOL, k
     assert T.max_abs_diff(g_pad, g_pack) < PACK_TOL
     assert np.abs(g_pad["objective"]["attn"]["projector"]["weight"]).max() > 1e-4
-    assert np.abs(g_pad["student"]["h"]["0"]["attn"]["c_attn"]["kernel"]).max() > 1e-4
+    assert np.abs(g_pad["student"]["h"]["attn"]["c_attn"]["kernel"][0]).max() > 1e-4
 
 
 # ----------------------------------------------------------------------------- float32 logits
