@@ -226,6 +226,16 @@ def test_completion_loss_matches_float64_numpy(setup):
     total = kl + 0.5 * clm + 0.7 * float(parts["loss/hs"]) + 5.0 * float(parts["loss/attn"])
     assert abs(float(loss) - total) < 1e-4
 
+    # The padding-aware gather (77 real tokens of 128 -> capacity 80) and chunked logits keep
+    # the mask: the same losses.
+    for common in (dict(logits_capacity=80), dict(logits_chunk=24),
+                   dict(logits_capacity=80, logits_chunk=8)):
+        sc2 = ts.StepConfig(tc, s_cfg, obj, **common)
+        _, parts2 = jax.jit(lambda p, bb: ts.distill_loss(sc2, p, tp, bb, None))(
+            params, {k: jnp.asarray(v) for k, v in b.items()})
+        for k in ("loss/logits", "loss/clm"):
+            assert abs(float(parts2[k]) - float(parts[k])) < 1e-6, (common, k)
+
 
 def test_completion_step_accumulates_and_evaluates_over_counted_tokens(setup):
     """A step with loss_mask: grad_accum=2 gives the one-batch loss (micro-batches weighted by
