@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 
 from distil_jax import cli, fsio
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("distil_jax.evaluate")  # not __name__: "__main__" under python -m
 
 RESULTS_FILE = "evals_downstream.json"
 INSTALL_HINT = "lm-evaluation-harness is not installed: pip install distil_jax[eval]"
