@@ -209,6 +209,7 @@ _SHAPE = (("layers", "num_layers"), ("width", "width"), ("query heads", "num_hea
 
 
 def _architecture(r) -> Optional[str]:
+    """Teacher and student side by side (the models' generic config properties), with the ratio."""
     t, s = _model(_get(r.summary, "teacher", "config")), _model(r.s_hf)
     t_params = _get(r.summary, "teacher", "params")
     if t is None and s is None and t_params is None and r.s_params is None:
@@ -235,6 +236,8 @@ def _ppl_table(ev: Mapping, names: list, rows: list, metric: str) -> str:
 
 
 def _evaluation(r) -> dict:
+    """The perplexity tables (the run's and Distily's figure), what they measured, the downstream
+    table and the last training metrics."""
     ev = _get(r.summary, "evaluation")
     names = [n for n, e in ev.items() if isinstance(e, Mapping)] if isinstance(ev, Mapping) else []
     keys = list(dict.fromkeys(k for n in names for k, v in ev[n].items() if isinstance(v, Mapping)))
@@ -273,16 +276,15 @@ def _records(r, key: str) -> Optional[str]:
     return rows and _table(rows, ["", "value (—: not measured or not set)"])
 
 
-def _config(r) -> dict:
-    obj, config = _get(r.config, "objective"), _redact(r.config)
-    def versions(v):  # distil_jax first
-        return sorted(v.items(), key=lambda kv: kv[0] != "distil_jax") if isinstance(v, Mapping) else []
+def _versions(v: Any) -> list:
+    """[(package, version)], distil_jax first."""
+    return sorted(v.items(), key=lambda kv: kv[0] != "distil_jax") if isinstance(v, Mapping) else []
 
-    return dict(trained=versions(_get(r.summary, "versions")),
-                json=isinstance(obj, Mapping) and obj and json.dumps(_redact(obj), indent=2, default=str),
-                hparams=config and _table([(k, v if isinstance(v, str) and v else json.dumps(v, default=str))
-                                           for k, v in _flat(config)], ["config key", "value"]),
-                exported=versions(_get(r.export, "versions")))
+
+def _config(r) -> dict:
+    rows = [(k, v if isinstance(v, str) and v else json.dumps(v, default=str)) for k, v in _flat(_redact(r.config))]
+    return dict(trained=_versions(_get(r.summary, "versions")), exported=_versions(_get(r.export, "versions")),
+                hparams=rows and _table(rows, ["config key", "value"]))
 
 
 _SECTIONS = {"arch": _architecture, "ev": _evaluation, "cfg": _config,
