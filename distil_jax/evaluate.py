@@ -23,7 +23,7 @@ import math
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from distil_jax import cli, fsio
 

@@ -106,11 +106,9 @@ def teacher_license(name_or_path: Any) -> Optional[dict]:
         return None
     for fname in ("README.md", "config.json"):
         try:
-            path = Path(name_or_path) / fname if local else \
-                huggingface_hub.try_to_load_from_cache(name_or_path, fname)
-            if not local and not isinstance(path, str) and not huggingface_hub.constants.is_offline_mode():
-                path = huggingface_hub.hf_hub_download(name_or_path, fname)
-            if not isinstance(path, (str, Path)) or not os.path.isfile(path):
+            # hf_hub_download: the hub cache only under HF_HUB_OFFLINE, else the hub (raises if absent)
+            path = Path(name_or_path) / fname if local else huggingface_hub.hf_hub_download(name_or_path, fname)
+            if not os.path.isfile(path):
                 continue
             data = (huggingface_hub.ModelCard.load(path, ignore_metadata_errors=True).data.to_dict()
                     if fname == "README.md" else json.loads(Path(path).read_text()))
