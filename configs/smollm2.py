@@ -32,4 +32,7 @@ def get_config():
     c.student.init_from_teacher_layers = tuple(range(0, 32, 2))
     c.student.copy_teacher_modules = [("lm_head", False)]
     c.student.dropout = False  # Llama-family configs have attention_dropout 0.0 anyway
+    # Distily's sample of English Wikipedia, as configs/base.py (the default takes every row)
+    c.dataset.uri, c.dataset.subset, c.dataset.column = "wikimedia/wikipedia", "20231101.en", "text"
+    c.dataset.sample_size, c.dataset.test_size = 5000, 0.002
     return c

@@ -1,7 +1,9 @@
 """The run configuration: its schema, Distily's defaults, and validation.
 
 `default_config()` is the schema: every field a run may set, with a comment, and values that
-reproduce Distily's reference run (configs/base.py, docs/design.md). A config file (`configs/*.py`) returns a
+reproduce Distily's reference run (configs/base.py, docs/design.md) except the data's sample:
+the default takes every row and holds out 1 % (at most 2,000 rows), so pointing dataset.uri
+at your own data trains on all of it; configs/base.py sets Distily's 5000 rows and 0.002. A config file (`configs/*.py`) returns a
 modified copy; `validate` refuses any key the schema does not have, naming the closest valid one.
 """
 
@@ -17,6 +19,14 @@ import numpy as np
 
 # The dtype names a config (and the export) accepts.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def placeholder(kind: type, value: Any = None):
+    """A field that may be None and still takes ``--config.FIELD=VALUE`` of its type (a plain
+    None field has no type for the command line to parse into)."""
+    ref = ml_collections.config_dict.placeholder(kind)
+    ref.set(value)
+    return ref
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -54,14 +64,30 @@ def default_config() -> ml_collections.ConfigDict:
     c.student.dropout = True  # HF trains in train mode: dropout as in the student's config
 
     c.dataset = ml_collections.ConfigDict()
-    c.dataset.uri = "wikimedia/wikipedia"  # hub id, or a local .txt/.json(l)/.parquet/.csv path
-    c.dataset.subset = "20231101.en"
+    # Hub id, or a local .txt/.json(l)/.parquet/.csv file or folder (docs/usage.md, "Your own
+    # data"). configs/base.py takes Distily's 5000 Wikipedia rows; the default is every row.
+    c.dataset.uri = "wikimedia/wikipedia"
+    c.dataset.subset = "20231101.en"  # hub config name (None = the dataset's only one)
     c.dataset.split = "train"
-    c.dataset.column = "text"
-    c.dataset.sample_size = 5000  # first N rows (None = all)
+    # The rows' shape: None = detected from the columns ("messages": chat, "prompt" +
+    # "completion": prompt/completion, "text": plain text); or the text / messages column, or
+    # the prompt column when completion_column is set.
+    c.dataset.column = placeholder(str)
+    c.dataset.completion_column = placeholder(str)  # the completion column of prompt/completion rows
+    # Which tokens the losses and the perplexity count: "all", or "completion" (only the
+    # assistant turns of chat rows, or the completions): chat templates render chat rows.
+    c.dataset.loss_on = "all"
+    c.dataset.sample_size = placeholder(int)  # first N rows (None = all)
     c.dataset.shuffle = False  # Distily takes the first N rows unshuffled
+    # Hub datasets: stream the first sample_size rows instead of downloading the whole split
+    # (also done without it when sample_size is set and shuffle is off, as before).
+    c.dataset.streaming = False
     c.dataset.seed = 42  # seed of the train/test split
-    c.dataset.test_size = 0.002  # held-out fraction: 5000 rows -> 4990 train / 10 test
+    # Held out: a fraction of the rows (at least 1) or a row count (a whole number >= 1)
+    c.dataset.test_size = 0.01
+    c.dataset.max_test_rows = placeholder(int, 2000)  # cap on a fraction's rows (None = no cap)
+    # Tokenizing processes (datasets.map's num_proc); None = 1 below 10,000 rows, else up to 8
+    c.dataset.num_proc = placeholder(int)
     c.dataset.sample_by = "document"  # .txt only: document | paragraph | line
     # "pack": several documents per row, attention kept inside each document (little compute on
     # padding). "pad": Distily's one document per row, padding masked out of losses.
@@ -267,7 +293,8 @@ class _Checker:
             self.fail(path, v, "use a non-empty string" + (f" ({hint})" if hint else ""))
 
 
-_DATASET_FIELDS = ("uri", "subset", "split", "column", "sample_size", "shuffle", "seed", "sample_by")
+_DATASET_FIELDS = ("uri", "subset", "split", "column", "completion_column", "loss_on",
+                   "sample_size", "shuffle", "streaming", "seed", "sample_by", "num_proc")
 
 
 def _check_dataset(c: _Checker, prefix: str, *, demo: bool) -> None:
@@ -275,15 +302,22 @@ def _check_dataset(c: _Checker, prefix: str, *, demo: bool) -> None:
     c.text(f"{prefix}.uri", empty_ok=demo,
            hint="a hub dataset id or a local .txt/.json/.jsonl/.parquet/.csv path")
     spec = c.get(prefix)
-    if "subset" in spec:
-        c.text(f"{prefix}.subset", none_ok=True)
-    for field in ("split", "column"):
+    for field in ("subset", "column", "completion_column"):
         if field in spec:
-            c.text(f"{prefix}.{field}", empty_ok=False)
-    if "sample_size" in spec:
-        c.number(f"{prefix}.sample_size", 1, integer=True, allowed=(None,), hint="None = every row")
-    if "shuffle" in spec:
-        c.boolean(f"{prefix}.shuffle")
+            c.text(f"{prefix}.{field}", empty_ok=field == "subset", none_ok=True)
+    if "split" in spec:
+        c.text(f"{prefix}.split", empty_ok=False)
+    if "loss_on" in spec:
+        c.choice(f"{prefix}.loss_on", ("all", "completion"))
+    for field, hint in (("sample_size", "None = every row"), ("num_proc", "None = automatic")):
+        if field in spec:
+            c.number(f"{prefix}.{field}", 1, integer=True, allowed=(None,), hint=hint)
+    for field in ("shuffle", "streaming"):
+        if field in spec:
+            c.boolean(f"{prefix}.{field}")
+    if spec.get("streaming") and spec.get("sample_size") is None:
+        c.fail(f"{prefix}.streaming", True, f"set {prefix}.sample_size (the rows to stream) or "
+               "streaming=False")
     if "seed" in spec:
         c.number(f"{prefix}.seed", 0, integer=True)
     if "sample_by" in spec:
@@ -291,17 +325,22 @@ def _check_dataset(c: _Checker, prefix: str, *, demo: bool) -> None:
 
 
 def _check_ranges(config: ml_collections.ConfigDict) -> None:
-    from distil_jax.data import test_rows
-    from distil_jax.objectives.layer_mappers import get_layer_mapper
-    from distil_jax.objectives.losses import LOSSES
-    from distil_jax.objectives.norms import NORMS
-    from distil_jax.objectives.projectors import PROJECTORS
-
     c = _Checker(config)
     demo = bool(config.demo_teacher.enabled)
     c.boolean("demo_teacher.enabled")
+    _check_models(c, config, demo)
+    _check_train_data(c, config, demo)
+    _check_objective(c, config)
+    _check_optimizer(c, config)
+    _check_train(c)
+    _check_eval(c, config)
+    if demo:
+        _check_demo(c, config)
+    c.text("license")
 
-    # Where the models come from. "" means "the demo's" only when the demo is on.
+
+def _check_models(c: _Checker, config, demo: bool) -> None:
+    """Where the models come from. "" means "the demo's" only when the demo is on."""
     c.text("teacher.model_name_or_path", empty_ok=demo,
            hint="an HF folder or hub id, or demo_teacher.enabled=True")
     c.choice("teacher.dtype", tuple(DTYPES))
@@ -323,6 +362,10 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
                "one per student block, 'uniform', or None for none")
     c.boolean("student.dropout")
 
+
+def _check_train_data(c: _Checker, config, demo: bool) -> None:
+    from distil_jax.data import test_rows
+
     _check_dataset(c, "dataset", demo=demo)
     try:  # data.test_rows says what test_size means (a whole float >= 1 is a row count)
         test_rows(config.dataset.test_size)
@@ -331,10 +374,18 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
                  hint="a fraction of the rows, or an integer row count")
         c.fail("dataset.test_size", config.dataset.test_size, "use a fraction of the rows in (0, 1) "
                "or an integer row count")
+    c.number("dataset.max_test_rows", 1, integer=True, allowed=(None,), hint="None = no cap")
     c.choice("dataset.layout", ("pack", "pad"))
     c.number("dataset.max_seq_len", 2, integer=True, hint="next-token losses need 2 tokens")
 
-    # The objective: component names are checked by the objective itself.
+
+def _check_objective(c: _Checker, config) -> None:
+    """The objective: component names are checked by the objective itself."""
+    from distil_jax.objectives.layer_mappers import get_layer_mapper
+    from distil_jax.objectives.losses import LOSSES
+    from distil_jax.objectives.norms import NORMS
+    from distil_jax.objectives.projectors import PROJECTORS
+
     for name in ("logits", "hs", "attn"):
         comp = dict(config.objective[name])
         path = f"objective.{name}"
@@ -361,6 +412,8 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
         raise ValueError("objective: every weight is 0, so nothing would be trained; give "
                          "objective.logits.weight (or hs, attn, clm_weight) a positive value")
 
+
+def _check_optimizer(c: _Checker, config) -> None:
     c.choice("optimizer.optimizer", ("adamw", "adam", "lion"))
     c.number("optimizer.learning_rate", 0, lo_open=True, hint="e.g. 2e-4")
     c.number("optimizer.lr_end", 0, config.optimizer.learning_rate, hi_open=True,
@@ -374,6 +427,8 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
     c.number("optimizer.warmup_ratio", 0, 1, hi_open=True)
     c.number("optimizer.max_grad_norm", 0, hint="0 = no clipping")
 
+
+def _check_train(c: _Checker) -> None:
     c.number("train.batch_size", 1, integer=True)
     c.number("train.grad_accum", 1, integer=True)
     c.number("train.num_epochs", 0, lo_open=True, hint="or set train.max_steps")
@@ -387,6 +442,8 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
     c.number("train.save_steps", 0, integer=True, hint="0 = only at the end")
     c.number("train.save_total_limit", 0, integer=True, allowed=(None,), hint="0 or None = keep all")
 
+
+def _check_eval(c: _Checker, config) -> None:
     c.number("eval.eval_steps", 0, integer=True, hint="0 = at start and end only")
     c.number("eval.batch_size", 1, integer=True)
     evaluators = config.eval.evaluators
@@ -405,16 +462,16 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
             c.fail(path, dict(spec), "give it a uri (hub dataset id or local path)")
         _check_dataset(c, path, demo=False)
 
+
+def _check_demo(c: _Checker, config) -> None:
     d = config.demo_teacher
-    if demo:
-        c.number("demo_teacher.vocab_size", 257, integer=True, hint="256 bytes + the end-of-text token")
-        for field in ("n_layer", "n_embd", "n_head", "steps", "batch_size"):
-            c.number(f"demo_teacher.{field}", 1, integer=True)
-        c.number("demo_teacher.n_positions", 2, integer=True)
-        c.number("demo_teacher.learning_rate", 0, lo_open=True)
-        if d.n_embd % d.n_head:
-            c.fail("demo_teacher.n_embd", d.n_embd, f"use a multiple of demo_teacher.n_head={d.n_head}")
-    c.text("license")
+    c.number("demo_teacher.vocab_size", 257, integer=True, hint="256 bytes + the end-of-text token")
+    for field in ("n_layer", "n_embd", "n_head", "steps", "batch_size"):
+        c.number(f"demo_teacher.{field}", 1, integer=True)
+    c.number("demo_teacher.n_positions", 2, integer=True)
+    c.number("demo_teacher.learning_rate", 0, lo_open=True)
+    if d.n_embd % d.n_head:
+        c.fail("demo_teacher.n_embd", d.n_embd, f"use a multiple of demo_teacher.n_head={d.n_head}")
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

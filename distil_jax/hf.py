@@ -5,8 +5,9 @@
 `save_pretrained` writes a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads as
 the family's class with no missing or unexpected keys. Parameter paths are HF's names (each family
 owns its mapping, see `distil_jax.models`), so conversion is a rename, plus a transpose where HF
-stores a torch Linear ([out, in]): `model.layers.0.self_attn.q_proj.weight` <->
-`model/layers/0/self_attn/q_proj/kernel`.
+stores a torch Linear ([out, in]), and a stack: the blocks' parameters are stacked on a leading
+layer axis, so `model.layers.3.self_attn.q_proj.weight` <-> slice 3 of
+`model/layers/self_attn/q_proj/kernel` (`models.stack_layers` / `unstack_layers`).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def hf_state_dict_to_params(config, state: Mapping[str, Any], dtype=jnp.float32)
     Raises CheckpointError naming every missing or unexpected key and every wrong shape.
     """
     fam = models.family(config)
-    expected = traverse_util.flatten_dict(models.param_shapes(config))
+    # HF names one tensor per layer: check them in the per-layer view, then stack the layers.
+    expected = traverse_util.flatten_dict(models.hf_param_shapes(config))
     head = fam.lm_head_path(config)
     flat, unexpected, wrong = {}, [], []
     for name, value in state.items():
@@ -92,14 +94,15 @@ def hf_state_dict_to_params(config, state: Mapping[str, Any], dtype=jnp.float32)
     if problems:
         raise CheckpointError(f"checkpoint does not match its {config.model_type} config: "
                               + " | ".join(problems))
-    return traverse_util.unflatten_dict(flat)
+    return models.stack_layers(config, traverse_util.unflatten_dict(flat))
 
 
 def params_to_hf_state_dict(config, params: Mapping, dtype=None) -> dict[str, jax.Array]:
-    """params -> HF state dict names (a tied head omitted, as HF saves it)."""
+    """params -> HF state dict names (a tied head omitted, as HF saves it); the stacked blocks
+    become one tensor per layer (slice N -> `...h.N...`)."""
     fam = models.family(config)
     out = {}
-    for path, value in traverse_util.flatten_dict(params).items():
+    for path, value in traverse_util.flatten_dict(models.unstack_layers(config, params)).items():
         if fam.hf_transposed(path):
             value = value.T
         if dtype is not None:

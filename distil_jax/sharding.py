@@ -56,6 +56,10 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),          # norm scales and biases: tiny, replicated
     ("bias", None),          # biases added after a projection back to the width: tiny
     ("proj", "fsdp"),        # the objective's projector matrices' rows
+    # The stacked blocks' leading layer axis: never split, so each scan iteration gathers its
+    # own layer's shards only (splitting it would hand each device whole layers: pipeline-like
+    # placement the scan does not schedule).
+    ("layers", None),
 )
 
 

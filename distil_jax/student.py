@@ -12,7 +12,7 @@ ones). Everything architecture-specific goes through `distil_jax.models`.
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from typing import Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +23,12 @@ from distil_jax import hf, models
 log = logging.getLogger(__name__)
 
 
-def _get(tree: Mapping, path: tuple[str, ...], what: str):
+def _get(tree: Mapping, path: tuple[str, ...], what: str, name: Optional[tuple[str, ...]] = None):
     node = tree
     for k in path:
         if not isinstance(node, Mapping) or k not in node:
             raise ValueError(
-                f"copy_teacher_modules: module {'.'.join(path)!r} not found in the {what}; "
+                f"copy_teacher_modules: module {'.'.join(name or path)!r} not found in the {what}; "
                 f"top-level modules are: {', '.join(sorted(tree))}"
             )
         node = node[k]
@@ -42,6 +42,75 @@ def _set(tree: dict, path: tuple[str, ...], value) -> dict:
     out = dict(tree)
     out[path[0]] = _set(tree[path[0]], path[1:], value)
     return out
+
+
+def _locate(config, path: tuple[str, ...]) -> tuple[tuple[str, ...], Optional[int]]:
+    """A path in HF's per-layer view ("h", "3", "attn") -> (the stacked path ("h", "attn"),
+    layer 3); a path outside the blocks (or the whole stack "h") -> (path, None)."""
+    stacked = models.family(config).LAYERS_PATH
+    n = len(stacked)
+    if path[:n] != stacked or len(path) == n:
+        return path, None
+    if not path[n].isdigit() or int(path[n]) >= config.num_layers:
+        raise ValueError(f"copy_teacher_modules: module {'.'.join(path)!r} not found: the model has "
+                         f"blocks 0..{config.num_layers - 1}")
+    return stacked + path[n + 1:], int(path[n])
+
+
+def _get_module(tree: Mapping, config, path: tuple[str, ...], what: str):
+    """The subtree at HF-view `path`: a slice of the stacked leaves for a path inside block N."""
+    at, layer = _locate(config, path)
+    node = _get(tree, at, what, path)
+    return node if layer is None else jax.tree_util.tree_map(lambda x: x[layer], node)
+
+
+def _set_module(tree: dict, config, path: tuple[str, ...], value) -> dict:
+    """A copy of `tree` with the subtree at HF-view `path` replaced (one slice inside block N)."""
+    at, layer = _locate(config, path)
+    if layer is not None:
+        value = jax.tree_util.tree_map(lambda full, v: full.at[layer].set(v), _get(tree, at, "student"), value)
+    return _set(tree, at, value)
+
+
+def _freeze(trainable: dict, config, path: tuple[str, ...]) -> dict:
+    """The trainable mask with the module at HF-view `path` frozen. A leaf's mask is a bool, or,
+    for a stacked leaf frozen in some layers only, a numpy bool array [num_layers] (True =
+    that layer trains; `frozen_layers` applies it)."""
+    at, layer = _locate(config, path)
+
+    def freeze(t):
+        if layer is None:
+            return False
+        per_layer = np.broadcast_to(np.asarray(t, bool), (config.num_layers,)).copy()
+        per_layer[layer] = False
+        return bool(per_layer.all()) if per_layer.all() or not per_layer.any() else per_layer
+    return _set(trainable, at, jax.tree_util.tree_map(freeze, _get(trainable, at, "student")))
+
+
+def trains(t) -> bool:
+    """Whether a trainable-mask leaf (a bool, or a per-layer bool array) trains any of it."""
+    return bool(np.any(t))
+
+
+def trained_part(x: jax.Array, t) -> jax.Array:
+    """`x` (a stacked leaf's gradient or update [L, ...]) with the frozen layers of mask leaf
+    `t` zeroed; `x` itself for a whole-leaf bool."""
+    if isinstance(t, np.ndarray):
+        return x * jnp.asarray(t, x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+    return x
+
+
+def frozen_layers(tx, trainable):
+    """`tx` (the optimizer) for a mask with layers frozen inside stacked leaves: their gradients
+    are zeroed before it (so clipping's global norm excludes them, as torch gives a frozen
+    module no gradient) and their updates after it (so weight decay does not move them). `tx`
+    unchanged when no leaf is frozen in part."""
+    import optax
+
+    if not any(isinstance(t, np.ndarray) for t in jax.tree_util.tree_leaves(trainable)):
+        return tx
+    zero = optax.stateless(lambda updates, params=None: jax.tree_util.tree_map(trained_part, updates, trainable))
+    return optax.chain(zero, tx, zero)
 
 
 def student_config(teacher, cfg: Mapping):
@@ -111,7 +180,9 @@ def build_student(teacher_config, teacher_params: Mapping, cfg: Mapping,
       copy_teacher_modules (list of (HF module name, frozen) pairs; default [("lm_head", False)]),
       init_from_teacher_layers ("uniform", a list with one teacher block index per student block,
       or empty).
-    The trainable mask is a pytree of bools like params (False = frozen, never updated).
+    The trainable mask is a pytree like params (False = frozen, never updated) of bools, or of
+    per-layer bool arrays [num_layers] for a stacked leaf frozen in some blocks only (e.g.
+    copy_teacher_modules [("transformer.h.0", True)]): see `frozen_layers`.
     """
     config = student_config(teacher_config, cfg)
     copies = list(cfg.get("copy_teacher_modules", [("lm_head", False)]) or [])
@@ -139,11 +210,11 @@ def build_student(teacher_config, teacher_params: Mapping, cfg: Mapping,
     spec = cfg.get("init_from_teacher_layers")
     if spec:
         layers = _teacher_layers(spec, config.num_layers, teacher_config.num_layers)
-        for i, j in enumerate(layers):
-            dst = fam.block_path(i)
-            value = _copy_checked(_get(teacher_params, t_fam.block_path(j), "teacher"),
-                                  _get(params, dst, "student"), f"block {j}")
-            params = _set(params, dst, value)
+        # The blocks are stacked: one gather of the chosen teacher layers per leaf.
+        picked = jax.tree_util.tree_map(lambda x: x[np.asarray(layers)],
+                                        _get(teacher_params, t_fam.LAYERS_PATH, "teacher"))
+        value = _copy_checked(picked, _get(params, fam.LAYERS_PATH, "student"), f"blocks {layers}")
+        params = _set(params, fam.LAYERS_PATH, value)
         log.info("student blocks initialized from teacher blocks %s", layers)
 
     for module, frozen in copies:
@@ -156,13 +227,13 @@ def build_student(teacher_config, teacher_params: Mapping, cfg: Mapping,
             mask_path = fam.lm_head_path(config)
         else:
             path = fam.module_path(module)
-            value = _copy_checked(_get(teacher_params, t_fam.module_path(module), "teacher"),
-                                  _get(params, path, "student"), module)
-            params = _set(params, path, value)
+            value = _copy_checked(_get_module(teacher_params, teacher_config, t_fam.module_path(module),
+                                              "teacher"),
+                                  _get_module(params, config, path, "student"), module)
+            params = _set_module(params, config, path, value)
             mask_path = path
         if frozen:
-            trainable = _set(trainable, mask_path, jax.tree_util.tree_map(
-                lambda _: False, _get(trainable, mask_path, "student")))
+            trainable = _freeze(trainable, config, mask_path)
         log.info("copied teacher module %s into the student%s", module, " (frozen)" if frozen else "")
     return config, params, trainable
 

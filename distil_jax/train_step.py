@@ -31,10 +31,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from distil_jax import models, sharding
+from distil_jax import models, sharding, student
+from distil_jax.data.batches import ROW_TOKENS
 from distil_jax.models.common import AUTO_REMAT_MEMORY_SHARE
 from distil_jax.objectives.objective import (CachedTeacher, Objective, device_memory_bytes,
-                                             next_token_targets, real_token_positions)
+                                             counted_positions, next_token_targets,
+                                             real_token_positions)
 
 Array = jax.Array
 
@@ -133,12 +135,12 @@ def make_optimizer(cfg: Mapping, total_steps: int, trainable: Any) -> tuple[opta
                          "learning_rate must be positive")
     grouped = isinstance(trainable, Mapping) and set(trainable) == {"student", "objective"}
     if grouped:
-        labels = {"student": jax.tree_util.tree_map(lambda t: "student" if t else "frozen",
+        labels = {"student": jax.tree_util.tree_map(lambda t: "student" if student.trains(t) else "frozen",
                                                     trainable["student"]),
                   "objective": jax.tree_util.tree_map(lambda t: "objective" if t else "frozen",
                                                       trainable["objective"])}
     else:
-        labels = jax.tree_util.tree_map(lambda t: "student" if t else "frozen", trainable)
+        labels = jax.tree_util.tree_map(lambda t: "student" if student.trains(t) else "frozen", trainable)
     groups = {"student": opt(schedule, wd, _decay_mask),
               "objective": opt(obj_schedule, obj_wd, obj_decay_mask),
               "frozen": optax.set_to_zero()}
@@ -149,7 +151,7 @@ def make_optimizer(cfg: Mapping, total_steps: int, trainable: Any) -> tuple[opta
         clipped = jax.tree_util.tree_map(
             lambda label: label == "student" or (label == "objective" and obj_clip), labels)
         tx = optax.chain(optax.masked(optax.clip_by_global_norm(cfg["max_grad_norm"]), clipped), tx)
-    return tx, schedule
+    return student.frozen_layers(tx, trainable), schedule
 
 
 def student_grad_norm(grads: Any, trainable: Any) -> Array:
@@ -158,7 +160,8 @@ def student_grad_norm(grads: Any, trainable: Any) -> Array:
     without those keys counts whole)."""
     if isinstance(trainable, Mapping) and "student" in trainable:
         grads, trainable = grads["student"], trainable["student"]
-    leaves = [g for g, t in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(trainable)) if t]
+    leaves = [student.trained_part(g, t) for g, t in
+              zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(trainable)) if student.trains(t)]
     return optax.tree.norm(leaves) if leaves else jnp.zeros((), jnp.float32)
 
 
@@ -261,7 +264,7 @@ def distill_loss(sc: StepConfig, params: Mapping, teacher_params: Mapping, batch
     if compact:
         heads["logits_positions"] = real_token_positions(seg > 0, sc.logits_groups, sc.logits_capacity)
     return obj(params.get("objective", {}), s_out, t_out, seg, ids, **heads,
-               single_document_rows=sc.single_document_rows)
+               single_document_rows=sc.single_document_rows, loss_mask=batch.get("loss_mask"))
 
 
 def logits_capacity(segment_ids: np.ndarray, groups: int = 1, grad_accum: int = 1,
@@ -273,21 +276,34 @@ def logits_capacity(segment_ids: np.ndarray, groups: int = 1, grad_accum: int = 
     segment_ids: [A·b, S] host array (0 = padding). Rounding up to a bucket bounds the number of
     distinct capacities, hence of compilations of the step, to `buckets`.
     """
+    seg = np.asarray(segment_ids)
+    return capacity_of_rows((seg > 0).sum(-1), seg.shape[-1], groups, grad_accum, buckets)
+
+
+def capacity_of_rows(row_tokens: np.ndarray, seq: int, groups: int = 1, grad_accum: int = 1,
+                     buckets: int = 8) -> Optional[int]:
+    """`logits_capacity` from each row's real tokens ([A·b] ints, every row of the global batch)
+    and the row length `seq`: a group's real tokens are the sum over its rows."""
     if buckets <= 0:
         return None
-    real = (np.asarray(segment_ids) > 0).reshape(grad_accum, groups, -1)
-    size = real.shape[-1]
+    per_row = np.asarray(row_tokens).reshape(grad_accum, groups, -1)
+    size = per_row.shape[-1] * seq
     quantum = -(-size // buckets)
-    most = int(real.sum(-1).max())
+    most = int(per_row.sum(-1).max())
     capacity = max(quantum, -(-most // quantum) * quantum)
     return None if capacity >= size else capacity
 
 
-def _label_count(segment_ids: Array) -> Array:
-    """Number of next-token labels (the clm loss's denominator): positions whose next token is
-    in the same document."""
+def _label_count(segment_ids: Array, loss_mask: Optional[Array] = None) -> Array:
+    """Number of next-token labels (the clm loss's denominator): counted positions whose next
+    token is in the same document."""
     _, valid = next_token_targets(segment_ids, segment_ids)  # only the validity is used
-    return valid.sum().astype(jnp.float32)
+    return (valid & counted_positions(segment_ids, loss_mask)).sum().astype(jnp.float32)
+
+
+def _token_count(batch: Mapping) -> Array:
+    """Counted positions of a (micro-)batch (the feature and logits losses' denominator)."""
+    return counted_positions(batch["segment_ids"], batch.get("loss_mask")).sum().astype(jnp.float32)
 
 
 def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -305,74 +321,91 @@ def make_train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: 
     None = every student leaf), learning_rate (the student's rate after the step, as HF logs
     the rate its scheduler holds after stepping), tokens.
     """
-    loss_fn = functools.partial(distill_loss, sc)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    clm_weight = sc.objective.clm_weight
-
-    def share_of_loss(params, teacher_params, mb, rng, w_tok, w_lab):
-        """A micro-batch's share of the full-batch loss. The feature components are means over
-        real tokens (weight w_tok); the clm loss is a mean over next-token labels, whose count is
-        not proportional to the real tokens (one label fewer per document), so it gets w_lab."""
-        loss, m = loss_fn(params, teacher_params, mb, rng)
-        if clm_weight:
-            clm = clm_weight * m["loss/clm"]
-            return w_tok * (loss - clm) + w_lab * clm, m
-        return w_tok * loss, m
-
-    accum_grad_fn = jax.value_and_grad(share_of_loss, has_aux=True)
 
     def step(state: TrainState, teacher_params, batch):
-        if placement is None:
-            return _step(state, teacher_params, batch)
-        # Traced on the mesh: the models pin their activations (rows over data x fsdp, heads and
-        # MLP columns over tensor) by the same logical rules as the parameters.
-        with models.activation_sharding(placement.mesh, sharding.RULES):
-            return _step(state, teacher_params, batch)
-
-    def _step(state: TrainState, teacher_params, batch):
         rng = jax.random.fold_in(state.rng, state.step)
-        n_tokens = jnp.maximum((batch["segment_ids"] > 0).sum(), 1).astype(jnp.float32)
+        n_tokens = jnp.maximum(_token_count(batch), 1.0)
         if sc.grad_accum == 1:
+            grad_fn = jax.value_and_grad(functools.partial(distill_loss, sc), has_aux=True)
             (_, metrics), grads = grad_fn(state.params, teacher_params, batch, rng)
         else:
-            A = sc.grad_accum
-            micro = jax.tree_util.tree_map(lambda x: x.reshape((A, -1) + x.shape[1:]), batch)
-            n_labels = jnp.maximum(_label_count(batch["segment_ids"]), 1.0)
+            grads, metrics = _accumulated_grads(sc, state.params, teacher_params, batch, rng, n_tokens)
+        return _apply_update(state, grads, metrics, tx, schedule, trainable, batch)
 
-            def body(carry, mb_i):
-                mb, i = mb_i
-                w_tok = (mb["segment_ids"] > 0).sum().astype(jnp.float32) / n_tokens
-                w_lab = _label_count(mb["segment_ids"]) / n_labels
-                (share, m), g = accum_grad_fn(state.params, teacher_params, mb,
-                                              jax.random.fold_in(rng, i), w_tok, w_lab)
-                acc_g, acc_m = carry
-                acc_g = jax.tree_util.tree_map(jnp.add, acc_g, g)
-                acc_m = {k: acc_m[k] + (share if k == "loss" else
-                                        (w_lab if k == "loss/clm" else w_tok) * v)
-                         for k, v in m.items()}
-                return (acc_g, acc_m), None
+    return _jit_on(step, placement)
 
-            zeros_g = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-            m_shape = jax.eval_shape(lambda: grad_fn(state.params, teacher_params,
-                                                     jax.tree_util.tree_map(lambda x: x[0], micro), rng)[0][1])
-            zeros_m = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
-            (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), (micro, jnp.arange(A)))
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics)
-        metrics["grad_norm"] = student_grad_norm(
-            grads, trainable if trainable is not None else jax.tree_util.tree_map(lambda _: True, grads))
-        metrics["learning_rate"] = schedule(state.step + 1)
-        metrics["tokens"] = n_tokens
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        return new_state, metrics
 
-    if placement is not None:
-        rep = placement.replicated
-        return jax.jit(step, donate_argnums=(0,),
-                       in_shardings=(placement.state, placement.teacher, placement.batch),
-                       out_shardings=(placement.state, rep))
-    return jax.jit(step, donate_argnums=(0,))
+def _share_of_loss(sc: StepConfig, params, teacher_params, mb, rng, w_tok, w_lab):
+    """A micro-batch's share of the full-batch loss: (share, its metrics). The feature components
+    are means over real tokens (weight w_tok); the clm loss is a mean over next-token labels,
+    whose count is not proportional to the real tokens (one label fewer per document), so it gets
+    w_lab."""
+    loss, m = distill_loss(sc, params, teacher_params, mb, rng)
+    if sc.objective.clm_weight:
+        clm = sc.objective.clm_weight * m["loss/clm"]
+        return w_tok * (loss - clm) + w_lab * clm, m
+    return w_tok * loss, m
+
+
+def _accumulated_grads(sc: StepConfig, params, teacher_params, batch, rng, n_tokens):
+    """(gradients, metrics) of the batch [A·b, S] as A micro-batches of b rows, summed under a
+    scan, each weighted by its share of the real tokens (of the labels for clm): the one-batch
+    gradient and metrics."""
+    A = sc.grad_accum
+    grad_fn = jax.value_and_grad(functools.partial(_share_of_loss, sc), has_aux=True)
+    micro = jax.tree_util.tree_map(lambda x: x.reshape((A, -1) + x.shape[1:]), batch)
+    n_labels = jnp.maximum(_label_count(batch["segment_ids"], batch.get("loss_mask")), 1.0)
+
+    def body(carry, mb_i):
+        mb, i = mb_i
+        w_tok = _token_count(mb) / n_tokens
+        w_lab = _label_count(mb["segment_ids"], mb.get("loss_mask")) / n_labels
+        (share, m), g = grad_fn(params, teacher_params, mb, jax.random.fold_in(rng, i), w_tok, w_lab)
+        acc_g, acc_m = carry
+        acc_g = jax.tree_util.tree_map(jnp.add, acc_g, g)
+        acc_m = {k: acc_m[k] + (share if k == "loss" else (w_lab if k == "loss/clm" else w_tok) * v)
+                 for k, v in m.items()}
+        return (acc_g, acc_m), None
+
+    zeros_g = jax.tree_util.tree_map(jnp.zeros_like, params)
+    first = jax.tree_util.tree_map(lambda x: x[0], micro)
+    m_shape = jax.eval_shape(lambda: distill_loss(sc, params, teacher_params, first, rng)[1])
+    zeros_m = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
+    (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), (micro, jnp.arange(A)))
+    return grads, metrics
+
+
+def _apply_update(state: TrainState, grads, metrics, tx, schedule, trainable, batch):
+    """(the state after the optimizer's update, the step's metrics with grad_norm, learning_rate,
+    tokens and, with a loss mask, counted_tokens added)."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics)
+    metrics["grad_norm"] = student_grad_norm(
+        grads, trainable if trainable is not None else jax.tree_util.tree_map(lambda _: True, grads))
+    metrics["learning_rate"] = schedule(state.step + 1)
+    # Real tokens (the throughput's); with a loss mask also the positions the losses counted.
+    metrics["tokens"] = jnp.maximum((batch["segment_ids"] > 0).sum(), 1).astype(jnp.float32)
+    if "loss_mask" in batch:
+        metrics["counted_tokens"] = _token_count(batch)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def _jit_on(step, placement: Optional[sharding.Placement]):
+    """`step` jitted with its state donated: with a placement, traced on its mesh (the models pin
+    their activations, rows over data x fsdp, heads and MLP columns over tensor, by the same
+    logical rules as the parameters) with its shardings in and out; without, wherever its
+    arguments are."""
+    if placement is None:
+        return jax.jit(step, donate_argnums=(0,))
+
+    def on_mesh(state, teacher_params, batch):
+        with models.activation_sharding(placement.mesh, sharding.RULES):
+            return step(state, teacher_params, batch)
+
+    return jax.jit(on_mesh, donate_argnums=(0,),
+                   in_shardings=(placement.state, placement.teacher, placement.batch),
+                   out_shardings=(placement.state, placement.replicated))
 
 
 class BucketedTrainStep:
@@ -401,26 +434,38 @@ class BucketedTrainStep:
         self._steps: dict = {}
 
     def capacity(self, host_batch: Mapping) -> Optional[int]:
+        """The batch's logits bucket: from its `ROW_TOKENS` (a process-local batch) if it has
+        them, else from its segment ids (then the whole global batch)."""
+        if ROW_TOKENS in host_batch:
+            return capacity_of_rows(host_batch[ROW_TOKENS], np.shape(host_batch["segment_ids"])[1],
+                                    self._sc.logits_groups, self._sc.grad_accum, self.buckets)
         return logits_capacity(host_batch["segment_ids"], self._sc.logits_groups, self._sc.grad_accum,
                                self.buckets)
 
     def step_for(self, host_batch: Mapping):
         """(the jitted step for this batch's bucket, the batch placed on the devices).
 
-        host_batch: the whole global batch ([A·b, S] numpy, the same on every process): its
-        bucket is the most real tokens of any device's share, which every process must agree
-        on to run the same program. Each process transfers only its own devices' rows."""
+        host_batch: the whole global batch ([A·b, S] numpy, the same on every process), or this
+        process's rows of it with `ROW_TOKENS` (`data.BatchIterator(process_rows=...)`). Every
+        process must run the same program, so the bucket (the most real tokens of any device's
+        share) is decided from what every process holds alike: the global batch, or the per-row
+        token counts of it that each process computes itself from the rows it was given, with no
+        collective (an all-reduce of the local maxima would wait on the devices every step and
+        cost the step its asynchronous dispatch). Each process transfers only its devices' rows."""
         cap = self.capacity(host_batch)
+        rows = dict(host_batch)
+        global_rows = len(rows.pop(ROW_TOKENS)) if ROW_TOKENS in rows else None
         if cap not in self._steps:
             if self._on_compile is not None:
                 self._on_compile(cap)
+            seq = np.shape(rows["input_ids"])[1]
             sc = for_batch_shape(dataclasses.replace(self._sc, logits_capacity=cap),
-                                   *np.shape(host_batch["input_ids"]))
+                                 global_rows or np.shape(rows["input_ids"])[0], seq)
             self._steps[cap] = make_train_step(sc, *self._args)
         if self._placement is not None:
-            batch = self._placement.put_batch(host_batch)
+            batch = self._placement.put_batch(rows, global_rows)
         else:
-            batch = {k: jnp.asarray(v) for k, v in host_batch.items()}
+            batch = {k: jnp.asarray(v) for k, v in rows.items()}
         return self._steps[cap], batch
 
     def __call__(self, state: TrainState, teacher_params, host_batch: Mapping):
@@ -448,6 +493,7 @@ def make_eval_step(config, dtype=jnp.float32, mesh: Optional[Mesh] = None):
         logits = models.forward(config, params, ids, segment_ids=seg, dtype=dtype).logits
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         labels, valid = next_token_targets(ids, seg)
+        valid = valid & counted_positions(seg, batch.get("loss_mask"))
         lp = jnp.where(valid, jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0], 0.0)
         per_doc = jax.vmap(lambda v, s: jax.ops.segment_sum(v, s, num_segments=S))
         return {"logprob_sum": lp.sum(), "tokens": valid.sum(),

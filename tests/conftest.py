@@ -14,5 +14,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax-compilation"))
+# The demo teacher's cache (distil_jax.demo.teacher.cache_root) beside it, never the user's ~/.cache.
+os.environ.setdefault("DISTIL_JAX_CACHE",
+                      str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "distil_jax"))
 # Programs that compile in under 0.2 s are cheaper to compile again than to look up.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")

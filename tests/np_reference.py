@@ -27,6 +27,8 @@ def np_divergence_rows(name, ps, pt, beta=0.5):
     if name == "cakld":
         return beta * np_kl_rows(ps, pt) + (1 - beta) * np_kl_rows(pt, ps)
     if name == "jsd":
+        if beta in (0, 1):  # TRL's generalized JSD: forward KL at 0, reverse KL at 1
+            return np_kl_rows(pt, ps) if beta == 0 else np_kl_rows(ps, pt)
         m = beta * pt + (1 - beta) * ps
         return beta * np_kl_rows(pt, m) + (1 - beta) * np_kl_rows(ps, m)
     if name == "ce":

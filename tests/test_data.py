@@ -92,7 +92,8 @@ def test_pack_small_example():
     )
     assert out["input_ids"].dtype == np.int32 and out["segment_ids"].dtype == np.int32
     assert data.layout_stats(out) == {
-        "rows": 4, "real_tokens": 14, "padding_fraction": 2 / 16, "documents": 5
+        "rows": 4, "real_tokens": 14, "counted_tokens": 14, "padding_fraction": 2 / 16,
+        "documents": 5
     }
     empty = data.pack([], seq_len=4, eos_id=0)
     assert empty["input_ids"].shape == (0, 4)

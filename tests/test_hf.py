@@ -53,7 +53,7 @@ def test_bfloat16_export_dtype_preserved(tmp_path):
     model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "bf16", dtype="auto", attn_implementation="eager")
     assert model.transformer.wte.weight.dtype == torch.bfloat16
     _, back = hf.load_pretrained(tmp_path / "bf16", dtype=jnp.bfloat16)
-    assert back["h"]["0"]["attn"]["c_attn"]["kernel"].dtype == jnp.bfloat16
+    assert back["h"]["attn"]["c_attn"]["kernel"].dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(back["wte"]["embedding"], np.float32),
                                   np.asarray(params["wte"]["embedding"].astype(jnp.bfloat16), np.float32))
 
@@ -65,8 +65,8 @@ def test_pytorch_bin_and_sharded_safetensors(tmp_path):
     _, sharded = hf.load_pretrained(tmp_path / "sharded")
     save_tiny(tmp_path / "single", seed=10)
     _, single = hf.load_pretrained(tmp_path / "single")
-    np.testing.assert_array_equal(np.asarray(sharded["h"]["1"]["mlp"]["c_fc"]["kernel"]),
-                                  np.asarray(single["h"]["1"]["mlp"]["c_fc"]["kernel"]))
+    np.testing.assert_array_equal(np.asarray(sharded["h"]["mlp"]["c_fc"]["kernel"][1]),
+                                  np.asarray(single["h"]["mlp"]["c_fc"]["kernel"][1]))
     # pytorch_model.bin, written by hand (transformers 5 saves safetensors only).
     (tmp_path / "pt").mkdir()
     model.config.save_pretrained(tmp_path / "pt")
@@ -158,3 +158,29 @@ def test_corrupt_weights_file_is_a_one_line_error_naming_it(tmp_path, damage):
     msg = str(e.value)
     assert len(msg.splitlines()) == 1 and f"cannot read the weights file {f}" in msg
     assert "corrupt or truncated" in msg
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_hf_layer_names_are_slices_of_the_stacked_leaves(family):
+    """HF's `transformer.h.N.*` / `model.layers.N.*` tensor is slice N of the stacked leaf (both
+    directions), compared against the torch module's own per-layer parameters."""
+    from tests import llama_utils
+
+    model = tiny_hf_model(seed=3, n_layer=3) if family == "gpt2" else llama_utils.tiny_hf_model("llama", seed=3)
+    config = hf.config_from_hf(model.config)
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    params = hf.hf_state_dict_to_params(config, state)
+    if family == "gpt2":
+        stacked, name = params["h"]["mlp"]["c_fc"]["kernel"], "transformer.h.{}.mlp.c_fc.weight"
+        layer = lambda i: model.transformer.h[i].mlp.c_fc.weight  # noqa: E731  Conv1D [in, out]
+    else:
+        stacked, name = params["model"]["layers"]["mlp"]["up_proj"]["kernel"], "model.layers.{}.mlp.up_proj.weight"
+        layer = lambda i: model.model.layers[i].mlp.up_proj.weight.T  # noqa: E731  Linear [out, in]
+    assert stacked.shape[0] == config.num_layers >= 2
+    for i in range(config.num_layers):
+        np.testing.assert_array_equal(np.asarray(stacked[i]), layer(i).detach().numpy())
+    back = hf.params_to_hf_state_dict(config, params)
+    assert set(back) == {k for k in state if models.family(config).hf_to_path(k) is not None
+                         and not (config.tie_word_embeddings and k == "lm_head.weight")}
+    for i in range(config.num_layers):
+        np.testing.assert_array_equal(np.asarray(back[name.format(i)]), state[name.format(i)])

@@ -330,7 +330,7 @@ def test_folder_round_trip_through_transformers(tmp_path, key, dtype):
 def test_param_tree_is_hf_state_dict(key):
     """init_params has exactly the HF model's parameters: names, shapes, count."""
     model, config, _ = _load(key)
-    shapes = llama.param_shapes(config)
+    shapes = models.hf_param_shapes(config)  # HF's per-layer view of the stacked blocks
     names = {k for k in model.state_dict() if not (config.tie_word_embeddings and k == "lm_head.weight")}
     assert {llama.path_to_hf(p): (v.shape[::-1] if llama.hf_transposed(p) else v.shape)
             for p, v in _flatten(shapes).items()} == \
@@ -415,7 +415,8 @@ def test_remat_identical_outputs_and_gradients():
     one block, since backward compiles are the slow part of this file on CPU."""
     _, config, params = _load("llama")
     one = config.replace(num_hidden_layers=1)
-    params = {**params, "model": {**params["model"], "layers": {"0": params["model"]["layers"]["0"]}}}
+    params = {**params, "model": {**params["model"], "layers": jax.tree_util.tree_map(
+        lambda x: x[:1], params["model"]["layers"])}}
     ids = np.random.RandomState(6).randint(0, config.vocab_size, (2, 8))
 
     def loss(p, remat):

@@ -76,7 +76,7 @@ def test_matches_numpy(name, use_mask):
     np.testing.assert_allclose(float(got), np_loss(name, s, t, mask), **TOL)
 
 
-@pytest.mark.parametrize("beta", [0.2, 0.9])
+@pytest.mark.parametrize("beta", [0.0, 0.2, 0.9, 1.0])
 @pytest.mark.parametrize("name", ["cakld", "jsd"])
 def test_beta(name, beta):
     s, t, mask = make_inputs(1)

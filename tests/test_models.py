@@ -96,9 +96,8 @@ def test_uniform_init_copies_evenly_spaced_teacher_blocks():
     tc, tp = T.teacher()
     _, sp, _ = T.student(tc, tp, init_from_teacher_layers="uniform")
     for i, j in enumerate([0, 3]):
-        for a, b in zip(jax.tree_util.tree_leaves(sp["h"][str(i)]),
-                        jax.tree_util.tree_leaves(tp["h"][str(j)])):
-            np.testing.assert_array_equal(a, b)
+        for a, b in zip(jax.tree_util.tree_leaves(sp["h"]), jax.tree_util.tree_leaves(tp["h"])):
+            np.testing.assert_array_equal(a[i], b[j])
     with pytest.raises(ValueError, match="more than the teacher's 4"):
         T.student(tc, tp, overrides={"n_layer": 5}, init_from_teacher_layers="uniform")
     with pytest.raises(ValueError, match="use 'uniform' or a list"):

@@ -323,11 +323,13 @@ def test_only_mapped_attention_layers_are_requested():
     t12 = GPT2Config(n_layer=12, n_embd=32, n_head=4, vocab_size=T.VOCAB)
     obj = Objective.from_config(T.REFERENCE_OBJECTIVE).bind(s6, t12)
     assert obj.features(s6, t12) == {
-        "student": dict(output_hidden_states=False, output_attentions=(4,)),
-        "teacher": dict(output_hidden_states=False, output_attentions=(10,)),
+        "student": dict(output_hidden_states=(), output_attentions=(4,)),
+        "teacher": dict(output_hidden_states=(), output_attentions=(10,)),
     }
+    # hs indexes the n_layer + 1 hidden states: "last" is the final (normed) one of each.
     hs = Objective.from_config(dict(hs=dict(weight=1.0, layer_mapper="last"))).bind(s6, t12)
-    assert hs.features(s6, t12)["student"] == dict(output_hidden_states=True, output_attentions=())
+    assert hs.features(s6, t12) == {"student": dict(output_hidden_states=(6,), output_attentions=()),
+                                    "teacher": dict(output_hidden_states=(12,), output_attentions=())}
 
 
 def test_hs_component_with_linear_projector_end_to_end(setup):

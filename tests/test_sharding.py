@@ -109,10 +109,11 @@ def test_every_gpt2_parameter_has_logical_axes():
     tc, _ = T.teacher()
     for cfg in (tc, tc.replace(tie_word_embeddings=False)):
         axes = models.logical_axes(cfg)
-        assert axes[("h", "0", "mlp", "c_fc", "kernel")] == ("embed", "mlp")
-        assert axes[("h", "0", "attn", "c_attn", "kernel")] == ("embed", "qkv")
+        assert axes[("h", "mlp", "c_fc", "kernel")] == ("layers", "embed", "mlp")
+        assert axes[("h", "attn", "c_attn", "kernel")] == ("layers", "embed", "qkv")
     assert axes[("lm_head", "kernel")] == ("embed", "vocab")
     assert sharding.logical_spec(("embed", "mlp")) == P("fsdp", "tensor")
+    assert sharding.logical_spec(("layers", "embed", "mlp")) == P(None, "fsdp", "tensor")
     assert sharding.logical_spec(("batch", None)) == P(("data", "fsdp"), None)
 
 
@@ -210,6 +211,36 @@ def test_a_process_places_its_own_rows():
         sharding.place_batch({k: v[:3] for k, v in b.items()}, mesh, global_rows=4)
 
 
+def test_process_batches_are_the_global_batches_rows():
+    """A process's batches (BatchIterator(process_rows=...)) are its rows of the global batches,
+    the last, partial one of the epoch included, and carry every global row's real tokens, from
+    which the padding-aware step picks the same logits bucket as from the global batch."""
+    from distil_jax.data.batches import ROW_TOKENS, BatchIterator
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 33, 22)  # rows of 32 positions, padded after `length` tokens
+    seg = (np.arange(32)[None] < lengths[:, None]).astype(np.int32)
+    arrays = {"input_ids": rng.integers(1, 100, (22, 32)), "segment_ids": seg}
+    whole = BatchIterator(arrays, 8, seed=3, drop_last=False)  # 3 batches, the last of 6 rows
+    halves = [BatchIterator(arrays, 8, seed=3, drop_last=False, process_rows=slice(i, i + 4))
+              for i in (0, 4)]
+    capacities = set()
+    for _ in range(2 * whole.steps_per_epoch):
+        want = next(whole)
+        got = [next(h) for h in halves]
+        for part, rows in zip(got, (slice(0, 4), slice(4, 8))):
+            for k in arrays:
+                np.testing.assert_array_equal(part[k], want[k][rows])
+            np.testing.assert_array_equal(part[ROW_TOKENS], (want["segment_ids"] > 0).sum(-1))
+        for groups, accum in ((2, 1), (4, 1), (2, 2)):
+            cap = ts_lib.logits_capacity(want["segment_ids"], groups, accum, buckets=8)
+            assert ts_lib.capacity_of_rows(got[1][ROW_TOKENS], 32, groups, accum, 8) == cap
+            capacities.add(cap)
+    assert len(capacities) > 1  # the cases pick different buckets
+    with pytest.raises(ValueError, match="process_rows"):
+        BatchIterator({"input_ids": arrays["input_ids"]}, 8, process_rows=slice(0, 4))
+
+
 # ----------------------------------------------------------------------------- multi-host
 
 TINY = os.path.join(REPO, "configs", "tiny.py")
@@ -253,7 +284,8 @@ def _seed(src, dst):
     import shutil
 
     for name in ("teacher", "data", "cache"):
-        shutil.copytree(src / name, dst / name)
+        if (src / name).exists():  # no data folder when dataset.uri names the corpus
+            shutil.copytree(src / name, dst / name)
     return dst
 
 
@@ -344,15 +376,27 @@ def test_killed_process_makes_the_other_exit(one_process_run, tmp_path):
 # ----------------------------------------------------------------------------- resume (issue 24)
 
 
-def _reference_run(tmp_path_factory, name, steps, save_steps):
-    """An uninterrupted one-device run of the tiny config (the result a resume must reach)."""
+def _reference_run(tmp_path_factory, name, steps, save_steps, *overrides, devices=1):
+    """An uninterrupted one-process run of the tiny config (the result a resume must reach): in
+    this process on its one device, or with `devices` simulated devices and the command-line
+    `overrides` in a subprocess (the device count is fixed before jax is imported)."""
     from distil_jax.train import train
 
     workdir = tmp_path_factory.mktemp(name)
-    c = config_lib.load(TINY + ":test")
-    c.train.max_steps, c.train.save_steps = steps, save_steps
-    c.train.save_total_limit = 0  # every checkpoint kept: a test resumes from an earlier one
-    train(c, workdir)
+    if devices == 1 and not overrides:
+        c = config_lib.load(TINY + ":test")
+        c.train.max_steps, c.train.save_steps = steps, save_steps
+        c.train.save_total_limit = 0  # every checkpoint kept: a test resumes from an earlier one
+        train(c, workdir)
+        return workdir
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "distil_jax.train", "--config", TINY + ":test", "--workdir",
+         str(workdir), f"--config.train.max_steps={steps}", f"--config.train.save_steps={save_steps}",
+         "--config.train.save_total_limit=0", *overrides],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir
 
 
@@ -397,22 +441,27 @@ def test_resume_on_a_changed_explicit_mesh(twelve_steps, tmp_path):
     _assert_params_close(workdir, twelve_steps)
 
 
-@pytest.mark.slow
-def test_two_processes_resume_after_sigkill(twelve_steps, tmp_path):
-    """Two processes killed (SIGKILL, both) after checkpoint 2, then the same two commands on a
-    new coordinator port: neither is refused nor hangs (process_id and the coordinator are launch
-    facts), both exit 0, and the result equals the uninterrupted two-process run within
-    SHARD_TOL. (Against the one-device run, 12 steps of another reduction order drift past
-    SHARD_TOL on near-zero Adam updates; test_two_processes_equal_one compares 4 steps.)"""
+@pytest.fixture(scope="module")
+def fsdp2_twelve_steps(tmp_path_factory):
+    """(the uninterrupted run at fsdp=2 in ONE process on two devices, its arguments). FSDP over
+    two processes: each holds half of every large parameter and of its Adam moments and builds
+    only its own rows of each batch. The rows are short paragraphs of the demo corpus, padded
+    (dataset.layout=pad), so the padding-aware step picks logits buckets, which both processes
+    must agree on."""
+    from distil_jax.demo import corpus
+
+    text = tmp_path_factory.mktemp("paragraphs") / "paragraphs.txt"
+    text.write_text("\n\n".join(corpus.stdlib_docstrings()))
+    args = ("--config.train.mesh.data=1", "--config.train.mesh.fsdp=2", "--config.dataset.layout=pad",
+            f"--config.dataset.uri={text}", "--config.dataset.sample_by=paragraph")
+    return _reference_run(tmp_path_factory, "fsdp2", 12, 2, *args, devices=2), args
+
+
+def _kill_after_checkpoint_2(workdir, args):
+    """Two processes of the tiny run, both SIGKILLed once checkpoint 2 exists; the steps left."""
     import signal
     import time
 
-    args = ("--config.train.max_steps=12", "--config.train.save_steps=2")
-    whole = _seed(twelve_steps, tmp_path / "whole")
-    procs = _launch(whole, 2, _free_port(), *args)
-    for p, (_, err) in zip(procs, [p.communicate(timeout=600) for p in procs]):
-        assert p.returncode == 0, err[-3000:]
-    workdir = _seed(twelve_steps, tmp_path / "two")
     procs = _launch(workdir, 2, _free_port(), *args)
     deadline = time.time() + 300
     while not (workdir / "checkpoints" / "2").exists():
@@ -425,10 +474,61 @@ def test_two_processes_resume_after_sigkill(twelve_steps, tmp_path):
         p.communicate(timeout=60)
     at_kill = checkpoint.available_steps(workdir)
     assert at_kill and at_kill[-1] < 12, at_kill
+    return at_kill[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", ["data2", "fsdp2"])
+def test_two_processes_resume_after_sigkill(mesh, request, tmp_path):
+    """Two processes killed (SIGKILL, both) after checkpoint 2, then the same two commands on a
+    new coordinator port: neither is refused nor hangs (process_id and the coordinator are launch
+    facts), both exit 0, and the result equals an uninterrupted run within SHARD_TOL.
+
+    data2 (one device per process, data=2): against the uninterrupted two-process run (against
+    the one-device run, 12 steps of another reduction order drift past SHARD_TOL on near-zero
+    Adam updates; test_two_processes_equal_one compares 4 steps). fsdp2 (data=1 x fsdp=2, padded
+    rows): against one process on two devices with the same mesh, the same program; and the
+    export of the two-process workdir loads in transformers."""
+    args = ("--config.train.max_steps=12", "--config.train.save_steps=2")
+    if mesh == "data2":
+        whole = _seed(request.getfixturevalue("twelve_steps"), tmp_path / "whole")
+        procs = _launch(whole, 2, _free_port(), *args)
+        for p, (_, err) in zip(procs, [p.communicate(timeout=600) for p in procs]):
+            assert p.returncode == 0, err[-3000:]
+    else:
+        whole, mesh_args = request.getfixturevalue("fsdp2_twelve_steps")
+        args += mesh_args
+    workdir = _seed(whole, tmp_path / "two")
+    at_kill = _kill_after_checkpoint_2(workdir, args)
     procs = _launch(workdir, 2, _free_port(), *args)
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-        assert f"resumed from the checkpoint at step {at_kill[-1]}" in err, err[-3000:]
+        assert f"resumed from the checkpoint at step {at_kill}" in err, err[-3000:]
     assert "train.coordinator_address" in _session_changes(workdir)
     _assert_params_close(workdir, whole)
+    if mesh == "fsdp2":
+        assert "real tokens per device share" in outs[0][1]  # a logits bucket was used
+        _assert_export_loads(workdir, tmp_path / "export")
+
+
+def _assert_export_loads(workdir, out):
+    """The export of `workdir` loads in transformers with no missing or unexpected weight, and
+    its logits equal the checkpoint's JAX student within 1e-5 (tests/test_export.py's float32
+    tolerance)."""
+    import torch
+    import transformers
+
+    from distil_jax import hf
+    from distil_jax.export import export
+
+    export(workdir, out)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True,
+                                                                    dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    _, params = checkpoint.restore_params(workdir)
+    ids = np.random.default_rng(0).integers(0, T.VOCAB, (2, 16))
+    with torch.no_grad():
+        got = model.eval()(torch.as_tensor(ids)).logits.numpy()
+    want = models.forward(hf.load_config(workdir / "student"), params["student"], ids).logits
+    assert np.abs(got - np.asarray(want)).max() <= 1e-5

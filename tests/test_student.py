@@ -26,6 +26,12 @@ def _leaves_equal(a, b):
     return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
 
 
+def _h(params):
+    """The GPT-2 blocks in HF's per-layer view ({"0": block 0, ...}): slices of the stacked `h`."""
+    n = jax.tree_util.tree_leaves(params["h"])[0].shape[0]
+    return {str(i): jax.tree_util.tree_map(lambda x, i=i: x[i], params["h"]) for i in range(n)}
+
+
 def _all_true(tree):
     return all(jax.tree_util.tree_leaves(tree))
 
@@ -57,7 +63,7 @@ def test_student_from_config_path(teacher, tmp_path):
     s_cfg, sp, trainable = student_lib.build_student(
         tc, tp, {"config_name_or_path": str(tmp_path), "overrides": {"n_layer": 2}}, RNG)
     assert (s_cfg.n_layer, s_cfg.n_embd, s_cfg.inner_dim) == (2, 32, 64)
-    assert sorted(sp["h"]) == ["0", "1"] and sp["h"]["0"]["mlp"]["c_fc"]["kernel"].shape == (32, 64)
+    assert sorted(_h(sp)) == ["0", "1"] and _h(sp)["0"]["mlp"]["c_fc"]["kernel"].shape == (32, 64)
     # Default copy_teacher_modules: the (tied) LM head, i.e. the token embedding, trainable.
     assert np.array_equal(sp["wte"]["embedding"], tp["wte"]["embedding"])
     assert _all_true(trainable)
@@ -77,8 +83,8 @@ def test_student_from_pretrained_path_loads_weights(teacher, tmp_path):
                                                    "copy_teacher_modules": []}, RNG)
     assert s_cfg.n_layer == 2
     np.testing.assert_array_equal(sp["wte"]["embedding"], sd["transformer.wte.weight"])
-    np.testing.assert_array_equal(sp["h"]["1"]["attn"]["c_attn"]["kernel"], sd["transformer.h.1.attn.c_attn.weight"])
-    np.testing.assert_array_equal(sp["h"]["0"]["ln_2"]["bias"], sd["transformer.h.0.ln_2.bias"])
+    np.testing.assert_array_equal(_h(sp)["1"]["attn"]["c_attn"]["kernel"], sd["transformer.h.1.attn.c_attn.weight"])
+    np.testing.assert_array_equal(_h(sp)["0"]["ln_2"]["bias"], sd["transformer.h.0.ln_2.bias"])
     np.testing.assert_array_equal(sp["ln_f"]["scale"], sd["transformer.ln_f.weight"])
     # With the default copy_teacher_modules the embedding is the teacher's, the blocks stay loaded.
     _, sp2, _ = student_lib.build_student(tc, tp, {"model_name_or_path": str(tmp_path)}, RNG)
@@ -107,9 +113,10 @@ def test_copy_lm_head_frozen_and_other_modules(teacher):
                                                                 ("ln_f", True)])
     assert np.array_equal(sp["wte"]["embedding"], tp["wte"]["embedding"])
     assert sp["wte"]["embedding"] is not tp["wte"]["embedding"]
-    assert _leaves_equal(sp["h"]["1"]["mlp"], tp["h"]["1"]["mlp"])
+    assert _leaves_equal(_h(sp)["1"]["mlp"], _h(tp)["1"]["mlp"])
     assert _leaves_equal(sp["ln_f"], tp["ln_f"])
-    assert not _leaves_equal(sp["h"]["1"]["attn"], tp["h"]["1"]["attn"])  # not copied
+    assert not _leaves_equal(_h(sp)["1"]["attn"], _h(tp)["1"]["attn"])  # not copied
+    assert not _leaves_equal(_h(sp)["0"]["mlp"], _h(tp)["0"]["mlp"])  # only slice 1 was copied
     # Frozen: exactly the wte and ln_f leaves are False.
     flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(trainable)[0]}
     frozen = sorted(k for k, v in flat.items() if not v)
@@ -128,8 +135,8 @@ def test_copy_lm_head_into_untied_student(teacher):
 def test_init_from_teacher_layers_copies_blocks(teacher):
     tc, tp = teacher
     _, sp, trainable = T.student(tc, tp, init_from_teacher_layers=[0, -1])
-    assert _leaves_equal(sp["h"]["0"], tp["h"]["0"])
-    assert _leaves_equal(sp["h"]["1"], tp["h"]["3"])
+    assert _leaves_equal(_h(sp)["0"], _h(tp)["0"])
+    assert _leaves_equal(_h(sp)["1"], _h(tp)["3"])
     assert _all_true(trainable)
 
 
@@ -152,7 +159,7 @@ def test_random_init_has_hf_statistics(teacher):
     std, n = s_cfg.initializer_range, s_cfg.n_layer
 
     def cat(name_fn):
-        return np.concatenate([np.ravel(name_fn(sp["h"][str(i)])) for i in range(n)])
+        return np.concatenate([np.ravel(name_fn(_h(sp)[str(i)])) for i in range(n)])
 
     c_proj = np.concatenate([cat(lambda b: b["attn"]["c_proj"]["kernel"]),
                              cat(lambda b: b["mlp"]["c_proj"]["kernel"])])
@@ -163,7 +170,7 @@ def test_random_init_has_hf_statistics(teacher):
         assert x.size > 5000
         assert abs(x.std() / expected - 1) < 0.05, (x.std(), expected)
         assert abs(x.mean()) < 5 * expected / np.sqrt(x.size)
-    for b in sp["h"].values():
+    for b in _h(sp).values():
         for mod in (b["attn"]["c_attn"], b["attn"]["c_proj"], b["mlp"]["c_fc"], b["mlp"]["c_proj"]):
             assert not np.any(mod["bias"])
         for ln in (b["ln_1"], b["ln_2"]):
@@ -173,5 +180,7 @@ def test_random_init_has_hf_statistics(teacher):
     # A different rng gives different weights; the same one the same weights.
     _, sp2, _ = T.student(tc, tp, copy_teacher_modules=[], seed=2)
     _, sp3, _ = T.student(tc, tp, copy_teacher_modules=[])
-    assert not np.array_equal(sp["h"]["0"]["attn"]["c_attn"]["kernel"], sp2["h"]["0"]["attn"]["c_attn"]["kernel"])
+    assert not np.array_equal(sp["h"]["attn"]["c_attn"]["kernel"], sp2["h"]["attn"]["c_attn"]["kernel"])
+    # Each layer is drawn from its own rng: no two blocks start alike.
+    assert not np.array_equal(_h(sp)["0"]["attn"]["c_attn"]["kernel"], _h(sp)["1"]["attn"]["c_attn"]["kernel"])
     assert _leaves_equal(sp, sp3)

@@ -11,11 +11,16 @@ bfloat16, a 6-layer student with float32 master weights and Adam state computing
 the reference objective (KL on logits + attention maps through the 1024 x 1024 orthogonal
 projector), batches of 8 x 1024, remat on. `--teacher llama-7b` uses a Llama-2-7B-shaped
 teacher (32 layers, 4096 wide, 32 heads, MLP 11008, vocab 32000) and a 16-layer student of the
-same width (needs the llama family).
+same width (needs the llama family). `--teacher llama3-8b` is a modern pair: a Llama-3.1-8B-shaped
+teacher (32 layers, 4096 wide, 32 query and 8 key/value heads, MLP 14336, vocab 128256, untied,
+RoPE theta 500000 with the llama3 scaling of its HF config) and a Llama-3.2-1B-shaped student
+(16 layers, 2048 wide, 32 query and 8 key/value heads, MLP 8192, tied embeddings), with the
+objective of configs/smollm2.py (the project's Llama-family config).
 
 For each mesh it prints: the bytes one device holds of the student's parameters + Adam state
-(from the shardings), of the teacher, XLA's argument and temporary bytes per device, and the
-ratio of the sharded state to the replicated (data-only) one.
+(from the shardings), of the teacher, XLA's argument and temporary bytes per device, the ratio of
+the sharded state to the replicated one (every byte on each device, as data=8 holds it), and the
+seconds to lower and compile the step. The "one device" mesh runs on the first device alone.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 MESHES = {
+    "one device": {"data": 1, "fsdp": 1, "tensor": 1},
     "data=8": {"data": 8, "fsdp": 1, "tensor": 1},
     "fsdp=8": {"data": 1, "fsdp": 8, "tensor": 1},
     "data=2 x fsdp=4": {"data": 2, "fsdp": 4, "tensor": 1},
@@ -44,7 +50,51 @@ TEACHERS = {
                       num_attention_heads=32, num_key_value_heads=32, intermediate_size=11008,
                       vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
                       tie_word_embeddings=False), {"num_hidden_layers": 16}),
+    # Shapes of Llama-3.1-8B and Llama-3.2-1B as in their HF config.json files; the student is a
+    # whole config (another width), not overrides of the teacher's.
+    "llama3-8b": (dict(model_type="llama", num_hidden_layers=32, hidden_size=4096,
+                       num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
+                       vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                       rope_theta=500000.0, tie_word_embeddings=False,
+                       rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                         high_freq_factor=4.0,
+                                         original_max_position_embeddings=8192)),
+                  dict(model_type="llama", num_hidden_layers=16, hidden_size=2048,
+                       num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192,
+                       vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                       rope_theta=500000.0, tie_word_embeddings=True,
+                       rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                                         high_freq_factor=4.0,
+                                         original_max_position_embeddings=8192))),
 }
+# The pairs whose objective is a config file's (the others use the reference objective below).
+OBJECTIVE_CONFIGS = {"llama3-8b": REPO / "configs" / "smollm2.py"}
+
+
+def pair(teacher: str):
+    """(teacher config, student config): the student is the teacher's config with overrides, or
+    a whole HF config of its own (one with a model_type)."""
+    from distil_jax import models
+
+    hf, student = TEACHERS[teacher]
+    tc = models.config_from_hf(hf)
+    return tc, models.config_from_hf(student) if "model_type" in student else tc.replace(**student)
+
+
+def objective(teacher: str, sc, tc):
+    """The pair's bound objective: its config file's, else the reference run's."""
+    from distil_jax.objectives.objective import Objective
+
+    if teacher in OBJECTIVE_CONFIGS:
+        from distil_jax import config as config_lib
+        from distil_jax.training.builders import build_objective
+
+        section = config_lib.load(str(OBJECTIVE_CONFIGS[teacher])).objective.to_dict()
+        return build_objective(section, sc, tc)
+    return Objective.from_config(dict(
+        logits=dict(weight=1.0, loss_fn="kl"),
+        attn=dict(weight=5.0, loss_fn="raw_mse", layer_mapper="layer-2",
+                  norm="layernorm_teacher_only_affine", projector="orthogonal"))).bind(sc, tc)
 
 
 def measure(teacher: str, batch: int, seq: int, meshes) -> dict:
@@ -53,17 +103,11 @@ def measure(teacher: str, batch: int, seq: int, meshes) -> dict:
 
     from distil_jax import models, sharding
     from distil_jax import train_step as ts
-    from distil_jax.objectives.objective import Objective
 
-    hf, overrides = TEACHERS[teacher]
-    tc = models.config_from_hf(hf)
-    sc = tc.replace(**overrides)
+    tc, sc = pair(teacher)
     t_shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16),
                                       models.param_shapes(tc))
-    obj = Objective.from_config(dict(
-        logits=dict(weight=1.0, loss_fn="kl"),
-        attn=dict(weight=5.0, loss_fn="raw_mse", layer_mapper="layer-2",
-                  norm="layernorm_teacher_only_affine", projector="orthogonal"))).bind(sc, tc)
+    obj = objective(teacher, sc, tc)
     params = jax.eval_shape(lambda k: {"student": models.init_params(sc, k),
                                        "objective": obj.init_params(k, sc, tc, seq)},
                             jax.random.PRNGKey(0))
@@ -77,7 +121,8 @@ def measure(teacher: str, batch: int, seq: int, meshes) -> dict:
            "meshes": {}}
     for name, spec in meshes.items():
         t0 = time.time()
-        mesh = sharding.make_mesh(spec)
+        n = spec["data"] * spec["fsdp"] * spec["tensor"]
+        mesh = sharding.make_mesh(spec, jax.devices()[:n])
         placement = sharding.make_placement(mesh, state, sc, tc, t_shapes)
         step_cfg_m = ts.for_batch_shape(
             __import__("dataclasses").replace(step_cfg, logits_groups=sharding.batch_shards(mesh)),
@@ -102,11 +147,13 @@ def measure(teacher: str, batch: int, seq: int, meshes) -> dict:
             "compile_s": round(time.time() - t0, 1),
         }
         print(name, json.dumps(out["meshes"][name]), flush=True)
-    ref = out["meshes"].get("data=8")
-    if ref:
-        for m in out["meshes"].values():
-            m["student_state_vs_replicated"] = m["student_state_bytes"] / ref["student_state_bytes"]
-            m["teacher_vs_replicated"] = m["teacher_bytes"] / ref["teacher_bytes"]
+    # Replicated: every byte on each device (what data=8 or one device holds).
+    state_1 = sum(x.size * x.dtype.itemsize
+                  for x in jax.tree_util.tree_leaves((state.params, state.opt_state)))
+    teacher_1 = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(t_shapes))
+    for m in out["meshes"].values():
+        m["student_state_vs_replicated"] = m["student_state_bytes"] / state_1
+        m["teacher_vs_replicated"] = m["teacher_bytes"] / teacher_1
     return out
 
 
@@ -116,13 +163,13 @@ def _mib(n: int) -> str:
 
 def table(out: dict) -> str:
     lines = ["| mesh | trainable params + Adam | teacher | XLA arguments | XLA temporaries | "
-             "state / replicated | teacher / replicated |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "state / replicated | teacher / replicated | compile s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in out["meshes"].items():
         lines.append(f"| {name} | {_mib(m['student_state_bytes'])} | {_mib(m['teacher_bytes'])} | "
                      f"{_mib(m['argument_bytes'])} | {_mib(m['temp_bytes'])} | "
                      f"{m.get('student_state_vs_replicated', 1):.3f} | "
-                     f"{m.get('teacher_vs_replicated', 1):.3f} |")
+                     f"{m.get('teacher_vs_replicated', 1):.3f} | {m['compile_s']} |")
     return "\n".join(lines) + "\n(MiB per device)"
 
 
@@ -131,7 +178,8 @@ def main(argv=None) -> int:
     p.add_argument("--teacher", default="gpt2", choices=sorted(TEACHERS))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--meshes", default=",".join(MESHES), help="comma-separated names of MESHES")
+    p.add_argument("--meshes", default=",".join(m for m in MESHES if m != "one device"),
+                   help=f"comma-separated names of MESHES: {', '.join(MESHES)}")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     meshes = {k: MESHES[k] for k in a.meshes.split(",")}

@@ -9,6 +9,11 @@ import numpy as np
 
 from distil_jax.data.layout import Arrays
 
+# The key of a process-local batch (BatchIterator(process_rows=...)) that holds each row's real
+# tokens (segment id > 0) for EVERY row of the global batch, [global rows] int32: what the
+# padding-aware step needs to pick the same logits bucket on every process (train_step).
+ROW_TOKENS = "row_tokens"
+
 
 def row_count(arrays: Arrays) -> int:
     """The number of rows of arrays that share their leading (row) dimension; ValueError if they do not."""
@@ -39,6 +44,12 @@ class BatchIterator:
 
     ``state()`` is {"epoch", "index"} (the next batch), plain ints for JSON; ``restore(state)``
     on an iterator built with the same arguments continues exactly where the saved one was.
+
+    process_rows: the rows of each global batch this process builds (``sharding.process_rows``:
+    its devices' rows); each batch then holds only those rows, plus ``ROW_TOKENS``: the real
+    tokens of every row of the global batch (needs a "segment_ids" array). Every process walks
+    the same global order, so the batches of all processes together are the global batch.
+    None: the whole batch.
     """
 
     def __init__(
@@ -49,6 +60,7 @@ class BatchIterator:
         shuffle: bool = True,
         seed: int = 42,
         drop_last: bool = True,
+        process_rows: slice | None = None,
     ):
         if int(batch_size) != batch_size or batch_size <= 0:
             raise ValueError(f"batch_size={batch_size} must be a positive integer")
@@ -67,6 +79,15 @@ class BatchIterator:
                 f"{self.num_rows} rows make no batch of batch_size={self.batch_size}: lower "
                 "batch_size, use more data, or set drop_last=False"
             )
+        self.process_rows = process_rows
+        if process_rows is not None:
+            if "segment_ids" not in self.arrays:
+                raise ValueError("process_rows needs a segment_ids array (the rows' real tokens)")
+            if not 0 <= process_rows.start < process_rows.stop <= self.batch_size:
+                raise ValueError(f"process_rows={process_rows} is not a range of the "
+                                 f"{self.batch_size} rows of a batch")
+            # Once per run (n ints): a batch's summary is then a gather of batch_size of them.
+            self._row_tokens = (self.arrays["segment_ids"] > 0).sum(-1).astype(np.int32)
         self.epoch = 0
         self.index = 0
         self._order_cache: tuple[int, np.ndarray] | None = None
@@ -86,11 +107,25 @@ class BatchIterator:
     def __next__(self) -> Arrays:
         order = self._order(self.epoch)
         rows = order[self.index * self.batch_size : (self.index + 1) * self.batch_size]
-        batch = _pad_rows({k: v[rows] for k, v in self.arrays.items()}, self.batch_size)
+        if self.process_rows is None:
+            batch = _pad_rows({k: v[rows] for k, v in self.arrays.items()}, self.batch_size)
+        else:
+            batch = self._process_batch(rows)
         self.index += 1
         if self.index == self.steps_per_epoch:
             # Canonical state: "start of the next epoch", never "past the end of this one".
             self.epoch, self.index = self.epoch + 1, 0
+        return batch
+
+    def _process_batch(self, rows: np.ndarray) -> Arrays:
+        """This process's rows of the global batch made of `rows` (fewer than batch_size at the
+        end of an epoch: the missing rows are all-zero ones), and every row's real tokens."""
+        lo, hi = self.process_rows.start, self.process_rows.stop
+        mine = rows[lo:hi]
+        batch = _pad_rows({k: v[mine] for k, v in self.arrays.items()}, hi - lo)
+        tokens = np.zeros(self.batch_size, np.int32)
+        tokens[: len(rows)] = self._row_tokens[rows]
+        batch[ROW_TOKENS] = tokens
         return batch
 
     def state(self) -> dict[str, int]:

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from distil_jax.data import shapes
+
 logger = logging.getLogger(__name__)
 
 # Local file suffix -> the `datasets` builder that reads it.
@@ -107,81 +109,104 @@ def _unreachable(uri: str, error: BaseException) -> ConnectionError:
     )
 
 
-def _check_column(uri: str, column: str, columns: Sequence[str]) -> None:
-    if column not in columns:
-        raise ValueError(
-            f"dataset {uri!r} has no column {column!r}; available columns: {list(columns)}: "
-            "set column to one of them"
-        )
+def load_rows(spec: Any, cache_dir: str | None = None):
+    """(the sampled rows as a ``datasets.Dataset``, in order, before the train/test split; their
+    ``RowShape``): the shape detected from the columns or set by ``column`` /
+    ``completion_column`` (``shapes.detect_shape``)."""
+    from distil_jax.data.tokens import RowShape
+
+    if cache_dir is None:
+        cache_dir = spec_field(spec, "cache_dir", None)
+    uri = str(spec_field(spec, "uri", ""))
+    ds = _load_rows(spec, cache_dir)
+    shape = RowShape(*shapes.detect_shape(
+        uri, ds.column_names, getattr(spec, "column", None),
+        getattr(spec, "completion_column", None), ds[0] if len(ds) else None))
+    return ds, shape
 
 
-def _load_rows(spec: Any, cache_dir: str | None) -> list[str]:
-    """The sampled rows of the text column, in order (before the train/test split)."""
+def _load_rows(spec: Any, cache_dir: str | None):
+    """The sampled rows (a ``datasets.Dataset``), in order (before the train/test split)."""
     import datasets
 
     uri = str(spec_field(spec, "uri", ""))
     if not uri:
         raise ValueError("dataset uri is empty: set it to a hub dataset id or a local path")
-    subset = spec_field(spec, "subset", None)
-    split = spec_field(spec, "split", "train")
-    column = spec_field(spec, "column", "text")
     sample_size = spec_field(spec, "sample_size", None)
     shuffle = bool(spec_field(spec, "shuffle", False))
     seed = int(spec_field(spec, "seed", 42))
+    streaming = bool(spec_field(spec, "streaming", False))
     if sample_size is not None and int(sample_size) <= 0:
         raise ValueError(f"sample_size={sample_size} must be positive (or None for all rows)")
+    if streaming and sample_size is None:
+        raise ValueError("dataset.streaming=True reads sample_size rows of the stream: set "
+                         "dataset.sample_size (or streaming=False to download the whole split)")
 
     local = _local_files(uri)
-    if local is None and sample_size is not None and not shuffle and not _hub_offline():
+    if local is not None:
+        return _load_local(spec, uri, local, cache_dir, shuffle, seed, sample_size)
+    if streaming or (sample_size is not None and not shuffle and not _hub_offline()):
         # Distily's "first N rows" of a hub dataset: stream them instead of downloading the whole
         # split (all of English Wikipedia for 5000 rows). Same rows, in the same (file) order.
-        try:
-            stream = datasets.load_dataset(uri, subset, split=split, streaming=True)
-            rows = list(itertools.islice(iter(stream), int(sample_size)))
-        except Exception as e:
-            wrapped = _hub_error(uri, e)
-            if wrapped is e:
-                raise
-            raise wrapped from e
-        if rows:
-            _check_column(uri, column, list(rows[0]))
-        return _as_texts(uri, column, [r[column] for r in rows])
+        return _stream(spec, uri, int(sample_size), shuffle, seed)
+    try:
+        ds = datasets.load_dataset(uri, spec_field(spec, "subset", None),
+                                   split=spec_field(spec, "split", "train"), cache_dir=cache_dir)
+    except Exception as e:
+        wrapped = _hub_error(uri, e)
+        if wrapped is e:
+            raise
+        raise wrapped from e
+    return _sample(ds, shuffle, seed, sample_size)
 
-    if local is not None:
-        builder, files = local
-        kwargs = {"sample_by": spec_field(spec, "sample_by", "document")} if builder == "text" else {}
-        if all(os.path.getsize(f) == 0 for f in files):
-            return []  # datasets' json builder raises a bare StopIteration on empty files
-        try:
-            # data_files under the requested split name, so `split` works for local files too.
-            # datasets logs its own multi-line report of a file it cannot parse: ours replaces it.
-            with _datasets_quiet():
-                ds = datasets.load_dataset(
-                    builder, data_files={split: files}, split=split, cache_dir=cache_dir, **kwargs
-                )
-            if builder == "text":
-                # Blank lines (sample_by="line") and empty files become "" rows: not documents.
-                ds = ds.filter(lambda t: len(t) > 0, input_columns="text", keep_in_memory=True)
-            _check_column(uri, column, ds.column_names)
-            ds = _sample(ds, shuffle, seed, sample_size)
-            return _as_texts(uri, column, ds[column])
-        except (ValueError, FileNotFoundError):
-            if not _is_datasets_error(sys.exc_info()[1]):
-                raise  # ours (column, type): already one line
-            raise ValueError(_unreadable(uri, builder, files, sys.exc_info()[1])) from None
-        except Exception as e:
-            raise ValueError(_unreadable(uri, builder, files, e)) from None
-    else:
-        try:
-            ds = datasets.load_dataset(uri, subset, split=split, cache_dir=cache_dir)
-        except Exception as e:
-            wrapped = _hub_error(uri, e)
-            if wrapped is e:
-                raise
-            raise wrapped from e
-    _check_column(uri, column, ds.column_names)
-    ds = _sample(ds, shuffle, seed, sample_size)
-    return _as_texts(uri, column, ds[column])
+
+def _stream(spec: Any, uri: str, sample_size: int, shuffle: bool, seed: int):
+    """The first sample_size rows of a streamed hub dataset (with shuffle: of datasets'
+    buffered shuffle of the stream, buffer 10,000 rows), in memory."""
+    import datasets
+
+    try:
+        stream = datasets.load_dataset(uri, spec_field(spec, "subset", None),
+                                       split=spec_field(spec, "split", "train"), streaming=True)
+        if shuffle:
+            stream = stream.shuffle(seed=seed, buffer_size=10_000)
+        rows = list(itertools.islice(iter(stream), sample_size))
+    except Exception as e:
+        wrapped = _hub_error(uri, e)
+        if wrapped is e:
+            raise
+        raise wrapped from e
+    return datasets.Dataset.from_list(rows)
+
+
+def _load_local(spec, uri, local, cache_dir, shuffle, seed, sample_size):
+    import datasets
+
+    builder, files = local
+    split = spec_field(spec, "split", "train")
+    kwargs = {"sample_by": spec_field(spec, "sample_by", "document")} if builder == "text" else {}
+    if all(os.path.getsize(f) == 0 for f in files):
+        # datasets' json builder raises a bare StopIteration on empty files
+        return datasets.Dataset.from_dict({"text": []})
+    try:
+        # data_files under the requested split name, so `split` works for local files too.
+        # datasets logs its own multi-line report of a file it cannot parse: ours replaces it.
+        with _datasets_quiet():
+            ds = datasets.load_dataset(
+                builder, data_files={split: files}, split=split, cache_dir=cache_dir, **kwargs
+            )
+        # Arrow may hold invalid UTF-8 until a value is read: find it here, where it is reported.
+        ds.data.table.validate(full=True)
+        if builder == "text":
+            # Blank lines (sample_by="line") and empty files become "" rows: not documents.
+            ds = ds.filter(lambda t: len(t) > 0, input_columns="text", keep_in_memory=True)
+        return _sample(ds, shuffle, seed, sample_size)
+    except (ValueError, FileNotFoundError):
+        if not _is_datasets_error(sys.exc_info()[1]):
+            raise  # ours: already one line
+        raise ValueError(_unreadable(uri, builder, files, sys.exc_info()[1])) from None
+    except Exception as e:
+        raise ValueError(_unreadable(uri, builder, files, e)) from None
 
 
 @contextlib.contextmanager
@@ -301,16 +326,22 @@ def test_rows(test_size: float | int) -> float | int:
     return int(test_size)
 
 
-def split_indices(n: int, test_size: float | int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(n: int, test_size: float | int, seed: int,
+                  max_test_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(train_idx, test_idx): ``datasets.Dataset.train_test_split(test_size, seed=seed)``'s rows.
 
     Exactly datasets' shuffled split (as Distily calls it): n_test = ceil(test_size * n) for a
-    fraction, test_size rows for a row count (``test_rows``), perm =
-    np.random.default_rng(seed).permutation(n), test = perm[:n_test], train = perm[n_test:],
-    each in permutation order.
+    fraction (at most ``max_test_rows``, when set: datasets' split with that row count), test_size
+    rows for a row count (``test_rows``), perm = np.random.default_rng(seed).permutation(n),
+    test = perm[:n_test], train = perm[n_test:], each in permutation order.
     """
     test_size = test_rows(test_size)
-    n_test = math.ceil(test_size * n) if isinstance(test_size, float) else test_size
+    if isinstance(test_size, float):
+        n_test = math.ceil(test_size * n)
+        if max_test_rows is not None:
+            n_test = min(n_test, int(max_test_rows))
+    else:
+        n_test = test_size
     n_train = n - n_test
     if n_test <= 0 or n_train <= 0:
         raise ValueError(
@@ -322,24 +353,61 @@ def split_indices(n: int, test_size: float | int, seed: int) -> tuple[np.ndarray
     return perm[n_test:], perm[:n_test]
 
 
-def load_all_texts(spec: Any, cache_dir: str | None = None) -> list[str]:
-    """Every sampled row of ``spec`` (no train/test split): for extra evaluators.
-
-    Same fields and errors as ``load_texts`` (test_size and seed of the split are not used).
-    """
-    if cache_dir is None:
-        cache_dir = spec_field(spec, "cache_dir", None)
-    texts = _load_rows(spec, cache_dir)
-    if not texts:
+def _require_rows(spec: Any, n: int) -> None:
+    if not n:
         raise ValueError(
             f"dataset {str(spec_field(spec, 'uri', ''))!r} (split {spec_field(spec, 'split', 'train')!r}) "
             "has no rows: check uri/split/sample_size or add data"
         )
-    return texts
+
+
+def load_all_texts(spec: Any, cache_dir: str | None = None) -> list[str]:
+    """Every sampled row of a plain-text ``spec`` (no train/test split).
+
+    Same fields and errors as ``load_texts`` (test_size and seed of the split are not used).
+    """
+    ds, shape = load_rows(spec, cache_dir)
+    _require_rows(spec, len(ds))
+    uri = str(spec_field(spec, "uri", ""))
+    if shape.shape != "text":
+        raise ValueError(f"dataset {uri!r} holds {shape.shape} rows, not plain text: read it with "
+                         "data.load_split_rows, or set column to a text column")
+    return _as_texts(uri, shape.column, ds[shape.column])
+
+
+def load_split_rows(spec: Any, cache_dir: str | None = None):
+    """(rows, ``RowShape``, train indices, held-out indices): ``load_rows`` and the split of
+    ``split_indices`` (``test_size``, ``max_test_rows``, ``seed``). Plain text is checked as
+    ``load_texts`` checks it (text values, no split of empty texts only)."""
+    ds, shape = load_rows(spec, cache_dir)
+    _require_rows(spec, len(ds))
+    uri = str(spec_field(spec, "uri", ""))
+    if shape.shape == "text":
+        texts = _as_texts(uri, shape.column, ds[shape.column])
+    train_idx, test_idx = split_indices(
+        len(ds), spec_field(spec, "test_size", 0.002), int(spec_field(spec, "seed", 42)),
+        getattr(spec, "max_test_rows", None))
+    if shape.shape == "text":
+        for name, idx in (("train", train_idx), ("held-out test", test_idx)):
+            _check_not_empty(spec, name, [texts[i] for i in idx])
+    logger.info("dataset %s (%s rows): %d rows -> %d train / %d test", uri, shape.shape, len(ds),
+                len(train_idx), len(test_idx))
+    return ds, shape, train_idx, test_idx
+
+
+def _check_not_empty(spec: Any, name: str, texts: Sequence[str]) -> None:
+    # Empty texts have no token to learn or to score: a split of them would train on nothing
+    # and report a perplexity of exactly 1.
+    if not any(t.strip() for t in texts):
+        raise ValueError(
+            f"dataset {str(spec_field(spec, 'uri', ''))!r}: every text of the {name} split "
+            f"({len(texts)} rows of column {spec_field(spec, 'column', 'text')!r}) is empty; check "
+            "column, or use more rows (sample_size) or another test_size"
+        )
 
 
 def load_texts(spec: Any, cache_dir: str | None = None) -> tuple[list[str], list[str]]:
-    """Loads a dataset and returns (train_texts, test_texts).
+    """Loads a plain-text dataset and returns (train_texts, test_texts).
 
     Fields of ``spec`` (an ``ml_collections.ConfigDict`` or any object with attributes; a missing
     or None field takes the default):
@@ -350,16 +418,19 @@ def load_texts(spec: Any, cache_dir: str | None = None) -> tuple[list[str], list
         hidden files skipped) and must hold a single file type.
       subset: hub config name (e.g. "20231101.en") or None.
       split: split to read (default "train"); local files are exposed under this name.
-      column: the text column (default "text"; the "text" builder always names it "text").
+      column: the text column (None: detected, "text" for plain text; the "text" builder always
+        names it "text"). ``load_split_rows`` also reads chat and prompt/completion rows.
       sample_by: .txt files only: "document" (default: one document per file), "paragraph" (one
         per blank-line-separated paragraph) or "line" (one per line); empty ones are dropped.
       sample_size: keep the first N rows (None: all). With shuffle, N rows of a seeded shuffle.
       shuffle: shuffle the rows with ``seed`` before taking sample_size (default False, Distily).
+      streaming: hub datasets: stream the sample_size rows instead of downloading the split.
       seed: seed of that shuffle and of the train/test split (default 42).
       test_size: fraction (float in (0, 1)) or count (a whole number >= 1, see ``test_rows``) of
-        the sampled rows held out (default 0.002). Rows go to test exactly as ``datasets``' ``train_test_split(test_size,
-        seed=seed)`` sends them (shuffled split, see ``split_indices``): 5000 rows with 0.002 ->
-        4990 train / 10 test.
+        the sampled rows held out (default 0.002). Rows go to test exactly as ``datasets``'
+        ``train_test_split(test_size, seed=seed)`` sends them (shuffled split, see
+        ``split_indices``): 5000 rows with 0.002 -> 4990 train / 10 test.
+      max_test_rows: at most this many held-out rows from a fractional test_size (None: no cap).
 
     A hub dataset with sample_size and no shuffle is streamed (only the first N rows are
     fetched), unless HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set, in which case the local HF
@@ -374,22 +445,10 @@ def load_texts(spec: Any, cache_dir: str | None = None) -> tuple[list[str], list
       ValueError: empty dataset or split, missing/non-text column, bad test_size.
       ConnectionError: a hub id could not be reached (offline): pass a local path instead.
     """
-    uri = str(spec_field(spec, "uri", ""))
-    texts = load_all_texts(spec, cache_dir)
-    train_idx, test_idx = split_indices(
-        len(texts), spec_field(spec, "test_size", 0.002), int(spec_field(spec, "seed", 42))
-    )
-    train = [texts[i] for i in train_idx]
-    test = [texts[i] for i in test_idx]
-    for name, split_texts in (("train", train), ("held-out test", test)):
-        # Empty texts have no token to learn or to score: a split of them would train on nothing
-        # and report a perplexity of exactly 1.
-        if not any(t.strip() for t in split_texts):
-            raise ValueError(
-                f"dataset {uri!r}: every text of the {name} split ({len(split_texts)} rows of column "
-                f"{spec_field(spec, 'column', 'text')!r}) is empty; check column, or use more rows "
-                "(sample_size) or another test_size"
-            )
-    logger.info("dataset %s: %d rows -> %d train / %d test", uri, len(texts), len(train), len(test))
-    return train, test
-
+    ds, shape, train_idx, test_idx = load_split_rows(spec, cache_dir)
+    if shape.shape != "text":
+        raise ValueError(f"dataset {str(spec_field(spec, 'uri', ''))!r} holds {shape.shape} rows, "
+                         "not plain text: read it with data.load_split_rows, or set column to a "
+                         "text column")
+    texts = ds[shape.column]
+    return [texts[i] for i in train_idx], [texts[i] for i in test_idx]

@@ -3,13 +3,22 @@
 The corpus is the docstrings of the Python standard library (on every machine with Python), the
 tokenizer a byte-level BPE trained on it with `tokenizers`, and the teacher is trained with the
 hard next-token loss by the same jitted train step the distillation uses (clm-only objective, no
-teacher). The result is a real HF folder (`WORKDIR/teacher`), cached: a second run reuses it.
+teacher). The result is a real HF folder, `WORKDIR/teacher`.
+
+Training it is most of a first demo's time, so it is also cached outside the workdir, keyed by
+its recipe (the train texts, the `demo_teacher` section, the seed, the tokenizer library):
+`cache_root()/demo_teacher/<key>`. A fresh workdir with the same recipe copies it from there;
+another recipe trains (and caches) its own. Cache entries are written whole or not at all
+(`fsio.atomic_folder`), and one is used only if its recorded recipe is this run's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -18,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from distil_jax import data, hf, models
+from distil_jax import data, fsio, hf, models
 from distil_jax.demo import corpus
 from distil_jax.objectives.objective import Component, Objective
 from distil_jax.train_step import (StepConfig, create_train_state, make_optimizer,
@@ -31,6 +40,10 @@ CORPUS_FILE = "data/stdlib_docstrings.jsonl"
 
 TEACHER_DIR = "teacher"
 RECIPE_FILE = "demo_teacher.json"  # in the teacher's folder: what it was trained with
+CACHE_ENV = "DISTIL_JAX_CACHE"  # the cache root; default $XDG_CACHE_HOME/distil_jax
+# Bumped when the training below changes what a recipe produces, so older entries are not reused.
+RECIPE_VERSION = 1
+_ESTIMATE_AFTER = 10  # steps timed (after the compiling first) for the logged time estimate
 
 
 def corpus_path(workdir: Path) -> Path:
@@ -39,6 +52,20 @@ def corpus_path(workdir: Path) -> Path:
 
 def teacher_path(workdir: Path) -> Path:
     return Path(workdir) / TEACHER_DIR
+
+
+def cache_root() -> Path:
+    """$DISTIL_JAX_CACHE, else $XDG_CACHE_HOME/distil_jax, else ~/.cache/distil_jax."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser()
+    return Path(xdg) / "distil_jax"
+
+
+def cached_teacher_path(recipe: dict) -> Path:
+    """The cache entry of a recipe: cache_root()/demo_teacher/<sha256 of its JSON, 16 hex>."""
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root() / "demo_teacher" / key
 
 
 def ensure_corpus(workdir: Path) -> Path:
@@ -53,22 +80,37 @@ def ensure_corpus(workdir: Path) -> Path:
 
 
 def ensure_teacher(workdir: Path, cfg, dataset_spec, seed: int = 0) -> Path:
-    """Train (or reuse) the demo teacher in WORKDIR/teacher; returns its folder.
+    """The demo teacher in WORKDIR/teacher: kept if there with this recipe, else copied from the
+    cache (cached_teacher_path), else trained into the cache and copied. Returns its folder.
 
     cfg: the `demo_teacher` config section; dataset_spec: the run's dataset section (the teacher
     trains on the same train split, so the held-out split stays unseen by both models).
     """
     out = teacher_path(workdir)
-    recipe = _recipe(cfg, seed)
-    if (out / "model.safetensors").exists() and (out / "config.json").exists():
+    train_texts, _ = data.load_texts(dataset_spec)
+    recipe = _recipe(cfg, seed, train_texts)
+    if _is_teacher(out):
         saved = _saved_recipe(out)
         if saved is None or saved == recipe:  # None: a teacher from before recipes were recorded
             log.info("reusing the demo teacher in %s", out)
             return out
-        log.warning("the demo teacher in %s was trained with other settings than this config's "
-                    "demo_teacher; training a new one", out)
+        log.warning("the demo teacher in %s was trained with another recipe than this run's "
+                    "(demo_teacher, seed or data); using one of this recipe", out)
+    cached = cached_teacher_path(recipe)
+    if _is_teacher(cached) and _saved_recipe(cached) == recipe:
+        log.info("reusing the cached demo teacher %s (same recipe; %s=DIR moves the cache)",
+                 cached, CACHE_ENV)
+    else:
+        _train(cached, cfg, train_texts, recipe, Path(workdir) / "cache", seed)
+    with fsio.atomic_folder(out) as tmp:
+        shutil.copytree(cached, tmp, dirs_exist_ok=True)
+    return out
+
+
+def _train(out: Path, cfg, train_texts: list[str], recipe: dict, token_cache: Path, seed: int):
+    """Trains the tokenizer and the teacher on `train_texts`; writes both (and the recipe) to
+    `out` atomically."""
     t0 = time.time()
-    train_texts, _ = data.load_texts(dataset_spec)
     tokenizer = corpus.train_tokenizer(train_texts, vocab_size=cfg.vocab_size,
                                        model_max_length=cfg.n_positions)
     config = models.config_from_hf(dict(
@@ -76,10 +118,20 @@ def ensure_teacher(workdir: Path, cfg, dataset_spec, seed: int = 0) -> Path:
         n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
         attn_pdrop=0.0, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id))
     # Cached where the distillation looks, so its tokenization of the same texts is a cache hit.
-    docs = data.tokenize_cached(train_texts, tokenizer, Path(workdir) / "cache")
+    docs = data.tokenize_cached(train_texts, tokenizer, token_cache)
     rows = data.pack(docs, cfg.n_positions, tokenizer.eos_token_id)
-    batches = data.BatchIterator(rows, cfg.batch_size, shuffle=True, seed=seed)
+    log.info("training the demo teacher (%d params, %d layers, %d steps on %d rows of %d tokens; "
+             "cached in %s for the next run) ...", models.param_count(config), config.num_layers,
+             cfg.steps, len(rows["input_ids"]), cfg.n_positions, out)
+    params = _fit(config, rows, cfg, seed)
+    hf.save_pretrained(config, params, out, tokenizer=tokenizer,
+                       extra_files={RECIPE_FILE: json.dumps(recipe, indent=2, sort_keys=True)})
+    log.info("demo teacher trained in %.1f min, saved to %s", (time.time() - t0) / 60, out)
 
+
+def _fit(config, rows, cfg, seed: int):
+    """cfg.steps of Adam on the next-token loss; the trained params (host arrays)."""
+    batches = data.BatchIterator(rows, cfg.batch_size, shuffle=True, seed=seed)
     objective = Objective(logits=Component(weight=0.0), clm_weight=1.0).bind(config, config)
     sc = StepConfig(teacher=config, student=config, objective=objective, dtype=jnp.float32)
     params = {"student": models.init_params(config, jax.random.PRNGKey(seed))}
@@ -89,13 +141,19 @@ def ensure_teacher(workdir: Path, cfg, dataset_spec, seed: int = 0) -> Path:
     tx, schedule = make_optimizer(opt, cfg.steps, trainable)
     state = create_train_state(params, tx, jax.random.PRNGKey(seed + 1))
     step = make_train_step(sc, tx, schedule)
-    log.info("training the demo teacher (%d params, %d layers) for %d steps on %d rows of %d tokens",
-             models.param_count(config), config.num_layers, cfg.steps, len(rows["input_ids"]), cfg.n_positions)
     bar = tqdm(range(cfg.steps), desc="demo teacher", unit="step", dynamic_ncols=True)
     losses = []
     for i in bar:
         state, metrics = step(state, None, next(batches))
         losses.append(metrics["loss/clm"])
+        if i == 0:
+            jax.block_until_ready(metrics)
+            t1 = time.time()  # the first step compiles: the estimate times the next ones
+        elif i == _ESTIMATE_AFTER:
+            jax.block_until_ready(metrics)
+            per_step = (time.time() - t1) / i
+            log.info("demo teacher: %.2f s/step here, about %.1f min for its %d steps", per_step,
+                     per_step * cfg.steps / 60, cfg.steps)
         if (i + 1) % 25 == 0 or i + 1 == cfg.steps:
             loss = float(np.mean(jax.device_get(losses)))
             losses.clear()
@@ -103,18 +161,23 @@ def ensure_teacher(workdir: Path, cfg, dataset_spec, seed: int = 0) -> Path:
                 raise FloatingPointError(f"demo teacher loss became {loss} at step {i + 1}; lower "
                                          "demo_teacher.learning_rate")
             bar.set_postfix(loss=f"{loss:.3f}")
-    hf.save_pretrained(config, jax.device_get(state.params["student"]), out, tokenizer=tokenizer,
-                       extra_files={RECIPE_FILE: json.dumps(recipe, indent=2, sort_keys=True)})
-    log.info("demo teacher saved to %s (%.0f s)", out, time.time() - t0)
-    return out
+    return jax.device_get(state.params["student"])
 
 
-def _recipe(cfg, seed: int) -> dict:
-    """What the demo teacher is trained with (its config section and the seed), as JSON values.
-    (The dataset is not in it: a resume refuses a changed dataset, and a teacher reused on a
-    fresh start with other data is still a teacher of this shape.)"""
+def _recipe(cfg, seed: int, train_texts: list[str]) -> dict:
+    """What the demo teacher is made from, as JSON values: its config section, the seed, the
+    train texts (their sha256) and the tokenizer library's version (the BPE it trains)."""
+    import tokenizers
+
     d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-    return {"demo_teacher": json.loads(json.dumps(d, default=str)), "seed": int(seed)}
+    texts = hashlib.sha256(json.dumps(train_texts, ensure_ascii=False).encode()).hexdigest()
+    return {"demo_teacher": json.loads(json.dumps(d, default=str)), "seed": int(seed),
+            "train_texts_sha256": texts, "tokenizers": tokenizers.__version__,
+            "version": RECIPE_VERSION}
+
+
+def _is_teacher(folder: Path) -> bool:
+    return (folder / "model.safetensors").exists() and (folder / "config.json").exists()
 
 
 def _saved_recipe(folder: Path):

@@ -21,7 +21,11 @@ A family is one module (`gpt2.py`, `llama.py`) that provides:
   path_to_hf(path)            parameter path -> HF state-dict name
   hf_transposed(path)         True where HF stores the leaf transposed (torch Linear [out, in])
   module_path(name)           HF module name ("model.layers.3", "lm_head") -> parameter path
-  block_path(i)               the parameter path of block i
+  block_path(i)               block i's path in HF's per-layer view ("h", "3")
+  LAYERS_PATH                 where every block parameter is stacked on a leading [num_layers]
+                              axis (the blocks run as a scan, `models.stack`); HF's block i is
+                              slice i. hf_to_path, path_to_hf, hf_transposed, module_path and
+                              block_path name the per-layer view (`unstack_layers`)
   MODULE_ORDER                HF module names in transformers' order (its state dict's; `hf_order`)
   PARAM_AXES                  (path regex, logical axis names) pairs: one name per dimension of
                               each parameter ("embed", "heads", "mlp", ...), mapped to mesh axes
@@ -41,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from distil_jax.models import gpt2, llama
+from distil_jax.models import gpt2, llama, stack
 from distil_jax.models.common import (ATTENTION_IMPLS, FusedAttention, ModelOutput,  # noqa: F401
                                       activation_sharding, check_attention_impl, constrain,
                                       normalize_layers)
@@ -98,11 +102,31 @@ def param_shapes(config) -> dict:
     return jax.eval_shape(lambda r: init_params(config, r), jax.random.PRNGKey(0))
 
 
+def unstack_layers(config, params: Mapping) -> dict:
+    """HF's per-layer view of `params`: the stacked blocks split into subtrees "0".."N-1"
+    (`h/3/attn/...`), the paths `hf_to_path` / `path_to_hf` name. Arrays are slices (views on
+    device); ShapeDtypeStructs work too."""
+    fam = family(config)
+    if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(params)):
+        return jax.eval_shape(lambda p: stack.unstack(p, fam.LAYERS_PATH, config.num_layers), dict(params))
+    return stack.unstack(dict(params), fam.LAYERS_PATH, config.num_layers)
+
+
+def stack_layers(config, tree: Mapping) -> dict:
+    """The inverse of `unstack_layers`: per-layer subtrees -> the stacked parameter tree."""
+    return stack.stack(dict(tree), family(config).LAYERS_PATH, config.num_layers)
+
+
+def hf_param_shapes(config) -> dict:
+    """`param_shapes` in HF's per-layer view (`unstack_layers`): one entry per HF tensor."""
+    return unstack_layers(config, param_shapes(config))
+
+
 def block_matmul_width(config) -> int:
     """Output features of one block's weight matmuls together (the `[in, out]` kernels' out):
     the values per token that remat policy "dots" keeps for each block's backward pass. 9 D
     for GPT-2 (qkv 3 D, attention out D, MLP 4 D + D)."""
-    shapes = param_shapes(config)
+    shapes = hf_param_shapes(config)
     for key in family(config).block_path(0):
         shapes = shapes[key]
     return sum(int(x.shape[-1]) for x in traverse_util.flatten_dict(shapes).values() if len(x.shape) == 2)

@@ -29,8 +29,9 @@ class ModelOutput:
         `return_last_hidden` is set.
     last_hidden_state: [B, S, D] after the final norm, in the compute dtype (what a caller that
         applies the LM head itself, `lm_head(config, params)`, multiplies).
-    hidden_states: tuple of num_layers + 1 arrays [B, S, D] (embedding output, then each block's
-        output, the last one after the final norm as in HF), or None.
+    hidden_states: tuple of num_layers + 1 entries [B, S, D] (embedding output, then each block's
+        output, the last one after the final norm as in HF), None for a state not requested
+        (`forward`'s output_hidden_states), or None when none is.
     attentions: dict {layer index (non-negative): [B, H, S, S] float32 post-softmax
         probabilities} for exactly the requested layers (H = query heads).
     """
@@ -98,18 +99,19 @@ REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_bat
 AUTO_REMAT_MEMORY_SHARE = 0.1
 
 
-def remat_block(block_cls, remat):
-    """`block_cls` as is (remat False), or under nn.remat with the policy `remat` names (True is
-    "full"). One place for both families."""
+def remat_fn(fn, remat, prevent_cse: bool = True):
+    """`fn` as is (remat False), or under jax.checkpoint with the policy `remat` names (True is
+    "full"). One place for both families: `stack.run` wraps each block with it (prevent_cse=False
+    inside the scan, where jax's docs say it is not needed)."""
     if not remat:
-        return block_cls
+        return fn
     name = "full" if remat is True else remat
     if name == "auto":
         raise ValueError("remat='auto' is decided per batch shape: pass the StepConfig through "
                          "train_step.for_batch_shape first")
     if name not in REMAT_POLICIES:
         raise ValueError(f"train.remat_policy={name!r}: use one of {', '.join(REMAT_POLICIES)}")
-    return nn.remat(block_cls, policy=REMAT_POLICIES[name])
+    return jax.checkpoint(fn, policy=REMAT_POLICIES[name], prevent_cse=prevent_cse)
 
 
 def check_attention_impl(attention_impl: str, dtype: Any) -> None:
@@ -137,6 +139,25 @@ def normalize_layers(layers: Sequence[int], n_layer: int) -> tuple[int, ...]:
             raise ValueError(f"attention layer {i} out of range for a model with {n_layer} layers")
         out.add(j)
     return tuple(sorted(out))
+
+
+def hidden_layers(output_hidden_states, n_layer: int) -> tuple[int, ...]:
+    """forward's output_hidden_states -> sorted indices into the n_layer + 1 hidden states:
+    True is every one, False or () none, a sequence those (negative allowed; range-checked)."""
+    if output_hidden_states is True:
+        return tuple(range(n_layer + 1))
+    if not output_hidden_states:
+        return ()
+    return normalize_layers(output_hidden_states, n_layer + 1)
+
+
+def collect_hidden(states: dict, last: Array, n_layer: int, wanted: tuple) -> Optional[tuple]:
+    """ModelOutput.hidden_states: n_layer + 1 entries, each block's input from `states` and the
+    final normed state `last` (as HF), None where not `wanted`; None when nothing is wanted."""
+    if not wanted:
+        return None
+    return tuple((last if k == n_layer else states[k]) if k in wanted else None
+                 for k in range(n_layer + 1))
 
 
 def segment_positions(segment_ids: Array) -> Array:

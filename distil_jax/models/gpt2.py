@@ -10,10 +10,14 @@ student share one module definition and differ only in their params), orbax chec
 pytrees, and HF import/export is a rename of pytree paths. Linen gives exactly that with no
 object state to split and merge.
 
-Parameter paths mirror the HF state dict (without its `transformer.` prefix):
-`wte/embedding`, `wpe/embedding`, `h/N/ln_1/{scale,bias}`, `h/N/attn/c_attn/{kernel,bias}`,
-`h/N/attn/c_proj`, `h/N/ln_2`, `h/N/mlp/c_fc`, `h/N/mlp/c_proj`, `ln_f`, and `lm_head/kernel`
-only when the head is untied. HF's Conv1D stores weights [in, out], as a Dense kernel does.
+Parameter paths mirror the HF state dict (without its `transformer.` prefix): `wte/embedding`,
+`wpe/embedding`, `h/ln_1/{scale,bias}`, `h/attn/c_attn/{kernel,bias}`, `h/attn/c_proj`, `h/ln_2`,
+`h/mlp/c_fc`, `h/mlp/c_proj`, `ln_f`, and `lm_head/kernel` only when the head is untied. Every
+leaf under `h` is stacked on a leading [n_layer] axis (the blocks run as a scan, see
+`distil_jax.models.stack`): HF's `transformer.h.N.attn.c_attn.weight` is slice N of
+`h/attn/c_attn/kernel`. `hf_to_path` / `path_to_hf` name HF's per-layer view (`h/N/...`), which
+`models.unstack_layers` / `stack_layers` convert. HF's Conv1D stores weights [in, out], as a
+Dense kernel does.
 
 Attention: layers whose probabilities are requested (`output_attentions`) compute them
 explicitly (scores and softmax in float32) and return them; every other layer uses fused
@@ -34,8 +38,10 @@ import jax
 import jax.numpy as jnp
 
 from distil_jax.models.common import (FusedAttention, ModelOutput, attend, attention_mask_4d,
-                                      check_attention_impl, constrain, default_positions,
-                                      head_logits, normalize_layers, remat_block)
+                                      check_attention_impl, collect_hidden, constrain,
+                                      default_positions, head_logits, hidden_layers,
+                                      normalize_layers)
+from distil_jax.models import stack
 
 Array = jax.Array
 GPT2Output = ModelOutput  # what `forward` returns
@@ -171,15 +177,15 @@ class Attention(nn.Module):
     """Causal self-attention (`h.N.attn`): c_attn -> heads -> attention -> c_proj."""
 
     config: GPT2Config
-    layer_idx: int
     dtype: Any = jnp.float32
     materialize: bool = False  # return post-softmax probabilities (explicit path)
     deterministic: bool = True
     fused: FusedAttention = FusedAttention()
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array) -> tuple[Array, Optional[Array]]:
-        """x: [B, S, D]; mask: [B, 1, S, S] bool (True = may attend). Returns ([B, S, D], probs)."""
+    def __call__(self, x: Array, mask: Array, layer_idx: Array) -> tuple[Array, Optional[Array]]:
+        """x: [B, S, D]; mask: [B, 1, S, S] bool (True = may attend); layer_idx: int32 scalar
+        (traced inside the scan). Returns ([B, S, D], probs)."""
         cfg = self.config
         B, S, D = x.shape
         H, Dh = cfg.n_head, cfg.head_dim
@@ -191,7 +197,9 @@ class Attention(nn.Module):
 
         scale = 1.0 / math.sqrt(Dh) if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
-            scale /= float(self.layer_idx + 1)
+            # HF divides the scores by layer_idx + 1; the index is traced in the scan, and the
+            # fused kernel takes a static scale, so the queries carry the factor.
+            q = (q.astype(jnp.float32) / (layer_idx + 1).astype(jnp.float32)).astype(q.dtype)
 
         use_dropout = not self.deterministic and cfg.attn_pdrop > 0.0
         dropout = nn.Dropout(cfg.attn_pdrop, deterministic=False) if use_dropout else None
@@ -224,55 +232,26 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One transformer block (`h.N`), pre-LayerNorm as in GPT-2."""
+    """One transformer block (`h.N`; one slice of the stacked `h`), pre-LayerNorm as in GPT-2."""
 
     config: GPT2Config
-    layer_idx: int
     dtype: Any = jnp.float32
     materialize: bool = False
     deterministic: bool = True
     fused: FusedAttention = FusedAttention()
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array) -> tuple[Array, Optional[Array]]:
-        """x: [B, S, D]; mask: [B, 1, S, S]. Returns ([B, S, D], probs [B, H, S, S] or None)."""
+    def __call__(self, x: Array, mask: Array, layer_idx: Array) -> tuple[Array, Optional[Array]]:
+        """x: [B, S, D]; mask: [B, 1, S, S]; layer_idx: int32 scalar.
+        Returns ([B, S, D], probs [B, H, S, S] or None)."""
         cfg = self.config
         h = _layer_norm(cfg, "ln_1")(x).astype(self.dtype)
-        a, probs = Attention(
-            cfg, self.layer_idx, self.dtype, self.materialize, self.deterministic,
-            self.fused, name="attn",
-        )(h, mask)
+        a, probs = Attention(cfg, self.dtype, self.materialize, self.deterministic, self.fused,
+                             name="attn")(h, mask, layer_idx)
         x = x + a
         h = _layer_norm(cfg, "ln_2")(x).astype(self.dtype)
         x = x + MLP(cfg, self.dtype, self.deterministic, name="mlp")(h)
         return constrain(x, ("batch", None, None)), probs
-
-
-class Blocks(nn.Module):
-    """The stack `h`: blocks named "0".."n_layer-1" so paths read `h/N/...` like HF's `h.N`."""
-
-    config: GPT2Config
-    dtype: Any = jnp.float32
-    attention_layers: tuple = ()
-    output_hidden_states: bool = False
-    remat: bool | str = False  # False, True ("full") or a REMAT_POLICIES name
-    deterministic: bool = True
-    fused: FusedAttention = FusedAttention()
-
-    @nn.compact
-    def __call__(self, x: Array, mask: Array):
-        block_cls = remat_block(Block, self.remat)
-        hidden, attentions = [], {}
-        for i in range(self.config.n_layer):
-            if self.output_hidden_states:
-                hidden.append(x)
-            x, probs = block_cls(
-                self.config, i, self.dtype, i in self.attention_layers, self.deterministic,
-                self.fused, name=str(i),
-            )(x, mask)
-            if probs is not None:
-                attentions[i] = probs
-        return x, hidden, attentions
 
 
 class GPT2LMHeadModel(nn.Module):
@@ -281,10 +260,11 @@ class GPT2LMHeadModel(nn.Module):
     config: GPT2Config
     dtype: Any = jnp.float32  # compute dtype; parameters stay in their own dtype
     attention_layers: tuple = ()
-    output_hidden_states: bool = False
+    hidden_layers: tuple = ()  # indices into the n_layer + 1 hidden states to return
     remat: bool | str = False  # False, True ("full") or a REMAT_POLICIES name
     deterministic: bool = True
     fused: FusedAttention = FusedAttention()
+    scan_layers: bool = True  # False: one unrolled block per layer (the tests' reference)
 
     @nn.compact
     def __call__(self, input_ids: Array, mask: Array, positions: Array):
@@ -296,16 +276,31 @@ class GPT2LMHeadModel(nn.Module):
         x = wte(input_ids) + wpe(positions)
         x = nn.Dropout(cfg.embd_pdrop)(x, deterministic=self.deterministic).astype(self.dtype)
         x = constrain(x, ("batch", None, None))  # the residual stream: rows split, width whole
-        x, hidden, attentions = Blocks(
-            cfg, self.dtype, self.attention_layers, self.output_hidden_states, self.remat,
-            self.deterministic, self.fused, name="h",
-        )(x, mask)
+        x, hidden, attentions = self._blocks(x, mask)
         x = constrain(_layer_norm(cfg, "ln_f")(x).astype(self.dtype), ("batch", None, None))
-        hidden_states = tuple(hidden) + (x,) if self.output_hidden_states else None
+        hidden_states = collect_hidden(hidden, x, cfg.n_layer, self.hidden_layers)
         if not cfg.tie_word_embeddings and self.is_initializing():
             # The untied head's parameters; `forward` applies the head through `lm_head`.
             nn.Dense(cfg.vocab_size, use_bias=False, kernel_init=_normal(std), name="lm_head")(x[:, :1])
         return x, hidden_states, attentions
+
+    def _blocks(self, x: Array, mask: Array):
+        """The stack `h`: every block parameter stacked on a leading [n_layer] axis, run by
+        `stack.run` (a scan cut at the requested layers)."""
+        cfg = self.config
+
+        def block(materialize: bool = False) -> Block:
+            return Block(cfg, self.dtype, materialize, self.deterministic, self.fused, parent=None)
+
+        params = stack.stacked_params(self, "h", block(), cfg.n_layer, x, mask, jnp.int32(0))
+
+        def block_fn(layer, x, idx, materialize, rng):
+            rngs = None if rng is None else {"dropout": rng}
+            return block(materialize).apply({"params": layer}, x, mask, idx, rngs=rngs)
+
+        rng = None if self.deterministic else self.make_rng("dropout")
+        return stack.run(block_fn, params, x, n_layer=cfg.n_layer, materialize=self.attention_layers,
+                         hidden=self.hidden_layers, scan=self.scan_layers, remat=self.remat, rng=rng)
 
 
 def forward(
@@ -314,7 +309,7 @@ def forward(
     input_ids: Array,
     attention_mask: Optional[Array] = None,
     *,
-    output_hidden_states: bool = False,
+    output_hidden_states: bool | Sequence[int] = False,
     output_attentions: Sequence[int] = (),
     segment_ids: Optional[Array] = None,
     positions: Optional[Array] = None,
@@ -325,6 +320,7 @@ def forward(
     return_last_hidden: bool = False,
     attention_impl: str = "xla",
     single_document_rows: bool = False,
+    scan_layers: bool = True,
 ) -> GPT2Output:
     """Run GPT-2.
 
@@ -333,7 +329,8 @@ def forward(
       params: the parameter tree (HF-named paths, see the module docstring).
       input_ids: [B, S] int token ids, S <= config.n_positions.
       attention_mask: [B, S] 1 for real tokens, 0 for padding (masks padded keys), or None.
-      output_hidden_states: also return the n_layer + 1 hidden states.
+      output_hidden_states: True: also return the n_layer + 1 hidden states; a sequence of
+        indices into them (negative allowed): a tuple of n_layer + 1 entries, None except those.
       output_attentions: layer indices (negative allowed) whose post-softmax probabilities to
         return; only these layers materialize them.
       segment_ids: [B, S] int document ids for packed rows (attention stays inside a document,
@@ -352,6 +349,7 @@ def forward(
         followed only by padding (the pad layout). The cudnn path then runs plain causal
         attention without the mask: exact for every real token, since all padding comes after
         them (padding positions differ, and no loss reads them). The xla path ignores it.
+      scan_layers: run the blocks as a scan (default); False unrolls them (same parameters).
     """
     check_attention_impl(attention_impl, dtype)
     B, S = input_ids.shape
@@ -366,10 +364,11 @@ def forward(
         config,
         dtype=dtype,
         attention_layers=normalize_layers(output_attentions, config.n_layer),
-        output_hidden_states=output_hidden_states,
+        hidden_layers=hidden_layers(output_hidden_states, config.n_layer),
         remat=remat,
         deterministic=deterministic,
         fused=FusedAttention(attention_impl, single_document_rows),
+        scan_layers=scan_layers,
     )
     rngs = None if deterministic else {"dropout": dropout_rng}
     if not deterministic and dropout_rng is None:
@@ -422,14 +421,15 @@ def with_lm_head(config: GPT2Config, params: Mapping, head: Array) -> dict:
 PARAM_AXES = (
     (r"wte/embedding", ("vocab", "embed")),
     (r"wpe/embedding", ("positions", "embed")),
-    (r"h/\d+/attn/c_attn/kernel", ("embed", "qkv")),
-    (r"h/\d+/attn/c_attn/bias", ("qkv",)),
-    (r"h/\d+/attn/c_proj/kernel", ("heads", "embed")),
-    (r"h/\d+/mlp/c_fc/kernel", ("embed", "mlp")),
-    (r"h/\d+/mlp/c_fc/bias", ("mlp",)),
-    (r"h/\d+/mlp/c_proj/kernel", ("mlp", "embed")),
-    (r"h/\d+/(attn|mlp)/c_proj/bias", ("bias",)),
-    (r"(h/\d+/ln_[12]|ln_f)/(scale|bias)", ("norm",)),
+    (r"h/attn/c_attn/kernel", ("layers", "embed", "qkv")),
+    (r"h/attn/c_attn/bias", ("layers", "qkv")),
+    (r"h/attn/c_proj/kernel", ("layers", "heads", "embed")),
+    (r"h/mlp/c_fc/kernel", ("layers", "embed", "mlp")),
+    (r"h/mlp/c_fc/bias", ("layers", "mlp")),
+    (r"h/mlp/c_proj/kernel", ("layers", "mlp", "embed")),
+    (r"h/(attn|mlp)/c_proj/bias", ("layers", "bias")),
+    (r"h/ln_[12]/(scale|bias)", ("layers", "norm")),
+    (r"ln_f/(scale|bias)", ("norm",)),
     (r"lm_head/kernel", ("embed", "vocab")),
 )
 
@@ -488,7 +488,13 @@ def module_path(name: str) -> tuple[str, ...]:
 
 
 def block_path(i: int) -> tuple[str, ...]:
+    """Block i's path in HF's per-layer view (`models.unstack_layers`): slice i of `LAYERS_PATH`."""
     return ("h", str(i))
+
+
+# Where the blocks' parameters are stacked on a leading [n_layer] axis (HF's `transformer.h.N`
+# is slice N; `models.stack_layers` / `unstack_layers` convert).
+LAYERS_PATH = ("h",)
 
 
 # Module names in transformers' order (its state dict's, `named_parameters()`'s: the order the

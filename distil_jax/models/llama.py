@@ -16,10 +16,14 @@ RMSNorm statistics and rotary tables are float32 whatever the compute dtype; att
 and softmax are float32 in the layers whose probabilities are returned (`common.attend`).
 
 Parameter paths mirror the HF state dict names (a rename away from it):
-`model/embed_tokens/embedding`, `model/layers/N/self_attn/{q,k,v,o}_proj/{kernel,bias}`,
-`model/layers/N/self_attn/{q_norm,k_norm}/scale` (qwen3), `model/layers/N/mlp/{gate,up,down}_proj/
-{kernel,bias}`, `model/layers/N/{input_layernorm,post_attention_layernorm}/scale`,
-`model/norm/scale`, and `lm_head/kernel` only when the head is untied. torch Linear weights are
+`model/embed_tokens/embedding`, `model/layers/self_attn/{q,k,v,o}_proj/{kernel,bias}`,
+`model/layers/self_attn/{q_norm,k_norm}/scale` (qwen3), `model/layers/mlp/{gate,up,down}_proj/
+{kernel,bias}`, `model/layers/{input_layernorm,post_attention_layernorm}/scale`,
+`model/norm/scale`, and `lm_head/kernel` only when the head is untied. Every leaf under
+`model/layers` is stacked on a leading [num_hidden_layers] axis (the blocks run as a scan,
+`distil_jax.models.stack`): HF's `model.layers.N.mlp.up_proj.weight` is slice N (transposed) of
+`model/layers/mlp/up_proj/kernel`; `hf_to_path` / `path_to_hf` name HF's per-layer view
+(`model/layers/N/...`, `models.unstack_layers`). torch Linear weights are
 [out, in] and Dense kernels [in, out], so every `kernel` is stored transposed in HF
 (`hf_transposed`).
 
@@ -41,8 +45,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from distil_jax.models.common import (FusedAttention, ModelOutput, attend, attention_mask_4d,
-                                      check_attention_impl, constrain, default_positions,
-                                      head_logits, normalize_layers, remat_block)
+                                      check_attention_impl, collect_hidden, constrain,
+                                      default_positions, head_logits, hidden_layers,
+                                      normalize_layers)
+from distil_jax.models import stack
 
 Array = jax.Array
 
@@ -567,31 +573,6 @@ class DecoderLayer(nn.Module):
         return constrain(x, ("batch", None, None)), probs
 
 
-class Layers(nn.Module):
-    """The stack `model.layers`: blocks named "0".."N-1" so paths read like HF's."""
-
-    config: Config
-    dtype: Any = jnp.float32
-    attention_layers: tuple = ()
-    output_hidden_states: bool = False
-    remat: bool | str = False  # False, True ("full") or a REMAT_POLICIES name
-    deterministic: bool = True
-    fused: FusedAttention = FusedAttention()
-
-    @nn.compact
-    def __call__(self, x: Array, mask: Array, cos: Array, sin: Array):
-        layer_cls = remat_block(DecoderLayer, self.remat)
-        hidden, attentions = [], {}
-        for i in range(self.config.num_hidden_layers):
-            if self.output_hidden_states:
-                hidden.append(x)
-            x, probs = layer_cls(self.config, self.dtype, i in self.attention_layers,
-                                 self.deterministic, self.fused, name=str(i))(x, mask, cos, sin)
-            if probs is not None:
-                attentions[i] = probs
-        return x, hidden, attentions
-
-
 class ForCausalLM(nn.Module):
     """The parameters of HF's *ForCausalLM: `model` (embed_tokens -> layers -> norm) and, when
     untied, `lm_head`. Returns the last hidden state [B, S, D] after the final norm, the hidden
@@ -600,17 +581,18 @@ class ForCausalLM(nn.Module):
     config: Config
     dtype: Any = jnp.float32  # compute dtype; parameters stay in their own dtype
     attention_layers: tuple = ()
-    output_hidden_states: bool = False
+    hidden_layers: tuple = ()  # indices into the num_layers + 1 hidden states to return
     remat: bool | str = False  # False, True ("full") or a REMAT_POLICIES name
     deterministic: bool = True
     fused: FusedAttention = FusedAttention()
+    scan_layers: bool = True  # False: one unrolled block per layer (the tests' reference)
 
     @nn.compact
     def __call__(self, input_ids: Array, mask: Array, positions: Array):
         x, hidden, attentions = _Model(
-            self.config, self.dtype, self.attention_layers, self.output_hidden_states, self.remat,
-            self.deterministic, self.fused, name="model")(input_ids, mask, positions)
-        hidden_states = tuple(hidden) + (x,) if self.output_hidden_states else None
+            self.config, self.dtype, self.attention_layers, self.hidden_layers, self.remat,
+            self.deterministic, self.fused, self.scan_layers, name="model")(input_ids, mask, positions)
+        hidden_states = collect_hidden(hidden, x, self.config.num_hidden_layers, self.hidden_layers)
         if not self.config.tie_word_embeddings and self.is_initializing():
             # The untied head's parameter; `forward` applies the head through `lm_head`.
             nn.Dense(self.config.vocab_size, use_bias=False,
@@ -620,15 +602,16 @@ class ForCausalLM(nn.Module):
 
 class _Model(nn.Module):
     """`model`: embed_tokens -> layers -> norm. Returns (last hidden [B, S, D] after the norm,
-    the per-block inputs as a list, the attentions dict)."""
+    {k: block k's input} for the requested k, the attentions dict)."""
 
     config: Config
     dtype: Any = jnp.float32
     attention_layers: tuple = ()
-    output_hidden_states: bool = False
+    hidden_layers: tuple = ()  # indices into the num_layers + 1 hidden states to return
     remat: bool | str = False  # False, True ("full") or a REMAT_POLICIES name
     deterministic: bool = True
     fused: FusedAttention = FusedAttention()
+    scan_layers: bool = True  # False: one unrolled block per layer (the tests' reference)
 
     @nn.compact
     def __call__(self, input_ids: Array, mask: Array, positions: Array):
@@ -638,11 +621,30 @@ class _Model(nn.Module):
         x = embed(input_ids).astype(self.dtype)
         x = constrain(x, ("batch", None, None))  # the residual stream: rows split, width whole
         cos, sin = rope_tables(cfg, positions)  # once for all layers, as HF does
-        x, hidden, attentions = Layers(cfg, self.dtype, self.attention_layers,
-                                       self.output_hidden_states, self.remat, self.deterministic,
-                                       self.fused, name="layers")(x, mask, cos, sin)
+        x, hidden, attentions = self._layers(x, mask, cos, sin)
         x = constrain(RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x), ("batch", None, None))
         return x, hidden, attentions
+
+    def _layers(self, x: Array, mask: Array, cos: Array, sin: Array):
+        """The stack `model.layers`: every block parameter stacked on a leading [num_layers]
+        axis, run by `stack.run` (a scan cut at the requested layers)."""
+        cfg = self.config
+
+        def layer(materialize: bool = False) -> DecoderLayer:
+            return DecoderLayer(cfg, self.dtype, materialize, self.deterministic, self.fused,
+                                parent=None)
+
+        params = stack.stacked_params(self, "layers", layer(), cfg.num_hidden_layers, x, mask, cos,
+                                      sin)
+
+        def block_fn(p, x, idx, materialize, rng):
+            rngs = None if rng is None else {"dropout": rng}
+            return layer(materialize).apply({"params": p}, x, mask, cos, sin, rngs=rngs)
+
+        rng = None if self.deterministic else self.make_rng("dropout")
+        return stack.run(block_fn, params, x, n_layer=cfg.num_hidden_layers,
+                         materialize=self.attention_layers, hidden=self.hidden_layers,
+                         scan=self.scan_layers, remat=self.remat, rng=rng)
 
 
 # ----------------------------------------------------------------------------- functions
@@ -654,7 +656,7 @@ def forward(
     input_ids: Array,
     attention_mask: Optional[Array] = None,
     *,
-    output_hidden_states: bool = False,
+    output_hidden_states: bool | Sequence[int] = False,
     output_attentions: Sequence[int] = (),
     segment_ids: Optional[Array] = None,
     positions: Optional[Array] = None,
@@ -665,6 +667,7 @@ def forward(
     return_last_hidden: bool = False,
     attention_impl: str = "xla",
     single_document_rows: bool = False,
+    scan_layers: bool = True,
 ) -> ModelOutput:
     """Run the model.
 
@@ -674,7 +677,9 @@ def forward(
       input_ids: [B, S] int token ids, S <= config.max_position_embeddings (and <= the sliding
         window, if the model has one).
       attention_mask: [B, S] 1 for real tokens, 0 for padding (masks padded keys), or None.
-      output_hidden_states: also return the num_hidden_layers + 1 hidden states.
+      output_hidden_states: True: also return the num_hidden_layers + 1 hidden states; a
+        sequence of indices into them (negative allowed): a tuple of num_hidden_layers + 1
+        entries, None except those.
       output_attentions: layer indices (negative allowed) whose post-softmax probabilities
         [B, H_q, S, S] to return; only these layers materialize them.
       segment_ids: [B, S] int document ids for packed rows (attention stays inside a document,
@@ -688,6 +693,7 @@ def forward(
       return_last_hidden: skip the LM head (logits None); `last_hidden_state` is [B, S, D].
       attention_impl, single_document_rows: how the layers that return no probabilities attend
         ("xla" or "cudnn"; see `common.attend`).
+      scan_layers: run the blocks as a scan (default); False unrolls them (same parameters).
     """
     check_attention_impl(attention_impl, dtype)
     B, S = input_ids.shape
@@ -708,10 +714,11 @@ def forward(
         config,
         dtype=dtype,
         attention_layers=normalize_layers(output_attentions, config.num_hidden_layers),
-        output_hidden_states=output_hidden_states,
+        hidden_layers=hidden_layers(output_hidden_states, config.num_hidden_layers),
         remat=remat,
         deterministic=deterministic,
         fused=FusedAttention(attention_impl, single_document_rows),
+        scan_layers=scan_layers,
     )
     rngs = None if deterministic else {"dropout": dropout_rng}
     x, hidden_states, attentions = model.apply({"params": params}, input_ids, mask, positions,
@@ -785,18 +792,18 @@ def with_lm_head(config: Config, params: Mapping, head: Array) -> dict:
 # heads (K x Dh), so tensor parallelism keeps whole heads when it divides K.
 PARAM_AXES = (
     (r"model/embed_tokens/embedding", ("vocab", "embed")),
-    (r"model/layers/\d+/self_attn/q_proj/kernel", ("embed", "heads")),
-    (r"model/layers/\d+/self_attn/q_proj/bias", ("heads",)),
-    (r"model/layers/\d+/self_attn/[kv]_proj/kernel", ("embed", "kv_heads")),
-    (r"model/layers/\d+/self_attn/[kv]_proj/bias", ("kv_heads",)),
-    (r"model/layers/\d+/self_attn/o_proj/kernel", ("heads", "embed")),
-    (r"model/layers/\d+/self_attn/o_proj/bias", ("bias",)),
-    (r"model/layers/\d+/self_attn/[qk]_norm/scale", ("norm",)),
-    (r"model/layers/\d+/mlp/(gate|up)_proj/kernel", ("embed", "mlp")),
-    (r"model/layers/\d+/mlp/(gate|up)_proj/bias", ("mlp",)),
-    (r"model/layers/\d+/mlp/down_proj/kernel", ("mlp", "embed")),
-    (r"model/layers/\d+/mlp/down_proj/bias", ("bias",)),
-    (r"model/layers/\d+/(input|post_attention)_layernorm/scale", ("norm",)),
+    (r"model/layers/self_attn/q_proj/kernel", ("layers", "embed", "heads")),
+    (r"model/layers/self_attn/q_proj/bias", ("layers", "heads")),
+    (r"model/layers/self_attn/[kv]_proj/kernel", ("layers", "embed", "kv_heads")),
+    (r"model/layers/self_attn/[kv]_proj/bias", ("layers", "kv_heads")),
+    (r"model/layers/self_attn/o_proj/kernel", ("layers", "heads", "embed")),
+    (r"model/layers/self_attn/o_proj/bias", ("layers", "bias")),
+    (r"model/layers/self_attn/[qk]_norm/scale", ("layers", "norm")),
+    (r"model/layers/mlp/(gate|up)_proj/kernel", ("layers", "embed", "mlp")),
+    (r"model/layers/mlp/(gate|up)_proj/bias", ("layers", "mlp")),
+    (r"model/layers/mlp/down_proj/kernel", ("layers", "mlp", "embed")),
+    (r"model/layers/mlp/down_proj/bias", ("layers", "bias")),
+    (r"model/layers/(input|post_attention)_layernorm/scale", ("layers", "norm")),
     (r"model/norm/scale", ("norm",)),
     (r"lm_head/kernel", ("embed", "vocab")),
 )
@@ -849,8 +856,13 @@ def module_path(name: str) -> tuple:
 
 
 def block_path(i: int) -> tuple:
-    """The parameter path of block i (HF's model.layers.i)."""
+    """Block i's path in HF's per-layer view (HF's model.layers.i): slice i of `LAYERS_PATH`."""
     return ("model", "layers", str(i))
+
+
+# Where the blocks' parameters are stacked on a leading [num_layers] axis (HF's
+# `model.layers.N` is slice N; `models.stack_layers` / `unstack_layers` convert).
+LAYERS_PATH = ("model", "layers")
 
 
 # Module names in transformers' order (its state dict's; see gpt2.MODULE_ORDER): HF registers a

@@ -105,6 +105,10 @@ def _cakld_rows(log_s, log_t, beta=0.5):
 
 
 def _jsd_rows(log_s, log_t, beta=0.5):
+    # TRL's generalized JSD (GKD) at its ends: the mixture degenerates (both KLs to it are 0), so
+    # beta = 0 is defined as the forward KL(teacher || student) and beta = 1 as the reverse KL.
+    if isinstance(beta, (int, float)) and beta in (0, 1):
+        return _kl_rows(log_t, log_s) if beta == 0 else _kl_rows(log_s, log_t)
     beta = jnp.asarray(beta, jnp.float32)
     a = jnp.log(beta) + log_t
     b = jnp.log1p(-beta) + log_s

@@ -132,6 +132,14 @@ def next_token_targets(input_ids: Array, segment_ids: Array) -> tuple[Array, Arr
     return labels, valid
 
 
+def counted_positions(segment_ids: Array, loss_mask: Optional[Array] = None) -> Array:
+    """[B, S] bool: the positions every loss and the perplexity count: real tokens (segment > 0)
+    and, with a loss mask (dataset.loss_on="completion": 1 where the next token is an assistant
+    / completion token), only those it keeps."""
+    mask = segment_ids > 0
+    return mask if loss_mask is None else mask & (loss_mask > 0)
+
+
 def real_token_positions(mask: Array, groups: int, capacity: int) -> Array:
     """Where the real tokens are, for the logits losses to skip padding.
 
@@ -254,13 +262,16 @@ class Objective:
 
     def features(self, student, teacher) -> dict:
         """What each model must return: {"student"/"teacher": dict(output_hidden_states,
-        output_attentions)}; only mapped attention layers are materialized."""
-        pairs = self.attn_pairs(student.num_layers, teacher.num_layers)
+        output_attentions)}, each the mapped layers' indices only. The models run their blocks
+        as a scan cut at exactly these layers (`models.stack`), so only the mapped attention
+        maps [B, H, S, S] and hidden states are ever held, not every layer's."""
+        attn = self.attn_pairs(student.num_layers, teacher.num_layers)
+        hs = self.hs_pairs(student.num_layers, teacher.num_layers)
         return {
-            "student": dict(output_hidden_states=self.hs.active,
-                            output_attentions=tuple(sorted({s for s, _ in pairs}))),
-            "teacher": dict(output_hidden_states=self.hs.active,
-                            output_attentions=tuple(sorted({t for _, t in pairs}))),
+            "student": dict(output_hidden_states=tuple(sorted({s for s, _ in hs})),
+                            output_attentions=tuple(sorted({s for s, _ in attn}))),
+            "teacher": dict(output_hidden_states=tuple(sorted({t for _, t in hs})),
+                            output_attentions=tuple(sorted({t for _, t in attn}))),
         }
 
     def chunk_tokens(self, batch: int, seq: int, vocab: int) -> int:
@@ -306,6 +317,7 @@ class Objective:
         logits_positions: Optional[Array] = None,
         logits_chunk: int = 0,
         single_document_rows: bool = False,
+        loss_mask: Optional[Array] = None,
     ) -> tuple[Array, dict]:
         """The total loss and its components (float32 scalars).
 
@@ -323,16 +335,17 @@ class Objective:
           position 0 followed only by padding (the pad layout): the attention rows are then
           already in their document's frame and `document_frame` is skipped (it would be the
           identity on every real token).
+        loss_mask: [B, S] or None: only the positions it keeps count (`counted_positions`).
         """
         if self.n_student is None:
             raise ValueError("call Objective.bind(student_config, teacher_config) before computing the loss")
-        mask = segment_ids > 0
+        mask = counted_positions(segment_ids, loss_mask)
         parts = {}
         total = jnp.zeros((), jnp.float32)
         if self.logits.active or self.clm_weight:
             logit_loss, clm_loss = self._logits_losses(
                 student_out, teacher_out, segment_ids, input_ids, student_head, teacher_head,
-                logits_positions, logits_chunk)
+                logits_positions, logits_chunk, loss_mask)
             if self.logits.active:
                 parts["loss/logits"] = logit_loss
                 total += self.logits.weight * logit_loss
@@ -357,6 +370,7 @@ class Objective:
         segment_ids: Array,
         input_ids: Array,
         single_document_rows: bool = False,
+        loss_mask: Optional[Array] = None,
     ) -> dict:
         """Each active component's loss at every token: {"loss/<component>": [B, S] float32},
         0 on padding (and, for clm, where no next token of the same document exists).
@@ -367,7 +381,7 @@ class Objective:
         """
         if self.n_student is None:
             raise ValueError("call Objective.bind(student_config, teacher_config) before computing the loss")
-        mask = segment_ids > 0
+        mask = counted_positions(segment_ids, loss_mask)
         out = {}
         if self.logits.active or self.clm_weight:
             s = student_out.logits.astype(jnp.float32)
@@ -382,6 +396,7 @@ class Objective:
                 out["loss/logits"] = jnp.where(mask, values, 0.0)
             if self.clm_weight:
                 labels, label_ok = next_token_targets(input_ids, segment_ids)
+                label_ok = label_ok & mask
                 logp = jax.nn.log_softmax(s, axis=-1)
                 nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
                 out["loss/clm"] = jnp.where(label_ok, nll, 0.0)
@@ -449,12 +464,14 @@ class Objective:
         return sum(losses) / len(losses)
 
     def _logits_losses(self, student_out, teacher_out, segment_ids, input_ids, s_head, t_head,
-                       positions=None, c: int = 0):
-        """(distillation loss on logits, hard next-token loss), each a mean over real tokens.
-        teacher_out: the teacher's ModelOutput, a CachedTeacher, or None (clm only)."""
+                       positions=None, c: int = 0, loss_mask=None):
+        """(distillation loss on logits, hard next-token loss), each a mean over the counted
+        tokens (`counted_positions`). teacher_out: the teacher's ModelOutput, a CachedTeacher,
+        or None (clm only)."""
         B, S = segment_ids.shape
-        mask = segment_ids > 0
+        mask = counted_positions(segment_ids, loss_mask)
         labels, label_ok = next_token_targets(input_ids, segment_ids)
+        label_ok = label_ok & mask
         cached = isinstance(teacher_out, CachedTeacher)
         if student_out.logits is not None:
             t_logits = teacher_out if cached else (teacher_out.logits if teacher_out is not None else None)

@@ -46,12 +46,13 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def rows_fingerprint(arrays) -> str:
-    """sha256 of a set of rows (input_ids and segment_ids, with their shapes); an evaluator's
-    `data.EvalSet` by its rows and Distily's evaluator rows."""
+    """sha256 of a set of rows (input_ids and segment_ids, and loss_mask when the rows have one
+    (dataset.loss_on="completion"), with their shapes); an evaluator's `data.EvalSet` by its
+    rows and Distily's evaluator rows. Rows without a loss mask hash as before it existed."""
     if hasattr(arrays, "distily_rows"):
         return rows_fingerprint(arrays.rows) + rows_fingerprint(arrays.distily_rows)[:16]
     h = hashlib.sha256()
-    for key in ("input_ids", "segment_ids"):
+    for key in ("input_ids", "segment_ids") + (("loss_mask",) if "loss_mask" in arrays else ()):
         a = np.ascontiguousarray(np.asarray(arrays[key], np.int32))
         h.update(key.encode() + repr(a.shape).encode() + a.tobytes())
     return h.hexdigest()

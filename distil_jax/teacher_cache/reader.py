@@ -100,8 +100,9 @@ class TeacherCache:
         return out
 
     def batches(self, rows: Mapping, batch_size: int, *, seed: int, shuffle: bool = True,
-                drop_last: bool = False) -> "CachedBatches":
-        return CachedBatches(self, rows, batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last)
+                drop_last: bool = False, process_rows: Optional[slice] = None) -> "CachedBatches":
+        return CachedBatches(self, rows, batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
+                             process_rows=process_rows)
 
     def teacher_eval(self, rows: Mapping) -> Optional[dict]:
         """The teacher's evaluation on `rows` as recorded in the manifest, or None if it has none
@@ -179,10 +180,12 @@ class CachedBatches:
     """
 
     def __init__(self, cache: TeacherCache, rows: Mapping, batch_size: int, *, seed: int,
-                 shuffle: bool = True, drop_last: bool = False, depth: int = 2):
+                 shuffle: bool = True, drop_last: bool = False, depth: int = 2,
+                 process_rows: Optional[slice] = None):
         n = data.row_count(dict(rows))
+        # process_rows: this process's rows of each batch only (data.BatchIterator).
         self._it = data.BatchIterator(dict(rows, row_index=np.arange(n)), batch_size, shuffle=shuffle,
-                                      seed=seed, drop_last=drop_last)
+                                      seed=seed, drop_last=drop_last, process_rows=process_rows)
         self.cache, self.depth = cache, depth
         self.steps_per_epoch = self._it.steps_per_epoch
         self._state = self._it.state()

@@ -6,6 +6,16 @@ Shards are written atomically, each from its own row range; a rerun after an int
 SIGKILL) keeps the finished shards, records the others and ends with the same bytes as an
 uninterrupted recording; the manifest is written complete last. The teacher's held-out
 perplexity is recorded too, so training from the cache need not load the teacher to report it.
+
+``dataset.loss_on="completion"`` (rows with a ``loss_mask``): the recorder still records every
+real token. The teacher's distribution at a position does not depend on whether a loss counts
+it, and training applies the batch's ``loss_mask`` to the cached targets exactly as to the
+online teacher's (the same ``objective.counted_positions``), so the cached step equals the online
+one. The manifest pins the rows with their loss mask (``pins.rows_fingerprint``): the teacher's
+held-out perplexity it records is over the counted tokens, and a cache is used only with the
+mask it was recorded for. Recording only the counted positions would save the prompts' share of
+the disk, but would tie the shards' records to one mask; the simpler, always-correct choice is
+kept.
 """
 
 from __future__ import annotations

@@ -54,11 +54,13 @@ def with_demo_inputs(config, workdir: Path):
     return config
 
 
-def train_batches(config: ml_collections.ConfigDict, rows: Mapping) -> data.BatchIterator:
+def train_batches(config: ml_collections.ConfigDict, rows: Mapping,
+                  process_rows: Optional[slice] = None) -> data.BatchIterator:
     """The run's batches: batch_size x grad_accum rows per step, shuffled by the run's seed,
-    the last, partial batch of an epoch kept (filled with empty rows), as HF's sampler does."""
+    the last, partial batch of an epoch kept (filled with empty rows), as HF's sampler does.
+    process_rows: the rows of each batch this process builds (sharding.process_rows)."""
     return data.BatchIterator(rows, config.train.batch_size * config.train.grad_accum, shuffle=True,
-                              seed=config.train.seed, drop_last=False)
+                              seed=config.train.seed, drop_last=False, process_rows=process_rows)
 
 
 def run_steps(train_cfg: Mapping, steps_per_epoch: int) -> int:
@@ -80,6 +82,7 @@ def load_teacher(config) -> tuple:
     else:
         teacher_cfg, teacher_params = hf.load_pretrained(path, DTYPES[config.teacher.dtype])
     tokenizer = load_tokenizer(config.tokenizer_name_or_path or config.teacher.model_name_or_path)
+    data.check_vocab(tokenizer, teacher_cfg.vocab_size, f"the teacher {path!r}")
     seq_len = sequence_length(config, teacher_cfg, tokenizer)
     return teacher_cfg, teacher_params, tokenizer, seq_len
 
@@ -105,6 +108,7 @@ def build_student(student_section: Mapping, teacher_cfg, teacher_params, rng, se
     `student` section; dropout off unless `student.dropout`. Refuses a student that cannot hold
     `seq_len` positions."""
     section = dict(student_section)
+    _check_student_vocab(section, teacher_cfg)
     student_cfg, student_params, trainable = student.build_student(teacher_cfg, teacher_params,
                                                                    section, rng)
     if not section.get("dropout", True):
@@ -113,6 +117,20 @@ def build_student(student_section: Mapping, teacher_cfg, teacher_params, rng, se
         raise ValueError(f"sequence length {seq_len} exceeds the student's maximum of "
                          f"{student_cfg.max_positions} positions; lower dataset.max_seq_len")
     return student_cfg, student_params, trainable
+
+
+def _check_student_vocab(section: Mapping, teacher_cfg) -> None:
+    """A pretrained student must share the teacher's vocabulary (a random one is given it)."""
+    path = section.get("model_name_or_path")
+    if not path:
+        return
+    vocab = dict(section.get("overrides") or {}).get("vocab_size") or hf.load_config(path).vocab_size
+    if int(vocab) != int(teacher_cfg.vocab_size):
+        raise ValueError(f"student.model_name_or_path={path!r} has a vocabulary of {vocab} tokens, "
+                         f"the teacher {teacher_cfg.vocab_size}: the logits losses compare them "
+                         "token by token; use a student of the teacher's family and tokenizer, or "
+                         "student.model_name_or_path='' for a random student with the teacher's "
+                         "vocabulary")
 
 
 def build_objective(objective_section: Mapping, student_cfg, teacher_cfg) -> Objective:
@@ -165,9 +183,10 @@ def _build_data(config, tokenizer, seq_len: int, cache_dir: Optional[Path]) -> t
     eval_sets = {"heldout": test_rows}
     for name, spec in config.eval.evaluators.items():
         # Every sampled row of an extra evaluator is an evaluation row, laid out as the run's.
-        eval_sets[name], _ = data.texts_to_eval_set(
-            data.load_all_texts(spec), tokenizer, seq_len, config.dataset.layout, cache_dir,
-            name, truncate=config.dataset.truncate, append_eos=config.dataset.append_eos)
+        eval_sets[name], _ = data.spec_to_eval_set(
+            spec, tokenizer, seq_len, config.dataset.layout, cache_dir, name,
+            truncate=config.dataset.truncate, append_eos=config.dataset.append_eos,
+            loss_on=config.dataset.loss_on)
     return train_rows, eval_sets, data_stats
 
 
@@ -230,13 +249,6 @@ def build_run(config, workdir: Path) -> Run:
                                        student_cfg, teacher_cfg, seq_len)
     train_rows, eval_sets, data_stats = build_data(config, tokenizer, seq_len, workdir / "cache")
     cache = open_teacher_cache(config, teacher_cfg, tokenizer, seq_len, train_rows)
-    if cache is not None:  # the same batches, with the teacher's cached targets attached
-        batches = cache.batches(train_rows, config.train.batch_size * config.train.grad_accum,
-                                seed=config.train.seed, drop_last=False)
-    else:
-        batches = train_batches(config, train_rows)
-    total_steps = run_steps(config.train, batches.steps_per_epoch)
-    tx, schedule = make_optimizer(config.optimizer.to_dict(), total_steps, trainable)
     # The mesh and where every array lives on it (a mesh that does not fit the devices or the
     # models is a one-line error here, before any compilation).
     mesh = sharding.make_mesh(config.train.mesh.to_dict())
@@ -246,6 +258,15 @@ def build_run(config, workdir: Path) -> Run:
             raise ValueError(f"{field}={size} is not divisible by the "
                              f"{sharding.batch_shards(mesh)} batch shards of train.mesh (data x "
                              f"fsdp of {dict(mesh.shape)}); use a multiple")
+    # Each process builds only its own devices' rows of every batch.
+    mine = sharding.process_rows(mesh, config.train.batch_size * config.train.grad_accum)
+    if cache is not None:  # the same batches, with the teacher's cached targets attached
+        batches = cache.batches(train_rows, config.train.batch_size * config.train.grad_accum,
+                                seed=config.train.seed, drop_last=False, process_rows=mine)
+    else:
+        batches = train_batches(config, train_rows, mine)
+    total_steps = run_steps(config.train, batches.steps_per_epoch)
+    tx, schedule = make_optimizer(config.optimizer.to_dict(), total_steps, trainable)
     state = create_train_state(params, tx, rng_state)
     if cache is not None:
         # Read only to build the student (if at all); the step runs no teacher.
