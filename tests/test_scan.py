@@ -162,3 +162,32 @@ def test_freezing_one_layer_of_a_stacked_leaf():
     np.testing.assert_allclose(float(ts.student_grad_norm(grads, trainable)), float(optax.tree.norm(kept)),
                                rtol=1e-6)
     assert not student_lib.trains(False) and student_lib.trains(np.array([False, True]))
+
+
+def test_a_checkpoint_with_unrolled_layers_is_refused_in_one_line(tmp_path):
+    """A checkpoint in the layout before the scan (one subtree per block, `h/0/...`, as
+    `unstack_layers` writes it) is refused on resume (`restore`) and on export (`restore_params`)
+    with one line naming the fix, before orbax sees the mismatched tree."""
+    from distil_jax import checkpoint
+
+    tc, tp = T.teacher()
+    s_cfg, sp, _ = T.student(tc, tp)
+    tx = optax.sgd(0.1)
+
+    def state(student):
+        params = {"student": student, "objective": {}}
+        return ts.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                             rng=jax.random.PRNGKey(0))
+
+    mngr = checkpoint.manager(tmp_path)
+    checkpoint.save(mngr, state(models.unstack_layers(s_cfg, sp)), {"epoch": 0, "position": 0})
+    for call in (lambda: checkpoint.restore(mngr, 0, state(sp)), lambda: checkpoint.restore_params(tmp_path)):
+        with pytest.raises(ValueError, match=r"unrolled layers \(h/0/\.\.\.\) written by an older "
+                                             r"distil_jax.*start a new --workdir") as e:
+            call()
+        assert "\n" not in str(e.value)
+    # The stacked layout restores.
+    mngr = checkpoint.manager(tmp_path / "new")
+    checkpoint.save(mngr, state(sp), {"epoch": 0, "position": 0})
+    restored, _ = checkpoint.restore(mngr, 0, state(sp))
+    assert T.max_abs_diff(restored.params["student"], sp) == 0
