@@ -174,7 +174,7 @@ def module_summary(hf_config: Mapping) -> Optional[str]:
 
     fam = models.family(cfg)
     rows = sorted(((fam.path_to_hf(p), tuple(s.shape)[::-1] if fam.hf_transposed(p) else tuple(s.shape))
-                   for p, s in traverse_util.flatten_dict(models.param_shapes(cfg)).items()),
+                   for p, s in traverse_util.flatten_dict(models.hf_param_shapes(cfg)).items()),
                   key=lambda r: models.hf_order(cfg, r[0]))
 
     def line(indent: int, name: str, shape: tuple) -> str:
