@@ -305,8 +305,8 @@ def test_weight_zero_component_requests_nothing_and_adds_no_key(setup):
         hs=dict(weight=0.0, loss_fn="raw_mse", projector="linear"),
         attn=dict(weight=0.0, loss_fn="raw_mse", layer_mapper="layer-2"))).bind(s_cfg, tc)
     feats = obj.features(s_cfg, tc)
-    assert feats == {"student": dict(output_hidden_states=False, output_attentions=()),
-                     "teacher": dict(output_hidden_states=False, output_attentions=())}
+    assert feats == {"student": dict(output_hidden_states=(), output_attentions=()),
+                     "teacher": dict(output_hidden_states=(), output_attentions=())}
     assert obj.init_params(jax.random.PRNGKey(0), s_cfg, tc, T.SEQ) == {}
     loss, parts = ts.distill_loss(ts.StepConfig(tc, s_cfg, obj), {"student": sp, "objective": {}}, tp,
                                   {k: jnp.asarray(v) for k, v in b.items()}, None)
