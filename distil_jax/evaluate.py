@@ -20,7 +20,6 @@ import difflib
 import json
 import logging
 import math
-import signal
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -181,10 +180,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 def _main(args, _config=None) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-    # lm-eval's bootstrap pool ends its forked workers with SIGTERM; under the command's handler
-    # (cli.command: SIGTERM raises Terminated) each would print a traceback. Nothing here needs
-    # unwinding: the results file is written atomically once both models are done.
-    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         record = evaluate(args.workdir, args.student, tasks, teacher=args.teacher, include_path=args.include_path,
                           limit=limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot, device=args.device)
@@ -197,8 +192,6 @@ def _main(args, _config=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     print(markdown(record["rows"]))
     print(f"written to {Path(args.workdir) / RESULTS_FILE}")
     return 0
