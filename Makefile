@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
-# The offline demo: trains a small teacher on the Python standard library's docstrings (cached in
-# the workdir), then distills a student from it with the reference objective and prints a table.
+# The offline demo: trains a small teacher on the Python standard library's docstrings (cached by
+# its recipe in ~/.cache/distil_jax, or $DISTIL_JAX_CACHE), then distills a student from it with
+# the reference objective and prints a table.
 demo: $(STAMP)
 	$(VENV)/bin/python -m distil_jax.train --config configs/tiny.py --workdir $(WORKDIR)
 

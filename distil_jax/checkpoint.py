@@ -69,6 +69,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, like_state) -> tuple[Any, di
 
     target = state_to_dict(like_state)
     meta = mngr.item_metadata(step)["state"]
+    refuse_unrolled_layers(getattr(meta, "tree", meta)["params"], step, mngr.directory)
     # The one shape check of the model interface: the checkpoint's leaves against this config's.
     problems = models.shape_problems(target["params"], getattr(meta, "tree", meta)["params"])
     if problems:
@@ -114,9 +115,31 @@ def restore_params(workdir: str | os.PathLike, step: Optional[int] = None) -> tu
     # Gathered whole onto this process's first device, whatever mesh wrote it: a checkpoint
     # saved sharded over 8 devices exports from a 1-device process.
     meta = mngr.item_metadata(step)["state"]
+    refuse_unrolled_layers(getattr(meta, "tree", meta)["params"], step, mngr.directory)
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree_util.tree_map(
         lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=one),
         getattr(meta, "tree", meta))
     out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     return step, jax.device_get(out["state"]["params"])
+
+
+def refuse_unrolled_layers(params: Mapping, step: int, directory) -> None:
+    """A ValueError (one line, naming the fix) for a checkpoint whose student has one subtree
+    per block (`h/0/...`, `model/layers/0/...`): written before the blocks' parameters were
+    stacked on a layer axis (`distil_jax.models.stack`), so its tree fits no model today."""
+    def first_numbered(tree, path=()):
+        for k, v in tree.items():
+            if str(k).isdigit():
+                return path + (str(k),)
+            if isinstance(v, Mapping) and (found := first_numbered(v, path + (str(k),))):
+                return found
+        return None
+
+    found = first_numbered(params.get("student", {}))
+    if found:
+        raise ValueError(
+            f"checkpoint step {step} in {directory} has unrolled layers ({'/'.join(found)}/...) "
+            "written by an older distil_jax (before the blocks' parameters were stacked on a "
+            "layer axis); export it with the distil_jax version that wrote it, or start a new "
+            "--workdir")

@@ -20,14 +20,13 @@ import difflib
 import json
 import logging
 import math
-import signal
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from distil_jax import cli, fsio
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("distil_jax.evaluate")  # not __name__: "__main__" under python -m
 
 RESULTS_FILE = "evals_downstream.json"
 INSTALL_HINT = "lm-evaluation-harness is not installed: pip install distil_jax[eval]"
@@ -97,8 +96,9 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _check(workdir: Path, student: Path, teacher: Optional[str], tasks: Sequence[str], task_manager) -> str:
-    """The teacher to evaluate (the run's own by default); one-line errors for what is missing."""
+def _teacher(workdir: Path, student: Path, teacher: Optional[str]) -> tuple[str, Optional[int]]:
+    """(the teacher to evaluate: the run's own by default, the student export's step); one-line
+    errors for a missing workdir, a student that is not an export, a run that names no teacher."""
     from distil_jax.export import MARKER
     from distil_jax.modelcard import teacher_of
 
@@ -107,22 +107,27 @@ def _check(workdir: Path, student: Path, teacher: Optional[str], tasks: Sequence
     if not (student / MARKER).is_file():
         raise FileNotFoundError(f"--student {student} is not an export folder (no {MARKER}): export "
                                 f"it first, python -m distil_jax.export --workdir {workdir} --out {student}")
+
+    def read(path: Path) -> dict:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    teacher = teacher or teacher_of(read(workdir / "run_summary.json"), read(workdir / "config.json"))
+    if not teacher and (workdir / "teacher" / "config.json").is_file():
+        teacher = str(workdir / "teacher")  # the demo's teacher (configs/tiny.py)
+    if not teacher:
+        raise FileNotFoundError(f"the run in {workdir} records no teacher; pass --teacher PATH_OR_HUB_ID")
+    return teacher, read(student / MARKER).get("step")
+
+
+def _check_tasks(tasks: Sequence[str], task_manager) -> None:
     unknown = [t for t in tasks if t not in task_manager.all_tasks]
     if unknown:
         near = difflib.get_close_matches(unknown[0], task_manager.all_tasks, n=1)
         raise ValueError(f"unknown lm-eval task {unknown[0]!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
                          + "; pass --include-path DIR for your own task YAMLs")
-    def read(name):
-        try:
-            return json.loads((workdir / name).read_text())
-        except (OSError, ValueError):
-            return {}
-    teacher = teacher or teacher_of(read("run_summary.json"), read("config.json"))
-    if not teacher and (workdir / "teacher" / "config.json").is_file():
-        teacher = str(workdir / "teacher")  # the demo's teacher (configs/tiny.py)
-    if not teacher:
-        raise FileNotFoundError(f"the run in {workdir} records no teacher; pass --teacher PATH_OR_HUB_ID")
-    return teacher
 
 
 def evaluate(workdir: str | Path, student: str | Path, tasks: Sequence[str], *, teacher: Optional[str] = None,
@@ -134,19 +139,17 @@ def evaluate(workdir: str | Path, student: str | Path, tasks: Sequence[str], *, 
 
     Raises: ImportError (no lm-eval), FileNotFoundError (no workdir, `student` not an export, no
     teacher), ValueError (an unknown task)."""
-    from distil_jax.export import MARKER
-
     lm_eval, TaskManager = _lm_eval()
     workdir, student = Path(workdir), Path(student)
-    manager = TaskManager(include_path=include_path)
-    teacher = _check(workdir, student, teacher, tasks, manager)
+    teacher, step = _teacher(workdir, student, teacher)
+    manager = TaskManager(include_path=include_path)  # indexes every task YAML: seconds
+    _check_tasks(tasks, manager)
     kw = dict(limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, device=device)
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its INFO lines drown ours
     log.info("lm-eval %s on the teacher %s", ",".join(tasks), teacher)
     t_res = run_tasks(teacher, tasks, manager, **kw)
     log.info("lm-eval %s on the student %s", ",".join(tasks), student)
     s_res = run_tasks(student, tasks, manager, **kw)
-    step = json.loads((student / MARKER).read_text()).get("step")
     record = dict(tasks=list(tasks), limit=limit, num_fewshot=num_fewshot, lm_eval_version=lm_eval.__version__,
                   teacher={"model": str(teacher)}, student={"model": str(student), "step": step},
                   rows=side_by_side(t_res, s_res))
@@ -177,10 +180,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 def _main(args, _config=None) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-    # lm-eval's bootstrap pool ends its forked workers with SIGTERM; under the command's handler
-    # (cli.command: SIGTERM raises Terminated) each would print a traceback. Nothing here needs
-    # unwinding: the results file is written atomically once both models are done.
-    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         record = evaluate(args.workdir, args.student, tasks, teacher=args.teacher, include_path=args.include_path,
                           limit=limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot, device=args.device)
@@ -193,8 +192,6 @@ def _main(args, _config=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     print(markdown(record["rows"]))
     print(f"written to {Path(args.workdir) / RESULTS_FILE}")
     return 0

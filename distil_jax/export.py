@@ -37,7 +37,7 @@ from distil_jax.evaluate import RESULTS_FILE
 from distil_jax.modelcard import model_card, teacher_license, teacher_of
 from distil_jax.versions import package_versions
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("distil_jax.export")  # not __name__: "__main__" under python -m
 
 _MODEL_FILES = ("config.json", "model.safetensors")
 # The record of what an export wrote; an OUT may be replaced only if it holds nothing else.

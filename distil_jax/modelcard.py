@@ -1,13 +1,9 @@
-"""The model card (`README.md`) of an exported student, generated from the run's own records.
-
-`model_card(summary, config, export=..., downstream=...)` renders `templates/model_card.md.jinja`
-under hub metadata built with `huggingface_hub.ModelCardData` (the model-index: `EvalResult`s of
-the end-of-run perplexities and the downstream tasks), from `summary` (the run's run_summary.json),
-`config` (its config.json), `export` (this export's facts: step, dtype, params, weight_bytes,
-student_config, versions, exported_at, teacher_license) and `downstream` (WORKDIR/evals_downstream.json,
-written by `distil_jax.evaluate`). A missing record says "not recorded in this run"; a malformed
-one makes its section say it could not be rendered: the card never raises on its inputs. The best
-perplexity is the lowest (Distily's card bolds the highest).
+"""The model card (`README.md`) of an exported student: `templates/model_card.md.jinja` under hub
+metadata (`huggingface_hub.ModelCardData`, the model-index as `EvalResult`s), from the run's records:
+run_summary.json, config.json, this export's facts (`export`) and evals_downstream.json
+(`distil_jax.evaluate`). A missing record says "not recorded in this run", a malformed one makes its
+section say it could not be rendered: never an exception. The best perplexity is the lowest (Distily
+bolds the highest).
 """
 
 from __future__ import annotations
@@ -57,15 +53,11 @@ def _ppl(x: Any) -> str:
     return "—" if v is None else str(v) if not math.isfinite(v) else f"{v:,.2f}" if abs(v) >= 10 else f"{v:.4f}"
 
 
-def _bytes(n: Any) -> str:
-    v = _num(n)
-    return NOT_RECORDED if v is None else f"{int(v):,} bytes ({v / 2 ** 20:,.1f} MiB)"
-
-
 def _cell(key: str, v: Any) -> str:
-    """A record in a key / value table: sizes (`*_bytes`) in bytes and MiB, numbers with separators."""
-    return _bytes(v) if str(key).endswith("_bytes") and _num(v) is not None else \
-        f"{v:.6g}" if isinstance(v, float) and not v.is_integer() else _int(v) if _num(v) is not None else _value(v)
+    """A record in a table: sizes (`*_bytes`) in bytes and MiB, numbers with thousands separators."""
+    n = _num(v)
+    return _value(v) if n is None else f"{int(n):,} bytes ({n / 2 ** 20:,.1f} MiB)" if str(key).endswith("_bytes") \
+        else f"{n:.6g}" if isinstance(v, float) and not v.is_integer() else _int(n)
 
 
 def _value(v: Any) -> str:
@@ -114,11 +106,9 @@ def teacher_license(name_or_path: Any) -> Optional[dict]:
         return None
     for fname in ("README.md", "config.json"):
         try:
-            path = Path(name_or_path) / fname if local else \
-                huggingface_hub.try_to_load_from_cache(name_or_path, fname)
-            if not local and not isinstance(path, str) and not huggingface_hub.constants.is_offline_mode():
-                path = huggingface_hub.hf_hub_download(name_or_path, fname)
-            if not isinstance(path, (str, Path)) or not os.path.isfile(path):
+            # hf_hub_download: the hub cache only under HF_HUB_OFFLINE, else the hub (raises if absent)
+            path = Path(name_or_path) / fname if local else huggingface_hub.hf_hub_download(name_or_path, fname)
+            if not os.path.isfile(path):
                 continue
             data = (huggingface_hub.ModelCard.load(path, ignore_metadata_errors=True).data.to_dict()
                     if fname == "README.md" else json.loads(Path(path).read_text()))
@@ -211,23 +201,13 @@ def _objective_line(obj: Any) -> Optional[str]:
     return "; ".join(parts) or None
 
 
-def _summary(r) -> dict:
-    s, ev = r.summary, _get(r.summary, "evaluation", default={})
-    final = [f"{n}: student {_ppl(_get(e, 'student_end', 'ppl'))}"
-             + (f" vs teacher {_ppl(_get(e, 'teacher', 'ppl'))}" if _num(_get(e, "teacher", "ppl")) else "")
-             for n, e in (ev.items() if isinstance(ev, Mapping) else ()) if _num(_get(e, "student_end", "ppl"))]
-    seen, real = _num(_get(s, "resources", "train_tokens")), _num(_get(s, "dataset", "train", "real_tokens"))
-    return dict(arch=(_model(r.s_hf) or [None])[0], teacher=teacher_of(s, r.config), final="; ".join(final),
-                objective=_objective_line(_get(r.config, "objective")), epochs=seen / real if seen and real else None,
-                uri=_get(s, "dataset", "uri") or _get(r.config, "dataset", "uri"))
-
-
 _SHAPE = (("layers", "num_layers"), ("width", "width"), ("query heads", "num_heads"),
           ("key/value heads", "num_kv_heads"), ("MLP width", "mlp_width"), ("vocabulary", "vocab_size"),
           ("positions", "max_positions"), ("tied LM head", "tie_word_embeddings"))
 
 
 def _architecture(r) -> Optional[str]:
+    """Teacher and student side by side (the models' generic config properties), with the ratio."""
     t, s = _model(_get(r.summary, "teacher", "config")), _model(r.s_hf)
     t_params = _get(r.summary, "teacher", "params")
     if t is None and s is None and t_params is None and r.s_params is None:
@@ -238,7 +218,7 @@ def _architecture(r) -> Optional[str]:
             ("weights dtype", _get(r.config, "teacher", "dtype"), _get(r.export, "dtype"))]
     rows = [(k, cell(a), cell(b), f"{_num(b) / _num(a):.3f}" if _num(a) and _num(b) is not None else "")
             for k, a, b in rows]
-    rows += [("size of the weights (this export)", "", _bytes(_get(r.export, "weight_bytes")), ""),
+    rows += [("size of the weights (this export)", "", _cell("_bytes", _get(r.export, "weight_bytes")), ""),
              ("training compute dtype (train.dtype)", "", cell(_get(r.config, "train", "dtype")), "")]
     return _table(rows, ["", "teacher", "student", "student / teacher"])
 
@@ -254,6 +234,8 @@ def _ppl_table(ev: Mapping, names: list, rows: list, metric: str) -> str:
 
 
 def _evaluation(r) -> dict:
+    """The perplexity tables (the run's and Distily's figure), what they measured, the downstream
+    table and the last training metrics."""
     ev = _get(r.summary, "evaluation")
     names = [n for n, e in ev.items() if isinstance(e, Mapping)] if isinstance(ev, Mapping) else []
     keys = list(dict.fromkeys(k for n in names for k, v in ev[n].items() if isinstance(v, Mapping)))
@@ -263,7 +245,7 @@ def _evaluation(r) -> dict:
     labels = {"teacher": f"teacher ({who})" if who else "teacher",
               "student_start": "student, before training (step 0)",
               "student_end": "student, end of training" + (f" (step {_int(step)})" if step is not None else "")}
-    rank = {"teacher": "0", "student_start": "1", "student_end": "3"}
+    rank = {"teacher": "0", "student_start": "1", "student_end": "3"}  # others: between, by name
     rows = [(k, labels.get(k, k.replace("_", " "))) for k in sorted(keys, key=lambda k: rank.get(k, "2" + k))]
     measured = []
     for n in names:
@@ -292,19 +274,18 @@ def _records(r, key: str) -> Optional[str]:
     return rows and _table(rows, ["", "value (—: not measured or not set)"])
 
 
+def _versions(v: Any) -> list:
+    """[(package, version)], distil_jax first."""
+    return sorted(v.items(), key=lambda kv: kv[0] != "distil_jax") if isinstance(v, Mapping) else []
+
+
 def _config(r) -> dict:
-    obj, config = _get(r.config, "objective"), _redact(r.config)
-    def versions(v):  # distil_jax first
-        return sorted(v.items(), key=lambda kv: kv[0] != "distil_jax") if isinstance(v, Mapping) else []
-
-    return dict(objective=_objective_line(obj), trained=versions(_get(r.summary, "versions")),
-                json=isinstance(obj, Mapping) and obj and json.dumps(_redact(obj), indent=2, default=str),
-                hparams=config and _table([(k, v if isinstance(v, str) and v else json.dumps(v, default=str))
-                                           for k, v in _flat(config)], ["config key", "value"]),
-                exported=versions(_get(r.export, "versions")))
+    rows = [(k, v if isinstance(v, str) and v else json.dumps(v, default=str)) for k, v in _flat(_redact(r.config))]
+    return dict(trained=_versions(_get(r.summary, "versions")), exported=_versions(_get(r.export, "versions")),
+                hparams=rows and _table(rows, ["config key", "value"]))
 
 
-_SECTIONS = {"s": _summary, "arch": _architecture, "ev": _evaluation, "cfg": _config,
+_SECTIONS = {"arch": _architecture, "ev": _evaluation, "cfg": _config,
              "res": lambda r: _records(r, "resources"), "ds": lambda r: _records(r, "dataset")}
 
 
@@ -320,7 +301,8 @@ def model_card(summary: Mapping | None, config: Mapping | None, *, export: Mappi
                                            for d in (summary, config, export, downstream))
     s_hf = _get(summary, "student", "config") or _get(export, "student_config")
     r = SimpleNamespace(summary=summary, config=config, export=export, downstream=downstream, s_hf=s_hf,
-                        s_params=_get(summary, "student", "params", default=_get(export, "params")))
+                        s_params=_get(summary, "student", "params", default=_get(export, "params")),
+                        teacher=teacher_of(summary, config), objective=_objective_line(_get(config, "objective")))
     try:
         data = _card_data(summary, config, export, downstream, model_name)
     except Exception as e:  # never fail the export on the card

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 from typing import Iterator
@@ -29,6 +30,17 @@ from typing import Iterator
 import jax
 
 log = logging.getLogger(__name__)
+
+
+def _forked_child_dies(signum: int, owner: int) -> bool:
+    """In a process forked while a handler below was installed (a multiprocessing or datasets
+    worker), SIGTERM does what it does by default: pools end their workers with it, and a
+    worker must neither print a `Terminated` traceback nor ignore it. True if it was that."""
+    if os.getpid() == owner:
+        return False
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    return True
 
 
 class Notice:
@@ -40,6 +52,7 @@ class Notice:
         self.received = False
         self._previous = None
         self._service = False
+        self._owner = os.getpid()
 
     def __enter__(self) -> "Notice":
         self._service = jax.distributed.is_initialized()
@@ -55,6 +68,8 @@ class Notice:
             self._previous = None
 
     def _on_sigterm(self, signum, frame) -> None:
+        if _forked_child_dies(signum, self._owner):
+            return
         # Only a flag: the step in flight finishes, and the loop saves at its next boundary.
         self.received = True
 
@@ -104,8 +119,12 @@ class Terminated(BaseException):
     unwinds like Ctrl-C, releasing its workdir lock and removing half-written files."""
 
 
+_command_pid = os.getpid()
+
+
 def _raise_terminated(signum, frame):
-    raise Terminated()
+    if not _forked_child_dies(signum, _command_pid):
+        raise Terminated()
 
 
 @contextlib.contextmanager
@@ -116,6 +135,8 @@ def sigterm_unwinds() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    global _command_pid
+    _command_pid = os.getpid()
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield

@@ -448,10 +448,11 @@ class BucketedTrainStep:
         host_batch: the whole global batch ([A·b, S] numpy, the same on every process), or this
         process's rows of it with `ROW_TOKENS` (`data.BatchIterator(process_rows=...)`). Every
         process must run the same program, so the bucket (the most real tokens of any device's
-        share) is decided from what every process holds alike: the global batch, or the per-row
-        token counts of it that each process computes itself from the rows it was given, with no
-        collective (an all-reduce of the local maxima would wait on the devices every step and
-        cost the step its asynchronous dispatch). Each process transfers only its devices' rows."""
+        share) is decided from what every process holds alike: the global batch, or the real
+        tokens of each of its rows (`ROW_TOKENS`, which the iterator gathers from counts of every
+        training row made once per run). No collective: an all-reduce of the local maxima would
+        make the host wait for the devices every step, losing the step's asynchronous dispatch.
+        Each process transfers only its devices' rows."""
         cap = self.capacity(host_batch)
         rows = dict(host_batch)
         global_rows = len(rows.pop(ROW_TOKENS)) if ROW_TOKENS in rows else None

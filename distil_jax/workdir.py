@@ -38,7 +38,11 @@ SESSIONS_FILE = "sessions.jsonl"
 # Config fields (and sections) that cannot change the trained parameters: when to log and save,
 # everything about evaluation, the model card's license. A resume may change them (they are
 # recorded); nothing else.
-NEUTRAL = ("train.log_steps", "train.save_steps", "train.save_total_limit", "eval", "license")
+NEUTRAL = ("train.log_steps", "train.save_steps", "train.save_total_limit", "eval", "license",
+           "dataset.num_proc")
+# Fields added after runs were started without them, with the value that behaves as those runs
+# did: a config.json that lacks one ran with this value (a resume with it is no change).
+ADDED = {"dataset.loss_on": "all", "dataset.streaming": False, "dataset.completion_column": None}
 # How a session is launched, not what it computes: the processes (each has its own process_id,
 # and a restarted job gets a new coordinator) and the device mesh (docs/scaling.md: a run may
 # resume on another mesh; the result moves only within float reduction order). Recorded too.
@@ -158,6 +162,9 @@ def config_changes(old: Mapping, new: Mapping) -> tuple[dict, dict]:
     from flax import traverse_util
 
     a, b = _flat(old), _flat(new)
+    for key, value in ADDED.items():
+        if key not in a and key.split(".")[0] in old:
+            a[key] = value
     changed = {}
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key), b.get(key)

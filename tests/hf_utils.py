@@ -1,5 +1,6 @@
 """Tiny random Hugging Face GPT-2 checkpoints, created in the tests (no downloads)."""
 
+import copy
 import numpy as np
 import torch
 import transformers
@@ -34,7 +35,12 @@ def save_tiny(path, seed=0, **overrides):
 
 
 def torch_forward(model, ids, attention_mask=None):
-    """The HF model's outputs (logits, hidden states, attentions) for numpy ids [B, S]."""
+    """The HF model's outputs (logits, hidden states, attentions) for numpy ids [B, S], computed
+    in float64 on a copy of the model (its weights as they are, bf16 ones included). The
+    reference is then transformers' definition without its own float32 rounding, so a parity
+    tolerance measures our error alone: against transformers' float32 run the two roundings can
+    add up (5.25.0's Llama logits sat 5.3e-6 from float64 on the other side of ours, 6.9e-6)."""
+    model = copy.deepcopy(model).double()
     with torch.no_grad():
         return model(
             torch.as_tensor(np.asarray(ids), dtype=torch.long),

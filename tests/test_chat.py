@@ -226,6 +226,16 @@ def test_completion_loss_matches_float64_numpy(setup):
     total = kl + 0.5 * clm + 0.7 * float(parts["loss/hs"]) + 5.0 * float(parts["loss/attn"])
     assert abs(float(loss) - total) < 1e-4
 
+    # The padding-aware gather (77 real tokens of 128 -> capacity 80) and chunked logits keep
+    # the mask: the same losses.
+    for common in (dict(logits_capacity=80), dict(logits_chunk=24),
+                   dict(logits_capacity=80, logits_chunk=8)):
+        sc2 = ts.StepConfig(tc, s_cfg, obj, **common)
+        _, parts2 = jax.jit(lambda p, bb: ts.distill_loss(sc2, p, tp, bb, None))(
+            params, {k: jnp.asarray(v) for k, v in b.items()})
+        for k in ("loss/logits", "loss/clm"):
+            assert abs(float(parts2[k]) - float(parts[k])) < 1e-6, (common, k)
+
 
 def test_completion_step_accumulates_and_evaluates_over_counted_tokens(setup):
     """A step with loss_mask: grad_accum=2 gives the one-batch loss (micro-batches weighted by
@@ -467,13 +477,9 @@ def tiny_qwen_teacher(path, tok):
     return path
 
 
-@pytest.mark.slow
-def test_chat_config_trains_on_local_conversations(tmp_path, tok):
-    """configs/chat.py pointed at a local messages .jsonl and a tiny local Qwen2 teacher with a
-    chat template: 2 steps end to end, the losses on the assistant turns (counted_tokens
-    logged, fewer than the real tokens)."""
+def _local_chat_config(tmp_path, tok):
+    """configs/chat.py on a local messages .jsonl and a tiny local Qwen2 teacher."""
     from distil_jax import config as config_lib
-    from distil_jax.training.loop import train
 
     chats = tmp_path / "chats.jsonl"
     with open(chats, "w") as f:
@@ -489,6 +495,19 @@ def test_chat_config_trains_on_local_conversations(tmp_path, tok):
     c.train.update(batch_size=4, grad_accum=1, max_steps=2, dtype="float32", remat=False,
                    log_steps=1, save_steps=0)
     c.eval.batch_size = 4
+    return c
+
+
+@pytest.mark.slow
+def test_chat_config_trains_on_local_conversations(tmp_path, tok):
+    """configs/chat.py pointed at a local messages .jsonl and a tiny local Qwen2 teacher with a
+    chat template: 2 steps end to end, the losses on the assistant turns (counted_tokens
+    logged, fewer than the real tokens); then a teacher cache recorded for it (every real token
+    recorded, the teacher's held-out perplexity over the counted tokens) trains 2 steps too."""
+    from distil_jax.record_teacher import record
+    from distil_jax.training.loop import train
+
+    c = _local_chat_config(tmp_path, tok)
     result = train(c, tmp_path / "run")
     assert result["step"] == 2 and math.isfinite(result["loss"])
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -497,3 +516,32 @@ def test_chat_config_trains_on_local_conversations(tmp_path, tok):
     summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
     train_stats = summary["dataset"]["train"]
     assert 0 < train_stats["counted_tokens"] < train_stats["real_tokens"]
+
+    c.teacher.cache = str(tmp_path / "cache")
+    c.teacher.cache_k = 16
+    manifest = record(c, tmp_path / "rec")
+    assert manifest["real_tokens"] == train_stats["real_tokens"]  # every real token recorded
+    held_out = result["eval"]["heldout"]["teacher"]
+    assert manifest["teacher_eval"]["heldout"]["tokens"] == held_out["tokens"]
+    assert manifest["teacher_eval"]["heldout"]["ppl"] == pytest.approx(held_out["ppl"], rel=1e-5)
+    cached = train(c, tmp_path / "run_cached")
+    assert cached["step"] == 2 and math.isfinite(cached["loss"])
+
+
+def test_a_run_from_before_loss_on_resumes_unchanged():
+    """A config.json written before dataset.loss_on / streaming / completion_column existed
+    ran as their defaults do: resuming with them is no change; another value is refused."""
+    from distil_jax import config as config_lib
+    from distil_jax import workdir
+
+    new = json.loads(config_lib.load("configs/base.py").to_json_best_effort())
+    old = json.loads(json.dumps(new))
+    for field in ("loss_on", "streaming", "completion_column"):
+        del old["dataset"][field]
+    old["dataset"]["num_proc"] = 4
+    old["dataset"]["max_test_rows"] = None  # before the cap: the resume must say so
+    refused, allowed = workdir.config_changes(old, new)
+    assert refused == {"dataset.max_test_rows": [None, 2000]}
+    assert allowed == {"dataset.num_proc": [4, None]}
+    new["dataset"]["loss_on"] = "completion"
+    assert "dataset.loss_on" in workdir.config_changes(old, new)[0]

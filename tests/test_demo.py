@@ -84,8 +84,11 @@ def test_a_changed_recipe_trains_its_own(tmp_path, dataset, cache):
     assert fits == [3, 4] and len(_entries(root)) == 2
     saved = teacher._saved_recipe(tmp_path / "w" / "teacher")
     assert saved["demo_teacher"]["steps"] == 4
-    # Other train texts (a third of the rows held out instead of a quarter) are another recipe too.
+    # Other train texts (a third of the rows held out instead of a quarter) are another recipe too,
+    # in a fresh workdir; a workdir's own teacher of these settings is kept (as before the cache).
     other = ml_collections.ConfigDict(dict(dataset.to_dict(), test_size=0.375))
+    teacher.ensure_teacher(tmp_path / "w", _recipe(steps=4), other)
+    assert fits == [3, 4]
     teacher.ensure_teacher(tmp_path / "w3", _recipe(), other)
     assert fits == [3, 4, 3] and len(_entries(root)) == 3
     # Both earlier entries are still there: going back to the first recipe trains nothing.

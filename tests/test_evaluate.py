@@ -16,7 +16,6 @@ from distil_jax import evaluate as evaluate_lib
 from tests.test_export import _tiny_config
 
 os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")  # the hub is never reached
-pytest.importorskip("lm_eval", reason="the eval extra: pip install distil_jax[eval]")
 
 PPL_RTOL = 1e-4  # lm-eval's batched, padded float32 forward vs one unpadded sequence at a time
 QUESTIONS = [  # (prompt, choices, answer)

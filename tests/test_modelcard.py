@@ -168,7 +168,7 @@ def test_parameters_listed_in_the_models_own_order(hf_config):
 
     cfg = models.config_from_hf(hf_config)
     fam = models.family(cfg)
-    ours = sorted((fam.path_to_hf(p) for p in traverse_util.flatten_dict(models.param_shapes(cfg))),
+    ours = sorted((fam.path_to_hf(p) for p in traverse_util.flatten_dict(models.hf_param_shapes(cfg))),
                   key=lambda n: models.hf_order(cfg, n))
     theirs = [n for n, _ in transformers.AutoModelForCausalLM.from_config(models.config_to_hf(cfg)).named_parameters()]
     assert ours == theirs

@@ -255,7 +255,7 @@ def test_packed_rows_give_the_pad_layouts_per_token_losses_and_gradients(setup, 
         assert abs(parts_pad[k] - pad_tok[k].sum() / n_real) < PACK_TOL, k
     assert T.max_abs_diff(g_pad, g_pack) < PACK_TOL
     assert np.abs(g_pad["objective"]["attn"]["projector"]["weight"]).max() > 1e-4
-    assert np.abs(g_pad["student"]["h"]["0"]["attn"]["c_attn"]["kernel"]).max() > 1e-4
+    assert np.abs(g_pad["student"]["h"]["attn"]["c_attn"]["kernel"][0]).max() > 1e-4
 
 
 # ----------------------------------------------------------------------------- float32 logits
@@ -305,8 +305,8 @@ def test_weight_zero_component_requests_nothing_and_adds_no_key(setup):
         hs=dict(weight=0.0, loss_fn="raw_mse", projector="linear"),
         attn=dict(weight=0.0, loss_fn="raw_mse", layer_mapper="layer-2"))).bind(s_cfg, tc)
     feats = obj.features(s_cfg, tc)
-    assert feats == {"student": dict(output_hidden_states=False, output_attentions=()),
-                     "teacher": dict(output_hidden_states=False, output_attentions=())}
+    assert feats == {"student": dict(output_hidden_states=(), output_attentions=()),
+                     "teacher": dict(output_hidden_states=(), output_attentions=())}
     assert obj.init_params(jax.random.PRNGKey(0), s_cfg, tc, T.SEQ) == {}
     loss, parts = ts.distill_loss(ts.StepConfig(tc, s_cfg, obj), {"student": sp, "objective": {}}, tp,
                                   {k: jnp.asarray(v) for k, v in b.items()}, None)

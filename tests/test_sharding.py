@@ -84,7 +84,7 @@ def test_bad_meshes_are_one_line_errors():
         "product": ["data=3", "fsdp=2", "6 devices", "8"],
         "rest": ["fsdp=3", "multiple of 3", "8"],
         "unknown": ["'model'", "data, fsdp, tensor"],
-        "embed": ["fsdp=8", "teacher's embed dimension 36", "(teacher.h.0.attn.c_attn.kernel)"],
+        "embed": ["fsdp=8", "teacher's embed dimension 36", "(teacher.h.attn.c_attn.kernel)"],
         "heads": ["tensor=8", "4 query heads"],
         "batch": ["batch size 4", "8 batch shards"],
     }.items():

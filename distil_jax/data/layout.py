@@ -137,6 +137,19 @@ def pack(docs: Sequence[np.ndarray], seq_len: int, eos_id: int, *, truncate: boo
         row_masks = None if pos_masks is None else [[pos_masks[i][:seq_len] for i in row] for row in rows]
         return _rows_from_segments([[docs[i] for i in row] for row in rows], seq_len, eos_id, row_masks)
 
+    out = _stream_rows(docs, seq_len, eos_id)
+    if pos_masks is not None:  # laid out as the tokens: the same stream, cut alike
+        flat = np.zeros(out["input_ids"].size, np.int32)
+        if pos_masks:
+            stream = np.concatenate(pos_masks)
+            flat[:len(stream)] = stream
+        out["loss_mask"] = flat.reshape(out["input_ids"].shape)
+    return out
+
+
+def _stream_rows(docs: Sequence[np.ndarray], seq_len: int, eos_id: int) -> Arrays:
+    """``pack`` without truncation: the documents' stream cut into rows of seq_len, a segment
+    per document part, the last row padded with eos_id (segment 0)."""
     lengths = np.array([len(d) for d in docs], dtype=np.int64)
     total = int(lengths.sum())
     n_rows = -(-total // seq_len)
@@ -151,12 +164,6 @@ def pack(docs: Sequence[np.ndarray], seq_len: int, eos_id: int, *, truncate: boo
     starts_segment[:, 1:] = owner[:, 1:] != owner[:, :-1]
     segment_ids = np.cumsum(starts_segment, axis=1).astype(np.int32)
     segment_ids[owner < 0] = 0
-    out = {"input_ids": ids, "segment_ids": segment_ids}
-    if pos_masks is not None:
-        flat = np.zeros(n_rows * seq_len, np.int32)
-        if total:
-            flat[:total] = np.concatenate(pos_masks)
-        out["loss_mask"] = flat.reshape(n_rows, seq_len)
 
     if len(docs):
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
@@ -170,7 +177,7 @@ def pack(docs: Sequence[np.ndarray], seq_len: int, eos_id: int, *, truncate: boo
             )
         else:
             logger.debug("pack: %d of %d documents span two rows", int(crossing.sum()), len(docs))
-    return out
+    return {"input_ids": ids, "segment_ids": segment_ids}
 
 
 def pad(docs: Sequence[np.ndarray], seq_len: int, pad_id: int, *, truncate: bool = True,

@@ -107,6 +107,12 @@ def encode_rows(ds, shape: RowShape, spec: Any, tokenizer: Any,
     return encode(ds, tokenizer, shape, loss_on, num_proc)
 
 
+def _tokenized(texts, tokenizer, cache_dir):
+    if cache_dir is not None:
+        return tokenize_cached(texts, tokenizer, cache_dir)
+    return tokenize(texts, tokenizer)
+
+
 def texts_to_rows(
     texts: Sequence[str],
     tokenizer: Any,
@@ -122,7 +128,7 @@ def texts_to_rows(
     """Texts -> ({input_ids, segment_ids} [N, S] in `layout`, stats of those rows): plain text,
     every token counted (``docs_to_arrays``). docs: the texts' token ids, if already known."""
     if docs is None:
-        docs = tokenize_cached(texts, tokenizer, cache_dir) if cache_dir is not None else tokenize(texts, tokenizer)
+        docs = _tokenized(texts, tokenizer, cache_dir)
     return docs_to_arrays(docs, None, tokenizer, seq_len, layout, name, truncate=truncate,
                           append_eos=append_eos)
 
@@ -180,7 +186,7 @@ def texts_to_eval_set(
 ) -> tuple[EvalSet, dict[str, Any]]:
     """Texts -> (``EvalSet``: the rows of ``texts_to_rows`` and Distily's evaluator rows, stats
     of the former)."""
-    docs = tokenize_cached(texts, tokenizer, cache_dir) if cache_dir is not None else tokenize(texts, tokenizer)
+    docs = _tokenized(texts, tokenizer, cache_dir)
     return docs_to_eval_set(docs, None, tokenizer, seq_len, layout, name, truncate=truncate,
                             append_eos=append_eos)
 

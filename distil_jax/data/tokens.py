@@ -107,6 +107,8 @@ def _mapped(ds, fn, batch_size: int, num_proc: int | None, desc: str,
     (int32 ids per row, int8 token masks per row or None), read from the Arrow columns."""
     import datasets
 
+    if not len(ds):  # datasets.map drops the new columns of an empty dataset
+        return [], ([] if with_mask else None)
     if num_proc is None:
         num_proc = default_num_proc(len(ds))
     # More processes than rows: datasets would start idle ones.

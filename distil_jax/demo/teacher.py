@@ -80,22 +80,27 @@ def ensure_corpus(workdir: Path) -> Path:
 
 
 def ensure_teacher(workdir: Path, cfg, dataset_spec, seed: int = 0) -> Path:
-    """The demo teacher in WORKDIR/teacher: kept if there with this recipe, else copied from the
-    cache (cached_teacher_path), else trained into the cache and copied. Returns its folder.
+    """The demo teacher in WORKDIR/teacher: kept if there with these settings, else copied from
+    the cache entry of this recipe (cached_teacher_path), else trained into the cache and copied.
+    Returns its folder.
 
     cfg: the `demo_teacher` config section; dataset_spec: the run's dataset section (the teacher
     trains on the same train split, so the held-out split stays unseen by both models).
     """
     out = teacher_path(workdir)
-    train_texts, _ = data.load_texts(dataset_spec)
-    recipe = _recipe(cfg, seed, train_texts)
     if _is_teacher(out):
         saved = _saved_recipe(out)
-        if saved is None or saved == recipe:  # None: a teacher from before recipes were recorded
+        # The workdir's own teacher is kept whatever texts it was trained on (a resume refuses
+        # another dataset; a fresh start on other data still gets a teacher of this shape).
+        # None: a teacher from before recipes were recorded.
+        kept = saved is None or {k: saved.get(k) for k in ("demo_teacher", "seed")} == _settings(cfg, seed)
+        if kept:
             log.info("reusing the demo teacher in %s", out)
             return out
-        log.warning("the demo teacher in %s was trained with another recipe than this run's "
-                    "(demo_teacher, seed or data); using one of this recipe", out)
+        log.warning("the demo teacher in %s was trained with other demo_teacher settings or seed "
+                    "than this run's; using one of this run's", out)
+    train_texts, _ = data.load_texts(dataset_spec)
+    recipe = _recipe(cfg, seed, train_texts)
     cached = cached_teacher_path(recipe)
     if _is_teacher(cached) and _saved_recipe(cached) == recipe:
         log.info("reusing the cached demo teacher %s (same recipe; %s=DIR moves the cache)",
@@ -164,16 +169,20 @@ def _fit(config, rows, cfg, seed: int):
     return jax.device_get(state.params["student"])
 
 
+def _settings(cfg, seed: int) -> dict:
+    """The demo teacher's config section and the seed, as JSON values."""
+    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    return {"demo_teacher": json.loads(json.dumps(d, default=str)), "seed": int(seed)}
+
+
 def _recipe(cfg, seed: int, train_texts: list[str]) -> dict:
-    """What the demo teacher is made from, as JSON values: its config section, the seed, the
-    train texts (their sha256) and the tokenizer library's version (the BPE it trains)."""
+    """What the demo teacher is made from (its cache key): the settings, the train texts (their
+    sha256) and the tokenizer library's version (the BPE it trains)."""
     import tokenizers
 
-    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     texts = hashlib.sha256(json.dumps(train_texts, ensure_ascii=False).encode()).hexdigest()
-    return {"demo_teacher": json.loads(json.dumps(d, default=str)), "seed": int(seed),
-            "train_texts_sha256": texts, "tokenizers": tokenizers.__version__,
-            "version": RECIPE_VERSION}
+    return {**_settings(cfg, seed), "train_texts_sha256": texts,
+            "tokenizers": tokenizers.__version__, "version": RECIPE_VERSION}
 
 
 def _is_teacher(folder: Path) -> bool:
