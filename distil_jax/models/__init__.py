@@ -5,7 +5,8 @@ A family is one module (`gpt2.py`, `llama.py`) that provides:
 
   Config                      frozen, hashable config dataclass with HF's field names and the
                               generic properties model_type, num_layers, num_heads (query heads),
-                              num_kv_heads, width (hidden size), mlp_width, max_positions, plus vocab_size,
+                              num_kv_heads, head_size (per head), width (hidden size), mlp_width,
+                              max_positions, plus vocab_size,
                               tie_word_embeddings, initializer_range; `replace(**fields)` (an
                               unknown field is an error) and `without_dropout()`
   MODEL_TYPES                 the HF model_type values it implements
@@ -14,6 +15,7 @@ A family is one module (`gpt2.py`, `llama.py`) that provides:
   config_to_hf(config)        Config -> transformers config (architectures set)
   init_params(config, rng, param_dtype)
   forward(config, params, input_ids, attention_mask=None, *, ...) -> common.ModelOutput
+                              (with cache=common.KVCache: generation's cached decoding)
   lm_head(config, params)     the LM head as [D, V]: the only place that knows tying
   with_lm_head(config, params, head)  params with the head set to `head` [D, V]
   lm_head_path(config)        the parameter path that holds the head
@@ -46,7 +48,8 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from distil_jax.models import gpt2, llama, stack
-from distil_jax.models.common import (ATTENTION_IMPLS, FusedAttention, ModelOutput,  # noqa: F401
+from distil_jax.models.common import (ATTENTION_IMPLS, FusedAttention, KVCache,  # noqa: F401
+                                      ModelOutput,
                                       activation_sharding, check_attention_impl, constrain,
                                       normalize_layers)
 
@@ -82,6 +85,13 @@ def config_to_hf(config):
 def forward(config, params: Mapping, input_ids, attention_mask=None, **kwargs) -> ModelOutput:
     """Run the model (see the family's `forward` for the keyword arguments)."""
     return family(config).forward(config, params, input_ids, attention_mask, **kwargs)
+
+
+def init_cache(config, batch: int, length: int, dtype: Any = jnp.float32) -> KVCache:
+    """An empty key/value cache of `length` slots for `batch` rows (`distil_jax.generate`):
+    [num_layers, batch, length, num_kv_heads, head_size] keys and values in `dtype`."""
+    return KVCache.empty(config.num_layers, batch, length, config.num_kv_heads, config.head_size,
+                         dtype)
 
 
 def init_params(config, rng: jax.Array, param_dtype: Any = jnp.float32) -> dict:

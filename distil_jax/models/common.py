@@ -40,6 +40,55 @@ class ModelOutput:
     last_hidden_state: Array
     hidden_states: Optional[tuple]
     attentions: dict
+    cache: Optional["KVCache"] = None  # the updated cache, when `forward` was given one
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Every layer's keys and values for generation (`distil_jax.generate`), stacked on the
+    layer axis like the block parameters (the blocks' scan carries one layer's slice each).
+
+    key, value: [L, B, T, K, Dh] in the compute dtype (K = num_kv_heads: grouped-query heads
+      are cached once, not once per query head).
+    valid: [B, T] bool, True where the slot holds a real token (left padding and slots not
+      written yet are False).
+    index: int32 scalar, the first slot the next `forward(..., cache=)` call writes.
+    """
+
+    key: Array
+    value: Array
+    valid: Array
+    index: Array
+
+    @classmethod
+    def empty(cls, num_layers: int, batch: int, length: int, kv_heads: int, head_size: int,
+              dtype: Any = jnp.float32) -> "KVCache":
+        zeros = jnp.zeros((num_layers, batch, length, kv_heads, head_size), dtype)
+        return cls(zeros, zeros, jnp.zeros((batch, length), bool), jnp.int32(0))
+
+    def mask(self, attention_mask: Optional[Array], seq: int) -> tuple[Array, Array]:
+        """(mask [B, 1, S, T] for `seq` new tokens written at `index`, the new `valid`): a new
+        token attends to the real tokens in the slots up to its own (causal over the cache)."""
+        B, T = self.valid.shape
+        new = jnp.ones((B, seq), bool) if attention_mask is None else attention_mask.astype(bool)
+        valid = jax.lax.dynamic_update_slice(self.valid, new, (0, self.index))
+        slots = jnp.arange(T, dtype=jnp.int32)
+        causal = slots[None, :] <= self.index + jnp.arange(seq, dtype=jnp.int32)[:, None]
+        return causal[None, None] & valid[:, None, None, :], valid
+
+    def written(self, kv: tuple[Array, Array], valid: Array, seq: int) -> "KVCache":
+        """The cache after a call that wrote `seq` tokens: the blocks' new (keys, values) and
+        `mask`'s new `valid`."""
+        return self.replace(key=kv[0], value=kv[1], valid=valid, index=self.index + seq)
+
+
+def write_kv(kv: tuple, k: Array, v: Array) -> tuple[Array, Array]:
+    """One layer's cache `kv` = (key [B, T, K, Dh], value, index) with this call's k, v
+    [B, S, K, Dh] written at slots index..index+S-1: (key, value), what the layer attends over."""
+    key, value, index = kv
+    at = (0, index, 0, 0)
+    return (jax.lax.dynamic_update_slice(key, k.astype(key.dtype), at),
+            jax.lax.dynamic_update_slice(value, v.astype(value.dtype), at))
 
 
 @dataclasses.dataclass(frozen=True)

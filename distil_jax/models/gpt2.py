@@ -37,10 +37,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from distil_jax.models.common import (FusedAttention, ModelOutput, attend, attention_mask_4d,
-                                      check_attention_impl, collect_hidden, constrain,
-                                      default_positions, head_logits, hidden_layers,
-                                      normalize_layers)
+from distil_jax.models.common import (FusedAttention, KVCache, ModelOutput, attend,
+                                      attention_mask_4d, check_attention_impl, collect_hidden,
+                                      constrain, default_positions, head_logits, hidden_layers,
+                                      normalize_layers, write_kv)
 from distil_jax.models import stack
 
 Array = jax.Array
@@ -140,6 +140,10 @@ class GPT2Config:
         return self.n_head
 
     @property
+    def head_size(self) -> int:
+        return self.head_dim
+
+    @property
     def mlp_width(self) -> int:
         return self.inner_dim
 
@@ -183,9 +187,12 @@ class Attention(nn.Module):
     fused: FusedAttention = FusedAttention()
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array, layer_idx: Array) -> tuple[Array, Optional[Array]]:
-        """x: [B, S, D]; mask: [B, 1, S, S] bool (True = may attend); layer_idx: int32 scalar
-        (traced inside the scan). Returns ([B, S, D], probs)."""
+    def __call__(self, x: Array, mask: Array, layer_idx: Array,
+                 kv: Optional[tuple] = None) -> tuple[Array, Any]:
+        """x: [B, S, D]; mask: [B, 1, S, S] bool (True = may attend), or [B, 1, S, T] with `kv`;
+        layer_idx: int32 scalar (traced inside the scan); kv: this layer's cache (key, value
+        [B, T, H, Dh], index) for generation, or None. Returns ([B, S, D], probs), or
+        ([B, S, D], the cache's (key, value) with this call's written) with `kv`."""
         cfg = self.config
         B, S, D = x.shape
         H, Dh = cfg.n_head, cfg.head_dim
@@ -194,6 +201,8 @@ class Attention(nn.Module):
         q, k, v = jnp.split(qkv.reshape(B, S, 3, H, Dh), 3, axis=2)
         # [B, S, H, Dh], heads split over tensor: each device attends with whole heads of its own.
         q, k, v = (constrain(t[:, :, 0], ("batch", None, "heads", None)) for t in (q, k, v))
+        if kv is not None:  # generation: attend over the cache with this call's keys written in
+            k, v = kv = write_kv(kv, k, v)
 
         scale = 1.0 / math.sqrt(Dh) if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
@@ -209,7 +218,7 @@ class Attention(nn.Module):
         c_proj_std = std / math.sqrt(2 * cfg.n_layer)  # HF scales residual projections
         out = nn.Dense(D, dtype=self.dtype, kernel_init=_normal(c_proj_std), name="c_proj")(out)
         out = nn.Dropout(cfg.resid_pdrop)(out, deterministic=self.deterministic)
-        return out, probs
+        return out, probs if kv is None else kv
 
 
 class MLP(nn.Module):
@@ -241,13 +250,14 @@ class Block(nn.Module):
     fused: FusedAttention = FusedAttention()
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array, layer_idx: Array) -> tuple[Array, Optional[Array]]:
-        """x: [B, S, D]; mask: [B, 1, S, S]; layer_idx: int32 scalar.
-        Returns ([B, S, D], probs [B, H, S, S] or None)."""
+    def __call__(self, x: Array, mask: Array, layer_idx: Array,
+                 kv: Optional[tuple] = None) -> tuple[Array, Any]:
+        """x: [B, S, D]; mask: [B, 1, S, S]; layer_idx: int32 scalar; kv: see `Attention`.
+        Returns ([B, S, D], probs [B, H, S, S] or None, or the updated (key, value) with kv)."""
         cfg = self.config
         h = _layer_norm(cfg, "ln_1")(x).astype(self.dtype)
         a, probs = Attention(cfg, self.dtype, self.materialize, self.deterministic, self.fused,
-                             name="attn")(h, mask, layer_idx)
+                             name="attn")(h, mask, layer_idx, kv)
         x = x + a
         h = _layer_norm(cfg, "ln_2")(x).astype(self.dtype)
         x = x + MLP(cfg, self.dtype, self.deterministic, name="mlp")(h)
@@ -267,8 +277,10 @@ class GPT2LMHeadModel(nn.Module):
     scan_layers: bool = True  # False: one unrolled block per layer (the tests' reference)
 
     @nn.compact
-    def __call__(self, input_ids: Array, mask: Array, positions: Array):
-        """-> (last hidden state [B, S, D] after ln_f, hidden states or None, attentions)."""
+    def __call__(self, input_ids: Array, mask: Array, positions: Array,
+                 cache: Optional[KVCache] = None):
+        """-> (last hidden state [B, S, D] after ln_f, hidden states or None, attentions), or
+        with `cache` (mask [B, 1, S, T]): (last hidden state, None, the new (keys, values))."""
         cfg = self.config
         std = cfg.initializer_range
         wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=_normal(std), name="wte")
@@ -276,7 +288,7 @@ class GPT2LMHeadModel(nn.Module):
         x = wte(input_ids) + wpe(positions)
         x = nn.Dropout(cfg.embd_pdrop)(x, deterministic=self.deterministic).astype(self.dtype)
         x = constrain(x, ("batch", None, None))  # the residual stream: rows split, width whole
-        x, hidden, attentions = self._blocks(x, mask)
+        x, hidden, attentions = self._blocks(x, mask, cache)
         x = constrain(_layer_norm(cfg, "ln_f")(x).astype(self.dtype), ("batch", None, None))
         hidden_states = collect_hidden(hidden, x, cfg.n_layer, self.hidden_layers)
         if not cfg.tie_word_embeddings and self.is_initializing():
@@ -284,9 +296,9 @@ class GPT2LMHeadModel(nn.Module):
             nn.Dense(cfg.vocab_size, use_bias=False, kernel_init=_normal(std), name="lm_head")(x[:, :1])
         return x, hidden_states, attentions
 
-    def _blocks(self, x: Array, mask: Array):
+    def _blocks(self, x: Array, mask: Array, cache: Optional[KVCache] = None):
         """The stack `h`: every block parameter stacked on a leading [n_layer] axis, run by
-        `stack.run` (a scan cut at the requested layers)."""
+        `stack.run` (a scan cut at the requested layers), or `stack.run_cached` with a cache."""
         cfg = self.config
 
         def block(materialize: bool = False) -> Block:
@@ -298,6 +310,10 @@ class GPT2LMHeadModel(nn.Module):
             rngs = None if rng is None else {"dropout": rng}
             return block(materialize).apply({"params": layer}, x, mask, idx, rngs=rngs)
 
+        if cache is not None:
+            x, kv = stack.run_cached(lambda p, x, idx, kv: block().apply({"params": p}, x, mask, idx, kv),
+                                     params, x, cache.key, cache.value, cache.index)
+            return x, {}, kv
         rng = None if self.deterministic else self.make_rng("dropout")
         return stack.run(block_fn, params, x, n_layer=cfg.n_layer, materialize=self.attention_layers,
                          hidden=self.hidden_layers, scan=self.scan_layers, remat=self.remat, rng=rng)
@@ -321,6 +337,7 @@ def forward(
     attention_impl: str = "xla",
     single_document_rows: bool = False,
     scan_layers: bool = True,
+    cache: Optional[KVCache] = None,
 ) -> GPT2Output:
     """Run GPT-2.
 
@@ -350,16 +367,24 @@ def forward(
         attention without the mask: exact for every real token, since all padding comes after
         them (padding positions differ, and no loss reads them). The xla path ignores it.
       scan_layers: run the blocks as a scan (default); False unrolls them (same parameters).
+      cache: generation's key/value cache (`common.KVCache`, T slots): the S tokens are written
+        at its index and attend over its real tokens up to their own slot; `positions` must be
+        given; the output's `cache` is the updated one. Not with hidden states, attentions,
+        segment_ids or dropout.
     """
     check_attention_impl(attention_impl, dtype)
     B, S = input_ids.shape
-    if S > config.n_positions:
+    length = S if cache is None else cache.valid.shape[1]
+    if length > config.n_positions:
         raise ValueError(
-            f"sequence length {S} exceeds the model's n_positions={config.n_positions}; "
+            f"sequence length {length} exceeds the model's n_positions={config.n_positions}; "
             f"truncate inputs to at most {config.n_positions} tokens"
         )
     positions = default_positions(input_ids, segment_ids, positions)
-    mask = attention_mask_4d(B, S, attention_mask, segment_ids)
+    if cache is None:
+        mask = attention_mask_4d(B, S, attention_mask, segment_ids)
+    else:
+        mask, valid = cache.mask(attention_mask, S)
     model = GPT2LMHeadModel(
         config,
         dtype=dtype,
@@ -374,9 +399,11 @@ def forward(
     if not deterministic and dropout_rng is None:
         raise ValueError("forward(deterministic=False) needs a dropout_rng")
     x, hidden_states, attentions = model.apply({"params": params}, input_ids, mask, positions,
-                                               rngs=rngs)
+                                               cache, rngs=rngs)
+    if cache is not None:  # the blocks returned the new (keys, values) in the attentions' place
+        cache, attentions = cache.written(attentions, valid, S), {}
     logits = None if return_last_hidden else head_logits(x, lm_head(config, params))
-    return ModelOutput(logits, x, hidden_states, attentions)
+    return ModelOutput(logits, x, hidden_states, attentions, cache)
 
 
 def init_params(config: GPT2Config, rng: Array, param_dtype: Any = jnp.float32) -> dict:

@@ -44,10 +44,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distil_jax.models.common import (FusedAttention, ModelOutput, attend, attention_mask_4d,
-                                      check_attention_impl, collect_hidden, constrain,
-                                      default_positions, head_logits, hidden_layers,
-                                      normalize_layers)
+from distil_jax.models.common import (FusedAttention, KVCache, ModelOutput, attend,
+                                      attention_mask_4d, check_attention_impl, collect_hidden,
+                                      constrain, default_positions, head_logits, hidden_layers,
+                                      normalize_layers, write_kv)
 from distil_jax.models import stack
 
 Array = jax.Array
@@ -497,9 +497,12 @@ class Attention(nn.Module):
     fused: FusedAttention = FusedAttention()
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array, cos: Array, sin: Array) -> tuple[Array, Optional[Array]]:
-        """x: [B, S, D]; mask: [B, 1, S, S] bool; cos, sin: [B, S, Dh] float32.
-        Returns ([B, S, D], probs [B, H, S, S] float32 or None)."""
+    def __call__(self, x: Array, mask: Array, cos: Array, sin: Array,
+                 kv: Optional[tuple] = None) -> tuple[Array, Any]:
+        """x: [B, S, D]; mask: [B, 1, S, S] bool, or [B, 1, S, T] with `kv`; cos, sin: [B, S, Dh]
+        float32; kv: this layer's cache (key, value [B, T, K, Dh], index) for generation, or
+        None. Returns ([B, S, D], probs [B, H, S, S] float32 or None), or ([B, S, D], the
+        cache's (key, value) with this call's written) with `kv`."""
         cfg = self.config
         B, S, _ = x.shape
         H, K, Dh = cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_size
@@ -518,6 +521,8 @@ class Attention(nn.Module):
         # Heads split over tensor: each device attends with whole query and key/value heads.
         q = constrain(q, ("batch", None, "heads", None))
         k, v = (constrain(t, ("batch", None, "kv_heads", None)) for t in (k, v))
+        if kv is not None:  # generation: attend over the cache with this call's keys written in
+            k, v = kv = write_kv(kv, k, v)
 
         def dropout(p):  # on the probabilities, train mode only (forces the explicit path)
             return nn.Dropout(cfg.attention_dropout)(p, deterministic=False)
@@ -527,7 +532,7 @@ class Attention(nn.Module):
                             dropout=dropout if use_dropout else None, fused=self.fused,
                             dtype=self.dtype)
         out = proj(cfg.hidden_size, "o_proj", cfg.o_bias)(out.reshape(B, S, H * Dh))
-        return out, probs
+        return out, probs if kv is None else kv
 
 
 class MLP(nn.Module):
@@ -561,12 +566,14 @@ class DecoderLayer(nn.Module):
     fused: FusedAttention = FusedAttention()
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array, cos: Array, sin: Array) -> tuple[Array, Optional[Array]]:
-        """x: [B, S, D] -> ([B, S, D], probs [B, H, S, S] or None)."""
+    def __call__(self, x: Array, mask: Array, cos: Array, sin: Array,
+                 kv: Optional[tuple] = None) -> tuple[Array, Any]:
+        """x: [B, S, D] -> ([B, S, D], probs [B, H, S, S] or None, or the updated (key, value)
+        with `kv`, see `Attention`)."""
         cfg = self.config
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x)
         a, probs = Attention(cfg, self.dtype, self.materialize, self.deterministic, self.fused,
-                             name="self_attn")(h, mask, cos, sin)
+                             name="self_attn")(h, mask, cos, sin, kv)
         x = x + a
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
         x = x + MLP(cfg, self.dtype, name="mlp")(h)
@@ -588,10 +595,12 @@ class ForCausalLM(nn.Module):
     scan_layers: bool = True  # False: one unrolled block per layer (the tests' reference)
 
     @nn.compact
-    def __call__(self, input_ids: Array, mask: Array, positions: Array):
+    def __call__(self, input_ids: Array, mask: Array, positions: Array,
+                 cache: Optional[KVCache] = None):
         x, hidden, attentions = _Model(
             self.config, self.dtype, self.attention_layers, self.hidden_layers, self.remat,
-            self.deterministic, self.fused, self.scan_layers, name="model")(input_ids, mask, positions)
+            self.deterministic, self.fused, self.scan_layers, name="model")(input_ids, mask,
+                                                                            positions, cache)
         hidden_states = collect_hidden(hidden, x, self.config.num_hidden_layers, self.hidden_layers)
         if not self.config.tie_word_embeddings and self.is_initializing():
             # The untied head's parameter; `forward` applies the head through `lm_head`.
@@ -602,7 +611,8 @@ class ForCausalLM(nn.Module):
 
 class _Model(nn.Module):
     """`model`: embed_tokens -> layers -> norm. Returns (last hidden [B, S, D] after the norm,
-    {k: block k's input} for the requested k, the attentions dict)."""
+    {k: block k's input} for the requested k, the attentions dict), or with `cache` (mask
+    [B, 1, S, T]): (last hidden, {}, the new (keys, values))."""
 
     config: Config
     dtype: Any = jnp.float32
@@ -614,20 +624,22 @@ class _Model(nn.Module):
     scan_layers: bool = True  # False: one unrolled block per layer (the tests' reference)
 
     @nn.compact
-    def __call__(self, input_ids: Array, mask: Array, positions: Array):
+    def __call__(self, input_ids: Array, mask: Array, positions: Array,
+                 cache: Optional[KVCache] = None):
         cfg = self.config
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size,
                          embedding_init=_normal(cfg.initializer_range), name="embed_tokens")
         x = embed(input_ids).astype(self.dtype)
         x = constrain(x, ("batch", None, None))  # the residual stream: rows split, width whole
         cos, sin = rope_tables(cfg, positions)  # once for all layers, as HF does
-        x, hidden, attentions = self._layers(x, mask, cos, sin)
+        x, hidden, attentions = self._layers(x, mask, cos, sin, cache)
         x = constrain(RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x), ("batch", None, None))
         return x, hidden, attentions
 
-    def _layers(self, x: Array, mask: Array, cos: Array, sin: Array):
+    def _layers(self, x: Array, mask: Array, cos: Array, sin: Array,
+                cache: Optional[KVCache] = None):
         """The stack `model.layers`: every block parameter stacked on a leading [num_layers]
-        axis, run by `stack.run` (a scan cut at the requested layers)."""
+        axis, run by `stack.run` (a scan cut at the requested layers), or `stack.run_cached`."""
         cfg = self.config
 
         def layer(materialize: bool = False) -> DecoderLayer:
@@ -641,6 +653,11 @@ class _Model(nn.Module):
             rngs = None if rng is None else {"dropout": rng}
             return layer(materialize).apply({"params": p}, x, mask, cos, sin, rngs=rngs)
 
+        if cache is not None:
+            x, kv = stack.run_cached(
+                lambda p, x, idx, kv: layer().apply({"params": p}, x, mask, cos, sin, kv),
+                params, x, cache.key, cache.value, cache.index)
+            return x, {}, kv
         rng = None if self.deterministic else self.make_rng("dropout")
         return stack.run(block_fn, params, x, n_layer=cfg.num_hidden_layers,
                          materialize=self.attention_layers, hidden=self.hidden_layers,
@@ -668,6 +685,7 @@ def forward(
     attention_impl: str = "xla",
     single_document_rows: bool = False,
     scan_layers: bool = True,
+    cache: Optional[KVCache] = None,
 ) -> ModelOutput:
     """Run the model.
 
@@ -694,22 +712,30 @@ def forward(
       attention_impl, single_document_rows: how the layers that return no probabilities attend
         ("xla" or "cudnn"; see `common.attend`).
       scan_layers: run the blocks as a scan (default); False unrolls them (same parameters).
+      cache: generation's key/value cache (`common.KVCache`, T slots): the S tokens are written
+        at its index and attend over its real tokens up to their own slot; `positions` must be
+        given; the output's `cache` is the updated one. Not with hidden states, attentions,
+        segment_ids or dropout.
     """
     check_attention_impl(attention_impl, dtype)
     B, S = input_ids.shape
-    if S > config.max_position_embeddings:
-        raise ValueError(f"sequence length {S} exceeds the model's max_position_embeddings="
+    length = S if cache is None else cache.valid.shape[1]
+    if length > config.max_position_embeddings:
+        raise ValueError(f"sequence length {length} exceeds the model's max_position_embeddings="
                          f"{config.max_position_embeddings}; truncate inputs to at most "
                          f"{config.max_position_embeddings} tokens")
     window = config.attention_window
-    if window is not None and S > window:
-        raise ValueError(f"sequence length {S} exceeds the {config.model_type} sliding_window="
+    if window is not None and length > window:
+        raise ValueError(f"sequence length {length} exceeds the {config.model_type} sliding_window="
                          f"{window}, and distil_jax does not implement sliding-window attention; "
                          f"use sequences of at most {window} tokens")
     if not deterministic and dropout_rng is None:
         raise ValueError("forward(deterministic=False) needs a dropout_rng")
     positions = default_positions(input_ids, segment_ids, positions)
-    mask = attention_mask_4d(B, S, attention_mask, segment_ids)
+    if cache is None:
+        mask = attention_mask_4d(B, S, attention_mask, segment_ids)
+    else:
+        mask, valid = cache.mask(attention_mask, S)
     model = ForCausalLM(
         config,
         dtype=dtype,
@@ -722,10 +748,12 @@ def forward(
     )
     rngs = None if deterministic else {"dropout": dropout_rng}
     x, hidden_states, attentions = model.apply({"params": params}, input_ids, mask, positions,
-                                               rngs=rngs)
+                                               cache, rngs=rngs)
+    if cache is not None:  # the layers returned the new (keys, values) in the attentions' place
+        cache, attentions = cache.written(attentions, valid, S), {}
     # The head accumulates in float32 (head_logits): logits feed float32 softmax-based losses.
     logits = None if return_last_hidden else head_logits(x, lm_head(config, params))
-    return ModelOutput(logits, x, hidden_states, attentions)
+    return ModelOutput(logits, x, hidden_states, attentions, cache)
 
 
 def init_params(config: Config, rng: Array, param_dtype: Any = jnp.float32) -> dict:

@@ -96,6 +96,26 @@ def run(block_fn: BlockFn, params: Any, x: Array, *, n_layer: int, materialize: 
     return x, states, maps
 
 
+def run_cached(block_fn: Callable, params: Any, x: Array, keys: Array, values: Array,
+               index: Array) -> tuple[Array, tuple[Array, Array]]:
+    """The blocks over `x` [B, S, D] with a key/value cache (generation): one scan over the
+    layers whose iteration takes its layer's parameters and cache slice and returns the slice
+    with this call's keys and values written at `index` (`common.write_kv`).
+
+    block_fn(layer params, x, layer index, (key, value, index)) -> (x, (key, value)), key and
+    value [B, T, K, Dh]. keys, values: [L, B, T, K, Dh]. Returns (x, (keys, values)).
+    """
+    def step(carry, xs):
+        layer, key, value, idx = xs
+        carry, kv = block_fn(layer, carry, idx, (key, value, index))
+        return carry, kv
+
+    n_layer = keys.shape[0]
+    x, (keys, values) = jax.lax.scan(
+        step, x, (params, keys, values, jnp.arange(n_layer, dtype=jnp.int32)))
+    return x, (keys, values)
+
+
 def _closed(block_fn: BlockFn, materialize: bool, rng: Optional[Array]):
     """block_fn with `materialize` fixed and the layer's dropout key derived from its index."""
     def fn(layer, x, idx):
