@@ -73,6 +73,17 @@ def test_teacher_cache_and_several_processes_are_refused_on_policy():
     config_lib.validate(tiny_config())  # lmbda 0 (the default): no constraint
 
 
+def test_a_run_from_before_on_policy_resumes_and_a_change_of_lmbda_is_refused():
+    from distil_jax import workdir
+
+    new = tiny_config().to_dict()
+    old = tiny_config().to_dict()
+    del old["objective"]["on_policy"]
+    assert workdir.config_changes(old, new) == ({}, {})
+    changed = tiny_config(lmbda=0.5).to_dict()
+    assert list(workdir.config_changes(new, changed)[0]) == ["objective.on_policy.lmbda"]
+
+
 def test_choice_of_steps_is_deterministic_and_a_fraction_lmbda():
     draws = [is_on_policy(7, s, 0.3) for s in range(2000)]
     assert draws == [is_on_policy(7, s, 0.3) for s in range(2000)]
