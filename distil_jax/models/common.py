@@ -82,13 +82,20 @@ class KVCache:
         return self.replace(key=kv[0], value=kv[1], valid=valid, index=self.index + seq)
 
 
-def write_kv(kv: tuple, k: Array, v: Array) -> tuple[Array, Array]:
-    """One layer's cache `kv` = (key [B, T, K, Dh], value, index) with this call's k, v
-    [B, S, K, Dh] written at slots index..index+S-1: (key, value), what the layer attends over."""
-    key, value, index = kv
-    at = (0, index, 0, 0)
-    return (jax.lax.dynamic_update_slice(key, k.astype(key.dtype), at),
-            jax.lax.dynamic_update_slice(value, v.astype(value.dtype), at))
+def write_kv(kv: tuple, k: Array, v: Array) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
+    """Write one layer's k, v [B, S, K, Dh] into the stacked cache `kv` = (keys, values
+    [L, B, T, K, Dh], layer, index) at slots index..index+S-1 of `layer`.
+
+    Returns ((keys, values) written, (key, value) [B, T, K, Dh]: the layer's slots, what it
+    attends over). The write goes into the whole stack, which the layer scan and the decoding
+    loop carry: XLA updates a carried buffer in place, so a step writes S slots per layer
+    instead of copying every layer's cache.
+    """
+    keys, values, layer, index = kv
+    at = (layer, 0, index, 0, 0)
+    keys = jax.lax.dynamic_update_slice(keys, k[None].astype(keys.dtype), at)
+    values = jax.lax.dynamic_update_slice(values, v[None].astype(values.dtype), at)
+    return (keys, values), (keys[layer], values[layer])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -190,9 +190,9 @@ class Attention(nn.Module):
     def __call__(self, x: Array, mask: Array, layer_idx: Array,
                  kv: Optional[tuple] = None) -> tuple[Array, Any]:
         """x: [B, S, D]; mask: [B, 1, S, S] bool (True = may attend), or [B, 1, S, T] with `kv`;
-        layer_idx: int32 scalar (traced inside the scan); kv: this layer's cache (key, value
-        [B, T, H, Dh], index) for generation, or None. Returns ([B, S, D], probs), or
-        ([B, S, D], the cache's (key, value) with this call's written) with `kv`."""
+        layer_idx: int32 scalar (traced inside the scan); kv: generation's cache (keys, values
+        [L, B, T, H, Dh], this layer, the first slot to write; `common.write_kv`), or None.
+        Returns ([B, S, D], probs), or ([B, S, D], (keys, values) with this call's written)."""
         cfg = self.config
         B, S, D = x.shape
         H, Dh = cfg.n_head, cfg.head_dim
@@ -202,7 +202,7 @@ class Attention(nn.Module):
         # [B, S, H, Dh], heads split over tensor: each device attends with whole heads of its own.
         q, k, v = (constrain(t[:, :, 0], ("batch", None, "heads", None)) for t in (q, k, v))
         if kv is not None:  # generation: attend over the cache with this call's keys written in
-            k, v = kv = write_kv(kv, k, v)
+            kv, (k, v) = write_kv(kv, k, v)
 
         scale = 1.0 / math.sqrt(Dh) if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
@@ -253,7 +253,7 @@ class Block(nn.Module):
     def __call__(self, x: Array, mask: Array, layer_idx: Array,
                  kv: Optional[tuple] = None) -> tuple[Array, Any]:
         """x: [B, S, D]; mask: [B, 1, S, S]; layer_idx: int32 scalar; kv: see `Attention`.
-        Returns ([B, S, D], probs [B, H, S, S] or None, or the updated (key, value) with kv)."""
+        Returns ([B, S, D], probs [B, H, S, S] or None, or the updated (keys, values) with kv)."""
         cfg = self.config
         h = _layer_norm(cfg, "ln_1")(x).astype(self.dtype)
         a, probs = Attention(cfg, self.dtype, self.materialize, self.deterministic, self.fused,

@@ -500,9 +500,9 @@ class Attention(nn.Module):
     def __call__(self, x: Array, mask: Array, cos: Array, sin: Array,
                  kv: Optional[tuple] = None) -> tuple[Array, Any]:
         """x: [B, S, D]; mask: [B, 1, S, S] bool, or [B, 1, S, T] with `kv`; cos, sin: [B, S, Dh]
-        float32; kv: this layer's cache (key, value [B, T, K, Dh], index) for generation, or
-        None. Returns ([B, S, D], probs [B, H, S, S] float32 or None), or ([B, S, D], the
-        cache's (key, value) with this call's written) with `kv`."""
+        float32; kv: generation's cache (keys, values [L, B, T, K, Dh], this layer, the first
+        slot to write; `common.write_kv`), or None. Returns ([B, S, D], probs [B, H, S, S]
+        float32 or None), or ([B, S, D], (keys, values) with this call's written) with `kv`."""
         cfg = self.config
         B, S, _ = x.shape
         H, K, Dh = cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_size
@@ -522,7 +522,7 @@ class Attention(nn.Module):
         q = constrain(q, ("batch", None, "heads", None))
         k, v = (constrain(t, ("batch", None, "kv_heads", None)) for t in (k, v))
         if kv is not None:  # generation: attend over the cache with this call's keys written in
-            k, v = kv = write_kv(kv, k, v)
+            kv, (k, v) = write_kv(kv, k, v)
 
         def dropout(p):  # on the probabilities, train mode only (forces the explicit path)
             return nn.Dropout(cfg.attention_dropout)(p, deterministic=False)
@@ -568,7 +568,7 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: Array, mask: Array, cos: Array, sin: Array,
                  kv: Optional[tuple] = None) -> tuple[Array, Any]:
-        """x: [B, S, D] -> ([B, S, D], probs [B, H, S, S] or None, or the updated (key, value)
+        """x: [B, S, D] -> ([B, S, D], probs [B, H, S, S] or None, or the updated (keys, values)
         with `kv`, see `Attention`)."""
         cfg = self.config
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x)

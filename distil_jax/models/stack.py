@@ -99,20 +99,21 @@ def run(block_fn: BlockFn, params: Any, x: Array, *, n_layer: int, materialize: 
 def run_cached(block_fn: Callable, params: Any, x: Array, keys: Array, values: Array,
                index: Array) -> tuple[Array, tuple[Array, Array]]:
     """The blocks over `x` [B, S, D] with a key/value cache (generation): one scan over the
-    layers whose iteration takes its layer's parameters and cache slice and returns the slice
-    with this call's keys and values written at `index` (`common.write_kv`).
+    layers that carries the whole cache, each iteration writing its layer's keys and values at
+    `index` (`common.write_kv`; a carried buffer is updated in place).
 
-    block_fn(layer params, x, layer index, (key, value, index)) -> (x, (key, value)), key and
-    value [B, T, K, Dh]. keys, values: [L, B, T, K, Dh]. Returns (x, (keys, values)).
+    block_fn(layer params, x, layer index, (keys, values, layer index, index)) -> (x, (keys,
+    values)). keys, values: [L, B, T, K, Dh]. Returns (x, (keys, values)).
     """
     def step(carry, xs):
-        layer, key, value, idx = xs
-        carry, kv = block_fn(layer, carry, idx, (key, value, index))
-        return carry, kv
+        x, keys, values = carry
+        layer, idx = xs
+        x, (keys, values) = block_fn(layer, x, idx, (keys, values, idx, index))
+        return (x, keys, values), None
 
     n_layer = keys.shape[0]
-    x, (keys, values) = jax.lax.scan(
-        step, x, (params, keys, values, jnp.arange(n_layer, dtype=jnp.int32)))
+    (x, keys, values), _ = jax.lax.scan(
+        step, (x, keys, values), (params, jnp.arange(n_layer, dtype=jnp.int32)))
     return x, (keys, values)
 
 
