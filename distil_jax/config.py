@@ -108,6 +108,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.objective.clm_weight = 0.0  # hard next-token loss (distilgpt2 used 0.5); 0 = Distily
     c.objective.temperature = 1.0  # logits losses on logits / T, scaled by T²
     c.objective.logits_chunk_tokens = -1  # tokens per chunk of the logits losses; -1 auto, 0 off
+    # On-policy distillation (GKD, docs/on_policy.md): on a fraction lmbda of the steps (chosen
+    # from train.seed and the step) the student continues each batch row's prompt and the loss
+    # is taken on its own completion. 0 = off (the dataset's tokens, as Distily).
+    c.objective.on_policy = ml_collections.ConfigDict()
+    c.objective.on_policy.lmbda = 0.0  # fraction of steps on the student's samples (TRL's lmbda)
+    c.objective.on_policy.max_new_tokens = 16  # tokens sampled per prompt
+    c.objective.on_policy.temperature = 1.0  # sampling temperature (0 = greedy)
+    c.objective.on_policy.top_k = 0  # 0 = off
+    c.objective.on_policy.top_p = 1.0  # 1 = off
+    c.objective.on_policy.seq_kd = False  # sample from the TEACHER instead (sequence-level KD)
+    c.objective.on_policy.prompt_tokens = 8  # plain text: each row's first tokens are the prompt
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.optimizer = "adamw"  # adamw | adam | lion (weight_decay 0 makes adamw = Adam)
@@ -408,9 +419,40 @@ def _check_objective(c: _Checker, config) -> None:
     c.number("objective.clm_weight", 0, hint="0 = off")
     c.number("objective.temperature", 0, lo_open=True)
     c.number("objective.logits_chunk_tokens", -1, integer=True, hint="-1 automatic, 0 off")
+    _check_on_policy(c, config)
     if not (config.objective.clm_weight or any(config.objective[n].get("weight", 0) for n in ("logits", "hs", "attn"))):
         raise ValueError("objective: every weight is 0, so nothing would be trained; give "
                          "objective.logits.weight (or hs, attn, clm_weight) a positive value")
+
+
+def _check_on_policy(c: _Checker, config) -> None:
+    """objective.on_policy: the sampling settings, and what on-policy steps cannot run with."""
+    p = "objective.on_policy"
+    c.number(f"{p}.lmbda", 0, 1, hint="the fraction of steps on sampled completions; 0 = off")
+    c.number(f"{p}.max_new_tokens", 1, integer=True)
+    c.number(f"{p}.temperature", 0, hint="0 = greedy")
+    c.number(f"{p}.top_k", 0, integer=True, hint="0 = off")
+    c.number(f"{p}.top_p", 0, 1, lo_open=True, hint="1 = off")
+    c.boolean(f"{p}.seq_kd")
+    c.number(f"{p}.prompt_tokens", 1, integer=True)
+    op = config.objective.on_policy
+    if not op.lmbda:
+        return
+    seq = config.dataset.max_seq_len
+    if op.max_new_tokens >= seq:
+        c.fail(f"{p}.max_new_tokens", op.max_new_tokens, f"use fewer than dataset.max_seq_len={seq} "
+               "tokens (each row holds a prompt and its completion)")
+    if op.prompt_tokens + op.max_new_tokens > seq:
+        c.fail(f"{p}.prompt_tokens", op.prompt_tokens, f"prompt_tokens + max_new_tokens must fit a "
+               f"row of dataset.max_seq_len={seq}; use at most {seq - op.max_new_tokens}")
+    if config.teacher.cache:
+        raise ValueError(f"{p}.lmbda={op.lmbda} with teacher.cache: the cache holds the teacher's "
+                         "targets for the dataset's tokens, not for sampled completions; set "
+                         "teacher.cache='' or objective.on_policy.lmbda=0")
+    if config.train.num_processes > 1:
+        raise ValueError(f"{p}.lmbda={op.lmbda} with train.num_processes="
+                         f"{config.train.num_processes}: sampling runs in one process only; use "
+                         "one process or objective.on_policy.lmbda=0")
 
 
 def _check_optimizer(c: _Checker, config) -> None:

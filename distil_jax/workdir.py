@@ -42,7 +42,12 @@ NEUTRAL = ("train.log_steps", "train.save_steps", "train.save_total_limit", "eva
            "dataset.num_proc")
 # Fields added after runs were started without them, with the value that behaves as those runs
 # did: a config.json that lacks one ran with this value (a resume with it is no change).
-ADDED = {"dataset.loss_on": "all", "dataset.streaming": False, "dataset.completion_column": None}
+ADDED = {"dataset.loss_on": "all", "dataset.streaming": False, "dataset.completion_column": None,
+         # objective.on_policy (off-policy runs: its defaults)
+         "objective.on_policy.lmbda": 0.0, "objective.on_policy.max_new_tokens": 16,
+         "objective.on_policy.temperature": 1.0, "objective.on_policy.top_k": 0,
+         "objective.on_policy.top_p": 1.0, "objective.on_policy.seq_kd": False,
+         "objective.on_policy.prompt_tokens": 8}
 # How a session is launched, not what it computes: the processes (each has its own process_id,
 # and a restarted job gets a new coordinator) and the device mesh (docs/scaling.md: a run may
 # resume on another mesh; the result moves only within float reduction order). Recorded too.

@@ -228,6 +228,7 @@ class Objective:
     @classmethod
     def from_config(cls, cfg: Mapping) -> "Objective":
         cfg = dict(cfg)
+        cfg.pop("on_policy", None)  # how the batches are sampled (training/on_policy.py), not the loss
         known = {"logits", "hs", "attn", "clm_weight", "temperature", "logits_chunk_tokens"}
         unknown = sorted(set(cfg) - known)
         if unknown:

@@ -21,6 +21,7 @@ from distil_jax import workdir as workdir_lib
 from distil_jax.config import DTYPES
 from distil_jax.objectives.objective import Objective
 from distil_jax.train_step import StepConfig, create_train_state, make_optimizer
+from distil_jax.training.on_policy import OnPolicy
 
 
 def load_tokenizer(name_or_path: str):
@@ -223,6 +224,7 @@ class Run:
     placement: Any = None  # sharding.Placement: where state, teacher and batches live
     trainable: Any = None  # the bool mask of the trained tree (grad_norm covers its student part)
     cache: Any = None  # the teacher cache the batches come with (teacher.cache), or None
+    on_policy: Any = None  # OnPolicy: sampled completions on some steps (objective.on_policy)
 
     @property
     def step_placement(self):
@@ -287,6 +289,8 @@ def build_run(config, workdir: Path) -> Run:
                batches=batches, total_steps=total_steps, tx=tx, schedule=schedule,
                step_config=s_config, mesh=mesh,
                state=placement.put_state(state), placement=placement, trainable=trainable,
-               cache=cache)
+               cache=cache, on_policy=OnPolicy.from_config(config, teacher_cfg=teacher_cfg,
+                                                           student_cfg=student_cfg, tokenizer=tokenizer,
+                                                           seq_len=seq_len, dtype=DTYPES[config.train.dtype]))
 
 

@@ -186,7 +186,10 @@ class Session:
         run = self.run
         while self.step < run.total_steps:
             compiles_before = len(self.timer.compiles)
-            run.state, metrics = step_fn(run.state, run.teacher_params, next(run.batches))
+            batch = next(run.batches)
+            if run.on_policy is not None:  # GKD: on some steps, the model's own completions
+                batch = run.on_policy(self.step, batch, run.state.params["student"], run.teacher_params)
+            run.state, metrics = step_fn(run.state, run.teacher_params, batch)
             self.step += 1
             preemption.check_ctrl_c()  # a Ctrl-C that a callback swallowed
             first = self.step == self.start + 1
