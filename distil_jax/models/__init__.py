@@ -6,7 +6,9 @@ A family is one module (`gpt2.py`, `llama.py`) that provides:
   Config                      frozen, hashable config dataclass with HF's field names and the
                               generic properties model_type, num_layers, num_heads (query heads),
                               num_kv_heads, width (hidden size), mlp_width, max_positions, plus vocab_size,
-                              tie_word_embeddings, initializer_range; `replace(**fields)` (an
+                              padded_vocab_size (the rows the embedding and head store: a
+                              multiple of common.VOCAB_MULTIPLE), tie_word_embeddings,
+                              initializer_range; `replace(**fields)` (an
                               unknown field is an error) and `without_dropout()`
   MODEL_TYPES                 the HF model_type values it implements
   HF_ARCHITECTURE             the transformers class an export loads as (e.g. "LlamaForCausalLM")
