@@ -195,7 +195,7 @@ def _student_params(workdir: Path, step: Optional[int], config) -> tuple[int, di
 
 def _facts(config, params: Mapping, step: int, dtype: str) -> dict:
     """This export's facts, for the card (see distil_jax.modelcard)."""
-    n_params = sum(math.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(params))
+    n_params = models.param_count(config)  # HF's count: the stored vocabulary padding is cut
     return {
         "step": int(step),
         "dtype": dtype,

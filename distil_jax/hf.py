@@ -7,7 +7,9 @@ the family's class with no missing or unexpected keys. Parameter paths are HF's 
 owns its mapping, see `distil_jax.models`), so conversion is a rename, plus a transpose where HF
 stores a torch Linear ([out, in]), and a stack: the blocks' parameters are stacked on a leading
 layer axis, so `model.layers.3.self_attn.q_proj.weight` <-> slice 3 of
-`model/layers/self_attn/q_proj/kernel` (`models.stack_layers` / `unstack_layers`).
+`model/layers/self_attn/q_proj/kernel` (`models.stack_layers` / `unstack_layers`). The embedding
+and head are stored padded to `config.padded_vocab_size`: import appends zero rows, export cuts
+them, so an HF tensor always has exactly vocab_size rows.
 """
 
 from __future__ import annotations
@@ -75,12 +77,13 @@ def hf_state_dict_to_params(config, state: Mapping[str, Any], dtype=jnp.float32)
         arr = jnp.asarray(value)
         if fam.hf_transposed(path):
             arr = arr.T  # torch Linear [out, in] -> Dense kernel [in, out]
-        want = tuple(expected[path].shape)
+        want = models.hf_shape(config, path, expected[path].shape)  # vocabulary unpadded
         if tuple(arr.shape) != want:
             wrong.append(f"{name}: checkpoint {tuple(value.shape)}, config expects "
                          f"{want[::-1] if fam.hf_transposed(path) else want}")
             continue
-        flat[path] = arr.astype(dtype)
+        # The embedding and head are stored with zero rows up to the padded vocabulary.
+        flat[path] = models.pad_vocab_leaf(config, path, arr.astype(dtype))
     wrong_names = {w.split(":")[0] for w in wrong}
     missing = [fam.path_to_hf(p) for p in expected
                if p not in flat and fam.path_to_hf(p) not in wrong_names]
@@ -103,6 +106,7 @@ def params_to_hf_state_dict(config, params: Mapping, dtype=None) -> dict[str, ja
     fam = models.family(config)
     out = {}
     for path, value in traverse_util.flatten_dict(models.unstack_layers(config, params)).items():
+        value = models.unpad_vocab_leaf(config, path, value)  # exactly vocab_size rows
         if fam.hf_transposed(path):
             value = value.T
         if dtype is not None:

@@ -16,8 +16,13 @@ an MLP up-projection [D, F] is ("embed", "mlp")); `RULES` maps each logical name
 in flax's `logical_axis_rules` format (as MaxText and t5x do). The teacher uses the same rules
 on the same mesh, so a teacher larger than one device is sharded like the student.
 
-Why `vocab` is not split: GPT-2's vocabulary, 50257 = 29 x 1733, divides by no mesh size; the
-embedding and head are split along `embed` over fsdp instead (FSDP's saving is the same).
+Why `vocab` goes to tensor: the embedding and the LM head are the largest single parameters of
+a small model (GPT-2's 38.6 M of the student's 81.9 M). The models store the vocabulary padded to
+a multiple of 128 (`models.common.VOCAB_MULTIPLE`; GPT-2's 50257 = 29 x 1733 alone divides by no
+mesh size), so it splits over tensor while `embed` splits over fsdp: 1/(fsdp x tensor) of the
+embedding per device, and the head's logits and their softmax are split over the vocabulary
+(Megatron's vocabulary-parallel head; XLA inserts the reductions). A tensor size that does not
+divide the padded vocabulary (3, 6, ...) leaves it unsplit rather than refusing the mesh.
 Why the fused GPT-2 qkv kernel's output is not split over tensor: its columns are laid out
 [q | k | v] (each H x Dh), so a contiguous split over tensor would give one device all the
 query heads and another all the values; it is split over fsdp along embed like the rest, and
@@ -50,7 +55,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),     # query heads x head_dim (attention q / output projections)
     ("kv_heads", "tensor"),  # key/value heads x head_dim (grouped-query attention)
     ("mlp", "tensor"),       # MLP hidden columns
-    ("vocab", None),         # see the module docstring
+    ("vocab", "tensor"),     # the padded vocabulary, see the module docstring
     ("qkv", None),           # GPT-2's fused [q | k | v] columns, see the module docstring
     ("positions", None),     # learned position embeddings' rows
     ("norm", None),          # norm scales and biases: tiny, replicated
@@ -138,7 +143,7 @@ def _spec_for(names: Sequence[Optional[str]], shape: tuple, mesh: Mesh, what: st
               strict: bool) -> P:
     """The PartitionSpec of an array with logical axis `names` on `mesh`, mesh axes of size 1
     dropped; a split that does not divide its dimension is a MeshError (strict) or left
-    unsplit."""
+    unsplit (always so for the padded vocabulary: see the module docstring)."""
     spec = logical_spec(names)
     out = []
     for dim, name, axes in zip(shape, names, tuple(spec) + (None,) * (len(shape) - len(spec))):
@@ -146,7 +151,7 @@ def _spec_for(names: Sequence[Optional[str]], shape: tuple, mesh: Mesh, what: st
         names = tuple(a for a in names if axis_size(mesh, a) > 1)
         n = math.prod(axis_size(mesh, a) for a in names)
         if names and dim % n:
-            if strict:
+            if strict and name != "vocab":  # the vocabulary is split only where it divides
                 axis = " x ".join(f"{a}={axis_size(mesh, a)}" for a in names)
                 raise MeshError(f"train.mesh: {axis} does not divide the {what}'s {name} dimension "
                                 f"{dim} ({what}.{path}); choose an axis size that divides {dim}")

@@ -36,7 +36,9 @@ def _tiny_config():
     spec = importlib.util.spec_from_file_location("tiny_config", ROOT / "configs" / "tiny.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.get_config("test")
+    c = mod.get_config("test")
+    c.demo_teacher.vocab_size = 500  # not a multiple of 128: the models store 512 rows
+    return c
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +100,11 @@ def test_float32_export_loads_in_transformers_with_equal_logits(run, f32_export)
     assert mask.min() == 0  # the second text is padded: the mask path is exercised
     got, model = _torch_logits(f32_export, ids, mask)
     assert model.transformer.wte.weight.dtype == torch.float32
+    # The stored vocabulary is padded (common.VOCAB_MULTIPLE); the export has exactly its rows.
+    config = hf.load_config(run / "student")
+    assert config.vocab_size % 128 and config.padded_vocab_size > config.vocab_size
+    assert tuple(model.transformer.wte.weight.shape) == (config.vocab_size, config.n_embd)
+    assert got.shape[-1] == config.vocab_size
     want = _jax_logits(run, ids, mask)
     real = mask.astype(bool)
     assert np.abs(got[real] - want[real]).max() <= F32_TOL
@@ -112,8 +119,9 @@ def test_bfloat16_export(run, tmp_path):
     with safe_open(str(out / "model.safetensors"), framework="flax") as f:
         wte = f.get_tensor("transformer.wte.weight")
     assert wte.dtype == jnp.bfloat16
+    V = hf.load_config(run / "student").vocab_size  # the real rows of the padded embedding
     np.testing.assert_array_equal(np.asarray(wte, np.float32),
-                                  np.asarray(jnp.asarray(tree["student"]["wte"]["embedding"]).astype(jnp.bfloat16),
+                                  np.asarray(jnp.asarray(tree["student"]["wte"]["embedding"][:V]).astype(jnp.bfloat16),
                                              np.float32))
     ids, mask = _ids(out)
     real = mask.astype(bool)
@@ -126,7 +134,9 @@ def test_bfloat16_export(run, tmp_path):
     assert np.abs(got[real] - want[real]).max() <= BF16_REL_TOL * scale
     assert np.abs(in_bf16[real] - want[real]).max() <= BF16_REL_TOL * scale
     card = (out / "README.md").read_text()
-    assert "weights in bfloat16" in card and f"{2 * sum(np.size(x) for x in _leaves(tree['student'])):,} bytes" in card
+    n_params = models.param_count(hf.load_config(run / "student"))  # HF's count, no padding
+    assert n_params < sum(np.size(x) for x in _leaves(tree["student"]))  # the stored padded rows
+    assert "weights in bfloat16" in card and f"{2 * n_params:,} bytes" in card
 
 
 def _leaves(tree):

@@ -110,7 +110,7 @@ def test_remat_and_last_hidden_same_values():
     base = models.forward(config, params, ids)
     out = models.forward(config, params, ids, remat=True, return_last_hidden=True)
     assert out.logits is None
-    logits = out.last_hidden_state @ params["lm_head"]["kernel"]
+    logits = out.last_hidden_state @ models.lm_head(config, params)  # the real columns
     assert _maxdiff(logits, base.logits) < TOL
 
     def loss(p, remat):

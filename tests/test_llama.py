@@ -332,10 +332,11 @@ def test_param_tree_is_hf_state_dict(key):
     model, config, _ = _load(key)
     shapes = models.hf_param_shapes(config)  # HF's per-layer view of the stacked blocks
     names = {k for k in model.state_dict() if not (config.tie_word_embeddings and k == "lm_head.weight")}
-    assert {llama.path_to_hf(p): (v.shape[::-1] if llama.hf_transposed(p) else v.shape)
+    hf_shape = lambda p, v: models.hf_shape(config, p, v.shape)  # noqa: E731 (vocabulary unpadded)
+    assert {llama.path_to_hf(p): (hf_shape(p, v)[::-1] if llama.hf_transposed(p) else hf_shape(p, v))
             for p, v in _flatten(shapes).items()} == \
         {k: tuple(v.shape) for k, v in model.state_dict().items() if k in names}
-    assert llama.param_count(config) == sum(p.numel() for p in model.parameters())
+    assert models.param_count(config) == sum(p.numel() for p in model.parameters())
 
 
 def test_init_params_like_hf():

@@ -27,18 +27,22 @@ def test_registry_dispatches_on_model_type():
     assert models.family(tc) is models.family("gpt2")
     assert models.config_from_hf(models.config_to_hf(tc)) == tc
     n = models.param_count(tc)
-    assert n == sum(int(np.prod(x.shape)) for x in
-                    jax.tree_util.tree_leaves(models.param_shapes(tc)))
+    stored = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(models.param_shapes(tc)))
+    # HF's count: the tied embedding's padded rows (common.VOCAB_MULTIPLE) are not parameters.
+    assert n == stored - (tc.padded_vocab_size - tc.vocab_size) * tc.width
 
 
 def test_lm_head_is_the_tied_embedding_or_the_separate_head():
     tc, tp = T.teacher()
-    np.testing.assert_array_equal(models.lm_head(tc, tp), np.asarray(tp["wte"]["embedding"]).T)
-    new = models.with_lm_head(tc, tp, jnp.ones((tc.width, tc.vocab_size)))
-    assert float(new["wte"]["embedding"].sum()) == tc.width * tc.vocab_size
+    V = tc.vocab_size  # the real rows of the stored (padded) vocabulary
+    assert tp["wte"]["embedding"].shape == (tc.padded_vocab_size, tc.width)
+    np.testing.assert_array_equal(models.lm_head(tc, tp), np.asarray(tp["wte"]["embedding"])[:V].T)
+    new = models.with_lm_head(tc, tp, jnp.ones((tc.width, V)))
+    assert new["wte"]["embedding"].shape == (tc.padded_vocab_size, tc.width)
+    assert float(new["wte"]["embedding"].sum()) == tc.width * V  # the padded rows are zero
     untied = tc.replace(tie_word_embeddings=False)
     up = models.init_params(untied, jax.random.PRNGKey(0))
-    np.testing.assert_array_equal(models.lm_head(untied, up), up["lm_head"]["kernel"])
+    np.testing.assert_array_equal(models.lm_head(untied, up), up["lm_head"]["kernel"][:, :V])
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

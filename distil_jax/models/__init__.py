@@ -6,7 +6,8 @@ A family is one module (`gpt2.py`, `llama.py`) that provides:
   Config                      frozen, hashable config dataclass with HF's field names and the
                               generic properties model_type, num_layers, num_heads (query heads),
                               num_kv_heads, head_size (per head), width (hidden size), mlp_width,
-                              max_positions, plus vocab_size,
+                              max_positions, plus vocab_size, padded_vocab_size (the rows the
+                              embedding and head store: a multiple of common.VOCAB_MULTIPLE),
                               tie_word_embeddings, initializer_range; `replace(**fields)` (an
                               unknown field is an error) and `without_dropout()`
   MODEL_TYPES                 the HF model_type values it implements
@@ -16,7 +17,8 @@ A family is one module (`gpt2.py`, `llama.py`) that provides:
   init_params(config, rng, param_dtype)
   forward(config, params, input_ids, attention_mask=None, *, ...) -> common.ModelOutput
                               (with cache=common.KVCache: generation's cached decoding)
-  lm_head(config, params)     the LM head as [D, V]: the only place that knows tying
+  lm_head(config, params)     the LM head as [D, V]: the only place that knows tying (and cuts
+                              the stored padded vocabulary to V, see `vocab_dims`)
   with_lm_head(config, params, head)  params with the head set to `head` [D, V]
   lm_head_path(config)        the parameter path that holds the head
   hf_to_path(name)            HF state-dict name -> parameter path (None: a buffer to skip)
@@ -51,7 +53,7 @@ from distil_jax.models import gpt2, llama, stack
 from distil_jax.models.common import (ATTENTION_IMPLS, FusedAttention, KVCache,  # noqa: F401
                                       ModelOutput,
                                       activation_sharding, check_attention_impl, constrain,
-                                      normalize_layers)
+                                      normalize_layers, pad_vocab, unpad_vocab)
 
 _FAMILIES: tuple[ModuleType, ...] = (gpt2, llama)
 FAMILIES: dict[str, ModuleType] = {t: fam for fam in _FAMILIES for t in fam.MODEL_TYPES}
@@ -142,9 +144,40 @@ def block_matmul_width(config) -> int:
     return sum(int(x.shape[-1]) for x in traverse_util.flatten_dict(shapes).values() if len(x.shape) == 2)
 
 
+def vocab_dims(config, path: tuple) -> tuple[int, ...]:
+    """The dimensions of parameter `path` (stacked or per-layer view) that index the vocabulary:
+    stored padded to `config.padded_vocab_size`, vocab_size in HF's tensors (the family's
+    PARAM_AXES name them "vocab")."""
+    name = "/".join(path)
+    rule = next((axes for pattern, axes in family(config).PARAM_AXES if re.fullmatch(pattern, name)), ())
+    return tuple(i for i, axis in enumerate(rule) if axis == "vocab")
+
+
+def hf_shape(config, path: tuple, shape: tuple) -> tuple:
+    """A stored parameter's shape as HF's tensor has it: the vocabulary unpadded (not transposed)."""
+    dims = vocab_dims(config, path)
+    return tuple(config.vocab_size if i in dims else int(n) for i, n in enumerate(shape))
+
+
+def pad_vocab_leaf(config, path: tuple, x: jax.Array) -> jax.Array:
+    """An HF-shaped parameter (vocab_size entries per vocabulary dimension) -> the stored shape."""
+    for d in vocab_dims(config, path):
+        x = pad_vocab(x, d, config.vocab_size)
+    return x
+
+
+def unpad_vocab_leaf(config, path: tuple, x: jax.Array) -> jax.Array:
+    """A stored parameter -> HF's shape: each vocabulary dimension cut to vocab_size."""
+    for d in vocab_dims(config, path):
+        x = unpad_vocab(x, d, config.vocab_size)
+    return x
+
+
 def param_count(config) -> int:
-    """Number of parameters, as HF counts them (a tied head counted once). No allocation."""
-    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(param_shapes(config)))
+    """Number of parameters, as HF counts them (a tied head counted once; the vocabulary
+    unpadded). No allocation."""
+    flat = traverse_util.flatten_dict(param_shapes(config))
+    return sum(math.prod(hf_shape(config, p, x.shape)) for p, x in flat.items())
 
 
 def shape_problems(want: Mapping, got: Mapping) -> list[str]:

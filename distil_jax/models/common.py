@@ -290,6 +290,40 @@ def attend(q: Array, k: Array, v: Array, mask: Array, scale: float, *, materiali
     return out, None
 
 
+# The embedding and the LM head store the vocabulary padded to a multiple of this (the rows past
+# `vocab_size` are inert: no token id reaches them and `lm_head` drops them), so the vocabulary
+# axis divides every power-of-two mesh axis up to 128 and can be split (GPT-2's 50257 = 29 x 1733
+# divides by none). 128 is also a whole number of TPU lanes / GPU tiles. docs/design.md, "The
+# vocabulary: padded inside, exact outside".
+VOCAB_MULTIPLE = 128
+
+
+def padded_vocab_size(vocab_size: int) -> int:
+    """vocab_size rounded up to a multiple of VOCAB_MULTIPLE: the rows the parameters store."""
+    return -(-int(vocab_size) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def pad_vocab(x: Array, axis: int, vocab_size: int) -> Array:
+    """x, whose `axis` has vocab_size entries, zero-padded along it to padded_vocab_size."""
+    if x.shape[axis] != vocab_size:
+        raise ValueError(f"expected {vocab_size} vocabulary entries along axis {axis}, got shape "
+                         f"{tuple(x.shape)}")
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, padded_vocab_size(vocab_size) - vocab_size)
+    return jnp.pad(x, widths)
+
+
+def unpad_vocab(x: Array, axis: int, vocab_size: int) -> Array:
+    """x with its (padded) vocabulary `axis` cut to the vocab_size real entries."""
+    return jax.lax.slice_in_dim(x, 0, vocab_size, axis=axis)
+
+
+def zero_vocab_padding(x: Array, axis: int, vocab_size: int) -> Array:
+    """x with its padded vocabulary entries set to zero: what init, import and `with_lm_head`
+    store, so that a copied head or embedding equals its source whole."""
+    return pad_vocab(unpad_vocab(x, axis, vocab_size), axis, vocab_size)
+
+
 def head_logits(hidden: Array, head: Array) -> Array:
     """hidden [..., D] (compute dtype) @ head [D, V] -> logits [..., V] float32.
 

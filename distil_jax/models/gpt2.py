@@ -40,7 +40,8 @@ import jax.numpy as jnp
 from distil_jax.models.common import (FusedAttention, KVCache, ModelOutput, attend,
                                       attention_mask_4d, check_attention_impl, collect_hidden,
                                       constrain, default_positions, head_logits, hidden_layers,
-                                      normalize_layers, write_kv)
+                                      normalize_layers, pad_vocab, padded_vocab_size, unpad_vocab,
+                                      write_kv, zero_vocab_padding)
 from distil_jax.models import stack
 
 Array = jax.Array
@@ -146,6 +147,11 @@ class GPT2Config:
     @property
     def mlp_width(self) -> int:
         return self.inner_dim
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """The rows `wte` and `lm_head` store: vocab_size rounded up (common.VOCAB_MULTIPLE)."""
+        return padded_vocab_size(self.vocab_size)
 
     def without_dropout(self) -> "GPT2Config":
         return dataclasses.replace(self, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -283,7 +289,7 @@ class GPT2LMHeadModel(nn.Module):
         with `cache` (mask [B, 1, S, T]): (last hidden state, None, the new (keys, values))."""
         cfg = self.config
         std = cfg.initializer_range
-        wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=_normal(std), name="wte")
+        wte = nn.Embed(cfg.padded_vocab_size, cfg.n_embd, embedding_init=_normal(std), name="wte")
         wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=_normal(std), name="wpe")
         x = wte(input_ids) + wpe(positions)
         x = nn.Dropout(cfg.embd_pdrop)(x, deterministic=self.deterministic).astype(self.dtype)
@@ -293,7 +299,8 @@ class GPT2LMHeadModel(nn.Module):
         hidden_states = collect_hidden(hidden, x, cfg.n_layer, self.hidden_layers)
         if not cfg.tie_word_embeddings and self.is_initializing():
             # The untied head's parameters; `forward` applies the head through `lm_head`.
-            nn.Dense(cfg.vocab_size, use_bias=False, kernel_init=_normal(std), name="lm_head")(x[:, :1])
+            nn.Dense(cfg.padded_vocab_size, use_bias=False, kernel_init=_normal(std),
+                     name="lm_head")(x[:, :1])
         return x, hidden_states, attentions
 
     def _blocks(self, x: Array, mask: Array, cache: Optional[KVCache] = None):
@@ -408,12 +415,17 @@ def forward(
 
 def init_params(config: GPT2Config, rng: Array, param_dtype: Any = jnp.float32) -> dict:
     """Random parameters with HF GPT-2's init: normal(0, initializer_range) weights, residual
-    `c_proj` weights with std / sqrt(2 * n_layer), zero biases, LayerNorm 1 / 0."""
+    `c_proj` weights with std / sqrt(2 * n_layer), zero biases, LayerNorm 1 / 0; the padded
+    vocabulary entries zero."""
     model = GPT2LMHeadModel(config)
     ids = jnp.zeros((1, 1), jnp.int32)
     mask = attention_mask_4d(1, 1, None, None)
     params = model.init(rng, ids, mask, jnp.zeros((1, 1), jnp.int32))["params"]
-    params = flax.core.unfreeze(params) if hasattr(flax.core, "unfreeze") else params
+    params = dict(flax.core.unfreeze(params) if hasattr(flax.core, "unfreeze") else params)
+    params["wte"] = {"embedding": zero_vocab_padding(params["wte"]["embedding"], 0, config.vocab_size)}
+    if "lm_head" in params:
+        params["lm_head"] = {"kernel": zero_vocab_padding(params["lm_head"]["kernel"], 1,
+                                                          config.vocab_size)}
     return jax.tree_util.tree_map(lambda p: p.astype(param_dtype), params)
 
 
@@ -426,17 +438,22 @@ def lm_head_path(config: GPT2Config) -> tuple[str, ...]:
 
 
 def lm_head(config: GPT2Config, params: Mapping) -> Array:
-    """The LM head as a [D, V] matrix."""
+    """The LM head as a [D, V] matrix: the stored [D, padded V] cut to the vocab_size real
+    columns, so every logit anyone computes is a real token's (docs/design.md, "The
+    vocabulary: padded inside, exact outside")."""
     if config.tie_word_embeddings:
-        return params["wte"]["embedding"].T
-    return params["lm_head"]["kernel"]
+        return unpad_vocab(params["wte"]["embedding"], 0, config.vocab_size).T
+    return unpad_vocab(params["lm_head"]["kernel"], 1, config.vocab_size)
 
 
 def with_lm_head(config: GPT2Config, params: Mapping, head: Array) -> dict:
-    """A copy of `params` whose LM head is `head` [D, V] (tied: the token embedding is head.T)."""
+    """A copy of `params` whose LM head is `head` [D, V] (tied: the token embedding is head.T),
+    stored zero-padded to the padded vocabulary."""
     if config.tie_word_embeddings:
-        return {**params, "wte": {**params["wte"], "embedding": head.T}}
-    return {**params, "lm_head": {**params.get("lm_head", {}), "kernel": head}}
+        return {**params, "wte": {**params["wte"],
+                                  "embedding": pad_vocab(head.T, 0, config.vocab_size)}}
+    return {**params, "lm_head": {**params.get("lm_head", {}),
+                                  "kernel": pad_vocab(head, 1, config.vocab_size)}}
 
 
 # ----------------------------------------------------------------------------- sharding

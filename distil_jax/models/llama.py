@@ -47,7 +47,8 @@ import numpy as np
 from distil_jax.models.common import (FusedAttention, KVCache, ModelOutput, attend,
                                       attention_mask_4d, check_attention_impl, collect_hidden,
                                       constrain, default_positions, head_logits, hidden_layers,
-                                      normalize_layers, write_kv)
+                                      normalize_layers, pad_vocab, padded_vocab_size, unpad_vocab,
+                                      write_kv, zero_vocab_padding)
 from distil_jax.models import stack
 
 Array = jax.Array
@@ -277,6 +278,12 @@ class Config:
     @property
     def mlp_width(self) -> int:
         return self.intermediate_size
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """The rows `embed_tokens` and `lm_head` store: vocab_size rounded up
+        (common.VOCAB_MULTIPLE)."""
+        return padded_vocab_size(self.vocab_size)
 
     def replace(self, **overrides: Any) -> "Config":
         """A copy with `overrides` (validated again); an unknown field is a ValueError naming it."""
@@ -604,7 +611,7 @@ class ForCausalLM(nn.Module):
         hidden_states = collect_hidden(hidden, x, self.config.num_hidden_layers, self.hidden_layers)
         if not self.config.tie_word_embeddings and self.is_initializing():
             # The untied head's parameter; `forward` applies the head through `lm_head`.
-            nn.Dense(self.config.vocab_size, use_bias=False,
+            nn.Dense(self.config.padded_vocab_size, use_bias=False,
                      kernel_init=_normal(self.config.initializer_range), name="lm_head")(x[:, :1])
         return x, hidden_states, attentions
 
@@ -627,7 +634,7 @@ class _Model(nn.Module):
     def __call__(self, input_ids: Array, mask: Array, positions: Array,
                  cache: Optional[KVCache] = None):
         cfg = self.config
-        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size,
+        embed = nn.Embed(cfg.padded_vocab_size, cfg.hidden_size,
                          embedding_init=_normal(cfg.initializer_range), name="embed_tokens")
         x = embed(input_ids).astype(self.dtype)
         x = constrain(x, ("batch", None, None))  # the residual stream: rows split, width whole
@@ -759,26 +766,25 @@ def forward(
 def init_params(config: Config, rng: Array, param_dtype: Any = jnp.float32) -> dict:
     """Random parameters with HF's init: normal(0, initializer_range) for every Linear and the
     embedding (whose pad_token_id row is zero, as nn.Embedding(padding_idx) starts), zero
-    biases, RMSNorm weights 1."""
+    biases, RMSNorm weights 1; the padded vocabulary entries zero."""
     model = ForCausalLM(config)
     ids = jnp.zeros((1, 1), jnp.int32)
     params = model.init(rng, ids, attention_mask_4d(1, 1, None, None), ids)["params"]
     params = jax.tree_util.tree_map(lambda p: p.astype(param_dtype), dict(params))
+    emb = zero_vocab_padding(params["model"]["embed_tokens"]["embedding"], 0, config.vocab_size)
     pad = config.pad_token_id
     if pad is not None and 0 <= pad < config.vocab_size:
-        emb = params["model"]["embed_tokens"]["embedding"]
-        params["model"]["embed_tokens"]["embedding"] = emb.at[pad].set(0)
+        emb = emb.at[pad].set(0)
+    params["model"] = {**params["model"], "embed_tokens": {"embedding": emb}}
+    if "lm_head" in params:
+        params["lm_head"] = {"kernel": zero_vocab_padding(params["lm_head"]["kernel"], 1,
+                                                          config.vocab_size)}
     return params
 
 
 def param_shapes(config: Config) -> dict:
     """The parameter tree as `jax.ShapeDtypeStruct`s (no allocation)."""
     return jax.eval_shape(lambda r: init_params(config, r), jax.random.PRNGKey(0))
-
-
-def param_count(config: Config) -> int:
-    """Number of parameters, as HF counts them (a tied head counted once). No allocation."""
-    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(param_shapes(config)))
 
 
 # ----------------------------------------------------------------------------- the LM head
@@ -794,16 +800,20 @@ def lm_head_path(config: Config) -> tuple:
 
 
 def lm_head(config: Config, params: Mapping) -> Array:
-    """The LM head as [D, V] (the tied embedding transposed, or the separate head)."""
+    """The LM head as [D, V] (the tied embedding transposed, or the separate head): the stored
+    [D, padded V] cut to the vocab_size real columns, so every logit anyone computes is a real
+    token's (docs/design.md, "The vocabulary: padded inside, exact outside")."""
     if config.tie_word_embeddings:
-        return params["model"]["embed_tokens"]["embedding"].T
-    return params["lm_head"]["kernel"]
+        return unpad_vocab(params["model"]["embed_tokens"]["embedding"], 0, config.vocab_size).T
+    return unpad_vocab(params["lm_head"]["kernel"], 1, config.vocab_size)
 
 
 def with_lm_head(config: Config, params: Mapping, head: Array) -> dict:
-    """params (copied along the changed path) with the head set to `head` [D, V]."""
+    """params (copied along the changed path) with the head set to `head` [D, V], stored
+    zero-padded to the padded vocabulary."""
     path = lm_head_path(config)
-    value = head.T if config.tie_word_embeddings else head
+    value = pad_vocab(head.T, 0, config.vocab_size) if config.tie_word_embeddings else \
+        pad_vocab(head, 1, config.vocab_size)
     out = dict(params)
     node = out
     for k in path[:-1]:
