@@ -86,7 +86,8 @@ def default_config() -> ml_collections.ConfigDict:
     # Held out: a fraction of the rows (at least 1) or a row count (a whole number >= 1)
     c.dataset.test_size = 0.01
     c.dataset.max_test_rows = placeholder(int, 2000)  # cap on a fraction's rows (None = no cap)
-    # Tokenizing processes (datasets.map's num_proc); None = 1 below 10,000 rows, else up to 8
+    # Tokenizing processes (datasets.map's num_proc); None = 1 (datasets forks its workers, which
+    # can hang once JAX's threads run; the fast tokenizers already use every core)
     c.dataset.num_proc = placeholder(int)
     c.dataset.sample_by = "document"  # .txt only: document | paragraph | line
     # "pack": several documents per row, attention kept inside each document (little compute on

@@ -226,6 +226,20 @@ def _rows_per_device(sc: StepConfig, rows: int) -> int:
     return max(rows // (sc.logits_groups * sc.grad_accum), 1)
 
 
+def compute_kernels(params: Mapping, dtype) -> Mapping:
+    """`params` with every matmul kernel (a leaf named "kernel") cast to the compute `dtype`.
+
+    The models cast each kernel to the compute dtype anyway (flax's Dense(dtype=...), the LM
+    head in `head_logits`), so the values and gradients are the same; casting before the model
+    sees them moves the cast ahead of FSDP's per-layer all-gather, which then gathers bfloat16
+    instead of the float32 master weights (half the bytes in flight and in temporaries).
+    Embedding tables and norm parameters stay float32: the models read them in float32."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x.astype(dtype) if getattr(path[-1], "key", None) == "kernel" else x, params)
+
+
 def distill_loss(sc: StepConfig, params: Mapping, teacher_params: Mapping, batch: Mapping,
                  rng: Optional[Array]) -> tuple[Array, dict]:
     """The objective on one (micro-)batch: (loss, metrics). params: {"student", "objective"} (the
@@ -254,12 +268,13 @@ def distill_loss(sc: StepConfig, params: Mapping, teacher_params: Mapping, batch
         teacher_params = jax.lax.stop_gradient(teacher_params)
         t_out = models.forward(sc.teacher, teacher_params, ids, **feats["teacher"], **common)
         t_out = jax.lax.stop_gradient(t_out)
-    s_out = models.forward(sc.student, params["student"], ids, **feats["student"], **common,
+    student_params = compute_kernels(params["student"], sc.dtype)
+    s_out = models.forward(sc.student, student_params, ids, **feats["student"], **common,
                          remat=sc.remat, deterministic=not sc.dropout,
                          dropout_rng=rng if sc.dropout else None)
     heads = dict(logits_chunk=sc.logits_chunk)
     if own_heads:
-        heads.update(student_head=models.lm_head(sc.student, params["student"]),
+        heads.update(student_head=models.lm_head(sc.student, student_params),
                      teacher_head=models.lm_head(sc.teacher, teacher_params) if needs_teacher else None)
     if compact:
         heads["logits_positions"] = real_token_positions(seg > 0, sc.logits_groups, sc.logits_capacity)

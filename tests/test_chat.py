@@ -9,8 +9,10 @@ Tolerances: LOSS_TOL = 1e-5 absolute on float32 losses of order 0.1-10 against f
 on the summed held-out log-likelihood).
 """
 
+import concurrent.futures
 import json
 import math
+import multiprocessing
 
 import datasets
 import jax
@@ -23,6 +25,7 @@ from distil_jax import data, models
 from distil_jax import train_step as ts
 from distil_jax.demo import corpus
 from tests import tiny_setup as T
+from tests.np_reference import np_log_softmax
 
 LOSS_TOL = 1e-5
 CHAT_CONFIG = "configs/chat.py"
@@ -174,12 +177,6 @@ def setup():
     return tc, tp, s_cfg, sp, trainable
 
 
-def _log_softmax64(x):
-    x = np.asarray(x, np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
 def _masked_batch():
     b = T.batch(T.ROWS_8)
     lm = np.random.RandomState(3).randint(0, 2, b["segment_ids"].shape).astype(np.int32)
@@ -204,7 +201,7 @@ def test_completion_loss_matches_float64_numpy(setup):
     counted = (seg > 0) & (lm > 0)
     s_out = models.forward(s_cfg, sp, ids, segment_ids=seg)
     t_out = models.forward(tc, tp, ids, segment_ids=seg)
-    ls, lt = _log_softmax64(s_out.logits), _log_softmax64(t_out.logits)
+    ls, lt = np_log_softmax(s_out.logits), np_log_softmax(t_out.logits)
     kl = (np.exp(lt) * (lt - ls)).sum(-1)[counted].mean()
     nxt = np.concatenate([ids[:, 1:], np.zeros_like(ids[:, :1])], 1)
     same = np.concatenate([(seg[:, 1:] == seg[:, :-1]), np.zeros_like(seg[:, :1], bool)], 1)
@@ -261,7 +258,7 @@ def test_completion_step_accumulates_and_evaluates_over_counted_tokens(setup):
 
     out = ts.make_eval_step(s_cfg)(sp, {k: jnp.asarray(v) for k, v in b.items()})
     ids, seg, lm = b["input_ids"], b["segment_ids"], b["loss_mask"]
-    logp = _log_softmax64(models.forward(s_cfg, sp, ids, segment_ids=seg).logits)
+    logp = np_log_softmax(models.forward(s_cfg, sp, ids, segment_ids=seg).logits)
     nxt = np.concatenate([ids[:, 1:], np.zeros_like(ids[:, :1])], 1)
     same = np.concatenate([(seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0),
                            np.zeros_like(seg[:, :1], bool)], 1)
@@ -410,13 +407,20 @@ def test_token_cache_versions(tmp_path, tok):
     assert "token_mask" in np.load(chat_file[0]).files
 
 
-def test_num_proc_gives_the_same_ids_and_masks(tok):
-    """dataset.num_proc: datasets.map over 2 processes tokenizes exactly as one."""
+def _encode_with(tok, num_proc):
     shape = data.RowShape("chat", "messages")
-    one = data.encode(chat_rows(8), tok, shape, "completion")
-    two = data.encode(chat_rows(8), tok, shape, "completion", num_proc=2)
-    for a, b in zip(one, two):
-        assert [x.tolist() for x in a] == [x.tolist() for x in b]
+    return [[x.tolist() for x in a] for a in data.encode(chat_rows(8), tok, shape, "completion",
+                                                         num_proc=num_proc)]
+
+
+def test_num_proc_gives_the_same_ids_and_masks(tok):
+    """dataset.num_proc: datasets.map over 2 processes tokenizes exactly as one. In a fresh
+    (spawned) interpreter: datasets forks its workers, and forking this test process, whose XLA
+    threads run, once left a worker blocked on a lock (a hung suite)."""
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        two = pool.submit(_encode_with, tok, 2).result(timeout=600)
+    assert two == _encode_with(tok, None)
 
 
 def test_default_config_trains_on_every_row(tmp_path):
@@ -526,6 +530,32 @@ def test_chat_config_trains_on_local_conversations(tmp_path, tok):
     assert manifest["teacher_eval"]["heldout"]["ppl"] == pytest.approx(held_out["ppl"], rel=1e-5)
     cached = train(c, tmp_path / "run_cached")
     assert cached["step"] == 2 and math.isfinite(cached["loss"])
+    _export_and_evaluate_from_the_command_line(tmp_path, tmp_path / "run")
+
+
+def _export_and_evaluate_from_the_command_line(tmp_path, workdir):
+    """The chat run's export keeps the teacher tokenizer's chat template, and the evaluation
+    command runs an lm-eval task on the teacher and that export, side by side."""
+    import transformers
+
+    from distil_jax import evaluate, export
+    from tests.test_evaluate import LL, QUESTIONS, TASK
+
+    out = tmp_path / "student"
+    assert export.main(["--workdir", str(workdir), "--out", str(out)]) == 0
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template and tok.apply_chat_template(CONVERSATIONS[0], tokenize=False)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "qa.jsonl").write_text("".join(json.dumps(dict(question=q, choices=c, answer=a)) + "\n"
+                                            for q, c, a in QUESTIONS))
+    (tasks / "qa.yaml").write_text(TASK.format(name="chat_qa", data=tasks / "qa.jsonl") + LL)
+    argv = ["--workdir", str(workdir), "--student", str(out), "--tasks", "chat_qa",
+            "--include-path", str(tasks), "--batch-size", "4"]
+    assert evaluate.main(argv) == 0
+    rows = json.loads((workdir / evaluate.RESULTS_FILE).read_text())["rows"]
+    assert {r["metric"] for r in rows} >= {"perplexity"}
+    assert all(math.isfinite(r["teacher"]) and math.isfinite(r["student"]) for r in rows)
 
 
 def test_a_run_from_before_loss_on_resumes_unchanged():

@@ -13,6 +13,7 @@ import torch
 import transformers
 
 from distil_jax import evaluate as evaluate_lib
+from tests import tiny_setup
 from tests.test_export import _tiny_config
 
 os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")  # the hub is never reached
@@ -57,12 +58,7 @@ def tasks_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A real tiny distillation run (the demo teacher, 30 steps) and its export."""
-    from distil_jax import train
-    from distil_jax.export import export
-
-    workdir = tmp_path_factory.mktemp("run")
-    train.train(_tiny_config(), workdir)
-    return workdir, export(workdir, tmp_path_factory.mktemp("exports") / "student")
+    return tiny_setup.run_and_export(tmp_path_factory, _tiny_config())
 
 
 @pytest.fixture(scope="module")

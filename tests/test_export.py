@@ -2,11 +2,9 @@
 a card with the run's figures, and the hub push against a local HTTP stand-in for the hub."""
 
 import base64
-import importlib.util
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,10 +15,10 @@ import transformers
 from safetensors import safe_open
 
 from distil_jax import checkpoint, export as export_lib, hf
+from tests import tiny_setup as T
 from distil_jax.export import PushError, export, main, push_to_hub
 from distil_jax import models
 
-ROOT = Path(__file__).resolve().parents[1]
 F32_TOL = 1e-5  # max abs logit difference, float32 export vs the JAX student
 # bfloat16 export: the weights are the float32 ones rounded to nearest bfloat16 (checked exactly);
 # loaded in float32, its logits equal the JAX student's with those rounded weights to F32_TOL.
@@ -33,10 +31,7 @@ TEXT = ["Return the number of items in a container.", "def f(x):\n    return x +
 
 
 def _tiny_config():
-    spec = importlib.util.spec_from_file_location("tiny_config", ROOT / "configs" / "tiny.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("test")
+    c = T.tiny_run_config()
     c.demo_teacher.vocab_size = 500  # not a multiple of 128: the models store 512 rows
     return c
 

@@ -1,8 +1,6 @@
 """generate() against transformers' generate on tiny random models (GPT-2, Llama with grouped-
 query attention, Qwen3) with left-padded prompts of mixed lengths; EOS; sampling; the command."""
 
-import importlib.util
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -14,9 +12,8 @@ from transformers.generation.logits_process import (
 
 from distil_jax import hf
 from distil_jax.generate import generate, main
-from tests import hf_utils, llama_utils
+from tests import hf_utils, llama_utils, tiny_setup
 
-ROOT = Path(__file__).resolve().parents[1]
 NEW = 12  # new tokens per row
 # Left padding: rows of 9, 4, 7 and 1 real tokens in a prompt of 9.
 LENGTHS = (9, 4, 7, 1)
@@ -151,24 +148,10 @@ def test_too_long_is_a_one_line_error(model):
 PROMPTS = ["Return the number of", "def f(x):\n    return"]
 
 
-def _tiny_config():
-    spec = importlib.util.spec_from_file_location("tiny_config", ROOT / "configs" / "tiny.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    config = mod.get_config("test")
-    config.train.max_steps = 10
-    return config
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A seconds-long distillation run (demo teacher, 10 steps) and its export."""
-    from distil_jax import train
-    from distil_jax.export import export
-
-    workdir = tmp_path_factory.mktemp("run")
-    train.train(_tiny_config(), workdir)
-    return workdir, export(workdir, tmp_path_factory.mktemp("exports") / "student")
+    return tiny_setup.run_and_export(tmp_path_factory, tiny_setup.tiny_run_config(max_steps=10))
 
 
 def _command(capsys, *argv):

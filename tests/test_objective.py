@@ -21,6 +21,7 @@ from distil_jax.models.gpt2 import GPT2Config
 from distil_jax.objectives import objective as objective_lib
 from distil_jax.objectives.objective import Objective
 from tests import tiny_setup as T
+from tests.np_reference import np_log_softmax
 
 LOSS_TOL = 1e-5
 PACK_TOL = 1e-6
@@ -33,15 +34,9 @@ def setup():
     return tc, tp, s_cfg, sp, trainable
 
 
-def _log_softmax64(x):
-    x = np.asarray(x, np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
 def _kl64(s_logits, t_logits):
     """Per-position KL(teacher || student) in float64: [..., V] -> [...]."""
-    ls, lt = _log_softmax64(s_logits), _log_softmax64(t_logits)
+    ls, lt = np_log_softmax(s_logits), np_log_softmax(t_logits)
     return (np.exp(lt) * (lt - ls)).sum(-1)
 
 

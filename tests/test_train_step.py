@@ -449,3 +449,25 @@ def test_lion_optimizer_runs(teacher):
 def test_unknown_optimizer_is_an_error():
     with pytest.raises(ValueError, match="sgd.*adamw.*lion"):
         ts.make_optimizer(dict(optimizer="sgd", learning_rate=1e-3), 10, {"w": True})
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen3"])
+def test_kernels_cast_before_the_model_change_nothing(family, monkeypatch):
+    """compute_kernels moves the student's kernel casts ahead of the model (so FSDP gathers
+    bfloat16): the bfloat16 loss and every gradient stay bitwise what the models' own casts give."""
+    if family == "gpt2":
+        tc, tp = T.teacher()
+        s_cfg, sp, _ = T.student(tc, tp)
+    else:
+        tc, tp = T.llama_teacher()
+        s_cfg, sp, _ = T.student(tc, tp, overrides={"num_hidden_layers": 2})
+    obj = T.objective(s_cfg, tc)
+    params = {"student": sp, "objective": obj.init_params(jax.random.PRNGKey(0), s_cfg, tc, T.SEQ)}
+    batch = _jnp(T.batch(T.ROWS_4))
+    sc = ts.StepConfig(tc, s_cfg, obj, dtype=jnp.bfloat16)
+    kernels = ts.compute_kernels(sp, jnp.bfloat16)  # kernels bf16; embeddings and norms float32
+    assert {x.dtype for x in jax.tree_util.tree_leaves(kernels)} == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}
+    cast = jax.jit(jax.value_and_grad(lambda p: ts.distill_loss(sc, p, tp, batch, None)[0]))(params)
+    monkeypatch.setattr(ts, "compute_kernels", lambda p, dtype: p)
+    inside = jax.jit(jax.value_and_grad(lambda p: ts.distill_loss(sc, p, tp, batch, None)[0]))(params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, T.to_numpy(cast), T.to_numpy(inside))

@@ -1,6 +1,9 @@
 """Tiny, deterministic teacher / student / objective / batches shared by the objective, student
 and train-step tests (4-layer teacher, width 32, vocab 101, sequences of 16)."""
 
+import importlib.util
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,3 +116,26 @@ def to_numpy(tree):
 def max_abs_diff(a, b):
     return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
                for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def tiny_run_config(max_steps=None):
+    """configs/tiny.py:test, the seconds-long run on the demo teacher (optionally cut to
+    max_steps)."""
+    path = Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
+    spec = importlib.util.spec_from_file_location("tiny_config", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config = mod.get_config("test")
+    if max_steps is not None:
+        config.train.max_steps = max_steps
+    return config
+
+
+def run_and_export(tmp_path_factory, config):
+    """(workdir, export folder) of a real training run of `config`."""
+    from distil_jax import train
+    from distil_jax.export import export
+
+    workdir = tmp_path_factory.mktemp("run")
+    train.train(config, workdir)
+    return workdir, export(workdir, tmp_path_factory.mktemp("exports") / "student")

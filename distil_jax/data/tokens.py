@@ -96,9 +96,13 @@ def tokenize(texts: Sequence[str], tokenizer: Any, batch_size: int = 1000,
 
 
 def default_num_proc(rows: int) -> int | None:
-    """Processes for tokenizing ``rows`` rows: one (None) below 10,000 rows, where starting
-    processes costs more than it saves; else up to 8, one per CPU."""
-    return None if rows < 10_000 else max(1, min(8, os.cpu_count() or 1))
+    """Processes for tokenizing ``rows`` rows when the config says None: one (None), always.
+    datasets forks its workers, and forking a process whose XLA threads already run can leave a
+    worker blocked on a lock some thread held at the fork (seen here: a hung test); the fast
+    tokenizers already encode a batch on every core. ``dataset.num_proc`` > 1 is the user's
+    explicit choice."""
+    del rows
+    return None
 
 
 def _mapped(ds, fn, batch_size: int, num_proc: int | None, desc: str,
