@@ -42,14 +42,15 @@ def _lm_eval():
 
 
 def run_tasks(model_path: str | Path, tasks: Sequence[str], task_manager, *, limit: Optional[float] = None,
-              batch_size: int = 8, num_fewshot: Optional[int] = None, device: str = "cpu") -> dict:
+              batch_size: int = 8, num_fewshot: Optional[int] = None, device: str = "cpu",
+              bootstrap_iters: int = 100_000) -> dict:
     """lm-eval's results dict for one HF model folder (or hub id): {"results": {task: {"acc,none":
     ...}}, "higher_is_better": ..., "n-shot": ..., "configs": ...}. Same seeds for every model."""
     lm_eval, _ = _lm_eval()
     return lm_eval.simple_evaluate(
         model="hf", model_args={"pretrained": str(model_path), "device": device}, tasks=list(tasks),
         task_manager=task_manager, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot,
-        log_samples=False)
+        log_samples=False, bootstrap_iters=bootstrap_iters)
 
 
 def _metrics(task_results: dict) -> dict[str, tuple[float, Optional[float]]]:
@@ -132,7 +133,7 @@ def _check_tasks(tasks: Sequence[str], task_manager) -> None:
 
 def evaluate(workdir: str | Path, student: str | Path, tasks: Sequence[str], *, teacher: Optional[str] = None,
              include_path: Optional[str] = None, limit: Optional[float] = None, batch_size: int = 8,
-             num_fewshot: Optional[int] = None, device: str = "cpu") -> dict:
+             num_fewshot: Optional[int] = None, device: str = "cpu", bootstrap_iters: int = 100_000) -> dict:
     """Run `tasks` on the teacher and the exported `student`; write and return WORKDIR/RESULTS_FILE:
     {"rows": side_by_side(...), "teacher": {"model"}, "student": {"model", "step"}, "tasks",
     "limit", "num_fewshot", "lm_eval_version"}.
@@ -144,7 +145,8 @@ def evaluate(workdir: str | Path, student: str | Path, tasks: Sequence[str], *, 
     teacher, step = _teacher(workdir, student, teacher)
     manager = TaskManager(include_path=include_path)  # indexes every task YAML: seconds
     _check_tasks(tasks, manager)
-    kw = dict(limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, device=device)
+    kw = dict(limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, device=device,
+              bootstrap_iters=bootstrap_iters)
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its INFO lines drown ours
     log.info("lm-eval %s on the teacher %s", ",".join(tasks), teacher)
     t_res = run_tasks(teacher, tasks, manager, **kw)
@@ -173,6 +175,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8, help="default 8")
     p.add_argument("--num-fewshot", "--num_fewshot", dest="num_fewshot", type=int, default=None,
                    help="few-shot examples (default: each task's own)")
+    p.add_argument("--bootstrap-iters", "--bootstrap_iters", dest="bootstrap_iters", type=int, default=100_000,
+                   help="lm-eval's bootstrap resamples for the stderrs it cannot compute in closed form "
+                        "(default 100000; 0: none, no worker processes)")
     p.add_argument("--device", default="cpu", help="torch device for both models (default cpu; e.g. cuda)")
     return cli.command(p, list(sys.argv[1:] if argv is None else argv), _main)
 
@@ -182,7 +187,8 @@ def _main(args, _config=None) -> int:
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     try:
         record = evaluate(args.workdir, args.student, tasks, teacher=args.teacher, include_path=args.include_path,
-                          limit=limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot, device=args.device)
+                          limit=limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot, device=args.device,
+                          bootstrap_iters=args.bootstrap_iters)
     except KeyboardInterrupt:
         print(f"\ninterrupted: {Path(args.workdir) / RESULTS_FILE} is unchanged", file=sys.stderr)
         return 130

@@ -551,7 +551,7 @@ def _export_and_evaluate_from_the_command_line(tmp_path, workdir):
                                             for q, c, a in QUESTIONS))
     (tasks / "qa.yaml").write_text(TASK.format(name="chat_qa", data=tasks / "qa.jsonl") + LL)
     argv = ["--workdir", str(workdir), "--student", str(out), "--tasks", "chat_qa",
-            "--include-path", str(tasks), "--batch-size", "4"]
+            "--include-path", str(tasks), "--batch-size", "4", "--bootstrap-iters", "0"]
     assert evaluate.main(argv) == 0
     rows = json.loads((workdir / evaluate.RESULTS_FILE).read_text())["rows"]
     assert {r["metric"] for r in rows} >= {"perplexity"}

@@ -65,7 +65,8 @@ def run(tmp_path_factory):
 def evaluated(run, tasks_dir):
     workdir, out = run
     argv = ["--workdir", str(workdir), "--student", str(out), "--tasks", "docstring_mc,docstring_ll",
-            "--include-path", str(tasks_dir), "--batch-size", "4"]
+            "--include-path", str(tasks_dir), "--batch-size", "4",
+            "--bootstrap-iters", "0"]  # no forked bootstrap pool inside a JAX-threaded test process
     assert evaluate_lib.main(argv) == 0
     return json.loads((workdir / evaluate_lib.RESULTS_FILE).read_text())
 
