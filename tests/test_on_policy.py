@@ -8,11 +8,9 @@ as tests/test_objective.py); the resumed run: bitwise (CPU).
 """
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -116,7 +114,7 @@ def test_prompts_come_from_the_completion_mask_or_the_first_tokens():
 
 
 def test_completion_rows_count_exactly_the_completion_up_to_eos():
-    W, N, S = 4, 5, 12
+    S = 12  # rows of 12 from prompts of 4 and 5 new tokens
     prompt_mask = np.array([[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1], [0, 0, 0, 1]], np.int32)
     tokens = np.array([[9, 9, 21, 22, 31, 32, EOS, EOS, EOS],  # EOS after 2 tokens, then fill
                        [1, 2, 3, 4, 41, 42, 43, 44, 45],  # no EOS: all N tokens
@@ -247,19 +245,11 @@ def test_on_policy_run_trains_resumes_after_sigkill_and_exports(on_policy_run, t
     ev = result["eval"]["heldout"]
     assert ev["student_end"]["ppl"] < ev["student_start"]["ppl"]
 
-    killed = tmp_path / "killed"
-    killed.mkdir()
-    for name in ("teacher", "data", "cache"):
-        shutil.copytree(src / name, killed / name)
+    killed = T.seed_workdir(src, tmp_path / "killed")
     cmd = [sys.executable, "-m", "distil_jax.train", "--config", TINY + ":test", "--workdir",
            str(killed), *ON_POLICY_FLAGS]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "2").exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() < deadline
-        time.sleep(0.02)
+    proc = T.start_until_checkpoint(cmd, killed, 2, ROOT)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=300)
     at_kill = checkpoint.available_steps(killed)

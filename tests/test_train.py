@@ -20,6 +20,7 @@ from distil_jax.train import main, train
 from distil_jax.workdir import WorkdirBusy
 from distil_jax.training import builders, evaluation, metrics
 from distil_jax.training.metrics import MetricsWriter
+from tests import tiny_setup as T
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -45,12 +46,7 @@ def trained(tmp_path_factory):
     return workdir, result
 
 
-def _seed_workdir(src: Path, dst: Path) -> Path:
-    """A fresh workdir that reuses the (deterministic) demo teacher and corpus of `src`."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in ("teacher", "data", "cache"):
-        shutil.copytree(src / name, dst / name)
-    return dst
+_seed_workdir = T.seed_workdir
 
 
 @pytest.mark.slow
@@ -102,12 +98,7 @@ def test_stop_and_resume_equals_uninterrupted(trained, tmp_path, sig):
     killed = _seed_workdir(src, tmp_path / "killed")
     cmd = [sys.executable, "-m", "distil_jax.train", "--config", TINY + ":test", "--workdir", str(killed)]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "10").exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() < deadline
-        time.sleep(0.02)
+    proc = T.start_until_checkpoint(cmd, killed, 10, ROOT)
     proc.send_signal(sig)
     err = proc.communicate(timeout=300)[1].decode()
     steps_at_kill = checkpoint.available_steps(killed)

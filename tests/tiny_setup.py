@@ -2,6 +2,10 @@
 and train-step tests (4-layer teacher, width 32, vocab 101, sequences of 16)."""
 
 import importlib.util
+import os
+import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import jax
@@ -139,3 +143,24 @@ def run_and_export(tmp_path_factory, config):
     workdir = tmp_path_factory.mktemp("run")
     train.train(config, workdir)
     return workdir, export(workdir, tmp_path_factory.mktemp("exports") / "student")
+
+
+def seed_workdir(src: Path, dst: Path) -> Path:
+    """A fresh workdir that reuses the (deterministic) demo teacher and corpus of `src`."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("teacher", "data", "cache"):
+        shutil.copytree(src / name, dst / name)
+    return dst
+
+
+def start_until_checkpoint(cmd, workdir: Path, step: int, cwd) -> subprocess.Popen:
+    """Start the training command `cmd` (on the CPU) and return it, still running, once the
+    checkpoint of `step` exists in `workdir` (its stderr kept for the caller)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (workdir / "checkpoints" / str(step)).exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    return proc
