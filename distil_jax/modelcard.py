@@ -6,8 +6,6 @@ section say it could not be rendered: never an exception. The best perplexity is
 bolds the highest).
 """
 
-from __future__ import annotations
-
 import json
 import logging
 import math
@@ -24,7 +22,9 @@ _SECRET_KEY = re.compile(r"(^|[_.-])(token|secret|password|api_key|apikey|creden
 _LICENSE_KEYS = ("license", "license_name", "license_link")  # license "other" names the license
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 _LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow"}  # datasets' loaders, not hub repos
-LM_EVAL = ("lm-evaluation-harness", "https://github.com/EleutherAI/lm-evaluation-harness")
+_SHAPE = (("layers", "num_layers"), ("width", "width"), ("query heads", "num_heads"),
+          ("key/value heads", "num_kv_heads"), ("MLP width", "mlp_width"), ("vocabulary", "vocab_size"),
+          ("positions", "max_positions"), ("tied LM head", "tie_word_embeddings"))
 
 
 def _get(d: Any, *keys: str, default: Any = None) -> Any:
@@ -37,37 +37,45 @@ def _get(d: Any, *keys: str, default: Any = None) -> Any:
 
 
 def _num(x: Any) -> Optional[float]:
+    """x as a float; None for None, bools and what float() refuses (jinja's Undefined included)."""
     try:
         return None if isinstance(x, bool) or x is None else float(x)
-    except Exception:  # not a number, or jinja's Undefined
+    except Exception:
         return None
 
 
-def _int(n: Any) -> str:
-    v = _num(n)
-    return NOT_RECORDED if v is None else f"{int(v):,}" if v == int(v) else f"{v:,}"
-
-
-def _ppl(x: Any) -> str:
-    v = _num(x)
-    return "—" if v is None else str(v) if not math.isfinite(v) else f"{v:,.2f}" if abs(v) >= 10 else f"{v:.4f}"
-
-
-def _cell(key: str, v: Any) -> str:
-    """A record in a table: sizes (`*_bytes`) in bytes and MiB, numbers with thousands separators."""
+def _cell(v: Any, key: str = "") -> str:
+    """A record as text: whole numbers with thousands separators, others to 6 digits, sizes (`*_bytes`)
+    in bytes and MiB, text as is, the rest as JSON; NOT_RECORDED when missing or empty."""
     n = _num(v)
-    return _value(v) if n is None else f"{int(n):,} bytes ({n / 2 ** 20:,.1f} MiB)" if str(key).endswith("_bytes") \
-        else f"{n:.6g}" if isinstance(v, float) and not v.is_integer() else _int(n)
+    if n is None:
+        return NOT_RECORDED if v is None or v == "" else v if isinstance(v, str) else json.dumps(v, default=str)
+    if key.endswith("_bytes"):
+        return f"{int(n):,} bytes ({n / 2 ** 20:,.1f} MiB)"
+    return f"{int(n):,}" if math.isfinite(n) and n == int(n) else f"{n:.6g}"
 
 
-def _value(v: Any) -> str:
-    """A record as compact text (JSON where possible); NOT_RECORDED when missing or empty."""
-    return NOT_RECORDED if v is None or v == "" else v if isinstance(v, str) else json.dumps(v, default=str)
+def _count(v: Any) -> str:
+    """A count with thousands separators; NOT_RECORDED when it is not a number."""
+    return NOT_RECORDED if _num(v) is None else _cell(v)
 
 
 def _table(rows, header) -> str:
+    """A markdown table; a cell's `|` and newlines escaped."""
     esc = lambda x: str(x).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    return "\n".join(["| " + " | ".join(map(esc, r)) + " |" for r in [header, ["---"] * len(header), *rows]])
+    return "\n".join("| " + " | ".join(map(esc, r)) + " |" for r in [header, ["---"] * len(header), *rows])
+
+
+def _flat(d: Mapping) -> list[tuple[str, Any]]:
+    """[("a.b.c", leaf)] of a nested dict, in insertion order; an empty dict is a leaf ({})."""
+    return [(f"{k}.{kk}" if kk else str(k), vv) for k, v in d.items()
+            for kk, vv in (_flat(v) if isinstance(v, Mapping) and v else [("", v)])]
+
+
+def _records(x: Any, *header: str) -> Optional[str]:
+    """A table of a nested record (resources, dataset, final_metrics), "—" for a value not set."""
+    rows = [(k, "—" if v is None else _cell(v, k)) for k, v in _flat(x)] if isinstance(x, Mapping) else []
+    return _table(rows, header or ["", "value (—: not measured or not set)"]) if rows else None
 
 
 def _redact(d: Any) -> Any:
@@ -78,10 +86,16 @@ def _redact(d: Any) -> Any:
     return [_redact(v) for v in d] if isinstance(d, (list, tuple)) else d
 
 
-def _flat(d: Mapping) -> list[tuple[str, Any]]:
-    """[("a.b.c", leaf)] of a nested dict, in insertion order; an empty dict is a leaf ({})."""
-    return [(f"{k}.{kk}" if kk else str(k), vv) for k, v in d.items()
-            for kk, vv in (_flat(v) if isinstance(v, Mapping) and v else [("", v)])]
+def _hparams(config: Mapping) -> Optional[str]:
+    """Every value of the run's config, secrets hidden: text as is, the rest as JSON."""
+    rows = [(k, v if isinstance(v, str) and v else json.dumps(v, default=str)) for k, v in _flat(_redact(config))]
+    return _table(rows, ["config key", "value"]) if rows else None
+
+
+def _versions(v: Any) -> str:
+    """"package version, ..." with distil_jax first; "" when none are recorded."""
+    items = sorted(v.items(), key=lambda kv: kv[0] != "distil_jax") if isinstance(v, Mapping) else []
+    return ", ".join(f"{k} {x}" for k, x in items)
 
 
 def _is_hub_id(s: Any) -> bool:
@@ -93,6 +107,13 @@ def _is_hub_id(s: Any) -> bool:
 def teacher_of(summary: Mapping, config: Mapping) -> Optional[str]:
     """The teacher's hub id or folder, as the run recorded it."""
     return _get(summary, "teacher", "name_or_path") or _get(config, "teacher", "model_name_or_path")
+
+
+def _license(d: Any) -> dict:
+    """The license keys a record states (a license id, or a mapping with `license`); {} for none."""
+    d = {"license": d} if isinstance(d, str) else d if isinstance(d, Mapping) else {}
+    lic = {k: d[k] for k in _LICENSE_KEYS if isinstance(d.get(k), str) and d[k]}
+    return lic if "license" in lic else {}
 
 
 def teacher_license(name_or_path: Any) -> Optional[dict]:
@@ -107,17 +128,13 @@ def teacher_license(name_or_path: Any) -> Optional[dict]:
     for fname in ("README.md", "config.json"):
         try:
             # hf_hub_download: the hub cache only under HF_HUB_OFFLINE, else the hub (raises if absent)
-            path = Path(name_or_path) / fname if local else huggingface_hub.hf_hub_download(name_or_path, fname)
-            if not os.path.isfile(path):
-                continue
-            data = (huggingface_hub.ModelCard.load(path, ignore_metadata_errors=True).data.to_dict()
+            path = Path(name_or_path, fname) if local else huggingface_hub.hf_hub_download(name_or_path, fname)
+            data = (huggingface_hub.ModelCard.load(Path(path), ignore_metadata_errors=True).data.to_dict()
                     if fname == "README.md" else json.loads(Path(path).read_text()))
         except Exception as e:  # offline, no such file, a malformed card: no license
             log.info("no license from the teacher's %s (%s: %s)", fname, type(e).__name__, e)
             continue
-        lic = {k: v for k, v in data.items() if k in _LICENSE_KEYS and isinstance(v, str) and v} \
-            if isinstance(data, dict) else {}
-        if lic.get("license"):
+        if lic := _license(data):
             return lic
     return None
 
@@ -142,13 +159,14 @@ def _eval_results(summary: Mapping, config: Mapping, export: Mapping, downstream
     same = step is not None and _num(_get(downstream, "student", "step")) == step
     rows = _get(downstream, "rows") if same else None
     for r in rows if isinstance(rows, list) else ():
-        v, ds = _num(_get(r, "student")), _get(r, "dataset")
+        v, ds, shots = _num(_get(r, "student")), _get(r, "dataset"), _get(r, "num_fewshot")
         if v is not None and math.isfinite(v) and _get(r, "task") and _get(r, "metric"):
             hub = _is_hub_id(ds) and ds not in _LOCAL_BUILDERS
             out.append(EvalResult(
                 task_type="text-generation", dataset_type=ds if hub else r["task"], dataset_name=r["task"],
-                metric_type=r["metric"], metric_value=v, source_name=LM_EVAL[0], source_url=LM_EVAL[1],
-                metric_name=None if r.get("num_fewshot") is None else f"{r['metric']} ({r['num_fewshot']}-shot)"))
+                metric_type=r["metric"], metric_value=v, source_name="lm-evaluation-harness",
+                source_url="https://github.com/EleutherAI/lm-evaluation-harness",
+                metric_name=None if shots is None else f"{r['metric']} ({shots}-shot)"))
     return out
 
 
@@ -158,8 +176,6 @@ def _card_data(summary: Mapping, config: Mapping, export: Mapping, downstream: M
     only where the run's config (`license`) or the teacher's own card states one."""
     from huggingface_hub import ModelCardData
 
-    lic = _get(config, "license") or _get(export, "teacher_license") or {}
-    lic = {"license": lic} if isinstance(lic, str) else lic if isinstance(lic, Mapping) else {}
     teacher, uri = teacher_of(summary, config), _get(summary, "dataset", "uri") or _get(config, "dataset", "uri")
     model_type = _get(summary, "student", "config", "model_type") or _get(export, "student_config", "model_type")
     results = _eval_results(summary, config, export, downstream)
@@ -168,25 +184,15 @@ def _card_data(summary: Mapping, config: Mapping, export: Mapping, downstream: M
         datasets=[uri] if _is_hub_id(uri) else None, pipeline_tag="text-generation",
         tags=["distillation", "distil_jax", str(model_type or "gpt2")],
         model_name=(model_name or "distil_jax student") if results else None, eval_results=results or None,
-        **{k: v for k, v in lic.items() if k in _LICENSE_KEYS and isinstance(v, str)})
+        **(_license(_get(config, "license")) or _license(_get(export, "teacher_license"))))
 
 
 # ----------------------------------------------------------------------------- sections
-# Each builds one section's content from the records `r`; one that raises (a malformed record)
-# makes its section say so instead.
+# The summary and the record tables are the template's; these two build the rest from the records
+# `r`. One that raises (a malformed record) makes its section say so instead.
 
 
-def _model(hf_config: Any):
-    """(transformers class, distil_jax config) of an HF config dict as the run recorded it, or None."""
-    if not isinstance(hf_config, Mapping) or not hf_config:
-        return None
-    from distil_jax import models
-
-    cfg = models.config_from_hf({"model_type": "gpt2", **hf_config})  # the first releases' records lack it
-    return models.family(cfg).HF_ARCHITECTURES[cfg.model_type], cfg
-
-
-def _objective_line(obj: Any) -> Optional[str]:
+def _objective(obj: Any) -> Optional[str]:
     """'logits: kl × 1; attn: raw_mse × 5 (layer-2, ...)' from the objective config."""
     obj, parts = obj if isinstance(obj, Mapping) else {}, []
     for name in ("logits", "hs", "attn"):
@@ -201,50 +207,55 @@ def _objective_line(obj: Any) -> Optional[str]:
     return "; ".join(parts) or None
 
 
-_SHAPE = (("layers", "num_layers"), ("width", "width"), ("query heads", "num_heads"),
-          ("key/value heads", "num_kv_heads"), ("MLP width", "mlp_width"), ("vocabulary", "vocab_size"),
-          ("positions", "max_positions"), ("tied LM head", "tie_word_embeddings"))
+def _model(hf_config: Any) -> list:
+    """[transformers class, *the _SHAPE properties] of an HF config dict as the run recorded it, or
+    Nones when there is none."""
+    if not isinstance(hf_config, Mapping) or not hf_config:
+        return [None] * (1 + len(_SHAPE))
+    from distil_jax import models
+
+    cfg = models.config_from_hf({"model_type": "gpt2", **hf_config})  # the first releases' records lack it
+    return [models.family(cfg).HF_ARCHITECTURES[cfg.model_type], *(getattr(cfg, a) for _, a in _SHAPE)]
 
 
 def _architecture(r) -> Optional[str]:
     """Teacher and student side by side (the models' generic config properties), with the ratio."""
     t, s = _model(_get(r.summary, "teacher", "config")), _model(r.s_hf)
     t_params = _get(r.summary, "teacher", "params")
-    if t is None and s is None and t_params is None and r.s_params is None:
+    if t[0] is None and s[0] is None and t_params is None and r.s_params is None:
         return None
-    cell = lambda v: _int(v) if _num(v) is not None else _value(v)  # noqa: E731
-    rows = [("class", t and t[0], s and s[0]), ("parameters", t_params, r.s_params),
-            *((k, t and getattr(t[1], a), s and getattr(s[1], a)) for k, a in _SHAPE),
-            ("weights dtype", _get(r.config, "teacher", "dtype"), _get(r.export, "dtype"))]
-    rows = [(k, cell(a), cell(b), f"{_num(b) / _num(a):.3f}" if _num(a) and _num(b) is not None else "")
-            for k, a, b in rows]
-    rows += [("size of the weights (this export)", "", _cell("_bytes", _get(r.export, "weight_bytes")), ""),
-             ("training compute dtype (train.dtype)", "", cell(_get(r.config, "train", "dtype")), "")]
+    names = ["class", "parameters", *(k for k, _ in _SHAPE), "weights dtype"]
+    t[1:1], s[1:1] = [t_params], [r.s_params]
+    t.append(_get(r.config, "teacher", "dtype"))
+    s.append(_get(r.export, "dtype"))
+    rows = [(k, _cell(a), _cell(b), f"{_num(b) / _num(a):.3f}" if _num(a) and _num(b) is not None else "")
+            for k, a, b in zip(names, t, s)]
+    rows += [("size of the weights (this export)", "", _cell(_get(r.export, "weight_bytes"), "_bytes"), ""),
+             ("training compute dtype (train.dtype)", "", _cell(_get(r.config, "train", "dtype")), "")]
     return _table(rows, ["", "teacher", "student", "student / teacher"])
 
 
 def _ppl_table(ev: Mapping, names: list, rows: list, metric: str) -> str:
     """One row per model, one column per evaluator; each column's lowest (best) figure bold."""
+    fmt = lambda v: "—" if v is None else f"{v:,.2f}" if abs(v) >= 10 else f"{v:.4f}"  # noqa: E731
     cols = []
     for n in names:
         vals = [_num(_get(ev[n], k, metric)) for k, _ in rows]
         best = min((v for v in vals if v is not None and math.isfinite(v)), default=None)
-        cols.append([f"**{_ppl(v)}**" if v is not None and v == best else _ppl(v) for v in vals])
-    return _table([[label] + [c[i] for c in cols] for i, (_, label) in enumerate(rows)], ["model"] + names)
+        cols.append([f"**{fmt(v)}**" if v is not None and v == best else fmt(v) for v in vals])
+    return _table([(label, *cells) for (_, label), *cells in zip(rows, *cols)], ["model", *names])
 
 
 def _evaluation(r) -> dict:
-    """The perplexity tables (the run's and Distily's figure), what they measured, the downstream
-    table and the last training metrics."""
+    """The perplexity tables (the run's and Distily's figure), what they measured, the downstream table."""
     ev = _get(r.summary, "evaluation")
     names = [n for n, e in ev.items() if isinstance(e, Mapping)] if isinstance(ev, Mapping) else []
-    keys = list(dict.fromkeys(k for n in names for k, v in ev[n].items() if isinstance(v, Mapping)))
+    keys = dict.fromkeys(k for n in names for k, v in ev[n].items() if isinstance(v, Mapping))
     step = next((s for n in names if (s := _get(ev[n], "student_end", "step")) is not None),
                 _get(r.summary, "steps"))
-    who = _get(r.summary, "teacher", "name_or_path")
-    labels = {"teacher": f"teacher ({who})" if who else "teacher",
+    labels = {"teacher": f"teacher ({r.teacher_name})" if r.teacher_name else "teacher",
               "student_start": "student, before training (step 0)",
-              "student_end": "student, end of training" + (f" (step {_int(step)})" if step is not None else "")}
+              "student_end": "student, end of training" + (f" (step {_count(step)})" if step is not None else "")}
     rank = {"teacher": "0", "student_start": "1", "student_end": "3"}  # others: between, by name
     rows = [(k, labels.get(k, k.replace("_", " "))) for k in sorted(keys, key=lambda k: rank.get(k, "2" + k))]
     measured = []
@@ -252,41 +263,16 @@ def _evaluation(r) -> dict:
         spec = _get(r.config, "eval", "evaluators", n, default={})
         source = ", ".join(f"`{spec[k]}`" for k in ("uri", "subset", "split") if _get(spec, k)) or (
             "the run's held-out test split (never trained on)" if n == "heldout" else "source " + NOT_RECORDED)
-        counts = {(_get(ev[n], k, "documents"), _get(ev[n], k, "tokens")) for k, _ in rows} - {(None, None)}
-        counts = "; ".join(f"{_int(d)} documents, {_int(t)} predicted tokens" for d, t in sorted(counts, key=str))
+        counts = {(_get(ev[n], k, "documents"), _get(ev[n], k, "tokens")) for k in keys} - {(None, None)}
+        counts = "; ".join(f"{_count(d)} documents, {_count(t)} predicted tokens" for d, t in sorted(counts, key=str))
         measured.append(f"`{n}`: {source}; {counts or 'counts ' + NOT_RECORDED}")
-    distily = any(_num(_get(ev[n], k, "distily_ppl")) is not None for n in names for k, _ in rows)
-    fm, down = _get(r.summary, "final_metrics"), _get(r.downstream, "rows")
+    distily = any(_num(_get(ev[n], k, "distily_ppl")) is not None for n in names for k in keys)
+    down = _get(r.downstream, "rows")
     from distil_jax.evaluate import markdown
 
     return dict(measured=measured, ppl=names and _ppl_table(ev, names, rows, "ppl"),
                 distily=distily and _ppl_table(ev, names, rows, "distily_ppl"),
-                metrics=isinstance(fm, Mapping) and fm and _table([(k, _cell(k, v)) for k, v in _flat(fm)],
-                                                                  ["metric", "value"]),
-                downstream=isinstance(down, list) and markdown([x for x in down if isinstance(x, Mapping)]),
-                down_step=_get(r.downstream, "student", "step"))
-
-
-def _records(r, key: str) -> Optional[str]:
-    """A key / value table of the run summary's `key` record (resources, dataset), or None."""
-    x = _get(r.summary, key)
-    rows = [(k, "—" if v is None else _cell(k, v)) for k, v in _flat(x)] if isinstance(x, Mapping) else []
-    return rows and _table(rows, ["", "value (—: not measured or not set)"])
-
-
-def _versions(v: Any) -> list:
-    """[(package, version)], distil_jax first."""
-    return sorted(v.items(), key=lambda kv: kv[0] != "distil_jax") if isinstance(v, Mapping) else []
-
-
-def _config(r) -> dict:
-    rows = [(k, v if isinstance(v, str) and v else json.dumps(v, default=str)) for k, v in _flat(_redact(r.config))]
-    return dict(trained=_versions(_get(r.summary, "versions")), exported=_versions(_get(r.export, "versions")),
-                hparams=rows and _table(rows, ["config key", "value"]))
-
-
-_SECTIONS = {"arch": _architecture, "ev": _evaluation, "cfg": _config,
-             "res": lambda r: _records(r, "resources"), "ds": lambda r: _records(r, "dataset")}
+                downstream=isinstance(down, list) and markdown([x for x in down if isinstance(x, Mapping)]))
 
 
 def model_card(summary: Mapping | None, config: Mapping | None, *, export: Mapping | None = None,
@@ -299,25 +285,26 @@ def model_card(summary: Mapping | None, config: Mapping | None, *, export: Mappi
 
     summary, config, export, downstream = (d if isinstance(d, Mapping) else {}
                                            for d in (summary, config, export, downstream))
-    s_hf = _get(summary, "student", "config") or _get(export, "student_config")
-    r = SimpleNamespace(summary=summary, config=config, export=export, downstream=downstream, s_hf=s_hf,
+    r = SimpleNamespace(summary=summary, config=config, export=export, downstream=downstream,
+                        s_hf=_get(summary, "student", "config") or _get(export, "student_config"),
                         s_params=_get(summary, "student", "params", default=_get(export, "params")),
-                        teacher=teacher_of(summary, config), objective=_objective_line(_get(config, "objective")))
+                        teacher=teacher_of(summary, config), teacher_name=_get(summary, "teacher", "name_or_path"),
+                        objective=_objective(_get(config, "objective")))
     try:
         data = _card_data(summary, config, export, downstream, model_name)
     except Exception as e:  # never fail the export on the card
         log.warning("model card metadata: %s: %s", type(e).__name__, e)
         data = ModelCardData(library_name="transformers", tags=["distillation", "distil_jax"])
-    ctx = {}
-    for name, fn in _SECTIONS.items():
+    sections = {}
+    for name, fn in (("arch", _architecture), ("ev", _evaluation)):
         try:
-            ctx[name] = fn(r)
+            sections[name] = fn(r)
         except Exception as e:  # a malformed record: that section says so
             log.warning("model card section %s: %s: %s", name, type(e).__name__, e)
-            ctx[name] = {"error": "This section could not be rendered from the run's records "
-                                  f"({type(e).__name__})."}
+            sections[name] = {"error": "This section could not be rendered from the run's records "
+                                       f"({type(e).__name__})."}
     env = jinja2.Environment(loader=jinja2.PackageLoader("distil_jax", "templates"), trim_blocks=True,
                              lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.ChainableUndefined)
-    env.filters.update(count=_int, ppl=_ppl, value=_value)
+    env.filters.update(count=_count, records=_records, hparams=_hparams, versions=_versions)
     return env.get_template("model_card.md.jinja").render(
-        card_data=data.to_yaml(), r=r, model_name=model_name, name_repr=repr(model_name), NR=NOT_RECORDED, **ctx)
+        card_data=data.to_yaml(), r=r, model_name=model_name, name_repr=repr(model_name), NR=NOT_RECORDED, **sections)
