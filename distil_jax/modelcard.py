@@ -129,8 +129,7 @@ def teacher_license(name_or_path: Any) -> Optional[dict]:
         try:
             # hf_hub_download: the hub cache only under HF_HUB_OFFLINE, else the hub (raises if absent)
             path = Path(name_or_path, fname) if local else huggingface_hub.hf_hub_download(name_or_path, fname)
-            data = (huggingface_hub.ModelCard.load(Path(path), ignore_metadata_errors=True).data.to_dict()
-                    if fname == "README.md" else json.loads(Path(path).read_text()))
+            data = huggingface_hub.metadata_load(path) if fname == "README.md" else json.loads(Path(path).read_text())
         except Exception as e:  # offline, no such file, a malformed card: no license
             log.info("no license from the teacher's %s (%s: %s)", fname, type(e).__name__, e)
             continue
@@ -207,29 +206,29 @@ def _objective(obj: Any) -> Optional[str]:
     return "; ".join(parts) or None
 
 
-def _model(hf_config: Any) -> list:
-    """[transformers class, *the _SHAPE properties] of an HF config dict as the run recorded it, or
-    Nones when there is none."""
-    if not isinstance(hf_config, Mapping) or not hf_config:
-        return [None] * (1 + len(_SHAPE))
-    from distil_jax import models
+def _model(hf_config: Any, params: Any, dtype: Any) -> dict:
+    """One model's column of the architecture table, {row: value}: its class and the models' generic
+    config properties from its HF config dict as the run recorded it (none without one)."""
+    col = {"parameters": params, "weights dtype": dtype}
+    if isinstance(hf_config, Mapping) and hf_config:
+        from distil_jax import models
 
-    cfg = models.config_from_hf({"model_type": "gpt2", **hf_config})  # the first releases' records lack it
-    return [models.family(cfg).HF_ARCHITECTURES[cfg.model_type], *(getattr(cfg, a) for _, a in _SHAPE)]
+        cfg = models.config_from_hf({"model_type": "gpt2", **hf_config})  # the first releases' records lack it
+        col["class"] = models.family(cfg).HF_ARCHITECTURES[cfg.model_type]
+        col.update((k, getattr(cfg, a)) for k, a in _SHAPE)
+    return col
 
 
 def _architecture(r) -> Optional[str]:
-    """Teacher and student side by side (the models' generic config properties), with the ratio."""
-    t, s = _model(_get(r.summary, "teacher", "config")), _model(r.s_hf)
-    t_params = _get(r.summary, "teacher", "params")
-    if t[0] is None and s[0] is None and t_params is None and r.s_params is None:
+    """Teacher and student side by side, with the ratio."""
+    t = _model(_get(r.summary, "teacher", "config"), _get(r.summary, "teacher", "params"),
+               _get(r.config, "teacher", "dtype"))
+    s = _model(r.s_hf, r.s_params, _get(r.export, "dtype"))
+    if "class" not in t and "class" not in s and t["parameters"] is None and s["parameters"] is None:
         return None
-    names = ["class", "parameters", *(k for k, _ in _SHAPE), "weights dtype"]
-    t[1:1], s[1:1] = [t_params], [r.s_params]
-    t.append(_get(r.config, "teacher", "dtype"))
-    s.append(_get(r.export, "dtype"))
+    rows = [(k, t.get(k), s.get(k)) for k in ("class", "parameters", *dict(_SHAPE), "weights dtype")]
     rows = [(k, _cell(a), _cell(b), f"{_num(b) / _num(a):.3f}" if _num(a) and _num(b) is not None else "")
-            for k, a, b in zip(names, t, s)]
+            for k, a, b in rows]
     rows += [("size of the weights (this export)", "", _cell(_get(r.export, "weight_bytes"), "_bytes"), ""),
              ("training compute dtype (train.dtype)", "", _cell(_get(r.config, "train", "dtype")), "")]
     return _table(rows, ["", "teacher", "student", "student / teacher"])
@@ -253,7 +252,8 @@ def _evaluation(r) -> dict:
     keys = dict.fromkeys(k for n in names for k, v in ev[n].items() if isinstance(v, Mapping))
     step = next((s for n in names if (s := _get(ev[n], "student_end", "step")) is not None),
                 _get(r.summary, "steps"))
-    labels = {"teacher": f"teacher ({r.teacher_name})" if r.teacher_name else "teacher",
+    who = _get(r.summary, "teacher", "name_or_path")
+    labels = {"teacher": f"teacher ({who})" if who else "teacher",
               "student_start": "student, before training (step 0)",
               "student_end": "student, end of training" + (f" (step {_count(step)})" if step is not None else "")}
     rank = {"teacher": "0", "student_start": "1", "student_end": "3"}  # others: between, by name
@@ -288,8 +288,7 @@ def model_card(summary: Mapping | None, config: Mapping | None, *, export: Mappi
     r = SimpleNamespace(summary=summary, config=config, export=export, downstream=downstream,
                         s_hf=_get(summary, "student", "config") or _get(export, "student_config"),
                         s_params=_get(summary, "student", "params", default=_get(export, "params")),
-                        teacher=teacher_of(summary, config), teacher_name=_get(summary, "teacher", "name_or_path"),
-                        objective=_objective(_get(config, "objective")))
+                        teacher=teacher_of(summary, config), objective=_objective(_get(config, "objective")))
     try:
         data = _card_data(summary, config, export, downstream, model_name)
     except Exception as e:  # never fail the export on the card
