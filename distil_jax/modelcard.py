@@ -129,7 +129,8 @@ def teacher_license(name_or_path: Any) -> Optional[dict]:
         try:
             # hf_hub_download: the hub cache only under HF_HUB_OFFLINE, else the hub (raises if absent)
             path = Path(name_or_path, fname) if local else huggingface_hub.hf_hub_download(name_or_path, fname)
-            data = huggingface_hub.metadata_load(path) if fname == "README.md" else json.loads(Path(path).read_text())
+            data = (huggingface_hub.metadata_load(path) if fname == "README.md"
+                    else json.loads(Path(path).read_text()))
         except Exception as e:  # offline, no such file, a malformed card: no license
             log.info("no license from the teacher's %s (%s: %s)", fname, type(e).__name__, e)
             continue
@@ -264,7 +265,8 @@ def _evaluation(r) -> dict:
         source = ", ".join(f"`{spec[k]}`" for k in ("uri", "subset", "split") if _get(spec, k)) or (
             "the run's held-out test split (never trained on)" if n == "heldout" else "source " + NOT_RECORDED)
         counts = {(_get(ev[n], k, "documents"), _get(ev[n], k, "tokens")) for k in keys} - {(None, None)}
-        counts = "; ".join(f"{_count(d)} documents, {_count(t)} predicted tokens" for d, t in sorted(counts, key=str))
+        counts = "; ".join(f"{_count(d)} documents, {_count(t)} predicted tokens"
+                           for d, t in sorted(counts, key=str))
         measured.append(f"`{n}`: {source}; {counts or 'counts ' + NOT_RECORDED}")
     distily = any(_num(_get(ev[n], k, "distily_ppl")) is not None for n in names for k in keys)
     down = _get(r.downstream, "rows")
@@ -305,5 +307,5 @@ def model_card(summary: Mapping | None, config: Mapping | None, *, export: Mappi
     env = jinja2.Environment(loader=jinja2.PackageLoader("distil_jax", "templates"), trim_blocks=True,
                              lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.ChainableUndefined)
     env.filters.update(count=_count, records=_records, hparams=_hparams, versions=_versions)
-    return env.get_template("model_card.md.jinja").render(
-        card_data=data.to_yaml(), r=r, model_name=model_name, name_repr=repr(model_name), NR=NOT_RECORDED, **sections)
+    return env.get_template("model_card.md.jinja").render(card_data=data.to_yaml(), r=r, model_name=model_name,
+                                                          name_repr=repr(model_name), NR=NOT_RECORDED, **sections)
