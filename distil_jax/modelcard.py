@@ -6,6 +6,8 @@ section say it could not be rendered: never an exception. The best perplexity is
 bolds the highest).
 """
 
+from __future__ import annotations
+
 import json
 import logging
 import math
@@ -188,8 +190,8 @@ def _card_data(summary: Mapping, config: Mapping, export: Mapping, downstream: M
 
 
 # ----------------------------------------------------------------------------- sections
-# The summary and the record tables are the template's; these two build the rest from the records
-# `r`. One that raises (a malformed record) makes its section say so instead.
+# The summary and the record tables (filters above) are the template's; _architecture and _evaluation
+# build the rest from the records `r`, and one that raises (a malformed record) says so instead.
 
 
 def _objective(obj: Any) -> Optional[str]:
