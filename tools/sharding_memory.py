@@ -17,6 +17,14 @@ RoPE theta 500000 with the llama3 scaling of its HF config) and a Llama-3.2-1B-s
 (16 layers, 2048 wide, 32 query and 8 key/value heads, MLP 8192, tied embeddings), with the
 objective of configs/smollm2.py (the project's Llama-family config).
 
+XLA's CPU compiler schedules for thread concurrency by default
+(`--xla_cpu_enable_concurrency_optimized_scheduler`, "trading off extra memory pressure": it
+extends the live ranges of temporaries so independent operations run on separate threads). That
+is a CPU throughput choice, not what the step needs: the tool compiles with the memory-minimizing
+scheduler unless `--cpu-scheduler concurrency` asks for XLA's default (docs/scaling.md has both).
+`--logits-chunk-tokens N` sets the objective's `logits_chunk_tokens` (default: the objective's
+own setting, whose automatic rule looks at this machine's RAM, not at an accelerator's memory).
+
 For each mesh it prints: the bytes one device holds of the student's parameters + Adam state
 (from the shardings), of the teacher, XLA's argument and temporary bytes per device, the ratio of
 the sharded state to the replicated one (every byte on each device, as data=8 holds it), and the
@@ -81,8 +89,11 @@ def pair(teacher: str):
     return tc, models.config_from_hf(student) if "model_type" in student else tc.replace(**student)
 
 
-def objective(teacher: str, sc, tc):
-    """The pair's bound objective: its config file's, else the reference run's."""
+def objective(teacher: str, sc, tc, logits_chunk_tokens=None):
+    """The pair's bound objective: its config file's, else the reference run's;
+    logits_chunk_tokens (not None) replaces its `logits_chunk_tokens`."""
+    import dataclasses
+
     from distil_jax.objectives.objective import Objective
 
     if teacher in OBJECTIVE_CONFIGS:
@@ -90,14 +101,18 @@ def objective(teacher: str, sc, tc):
         from distil_jax.training.builders import build_objective
 
         section = config_lib.load(str(OBJECTIVE_CONFIGS[teacher])).objective.to_dict()
-        return build_objective(section, sc, tc)
-    return Objective.from_config(dict(
-        logits=dict(weight=1.0, loss_fn="kl"),
-        attn=dict(weight=5.0, loss_fn="raw_mse", layer_mapper="layer-2",
-                  norm="layernorm_teacher_only_affine", projector="orthogonal"))).bind(sc, tc)
+        obj = build_objective(section, sc, tc)
+    else:
+        obj = Objective.from_config(dict(
+            logits=dict(weight=1.0, loss_fn="kl"),
+            attn=dict(weight=5.0, loss_fn="raw_mse", layer_mapper="layer-2",
+                      norm="layernorm_teacher_only_affine", projector="orthogonal"))).bind(sc, tc)
+    if logits_chunk_tokens is not None:
+        obj = dataclasses.replace(obj, logits_chunk_tokens=logits_chunk_tokens)
+    return obj
 
 
-def measure(teacher: str, batch: int, seq: int, meshes) -> dict:
+def measure(teacher: str, batch: int, seq: int, meshes, logits_chunk_tokens=None) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -107,7 +122,7 @@ def measure(teacher: str, batch: int, seq: int, meshes) -> dict:
     tc, sc = pair(teacher)
     t_shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16),
                                       models.param_shapes(tc))
-    obj = objective(teacher, sc, tc)
+    obj = objective(teacher, sc, tc, logits_chunk_tokens)
     params = jax.eval_shape(lambda k: {"student": models.init_params(sc, k),
                                        "objective": obj.init_params(k, sc, tc, seq)},
                             jax.random.PRNGKey(0))
@@ -173,6 +188,16 @@ def table(out: dict) -> str:
     return "\n".join(lines) + "\n(MiB per device)"
 
 
+def _set_cpu_scheduler(kind: str) -> None:
+    """Adds the scheduler flag to XLA_FLAGS. XLA reads them once, when jax starts its CPU
+    backend, so this runs before `measure` imports jax."""
+    import os
+
+    flag = "--xla_cpu_enable_concurrency_optimized_scheduler="
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(flag)]
+    os.environ["XLA_FLAGS"] = " ".join(flags + [flag + str(kind == "concurrency").lower()])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", default="gpt2", choices=sorted(TEACHERS))
@@ -181,9 +206,16 @@ def main(argv=None) -> int:
     p.add_argument("--meshes", default=",".join(m for m in MESHES if m != "one device"),
                    help=f"comma-separated names of MESHES: {', '.join(MESHES)}")
     p.add_argument("--json", default=None)
+    p.add_argument("--logits-chunk-tokens", type=int, default=None,
+                   help="the objective's logits_chunk_tokens (0: never chunk; default: its own)")
+    p.add_argument("--cpu-scheduler", choices=("memory", "concurrency"), default="memory",
+                   help="XLA:CPU's schedule: memory-minimizing (default here) or XLA's "
+                        "default, which extends live ranges for thread concurrency")
     a = p.parse_args(argv)
     meshes = {k: MESHES[k] for k in a.meshes.split(",")}
-    out = measure(a.teacher, a.batch, a.seq_len, meshes)
+    _set_cpu_scheduler(a.cpu_scheduler)
+    out = measure(a.teacher, a.batch, a.seq_len, meshes, a.logits_chunk_tokens)
+    out.update(cpu_scheduler=a.cpu_scheduler, logits_chunk_tokens=a.logits_chunk_tokens)
     print(table(out))
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2))
