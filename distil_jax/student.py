@@ -132,7 +132,9 @@ def student_config(teacher, cfg: Mapping):
         if cfg.get("model_name_or_path"):
             raise ValueError(
                 f"the pretrained student's vocab_size {config.vocab_size} differs from the "
-                f"teacher's {teacher.vocab_size}; distillation needs a shared vocabulary"
+                f"teacher's {teacher.vocab_size}: the logits losses compare them token by token; "
+                "use a student of the teacher's family and tokenizer, or "
+                "student.model_name_or_path='' for a random student with the teacher's vocabulary"
             )
         config = config.replace(vocab_size=teacher.vocab_size)
     return config

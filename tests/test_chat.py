@@ -519,6 +519,7 @@ def test_chat_config_trains_on_local_conversations(tmp_path, tok):
     assert len(steps) == 2 and all(0 < r["counted_tokens"] < r.get("tokens", 1e9) for r in steps)
     summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
     train_stats = summary["dataset"]["train"]
+    assert (summary["dataset"]["row_shape"], summary["dataset"]["loss_on"]) == ("chat", "completion")
     assert 0 < train_stats["counted_tokens"] < train_stats["real_tokens"]
 
     c.teacher.cache = str(tmp_path / "cache")

@@ -10,7 +10,7 @@ import torch
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
-from distil_jax import hf
+from distil_jax import hf, models
 from distil_jax.generate import generate, main
 from tests import hf_utils, llama_utils, tiny_setup
 
@@ -141,6 +141,17 @@ def test_too_long_is_a_one_line_error(model):
         generate(config, params, ids, mask, max_new_tokens=too_many)
     with pytest.raises(ValueError, match="needs an rng key"):
         generate(config, params, ids, mask, max_new_tokens=2, temperature=1.0)
+
+
+
+def test_a_cached_forward_without_positions_is_refused(model):
+    """With a cache the tokens sit after the cache's, so 0..S-1 would be wrong: refused."""
+    _, config, params = model
+    ids, mask = _prompts(config.vocab_size)
+    cache = models.init_cache(config, ids.shape[0], ids.shape[1] + 2)
+    with pytest.raises(ValueError, match="a forward with a key/value cache needs positions: pass "
+                                         r"positions \[B, S\]"):
+        models.forward(config, params, ids, mask, cache=cache)
 
 
 # ----------------------------------------------------------------------------- the command

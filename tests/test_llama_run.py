@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -23,6 +22,7 @@ import transformers
 
 from distil_jax import checkpoint, demo, export as export_lib, hf, models
 from distil_jax.demo import corpus
+from tests import tiny_setup as T
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5  # float32 max abs logit difference, export vs the JAX student
@@ -83,13 +83,7 @@ def test_llama_cli_kill_resume_export(inputs, tmp_path):
     assert "(llama): 4 layers" in done.stderr  # the log names the family
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cmd(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.time() + 600
-    while not (killed / "checkpoints" / "10").exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.time() < deadline
-        time.sleep(0.02)
+    proc = T.start_until_checkpoint(cmd(killed), killed, 10, ROOT, timeout=600)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert checkpoint.available_steps(killed)[-1] < 20

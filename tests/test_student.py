@@ -55,6 +55,10 @@ def test_vocab_is_forced_to_the_teachers(teacher, tmp_path):
     transformers.GPT2Config(n_layer=3, n_embd=24, n_head=4, vocab_size=50, n_positions=32).save_pretrained(tmp_path)
     s_cfg = student_lib.student_config(tc, {"config_name_or_path": str(tmp_path)})
     assert (s_cfg.n_layer, s_cfg.n_embd, s_cfg.n_head, s_cfg.n_positions, s_cfg.vocab_size) == (3, 24, 4, 32, T.VOCAB)
+    # A pretrained student keeps its embedding, so its vocabulary cannot be forced: refused.
+    with pytest.raises(ValueError, match="vocab_size 50 differs from the teacher's 101: .* or "
+                                         "student.model_name_or_path='' for a random student"):
+        student_lib.student_config(tc, {"model_name_or_path": str(tmp_path)})
 
 
 def test_student_from_config_path(teacher, tmp_path):

@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -317,14 +316,6 @@ def tiny_config(**overrides):
     return c
 
 
-def _seed_workdir(src: Path, dst: Path) -> Path:
-    """A fresh workdir that reuses the (deterministic) demo teacher, corpus and token cache."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in ("teacher", "data", "cache"):
-        shutil.copytree(src / name, dst / name)
-    return dst
-
-
 def _files(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -408,7 +399,7 @@ def test_recorded_tail_samples(recorded, tmp_path):
     from distil_jax.train import train
 
     src, _ = recorded
-    workdir = _seed_workdir(src, tmp_path / "w")
+    workdir = T.seed_workdir(src, tmp_path / "w")
     caches = []
     for bs in (8, 4):
         cfg = tiny_config(**{"teacher.cache_tail_samples": 5, "teacher.cache": str(workdir / f"c{bs}")})
@@ -433,7 +424,7 @@ def test_recorded_tail_samples(recorded, tmp_path):
     with pytest.raises(tc.CacheMismatch, match="read at the k it was recorded with"):
         tc.TeacherCache.open(caches[0], run, rows, k=8)
 
-    out = _seed_workdir(src, tmp_path / "run")
+    out = T.seed_workdir(src, tmp_path / "run")
     res = train(tiny_config(**{"teacher.cache": str(caches[0]), "train.max_steps": 4}), out)
     assert res["step"] == 4
     summary = json.loads((out / "run_summary.json").read_text())
@@ -452,7 +443,7 @@ def test_recorder_resumes_after_sigkill_with_identical_bytes(recorded, tmp_path)
     from distil_jax.record_teacher import record
 
     src, _ = recorded
-    workdir = _seed_workdir(src, tmp_path / "w")
+    workdir = T.seed_workdir(src, tmp_path / "w")
     whole, killed = workdir / "whole", workdir / "killed"
     record(tiny_config(**{"teacher.cache": str(whole)}), workdir, shard_rows=64)
 
@@ -461,12 +452,7 @@ def test_recorder_resumes_after_sigkill_with_identical_bytes(recorded, tmp_path)
            "--config.objective.attn.weight=0", "--config.teacher.cache_k=16",
            "--config.train.max_steps=20", f"--config.teacher.cache={killed}"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while len(list((killed / "data").glob("train-*.arrow"))) < 2:
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() < deadline
-        time.sleep(0.01)
+    proc = T.start_until(cmd, lambda: len(list((killed / "data").glob("train-*.arrow"))) >= 2, ROOT)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_before = sorted((killed / "data").glob("train-*.arrow"))
@@ -496,7 +482,7 @@ def trained_from_cache(recorded, tmp_path_factory):
     from distil_jax.train import train
 
     src, _ = recorded
-    workdir = _seed_workdir(src, tmp_path_factory.mktemp("from_cache"))
+    workdir = T.seed_workdir(src, tmp_path_factory.mktemp("from_cache"))
     cfg = tiny_config(**{"teacher.cache": str(src / "teacher_cache")})
     return workdir, train(cfg, workdir)
 
@@ -520,7 +506,7 @@ def test_train_from_cache_resumes_exactly_and_exports(recorded, trained_from_cac
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert "loss/logits" in {k for rec in lines for k in rec}
 
-    resumed = _seed_workdir(src, tmp_path / "resumed")
+    resumed = T.seed_workdir(src, tmp_path / "resumed")
     shutil.copytree(workdir / "checkpoints" / "10", resumed / "checkpoints" / "10")
     shutil.copy(workdir / "config.json", resumed / "config.json")  # the run's record: a resume needs it
     again = train(tiny_config(**{"teacher.cache": str(src / "teacher_cache")}), resumed)
@@ -540,7 +526,7 @@ def _expect_refusal(recorded, tmp_path, match, cache=None, **overrides):
     from distil_jax.train import train
 
     src, _ = recorded
-    workdir = _seed_workdir(src, tmp_path / "w")
+    workdir = T.seed_workdir(src, tmp_path / "w")
     cfg = tiny_config(**{"teacher.cache": str(cache or src / "teacher_cache"), **overrides})
     with pytest.raises(ValueError, match=match):
         train(cfg, workdir)
@@ -668,7 +654,7 @@ def test_recording_finishes_in_a_moved_workdir(recorded, tmp_path, caplog):
     from distil_jax.record_teacher import record
 
     src, m = recorded
-    before = _seed_workdir(src, tmp_path / "before")
+    before = T.seed_workdir(src, tmp_path / "before")
     shutil.copytree(src / "teacher_cache", before / "teacher_cache")
     _set_manifest(before / "teacher_cache", complete=False)  # as a killed recording leaves it
     _shard(before / "teacher_cache", 1).unlink()

@@ -70,6 +70,7 @@ def test_end_to_end_writes_records_and_distills(trained):
     summary = json.loads((workdir / "run_summary.json").read_text())
     assert summary["student"]["n_layer"] == 1 and summary["teacher"]["n_layer"] == 2
     assert summary["dataset"]["train"]["real_tokens"] > 0
+    assert (summary["dataset"]["row_shape"], summary["dataset"]["loss_on"]) == ("text", "all")
     assert summary["resources"]["train_tokens"] > 0
     assert (workdir / "tokenizer" / "tokenizer.json").exists()
     assert (workdir / "student" / "config.json").exists()

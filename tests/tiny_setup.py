@@ -153,14 +153,20 @@ def seed_workdir(src: Path, dst: Path) -> Path:
     return dst
 
 
-def start_until_checkpoint(cmd, workdir: Path, step: int, cwd) -> subprocess.Popen:
-    """Start the training command `cmd` (on the CPU) and return it, still running, once the
-    checkpoint of `step` exists in `workdir` (its stderr kept for the caller)."""
+def start_until(cmd, ready, cwd, timeout: float = 300) -> subprocess.Popen:
+    """Start the command `cmd` (on the CPU) and return it, still running, once `ready()` is
+    true (its stderr kept for the caller; a crash or `timeout` seconds fail the test)."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=dict(os.environ, JAX_PLATFORMS="cpu"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while not (workdir / "checkpoints" / str(step)).exists():
+    deadline = time.time() + timeout
+    while not ready():
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         assert time.time() < deadline
-        time.sleep(0.02)
+        time.sleep(0.01)
     return proc
+
+
+def start_until_checkpoint(cmd, workdir: Path, step: int, cwd, timeout: float = 300) -> subprocess.Popen:
+    """Start the training command `cmd` (on the CPU) and return it, still running, once the
+    checkpoint of `step` exists in `workdir` (its stderr kept for the caller)."""
+    return start_until(cmd, (workdir / "checkpoints" / str(step)).exists, cwd, timeout)

@@ -244,10 +244,14 @@ def attention_mask_4d(
 
 
 def default_positions(input_ids: Array, segment_ids: Optional[Array],
-                      positions: Optional[Array]) -> Array:
-    """[B, S] position ids: `positions` if given, else restarting per segment, else 0..S-1."""
+                      positions: Optional[Array], cache: Optional[KVCache] = None) -> Array:
+    """[B, S] position ids: `positions` if given, else restarting per segment, else 0..S-1.
+    With a `cache` they must be given: the S tokens sit after the cache's, not at 0..S-1."""
     if positions is not None:
         return positions
+    if cache is not None:
+        raise ValueError("a forward with a key/value cache needs positions: pass positions [B, S], "
+                         "each token's position in its sequence (generate.prompt_positions)")
     if segment_ids is not None:
         return segment_positions(segment_ids)
     B, S = input_ids.shape

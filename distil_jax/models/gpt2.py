@@ -387,7 +387,7 @@ def forward(
             f"sequence length {length} exceeds the model's n_positions={config.n_positions}; "
             f"truncate inputs to at most {config.n_positions} tokens"
         )
-    positions = default_positions(input_ids, segment_ids, positions)
+    positions = default_positions(input_ids, segment_ids, positions, cache)
     if cache is None:
         mask = attention_mask_4d(B, S, attention_mask, segment_ids)
     else:

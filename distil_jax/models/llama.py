@@ -738,7 +738,7 @@ def forward(
                          f"use sequences of at most {window} tokens")
     if not deterministic and dropout_rng is None:
         raise ValueError("forward(deterministic=False) needs a dropout_rng")
-    positions = default_positions(input_ids, segment_ids, positions)
+    positions = default_positions(input_ids, segment_ids, positions, cache)
     if cache is None:
         mask = attention_mask_4d(B, S, attention_mask, segment_ids)
     else:

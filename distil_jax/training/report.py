@@ -34,6 +34,8 @@ def summary(run, evaluations: Mapping, totals: Mapping, last: dict) -> dict:
                     "config": hf.config_to_hf(run.student_cfg).to_dict()},
         "dataset": {k: ds[k] for k in ("uri", "subset", "split", "column")}
         | {"layout": ds.layout, "seq_len": run.seq_len,
+           # What the loss was computed on: every token, or the assistant turns / completion.
+           "row_shape": run.data_stats["row_shape"], "loss_on": run.data_stats["loss_on"],
            "train": run.data_stats["train"], "test": run.data_stats["test"]},
         "evaluation": {k: {kk: vv for kk, vv in v.items() if kk != "history"}
                        for k, v in evaluations.items()},
