@@ -142,7 +142,7 @@ def stack_layers(config, tree: Mapping) -> dict:
 def _fused(params: dict, fused: Mapping, merge: bool) -> dict:
     """`params` with each `fused` leaf (path -> n) reshaped: stored [..., n, m] -> HF's
     [..., n * m] (merge), or back (the row-major order of the values is the same)."""
-    flat = traverse_util.flatten_dict(params)
+    flat = traverse_util.flatten_dict(params, keep_empty_nodes=True)
     for path, n in fused.items():
         if path in flat:
             x = flat[path]
