@@ -69,7 +69,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, like_state) -> tuple[Any, di
 
     target = state_to_dict(like_state)
     meta = mngr.item_metadata(step)["state"]
-    refuse_unrolled_layers(getattr(meta, "tree", meta)["params"], step, mngr.directory)
+    refuse_old_layouts(getattr(meta, "tree", meta)["params"], step, mngr.directory)
     # The one shape check of the model interface: the checkpoint's leaves against this config's.
     problems = models.shape_problems(target["params"], getattr(meta, "tree", meta)["params"])
     if problems:
@@ -115,7 +115,7 @@ def restore_params(workdir: str | os.PathLike, step: Optional[int] = None) -> tu
     # Gathered whole onto this process's first device, whatever mesh wrote it: a checkpoint
     # saved sharded over 8 devices exports from a 1-device process.
     meta = mngr.item_metadata(step)["state"]
-    refuse_unrolled_layers(getattr(meta, "tree", meta)["params"], step, mngr.directory)
+    refuse_old_layouts(getattr(meta, "tree", meta)["params"], step, mngr.directory)
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree_util.tree_map(
         lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=one),
@@ -124,10 +124,15 @@ def restore_params(workdir: str | os.PathLike, step: Optional[int] = None) -> tu
     return step, jax.device_get(out["state"]["params"])
 
 
-def refuse_unrolled_layers(params: Mapping, step: int, directory) -> None:
-    """A ValueError (one line, naming the fix) for a checkpoint whose student has one subtree
-    per block (`h/0/...`, `model/layers/0/...`): written before the blocks' parameters were
-    stacked on a layer axis (`distil_jax.models.stack`), so its tree fits no model today."""
+def refuse_old_layouts(params: Mapping, step: int, directory) -> None:
+    """A ValueError (one line, naming the fix) for a checkpoint whose student is in a layout an
+    older distil_jax wrote, which fits no model today: one subtree per block (`h/0/...`,
+    `model/layers/0/...`: before the blocks' parameters were stacked on a layer axis,
+    `distil_jax.models.stack`), or a leaf with another number of dimensions than its family
+    stores now (GPT-2's fused c_attn [L, D, 3D] before it was stored [L, D, 3, D],
+    `models.stale_layout`)."""
+    from distil_jax import models
+
     def first_numbered(tree, path=()):
         for k, v in tree.items():
             if str(k).isdigit():
@@ -136,10 +141,15 @@ def refuse_unrolled_layers(params: Mapping, step: int, directory) -> None:
                 return found
         return None
 
-    found = first_numbered(params.get("student", {}))
+    fix = "export it with the distil_jax version that wrote it, or start a new --workdir"
+    student = params.get("student", {})
+    found = first_numbered(student)
     if found:
         raise ValueError(
             f"checkpoint step {step} in {directory} has unrolled layers ({'/'.join(found)}/...) "
             "written by an older distil_jax (before the blocks' parameters were stacked on a "
-            "layer axis); export it with the distil_jax version that wrote it, or start a new "
-            "--workdir")
+            f"layer axis); {fix}")
+    stale = models.stale_layout(student)
+    if stale:
+        raise ValueError(f"checkpoint step {step} in {directory} stores the student's {stale}: a "
+                         f"layout written by an older distil_jax; {fix}")

@@ -23,10 +23,11 @@ mesh size), so it splits over tensor while `embed` splits over fsdp: 1/(fsdp x t
 embedding per device, and the head's logits and their softmax are split over the vocabulary
 (Megatron's vocabulary-parallel head; XLA inserts the reductions). A tensor size that does not
 divide the padded vocabulary (3, 6, ...) leaves it unsplit rather than refusing the mesh.
-Why the fused GPT-2 qkv kernel's output is not split over tensor: its columns are laid out
-[q | k | v] (each H x Dh), so a contiguous split over tensor would give one device all the
-query heads and another all the values; it is split over fsdp along embed like the rest, and
-XLA slices the local heads out of it for the tensor-parallel attention.
+GPT-2's fused attention kernel: HF's c_attn columns are laid out [q | k | v] (each H x Dh), so
+a contiguous split of them over tensor would give one device all the query heads and another
+all the values. The model therefore stores it [D, 3, D] (the family's `HF_FUSED`; HF's [D, 3D]
+on import and export), and its last dimension is `heads`: each device holds the q, k and v
+columns of its own heads, as with Llama's separate projections.
 """
 
 from __future__ import annotations
@@ -56,7 +57,6 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("kv_heads", "tensor"),  # key/value heads x head_dim (grouped-query attention)
     ("mlp", "tensor"),       # MLP hidden columns
     ("vocab", "tensor"),     # the padded vocabulary, see the module docstring
-    ("qkv", None),           # GPT-2's fused [q | k | v] columns, see the module docstring
     ("positions", None),     # learned position embeddings' rows
     ("norm", None),          # norm scales and biases: tiny, replicated
     ("bias", None),          # biases added after a projection back to the width: tiny

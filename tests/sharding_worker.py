@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distil_jax import checkpoint, sharding
+from distil_jax import checkpoint, hf, sharding
 from distil_jax import train_step as ts
 from tests import tiny_setup as T
 
@@ -96,6 +96,25 @@ def _shard_counts(state, placement):
             "path": jax.tree_util.keystr(path)}
 
 
+def _c_attn_heads(sc, state, mesh):
+    """Whether each device's shard of GPT-2's c_attn kernel [L, D, 3, D] holds, for each of q, k
+    and v, HF's columns (`transformer.h.N.attn.c_attn.weight` [D, 3D], [q | k | v]) of the heads
+    at its tensor coordinate, over its fsdp rows; and the shard's shape."""
+    L, D, tensor = sc.n_layer, sc.n_embd, mesh.shape["tensor"]
+    kernel = state.params["student"]["h"]["attn"]["c_attn"]["kernel"]
+    hf_state = hf.params_to_hf_state_dict(sc, T.to_numpy(state.params["student"]))
+    weight = np.stack([np.asarray(hf_state[f"transformer.h.{i}.attn.c_attn.weight"]) for i in range(L)])
+    coords = {d: idx for idx, d in np.ndenumerate(mesh.devices)}  # device -> (data, fsdp, tensor)
+    w = D // tensor  # the columns of one device's heads in each of q, k, v
+    ok = True
+    for shard in kernel.addressable_shards:
+        t, rows = coords[shard.device][2], shard.index[1]
+        want = np.stack([weight[:, rows, j * D + t * w: j * D + (t + 1) * w] for j in range(3)], axis=2)
+        got = np.asarray(shard.data)
+        ok = ok and got.shape == want.shape and np.array_equal(got, want)
+    return {"own_heads": bool(ok), "shard_shape": list(kernel.addressable_shards[0].data.shape)}
+
+
 def equivalence(family):
     tc, tp, sc, obj, params, tx, sched = _pair(family)
     ref, ref_losses, _ = _run(tc, tp, sc, obj, params, tx, sched, None, None)
@@ -116,6 +135,8 @@ def equivalence(family):
             "teacher_bytes": sharding.bytes_per_device(tp, placement.teacher),
             "state_bytes": sharding.bytes_per_device(state, placement.state),
         }
+        if family == "gpt2" and spec["tensor"] > 1:
+            out[name]["c_attn"] = _c_attn_heads(sc, state, placement.mesh)
     out["capacities"] = _run.capacities
     out["teacher_bytes_1"] = sum(x.nbytes for x in jax.tree_util.tree_leaves(tp))
     out["state_bytes_1"] = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(ref))

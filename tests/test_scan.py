@@ -164,10 +164,11 @@ def test_freezing_one_layer_of_a_stacked_leaf():
     assert not student_lib.trains(False) and student_lib.trains(np.array([False, True]))
 
 
-def test_a_checkpoint_with_unrolled_layers_is_refused_in_one_line(tmp_path):
+def test_a_checkpoint_in_an_old_layout_is_refused_in_one_line(tmp_path):
     """A checkpoint in the layout before the scan (one subtree per block, `h/0/...`, as
-    `unstack_layers` writes it) is refused on resume (`restore`) and on export (`restore_params`)
-    with one line naming the fix, before orbax sees the mismatched tree."""
+    `unstack_layers` writes it), or with GPT-2's c_attn fused as before [L, D, 3D], is refused on
+    resume (`restore`) and on export (`restore_params`) with one line naming the fix, before
+    orbax sees the mismatched tree."""
     from distil_jax import checkpoint
 
     tc, tp = T.teacher()
@@ -184,6 +185,20 @@ def test_a_checkpoint_with_unrolled_layers_is_refused_in_one_line(tmp_path):
     for call in (lambda: checkpoint.restore(mngr, 0, state(sp)), lambda: checkpoint.restore_params(tmp_path)):
         with pytest.raises(ValueError, match=r"unrolled layers \(h/0/\.\.\.\) written by an older "
                                              r"distil_jax.*start a new --workdir") as e:
+            call()
+        assert "\n" not in str(e.value)
+    # GPT-2's fused c_attn as it was stored before its heads split over tensor, [L, D, 3D]
+    # (HF's column order, one dimension fewer), is refused the same way, naming the leaf.
+    attn = sp["h"]["attn"]
+    fused = {k: v.reshape(v.shape[:-2] + (-1,)) for k, v in attn["c_attn"].items()}
+    old = {**sp, "h": {**sp["h"], "attn": {**attn, "c_attn": fused}}}
+    mngr = checkpoint.manager(tmp_path / "fused")
+    checkpoint.save(mngr, state(old), {"epoch": 0, "position": 0})
+    for call in (lambda: checkpoint.restore(mngr, 0, state(sp)),
+                 lambda: checkpoint.restore_params(tmp_path / "fused")):
+        with pytest.raises(ValueError, match=r"h/attn/c_attn/(bias \(2, 96\)|kernel \(2, 32, 96\)), "
+                                             r"stored now with [34] dimensions .* written by an older distil_jax.*"
+                                             r"start a new --workdir") as e:
             call()
         assert "\n" not in str(e.value)
     # The stacked layout restores.

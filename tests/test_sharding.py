@@ -42,7 +42,7 @@ def test_meshes_equal_one_device(family):
     """Three steps at fsdp=8, data=2 x fsdp=4 and data=2 x fsdp=2 x tensor=2 (the last through
     the padding-aware bucketed step) end with the losses, parameters and Adam state of one
     device; the student's largest matrix really is split, and each device holds 1/8 of the
-    state at fsdp=8."""
+    state at fsdp=8; at tensor=2 GPT-2's fused c_attn is split by heads in each of q, k, v."""
     out = _worker("equivalence", family)
     assert out["n_devices"] == 8
     assert out["param_change"] > 1e-3
@@ -52,6 +52,11 @@ def test_meshes_equal_one_device(family):
         assert r["opt_rel_diff"] < SHARD_TOL, (name, r)
         assert r["loss_rel_diff"] < SHARD_TOL, (name, r)
         assert r["shards"]["param"] == shards, (name, r)
+    if family == "gpt2":
+        # At tensor=2 each device's c_attn shard is q, k and v of its own 2 of the 4 heads (HF's
+        # columns), over its fsdp half of the rows: [L, D / 2, 3, D / 2].
+        r = out["data2_fsdp2_tensor2"]["c_attn"]
+        assert r["own_heads"] and r["shard_shape"] == [2, 16, 3, 16], r
     # Padding-aware logits were on (a capacity below the 32 positions of each batch shard).
     assert out["capacities"] and all(c is not None and c < 32 for c in out["capacities"])
     # fsdp=8: everything but the norms, biases and step counters is split 8 ways. In these tiny
@@ -110,10 +115,12 @@ def test_every_gpt2_parameter_has_logical_axes():
     for cfg in (tc, tc.replace(tie_word_embeddings=False)):
         axes = models.logical_axes(cfg)
         assert axes[("h", "mlp", "c_fc", "kernel")] == ("layers", "embed", "mlp")
-        assert axes[("h", "attn", "c_attn", "kernel")] == ("layers", "embed", "qkv")
+        assert axes[("h", "attn", "c_attn", "kernel")] == ("layers", "embed", None, "heads")
+        assert axes[("h", "attn", "c_attn", "bias")] == ("layers", None, "heads")
     assert axes[("lm_head", "kernel")] == ("embed", "vocab")
     assert sharding.logical_spec(("embed", "mlp")) == P("fsdp", "tensor")
     assert sharding.logical_spec(("layers", "embed", "mlp")) == P(None, "fsdp", "tensor")
+    assert sharding.logical_spec(("layers", "embed", None, "heads")) == P(None, "fsdp", None, "tensor")
     assert sharding.logical_spec(("batch", None)) == P(("data", "fsdp"), None)
 
 

@@ -88,7 +88,10 @@ def test_student_from_pretrained_path_loads_weights(teacher, tmp_path):
                                                    "copy_teacher_modules": []}, RNG)
     assert s_cfg.n_layer == 2
     np.testing.assert_array_equal(sp["wte"]["embedding"][:T.VOCAB], sd["transformer.wte.weight"])
-    np.testing.assert_array_equal(_h(sp)["1"]["attn"]["c_attn"]["kernel"], sd["transformer.h.1.attn.c_attn.weight"])
+    # HF's per-layer view (the fused c_attn back to HF's [D, 3D]) holds HF's tensor.
+    hf_view = models.unstack_layers(s_cfg, sp)["h"]
+    np.testing.assert_array_equal(hf_view["1"]["attn"]["c_attn"]["kernel"], sd["transformer.h.1.attn.c_attn.weight"])
+    np.testing.assert_array_equal(hf_view["1"]["attn"]["c_attn"]["bias"], sd["transformer.h.1.attn.c_attn.bias"])
     np.testing.assert_array_equal(_h(sp)["0"]["ln_2"]["bias"], sd["transformer.h.0.ln_2.bias"])
     np.testing.assert_array_equal(sp["ln_f"]["scale"], sd["transformer.ln_f.weight"])
     # With the default copy_teacher_modules the embedding is the teacher's, the blocks stay loaded.

@@ -123,8 +123,9 @@ def _fraction_per_device(config, mesh):
 def test_gpt2_embedding_splits_over_tensor():
     """GPT-2 at data=2 x fsdp=2 x tensor=2: the padded embedding is split over tensor x fsdp
     (it was whole along the vocabulary before), so the distilgpt2-shaped student's parameters are
-    0.285 of replicated instead of 0.404 (the fused qkv, split over fsdp only, keeps it above
-    1/4); a tensor size that does not divide the padded vocabulary leaves it unsplit."""
+    0.253 of replicated instead of 0.404 (0.285 while the fused c_attn was split over fsdp only;
+    the position table and the vectors keep it above 1/4); a tensor size that does not divide the
+    padded vocabulary leaves it unsplit."""
     mesh = AbstractMesh((2, 2, 2), sharding.MESH_AXES)
     student = GPT2Config(n_layer=6)
     specs = sharding.param_specs(student, models.param_shapes(student), mesh)
@@ -132,7 +133,7 @@ def test_gpt2_embedding_splits_over_tensor():
     untied = student.replace(tie_word_embeddings=False)
     assert sharding.param_specs(untied, models.param_shapes(untied), mesh)["lm_head"]["kernel"] == \
         P("fsdp", "tensor")
-    assert _fraction_per_device(student, mesh) < 0.29
+    assert _fraction_per_device(student, mesh) < 0.26
     three = AbstractMesh((1, 1, 3), sharding.MESH_AXES)
     odd = GPT2Config(n_layer=1, n_embd=48, n_head=3, vocab_size=101)  # 3 heads; 128 rows
     assert sharding.param_specs(odd, models.param_shapes(odd), three)["wte"]["embedding"] == \

@@ -30,6 +30,9 @@ A family is one module (`gpt2.py`, `llama.py`) that provides:
                               axis (the blocks run as a scan, `models.stack`); HF's block i is
                               slice i. hf_to_path, path_to_hf, hf_transposed, module_path and
                               block_path name the per-layer view (`unstack_layers`)
+  HF_FUSED                    {path in the stacked tree: n}: a leaf stored with HF's last
+                              dimension split as [n, last / n] (an exact reshape; GPT-2's
+                              c_attn [q | k | v]); the per-layer view has HF's shape
   MODULE_ORDER                HF module names in transformers' order (its state dict's; `hf_order`)
   PARAM_AXES                  (path regex, logical axis names) pairs: one name per dimension of
                               each parameter ("embed", "heads", "mlp", ...), mapped to mesh axes
@@ -116,17 +119,36 @@ def param_shapes(config) -> dict:
 
 def unstack_layers(config, params: Mapping) -> dict:
     """HF's per-layer view of `params`: the stacked blocks split into subtrees "0".."N-1"
-    (`h/3/attn/...`), the paths `hf_to_path` / `path_to_hf` name. Arrays are slices (views on
-    device); ShapeDtypeStructs work too."""
+    (`h/3/attn/...`), the paths `hf_to_path` / `path_to_hf` name, each leaf in HF's shape (the
+    family's `HF_FUSED` leaves merged back). Arrays are slices (views on device);
+    ShapeDtypeStructs work too."""
     fam = family(config)
+
+    def view(p):
+        return stack.unstack(_fused(p, fam.HF_FUSED, merge=True), fam.LAYERS_PATH, config.num_layers)
     if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(params)):
-        return jax.eval_shape(lambda p: stack.unstack(p, fam.LAYERS_PATH, config.num_layers), dict(params))
-    return stack.unstack(dict(params), fam.LAYERS_PATH, config.num_layers)
+        return jax.eval_shape(view, dict(params))
+    return view(dict(params))
 
 
 def stack_layers(config, tree: Mapping) -> dict:
-    """The inverse of `unstack_layers`: per-layer subtrees -> the stacked parameter tree."""
-    return stack.stack(dict(tree), family(config).LAYERS_PATH, config.num_layers)
+    """The inverse of `unstack_layers`: per-layer subtrees in HF's shapes -> the stacked
+    parameter tree as stored."""
+    fam = family(config)
+    return _fused(stack.stack(dict(tree), fam.LAYERS_PATH, config.num_layers), fam.HF_FUSED,
+                  merge=False)
+
+
+def _fused(params: dict, fused: Mapping, merge: bool) -> dict:
+    """`params` with each `fused` leaf (path -> n) reshaped: stored [..., n, m] -> HF's
+    [..., n * m] (merge), or back (the row-major order of the values is the same)."""
+    flat = traverse_util.flatten_dict(params, keep_empty_nodes=True)
+    for path, n in fused.items():
+        if path in flat:
+            x = flat[path]
+            flat[path] = x.reshape(x.shape[:-2] + (-1,)) if merge else \
+                x.reshape(x.shape[:-1] + (n, x.shape[-1] // n))
+    return traverse_util.unflatten_dict(flat)
 
 
 def hf_param_shapes(config) -> dict:
@@ -210,6 +232,24 @@ def logical_axes(config, params: Optional[Mapping] = None) -> dict:
                              f"has {len(x.shape)} dimensions")
         out[path] = tuple(rule)
     return out
+
+
+def stale_layout(params: Mapping) -> Optional[str]:
+    """The first leaf of a stored parameter tree (arrays, ShapeDtypeStructs or checkpoint
+    metadata: anything with `.shape`; no config needed) whose number of dimensions is not the
+    one its family's PARAM_AXES give it today, e.g. "h/attn/c_attn/kernel (2, 32, 96), stored
+    now with 4 dimensions (layers, embed, -, heads)": a layout an older distil_jax wrote (GPT-2's
+    c_attn before `gpt2.HF_FUSED`). None when every leaf fits; a leaf no rule names is left to
+    the shape check (`shape_problems`)."""
+    rules = [rule for fam in _FAMILIES for rule in fam.PARAM_AXES]
+    for path, x in traverse_util.flatten_dict(dict(params)).items():
+        name = "/".join(str(k) for k in path)
+        axes = next((axes for pattern, axes in rules if re.fullmatch(pattern, name)), None)
+        shape = tuple(getattr(x, "shape", ()))
+        if axes is not None and len(axes) != len(shape):
+            return (f"{name} {shape}, stored now with {len(axes)} dimensions "
+                    f"({', '.join(a or '-' for a in axes)})")
+    return None
 
 
 def hf_order(config, name: str) -> tuple:

@@ -17,7 +17,9 @@ leaf under `h` is stacked on a leading [n_layer] axis (the blocks run as a scan,
 `distil_jax.models.stack`): HF's `transformer.h.N.attn.c_attn.weight` is slice N of
 `h/attn/c_attn/kernel`. `hf_to_path` / `path_to_hf` name HF's per-layer view (`h/N/...`), which
 `models.unstack_layers` / `stack_layers` convert. HF's Conv1D stores weights [in, out], as a
-Dense kernel does.
+Dense kernel does. One leaf differs from HF's tensor by a reshape: c_attn's fused [q | k | v]
+kernel is stored [n_layer, D, 3, D] and its bias [n_layer, 3, D] (`HF_FUSED`), so tensor
+parallelism splits the heads of each of q, k and v.
 
 Attention: layers whose probabilities are requested (`output_attentions`) compute them
 explicitly (scores and softmax in float32) and return them; every other layer uses fused
@@ -203,7 +205,9 @@ class Attention(nn.Module):
         B, S, D = x.shape
         H, Dh = cfg.n_head, cfg.head_dim
         std = cfg.initializer_range
-        qkv = nn.Dense(3 * D, dtype=self.dtype, kernel_init=_normal(std), name="c_attn")(x)
+        # c_attn's kernel [D, 3, D]: HF's [D, 3D] columns [q | k | v] with the three apart, so
+        # the last dimension (the heads) splits over tensor in each of them (see PARAM_AXES).
+        qkv = nn.DenseGeneral((3, D), dtype=self.dtype, kernel_init=_normal(std), name="c_attn")(x)
         q, k, v = jnp.split(qkv.reshape(B, S, 3, H, Dh), 3, axis=2)
         # [B, S, H, Dh], heads split over tensor: each device attends with whole heads of its own.
         q, k, v = (constrain(t[:, :, 0], ("batch", None, "heads", None)) for t in (q, k, v))
@@ -459,14 +463,15 @@ def with_lm_head(config: GPT2Config, params: Mapping, head: Array) -> dict:
 # ----------------------------------------------------------------------------- sharding
 
 # Logical axes of every parameter (see distil_jax.sharding.RULES for the mesh axes). Dense
-# kernels are [in, out]. c_attn's output columns are the fused [q | k | v] (each H x Dh): "qkv",
-# which no mesh axis splits, so tensor parallelism never hands a device the wrong heads; c_proj
-# of attention reads the heads ("heads" on its input rows).
+# kernels are [in, out]. c_attn is stored [D, 3, D] (q, k, v apart, `HF_FUSED`), so "heads"
+# splits each of q, k and v over tensor: a device holds the columns of its own heads, as
+# Llama's separate q/k/v projections; c_proj of attention reads the heads ("heads" on its
+# input rows).
 PARAM_AXES = (
     (r"wte/embedding", ("vocab", "embed")),
     (r"wpe/embedding", ("positions", "embed")),
-    (r"h/attn/c_attn/kernel", ("layers", "embed", "qkv")),
-    (r"h/attn/c_attn/bias", ("layers", "qkv")),
+    (r"h/attn/c_attn/kernel", ("layers", "embed", None, "heads")),
+    (r"h/attn/c_attn/bias", ("layers", None, "heads")),
     (r"h/attn/c_proj/kernel", ("layers", "heads", "embed")),
     (r"h/mlp/c_fc/kernel", ("layers", "embed", "mlp")),
     (r"h/mlp/c_fc/bias", ("layers", "mlp")),
@@ -535,6 +540,13 @@ def block_path(i: int) -> tuple[str, ...]:
     """Block i's path in HF's per-layer view (`models.unstack_layers`): slice i of `LAYERS_PATH`."""
     return ("h", str(i))
 
+
+# Parameters stored with HF's last dimension split in two (an exact reshape, the same values in
+# the same order): path in the stacked tree -> the first factor. c_attn's [D, 3D] columns are
+# [q | k | v], each H x Dh with the heads contiguous: stored [D, 3, D] (bias [3, D]), so that
+# the heads dimension is one of its own (PARAM_AXES). `models.unstack_layers` / `stack_layers`
+# reshape between the two.
+HF_FUSED = {("h", "attn", "c_attn", "kernel"): 3, ("h", "attn", "c_attn", "bias"): 3}
 
 # Where the blocks' parameters are stacked on a leading [n_layer] axis (HF's `transformer.h.N`
 # is slice N; `models.stack_layers` / `unstack_layers` convert).

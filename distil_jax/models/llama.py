@@ -902,6 +902,10 @@ def block_path(i: int) -> tuple:
 # `model.layers.N` is slice N; `models.stack_layers` / `unstack_layers` convert).
 LAYERS_PATH = ("model", "layers")
 
+# Every parameter is stored in HF's own shape (q, k and v are separate projections; see
+# gpt2.HF_FUSED for a family whose fused tensor is stored reshaped).
+HF_FUSED: dict = {}
+
 
 # Module names in transformers' order (its state dict's; see gpt2.MODULE_ORDER): HF registers a
 # layer's attention and MLP before its two norms.
