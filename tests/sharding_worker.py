@@ -6,6 +6,7 @@ Cases:
   equivalence FAMILY   three steps of the tiny pair at several meshes vs one device
   reshard DIR          a checkpoint written at fsdp=8 resumed at data=2 x fsdp=2 and on 1 device
   errors               the one-line errors of bad meshes
+  generate             greedy and sampled generation with both models placed on a mesh vs one device
 """
 
 import json
@@ -199,7 +200,39 @@ def errors():
     return out
 
 
+def generate():
+    """On-policy distillation samples from the student (or the teacher, seq_kd) as placed for
+    training. Both tiny pairs placed at data=2 x fsdp=2 x tensor=2: the greedy and the sampled
+    (temperature 1, top-k 20, one key) continuations of left-padded prompts, against the
+    same models on one device."""
+    from distil_jax.generate import generate as gen
+
+    lengths = [6, 3, 5, 1]  # real tokens of each left-padded prompt
+    P = max(lengths)
+    mask = (np.arange(P)[None] >= P - np.array(lengths)[:, None]).astype(np.int32)
+    ids = np.where(mask == 1, np.random.default_rng(0).integers(0, T.VOCAB, mask.shape), 0)
+    out = {}
+    for family in ("gpt2", "llama"):
+        tc, tp, sc, obj, params, tx, sched = _pair(family)
+        state = ts.create_train_state(T.to_numpy(params), tx, jax.random.PRNGKey(0))
+        mesh = sharding.make_mesh(MESHES["data2_fsdp2_tensor2"], jax.devices())
+        placement = sharding.make_placement(mesh, state, sc, tc, tp)
+        placed = {"teacher": (tc, tp, placement.put_teacher(tp)),
+                  "student": (sc, state.params["student"],
+                              placement.put_state(state).params["student"])}
+        for who, (cfg, one, on_mesh) in placed.items():
+            assert len(jax.tree_util.tree_leaves(on_mesh)[0].sharding.device_set) == 8
+            for kind, kw in (("greedy", {}), ("sampled", dict(temperature=1.0, top_k=20,
+                                                              rng=jax.random.PRNGKey(3)))):
+                a = np.asarray(gen(cfg, one, ids, mask, max_new_tokens=8, **kw))
+                b = np.asarray(gen(cfg, on_mesh, ids, mask, max_new_tokens=8, **kw))
+                out[f"{family}/{who}/{kind}"] = {"equal": bool((a == b).all()),
+                                                 "new": a[:, P:].tolist()}
+    return out
+
+
 if __name__ == "__main__":
     case, *args = sys.argv[1:]
-    result = {"equivalence": equivalence, "reshard": reshard, "errors": errors}[case](*args)
+    result = {"equivalence": equivalence, "reshard": reshard, "errors": errors,
+              "generate": generate}[case](*args)
     print("RESULT " + json.dumps(result))

@@ -66,6 +66,19 @@ def test_meshes_equal_one_device(family):
     assert out["fsdp8"]["teacher_bytes"] < 0.16 * out["teacher_bytes_1"]
 
 
+@pytest.mark.slow
+def test_generation_on_a_mesh_equals_one_device():
+    """On-policy sampling runs `generate` on the models as training placed them: at data=2 x
+    fsdp=2 x tensor=2 the greedy and the sampled tokens of GPT-2 and Llama (grouped-query),
+    teacher and student, are those of one device, token for token."""
+    out = _worker("generate")
+    assert len(out) == 8
+    for name, r in out.items():
+        assert r["equal"], (name, r)
+    # Sampling is not greedy: the same prompts continue differently.
+    assert out["gpt2/student/sampled"]["new"] != out["gpt2/student/greedy"]["new"]
+
+
 def test_checkpoint_reshards(tmp_path):
     """Two steps at fsdp=8, saved; restored at data=2 x fsdp=2 (4 devices) and on 1 device,
     one more step equals three uninterrupted steps."""
