@@ -203,6 +203,24 @@ def test_loss_on_sampled_rows_is_trls_generalized_jsd_over_the_completion(models
     assert abs(float(parts["loss/logits"]) - reference) < LOSS_TOL
 
 
+def test_off_policy_steps_have_the_sampled_rows_keys_and_the_same_loss(models_and_sampler):
+    """One compiled step for an on-policy run: an off-policy plain-text batch gets an all-ones
+    loss_mask (the sampled rows' keys, dtypes and shapes), and its loss is the loss without one."""
+    import dataclasses
+
+    tc, tp, s_cfg, sp, sampler = models_and_sampler
+    data = T.batch(T.ROWS_4)
+    off = dataclasses.replace(sampler, lmbda=1e-9)(0, data, sp, tp)
+    on = sampler(0, data, sp, tp)
+    assert {k: (v.dtype, v.shape) for k, v in off.items()} == {k: (v.dtype, v.shape) for k, v in on.items()}
+    assert (off["loss_mask"] == 1).all() and (off["input_ids"] == data["input_ids"]).all()
+    obj = T.objective(s_cfg, tc, attn=dict(weight=0.0))
+    params = {"student": sp, "objective": obj.init_params(jax.random.PRNGKey(0), s_cfg, tc, T.SEQ)}
+    loss = lambda b: float(ts.distill_loss(ts.StepConfig(tc, s_cfg, obj), params, tp,  # noqa: E731
+                                           {k: jnp.asarray(v) for k, v in b.items()}, None)[0])
+    assert loss(off) == loss(data)
+
+
 def test_same_seed_same_samples_and_seq_kd_samples_the_teacher(models_and_sampler):
     import dataclasses
 
@@ -219,7 +237,8 @@ def test_same_seed_same_samples_and_seq_kd_samples_the_teacher(models_and_sample
     for k in want:
         np.testing.assert_array_equal(teacher[k], want[k])
     off = dataclasses.replace(sampler, lmbda=1e-9)(1, data, sp, tp)
-    assert off is data  # an off-policy step: the dataset's batch itself
+    # An off-policy step: the dataset's rows (and an all-ones loss_mask, tested above).
+    assert all(np.array_equal(off[k], data[k]) for k in data)
 
 
 # ----------------------------------------------------------------------------- a run

@@ -164,9 +164,13 @@ class OnPolicy:
         return self.prompt_tokens
 
     def __call__(self, step: int, batch: Mapping, student_params, teacher_params) -> Mapping:
-        """The batch of step `step` (0-based): `batch` itself off-policy, else the sampled rows."""
+        """The batch of step `step` (0-based): `batch` itself off-policy, else the sampled rows.
+        Every batch it returns has a loss_mask, so the step compiles once: sampled rows carry
+        one, and a plain-text batch gets all ones (every position counts, as without one)."""
         if not is_on_policy(self.seed, step, self.lmbda):
-            return batch
+            if "loss_mask" in batch:
+                return batch
+            return {**batch, "loss_mask": np.ones_like(batch["segment_ids"], np.int32)}
         ids, mask, empty = prompts(batch, self.prompt_width(batch), self.prompt_tokens, self.pad_id)
         cfg, params = (self.teacher_cfg, teacher_params) if self.seq_kd else (self.student_cfg, student_params)
         out = generate(cfg, params, ids, mask, max_new_tokens=self.max_new_tokens,
