@@ -326,14 +326,15 @@ def test_one_line_errors(tmp_path, tok):
 def test_student_vocabulary_must_be_the_teachers(tmp_path):
     import transformers
 
-    from distil_jax.training import builders
+    from distil_jax import student
 
     path = tmp_path / "student"
     transformers.GPT2Config(vocab_size=77, n_layer=1, n_embd=16, n_head=2).save_pretrained(path)
-    tc, _ = T.teacher()
-    with pytest.raises(ValueError, match="vocabulary of 77 tokens, the teacher 101.*"
+    tc, tp = T.teacher()
+    # Checked from the config, before the weights are read.
+    with pytest.raises(ValueError, match="vocab_size 77 differs from the teacher's 101.*"
                                          "student.model_name_or_path=''"):
-        builders._check_student_vocab({"model_name_or_path": str(path)}, tc)
+        student.build_student(tc, tp, {"model_name_or_path": str(path)}, jax.random.PRNGKey(0))
 
 
 # ------------------------------------------------------------------------------ sources

@@ -109,7 +109,6 @@ def build_student(student_section: Mapping, teacher_cfg, teacher_params, rng, se
     `student` section; dropout off unless `student.dropout`. Refuses a student that cannot hold
     `seq_len` positions."""
     section = dict(student_section)
-    _check_student_vocab(section, teacher_cfg)
     student_cfg, student_params, trainable = student.build_student(teacher_cfg, teacher_params,
                                                                    section, rng)
     if not section.get("dropout", True):
@@ -118,20 +117,6 @@ def build_student(student_section: Mapping, teacher_cfg, teacher_params, rng, se
         raise ValueError(f"sequence length {seq_len} exceeds the student's maximum of "
                          f"{student_cfg.max_positions} positions; lower dataset.max_seq_len")
     return student_cfg, student_params, trainable
-
-
-def _check_student_vocab(section: Mapping, teacher_cfg) -> None:
-    """A pretrained student must share the teacher's vocabulary (a random one is given it)."""
-    path = section.get("model_name_or_path")
-    if not path:
-        return
-    vocab = dict(section.get("overrides") or {}).get("vocab_size") or hf.load_config(path).vocab_size
-    if int(vocab) != int(teacher_cfg.vocab_size):
-        raise ValueError(f"student.model_name_or_path={path!r} has a vocabulary of {vocab} tokens, "
-                         f"the teacher {teacher_cfg.vocab_size}: the logits losses compare them "
-                         "token by token; use a student of the teacher's family and tokenizer, or "
-                         "student.model_name_or_path='' for a random student with the teacher's "
-                         "vocabulary")
 
 
 def build_objective(objective_section: Mapping, student_cfg, teacher_cfg) -> Objective:
