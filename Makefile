@@ -23,7 +23,8 @@ $(STAMP): pyproject.toml
 # its recipe in ~/.cache/distil_jax, or $DISTIL_JAX_CACHE), then distills a student from it with
 # the reference objective and prints a table.
 demo: $(STAMP)
-	$(VENV)/bin/python -m distil_jax.train --config configs/tiny.py --workdir $(WORKDIR)
+	$(VENV)/bin/python -m distil_jax.train --config configs/tiny.py --workdir $(WORKDIR) \
+		|| { echo "(a demo from an older distil_jax? 'make clean-demo' starts it afresh)"; exit 1; }
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -n auto --dist loadfile
