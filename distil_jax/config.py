@@ -450,10 +450,6 @@ def _check_on_policy(c: _Checker, config) -> None:
         raise ValueError(f"{p}.lmbda={op.lmbda} with teacher.cache: the cache holds the teacher's "
                          "targets for the dataset's tokens, not for sampled completions; set "
                          "teacher.cache='' or objective.on_policy.lmbda=0")
-    if config.train.num_processes > 1:
-        raise ValueError(f"{p}.lmbda={op.lmbda} with train.num_processes="
-                         f"{config.train.num_processes}: sampling runs in one process only; use "
-                         "one process or objective.on_policy.lmbda=0")
 
 
 def _check_optimizer(c: _Checker, config) -> None:

@@ -280,6 +280,19 @@ def place_batch(rows: Mapping, mesh: Mesh, global_rows: Optional[int] = None) ->
             for k, v in rows.items()}
 
 
+def local_rows(x: jax.Array, mesh: Mesh) -> np.ndarray:
+    """This process's rows of a global batch array `x` [B, ...] (`place_batch`'s inverse):
+    [R, ...] numpy, R = the rows of `process_rows(mesh, B)`. Resharded over data x fsdp first,
+    so `x` may come out of a computation in any layout."""
+    x = jax.jit(lambda a: a, out_shardings=NamedSharding(mesh, batch_spec(mesh)))(x)
+    mine = process_rows(mesh, x.shape[0])
+    out = np.empty((mine.stop - mine.start,) + x.shape[1:], x.dtype)
+    for shard in x.addressable_shards:  # the devices of a tensor group hold the same rows
+        lo = (shard.index[0].start or 0) - mine.start
+        out[lo:lo + shard.data.shape[0]] = np.asarray(shard.data)
+    return out
+
+
 def process_rows(mesh: Mesh, global_rows: int) -> slice:
     """The rows of a `global_rows` batch that this process's devices hold: one contiguous range
     (the mesh lays devices out process-major, the batch is split over its outer axes)."""

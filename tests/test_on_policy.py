@@ -59,15 +59,14 @@ def test_config_values_out_of_range_are_one_line_errors(field, value, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_teacher_cache_and_several_processes_are_refused_on_policy():
+def test_a_teacher_cache_is_refused_on_policy():
     c = tiny_config(lmbda=0.5)
     c.teacher.cache = "/some/cache"
     with pytest.raises(ValueError, match=r"with teacher.cache: the cache holds"):
         config_lib.validate(c)
-    c = tiny_config(lmbda=0.5)
+    c = tiny_config(lmbda=0.5)  # several processes sample together (tests/test_sharding.py)
     c.train.num_processes, c.train.coordinator_address = 2, "localhost:1234"
-    with pytest.raises(ValueError, match=r"sampling runs in one process only"):
-        config_lib.validate(c)
+    config_lib.validate(c)
     config_lib.validate(tiny_config())  # lmbda 0 (the default): no constraint
 
 

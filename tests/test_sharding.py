@@ -477,6 +477,40 @@ def fsdp2_twelve_steps(tmp_path_factory):
     return _reference_run(tmp_path_factory, "fsdp2", 12, 2, *args, devices=2), args
 
 
+@pytest.mark.slow
+def test_two_processes_sample_on_policy_like_one(tmp_path_factory, tmp_path):
+    """On-policy distillation with FSDP across two processes (data=1 x fsdp=2, one device
+    each): every process builds its own rows' prompts, the two generate as one global batch,
+    each keeps its rows' completions, and the padding-aware step agrees on a logits bucket from
+    every sampled row's tokens. The 4 steps (3 of them sampled at seed 42) end where one process
+    on two devices with the same mesh ends, within SHARD_TOL."""
+    from distil_jax.training.on_policy import is_on_policy
+
+    assert [is_on_policy(42, s, 0.5) for s in range(4)] == [False, True, True, True]
+    args = ("--config.train.mesh.data=1", "--config.train.mesh.fsdp=2", "--config.dataset.layout=pad",
+            "--config.objective.on_policy.lmbda=0.5", "--config.objective.on_policy.max_new_tokens=8",
+            "--config.train.log_steps=1")
+    one = _reference_run(tmp_path_factory, "on_policy_fsdp2", 4, 2, *args, devices=2)
+    workdir = _seed(one, tmp_path / "two")
+    procs = _launch(workdir, 2, _free_port(), "--config.train.max_steps=4",
+                    "--config.train.save_steps=2", *args)
+    for p, (_, err) in zip(procs, [p.communicate(timeout=600) for p in procs]):
+        assert p.returncode == 0, err[-3000:]
+    _assert_params_close(workdir, one)
+    # The same rows every step (the parameters alone barely move at this learning rate): the
+    # losses and counted tokens of each step; steps 2-4 trained on completions only, at most
+    # max_new_tokens counted tokens per row.
+    logged = [[m for m in map(json.loads, (w / "metrics.jsonl").read_text().splitlines())
+               if "counted_tokens" in m] for w in (one, workdir)]
+    rows = json.loads((one / "config.json").read_text())["train"]["batch_size"]
+    assert [m["step"] for m in logged[0]] == [m["step"] for m in logged[1]] == [1, 2, 3, 4]
+    for a, b in zip(*logged):
+        assert a["counted_tokens"] == b["counted_tokens"], (a, b)
+        assert abs(a["loss"] - b["loss"]) <= SHARD_TOL * abs(a["loss"]), (a, b)
+    assert all(0 < m["counted_tokens"] <= 8 * rows for m in logged[0][1:])
+    assert logged[0][0]["counted_tokens"] > 8 * rows  # step 1: the dataset's rows
+
+
 def _kill_after_checkpoint_2(workdir, args):
     """Two processes of the tiny run, both SIGKILLed once checkpoint 2 exists; the steps left."""
     import signal

@@ -22,7 +22,9 @@ from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
+from distil_jax import sharding
 from distil_jax.data.batches import ROW_TOKENS
 from distil_jax.generate import generate
 
@@ -173,14 +175,31 @@ class OnPolicy:
             return {**batch, "loss_mask": np.ones_like(batch["segment_ids"], np.int32)}
         ids, mask, empty = prompts(batch, self.prompt_width(batch), self.prompt_tokens, self.pad_id)
         cfg, params = (self.teacher_cfg, teacher_params) if self.seq_kd else (self.student_cfg, student_params)
-        out = generate(cfg, params, ids, mask, max_new_tokens=self.max_new_tokens,
+        # Several processes: `batch` holds this process's rows (and every row's real tokens,
+        # ROW_TOKENS); the prompts become one global batch placed like the step's rows, every
+        # process runs the same generation, and each keeps the completions of its own rows.
+        mesh = _mesh(params) if jax.process_count() > 1 else None
+        if mesh is not None:
+            g_ids, g_mask = sharding.place_batch({"i": ids, "m": mask}, mesh, len(batch[ROW_TOKENS])).values()
+        out = generate(cfg, params, ids if mesh is None else g_ids, mask if mesh is None else g_mask,
+                       max_new_tokens=self.max_new_tokens,
                        temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                        rng=step_keys(self.seed, step)[1], eos_token_id=self.eos or None,
                        pad_token_id=self.pad_id, dtype=self.dtype)
-        rows = completion_rows(jax.device_get(out), mask, empty, self.eos, self.seq_len, self.pad_id)
-        if ROW_TOKENS in batch:  # one process (config.validate): its rows are the whole batch
-            rows[ROW_TOKENS] = (rows["segment_ids"] > 0).sum(-1).astype(np.int32)
+        out = jax.device_get(out) if mesh is None else sharding.local_rows(out, mesh)
+        rows = completion_rows(out, mask, empty, self.eos, self.seq_len, self.pad_id)
+        if ROW_TOKENS in batch:  # the padding-aware step's bucket: every row's real tokens
+            tokens = (rows["segment_ids"] > 0).sum(-1).astype(np.int32)
+            if mesh is not None:  # a host sync on sampling steps only (they wait for generate anyway)
+                tokens = multihost_utils.process_allgather(
+                    sharding.place_batch({"t": tokens}, mesh, len(batch[ROW_TOKENS]))["t"], tiled=True)
+            rows[ROW_TOKENS] = np.asarray(tokens, np.int32)
         return rows
+
+
+def _mesh(params) -> jax.sharding.Mesh:
+    """The mesh the (trained, placed) parameters live on."""
+    return jax.tree_util.tree_leaves(params)[0].sharding.mesh
 
 
 def _eos_ids(model_cfg, tokenizer) -> tuple:
