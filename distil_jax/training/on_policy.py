@@ -179,8 +179,9 @@ class OnPolicy:
         # ROW_TOKENS); the prompts become one global batch placed like the step's rows, every
         # process runs the same generation, and each keeps the completions of its own rows.
         mesh = _mesh(params) if jax.process_count() > 1 else None
+        global_rows = len(batch[ROW_TOKENS]) if ROW_TOKENS in batch else None
         if mesh is not None:
-            g_ids, g_mask = sharding.place_batch({"i": ids, "m": mask}, mesh, len(batch[ROW_TOKENS])).values()
+            g_ids, g_mask = sharding.place_batch({"i": ids, "m": mask}, mesh, global_rows).values()
         out = generate(cfg, params, ids if mesh is None else g_ids, mask if mesh is None else g_mask,
                        max_new_tokens=self.max_new_tokens,
                        temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
@@ -192,7 +193,7 @@ class OnPolicy:
             tokens = (rows["segment_ids"] > 0).sum(-1).astype(np.int32)
             if mesh is not None:  # a host sync on sampling steps only (they wait for generate anyway)
                 tokens = multihost_utils.process_allgather(
-                    sharding.place_batch({"t": tokens}, mesh, len(batch[ROW_TOKENS]))["t"], tiled=True)
+                    sharding.place_batch({"t": tokens}, mesh, global_rows)["t"], tiled=True)
             rows[ROW_TOKENS] = np.asarray(tokens, np.int32)
         return rows
 
