@@ -300,15 +300,6 @@ def one_process_run(tmp_path_factory):
     return workdir
 
 
-def _seed(src, dst):
-    import shutil
-
-    for name in ("teacher", "data", "cache"):
-        if (src / name).exists():  # no data folder when dataset.uri names the corpus
-            shutil.copytree(src / name, dst / name)
-    return dst
-
-
 @pytest.mark.slow
 def test_two_processes_equal_one(one_process_run, tmp_path):
     """Two processes (jax.distributed over localhost, gloo CPU collectives) train the tiny
@@ -316,7 +307,7 @@ def test_two_processes_equal_one(one_process_run, tmp_path):
     process 0 tokenizes the corpus (process 1 reads the token cache it wrote)."""
     import shutil
 
-    workdir = _seed(one_process_run, tmp_path / "two")
+    workdir = T.seed_workdir(one_process_run, tmp_path / "two")
     shutil.rmtree(workdir / "cache")
     procs = _launch(workdir, 2, _free_port(), "--config.train.max_steps=4",
                     "--config.train.save_steps=2")
@@ -344,7 +335,7 @@ def test_sigterm_to_one_process_checkpoints_the_same_step_on_both(one_process_ru
     import signal
     import time
 
-    workdir = _seed(one_process_run, tmp_path / "term")
+    workdir = T.seed_workdir(one_process_run, tmp_path / "term")
     procs = _launch(workdir, 2, _free_port(), "--config.train.max_steps=100000",
                     "--config.train.save_steps=1000")
     deadline = time.time() + 300
@@ -370,7 +361,7 @@ def test_killed_process_makes_the_other_exit(one_process_run, tmp_path):
     import signal
     import time
 
-    workdir = _seed(one_process_run, tmp_path / "killed")
+    workdir = T.seed_workdir(one_process_run, tmp_path / "killed")
     procs = _launch(workdir, 2, _free_port(), "--config.train.max_steps=100000",
                     "--config.train.save_steps=2", "--config.train.heartbeat_timeout_s=10")
     deadline = time.time() + 300
@@ -491,7 +482,7 @@ def test_two_processes_sample_on_policy_like_one(tmp_path_factory, tmp_path):
             "--config.objective.on_policy.lmbda=0.5", "--config.objective.on_policy.max_new_tokens=8",
             "--config.train.log_steps=1")
     one = _reference_run(tmp_path_factory, "on_policy_fsdp2", 4, 2, *args, devices=2)
-    workdir = _seed(one, tmp_path / "two")
+    workdir = T.seed_workdir(one, tmp_path / "two")
     procs = _launch(workdir, 2, _free_port(), "--config.train.max_steps=4",
                     "--config.train.save_steps=2", *args)
     for p, (_, err) in zip(procs, [p.communicate(timeout=600) for p in procs]):
@@ -545,14 +536,14 @@ def test_two_processes_resume_after_sigkill(mesh, request, tmp_path):
     export of the two-process workdir loads in transformers."""
     args = ("--config.train.max_steps=12", "--config.train.save_steps=2")
     if mesh == "data2":
-        whole = _seed(request.getfixturevalue("twelve_steps"), tmp_path / "whole")
+        whole = T.seed_workdir(request.getfixturevalue("twelve_steps"), tmp_path / "whole")
         procs = _launch(whole, 2, _free_port(), *args)
         for p, (_, err) in zip(procs, [p.communicate(timeout=600) for p in procs]):
             assert p.returncode == 0, err[-3000:]
     else:
         whole, mesh_args = request.getfixturevalue("fsdp2_twelve_steps")
         args += mesh_args
-    workdir = _seed(whole, tmp_path / "two")
+    workdir = T.seed_workdir(whole, tmp_path / "two")
     at_kill = _kill_after_checkpoint_2(workdir, args)
     procs = _launch(workdir, 2, _free_port(), *args)
     outs = [p.communicate(timeout=600) for p in procs]

@@ -146,10 +146,12 @@ def run_and_export(tmp_path_factory, config):
 
 
 def seed_workdir(src: Path, dst: Path) -> Path:
-    """A fresh workdir that reuses the (deterministic) demo teacher and corpus of `src`."""
+    """A fresh workdir that reuses the (deterministic) demo teacher and corpus of `src` (no
+    data folder when dataset.uri names the corpus)."""
     dst.mkdir(parents=True, exist_ok=True)
     for name in ("teacher", "data", "cache"):
-        shutil.copytree(src / name, dst / name)
+        if (src / name).exists():
+            shutil.copytree(src / name, dst / name)
     return dst
 
 
