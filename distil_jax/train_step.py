@@ -266,7 +266,8 @@ def distill_loss(sc: StepConfig, params: Mapping, teacher_params: Mapping, batch
         needs_teacher = False  # nothing of the teacher runs
     elif needs_teacher:  # a clm-only objective (pretraining) runs no teacher at all
         teacher_params = jax.lax.stop_gradient(teacher_params)
-        t_out = models.forward(sc.teacher, teacher_params, ids, **feats["teacher"], **common)
+        t_out = models.forward(sc.teacher, models.frozen_layers(sc.teacher, teacher_params), ids,
+                               **feats["teacher"], **common)
         t_out = jax.lax.stop_gradient(t_out)
     student_params = compute_kernels(params["student"], sc.dtype)
     s_out = models.forward(sc.student, student_params, ids, **feats["student"], **common,

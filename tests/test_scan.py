@@ -206,3 +206,41 @@ def test_a_checkpoint_in_an_old_layout_is_refused_in_one_line(tmp_path):
     checkpoint.save(mngr, state(sp), {"epoch": 0, "position": 0})
     restored, _ = checkpoint.restore(mngr, 0, state(sp))
     assert T.max_abs_diff(restored.params["student"], sp) == 0
+
+
+def test_remat_outside_a_scan_recomputes_on_xla_cpu():
+    """A rematerialized block outside a scan recomputes its forward in the backward pass (one
+    more matmul in the compiled gradient), with jax.checkpoint's gradients. Fails with plain
+    jax.checkpoint on XLA:CPU, whose CSE merges the recomputation into the forward."""
+    assert common.xla_cpu()
+    w = jax.random.normal(jax.random.PRNGKey(0), (64, 64)) / 8
+    x = jax.random.normal(jax.random.PRNGKey(1), (8, 64))
+
+    def loss(w, wrap):
+        y = wrap(lambda w, x: jnp.tanh(x @ w))(w, x)
+        return jnp.sum(jnp.tanh(y @ w) ** 2)
+
+    def dots(wrap):
+        return jax.jit(jax.grad(loss), static_argnums=1).lower(w, wrap).compile().as_text().count(" dot(")
+
+    ours, plain = (lambda f: common.remat_fn(f, True)), (lambda f: f)
+    assert dots(ours) > dots(plain)
+    # Another graph, so float32 sums of O(1) terms may round differently: 1e-6 absolute.
+    np.testing.assert_allclose(jax.grad(loss)(w, ours), jax.grad(loss)(w, jax.checkpoint),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_frozen_bfloat16_stack_gives_the_same_outputs(family):
+    """models.frozen_layers (the teacher's stacked bfloat16 blocks as uint16 bits on XLA:CPU):
+    the same logits, hidden states and attention maps, bit for bit. (The memory it saves shows
+    at real sizes only: docs/scaling.md.)"""
+    tc, tp = T.teacher() if family == "gpt2" else T.llama_teacher()
+    tp = jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), tp)
+    frozen = models.frozen_layers(tc, tp)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(frozen)} >= {jnp.dtype(jnp.uint16)}
+    ids = jnp.asarray(T.batch()["input_ids"])
+    kw = dict(output_hidden_states=(1,), output_attentions=(2,), dtype=jnp.bfloat16)
+    run = jax.jit(lambda p: models.forward(tc, p, ids, **kw))
+    for a, b in zip(jax.tree_util.tree_leaves(run(tp)), jax.tree_util.tree_leaves(run(frozen))):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))

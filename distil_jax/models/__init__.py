@@ -92,6 +92,15 @@ def forward(config, params: Mapping, input_ids, attention_mask=None, **kwargs) -
     return family(config).forward(config, params, input_ids, attention_mask, **kwargs)
 
 
+def frozen_layers(config, params: Mapping) -> dict:
+    """`params` with the stacked blocks in `stack.frozen_bits`'s form, for a forward pass that
+    is not differentiated (the teacher's in the train step)."""
+    path = family(config).LAYERS_PATH
+    flat = traverse_util.flatten_dict(dict(params))
+    return traverse_util.unflatten_dict(
+        {k: stack.frozen_bits(v) if k[:len(path)] == path else v for k, v in flat.items()})
+
+
 def init_cache(config, batch: int, length: int, dtype: Any = jnp.float32) -> KVCache:
     """An empty key/value cache of `length` slots for `batch` rows (`distil_jax.generate`):
     [num_layers, batch, length, num_kv_heads, head_size] keys and values in `dtype`."""

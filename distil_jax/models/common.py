@@ -167,7 +167,49 @@ def remat_fn(fn, remat, prevent_cse: bool = True):
                          "train_step.for_batch_shape first")
     if name not in REMAT_POLICIES:
         raise ValueError(f"train.remat_policy={name!r}: use one of {', '.join(REMAT_POLICIES)}")
+    if prevent_cse and REMAT_POLICIES[name] is None and xla_cpu():
+        return _remat_after_cotangent(fn)
     return jax.checkpoint(fn, policy=REMAT_POLICIES[name], prevent_cse=prevent_cse)
+
+
+def xla_cpu() -> bool:
+    """Whether jax compiles for XLA:CPU, whose compiler differs from the accelerators' in two
+    ways that cost memory here (docs/scaling.md, "Two XLA:CPU behaviours"): it drops
+    optimization barriers before common-subexpression elimination (`_remat_after_cotangent`),
+    and it computes bfloat16 in float32, converting a scan's loop-invariant bfloat16 weights
+    whole before the loop (`stack.frozen_bits`)."""
+    return jax.default_backend() == "cpu"
+
+
+def _remat_after_cotangent(fn):
+    """fn under full gradient checkpointing, recomputed in the backward pass inside a
+    conditional on the cotangent (both branches the same recomputation and VJP).
+
+    Why: jax.checkpoint keeps its recomputation apart from the forward with an optimization
+    barrier, and XLA:CPU removes barriers before its common-subexpression elimination, which
+    then merges the recomputation into the forward: a block outside a scan (the objective's
+    mapped layers) silently keeps every activation, attention probabilities included, from
+    its forward to its backward pass. A branch of a conditional is a computation of its own
+    that CSE does not merge across, and it can only run once the cotangent exists. Values and
+    gradients are jax.checkpoint's (tested); accelerators keep jax.checkpoint, whose barriers
+    their compilers respect (a conditional would cost a device-to-host sync there)."""
+    @jax.custom_vjp
+    def f(*args):
+        return fn(*args)
+
+    def fwd(*args):
+        return fn(*args), args
+
+    def bwd(args, g):
+        def vjp(args, g):
+            return jax.vjp(fn, *args)[1](g)
+        # Any value computed from the cotangent serves; x == x is true but for a NaN, and
+        # either way the same branch runs.
+        first = jax.tree_util.tree_leaves(g)[0].ravel()[0]
+        return jax.lax.cond(first == first, vjp, vjp, args, g)
+
+    f.defvjp(fwd, bwd)
+    return f
 
 
 def check_attention_impl(attention_impl: str, dtype: Any) -> None:

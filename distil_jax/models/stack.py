@@ -81,7 +81,7 @@ def run(block_fn: BlockFn, params: Any, x: Array, *, n_layer: int, materialize: 
         if start in hidden:
             states[start] = x
         if end - start == 1:
-            layer = jax.tree_util.tree_map(lambda p: p[start], params)
+            layer = jax.tree_util.tree_map(lambda p: _from_bits(p[start]), params)
             x, probs = one[start in materialize](layer, x, jnp.int32(start))
             if start in materialize:
                 maps[start] = probs
@@ -90,7 +90,7 @@ def run(block_fn: BlockFn, params: Any, x: Array, *, n_layer: int, materialize: 
 
         def step(carry, xs):
             layer, idx = xs
-            return body(layer, carry, idx)[0], None
+            return body(jax.tree_util.tree_map(_from_bits, layer), carry, idx)[0], None
 
         x, _ = jax.lax.scan(step, x, (run_params, jnp.arange(start, end, dtype=jnp.int32)))
     return x, states, maps
@@ -115,6 +115,31 @@ def run_cached(block_fn: Callable, params: Any, x: Array, keys: Array, values: A
     (x, keys, values), _ = jax.lax.scan(
         step, (x, keys, values), (params, jnp.arange(n_layer, dtype=jnp.int32)))
     return x, (keys, values)
+
+
+def frozen_bits(params: Any) -> Any:
+    """A model's stacked block parameters for a forward pass that is not differentiated (the
+    teacher's): on XLA:CPU each bfloat16 leaf as its uint16 bits, which `run` reads back per
+    layer inside the scan; elsewhere `params` as they are.
+
+    Why: XLA:CPU computes bfloat16 matmuls in float32 and moves the conversion of a scan's
+    loop-invariant weights out of the loop, so a bfloat16 teacher's whole stacked segment
+    existed a second time in float32 (3 GB per device for the Llama-3.1-8B-shaped teacher at
+    fsdp=8), and it all-gathers bfloat16 shards as float32. Integer bits are converted
+    nowhere and gathered at two bytes; the bitcast back is free. The values are the same bits
+    (tested). Integer leaves carry no gradient, hence only for a model that gets none."""
+    from distil_jax.models.common import xla_cpu
+
+    if not xla_cpu():
+        return params
+    return jax.tree_util.tree_map(
+        lambda p: jax.lax.bitcast_convert_type(p, jnp.uint16) if p.dtype == jnp.bfloat16 else p,
+        params)
+
+
+def _from_bits(p):
+    """A leaf of `frozen_bits` back in bfloat16 (other leaves as they are)."""
+    return jax.lax.bitcast_convert_type(p, jnp.bfloat16) if p.dtype == jnp.uint16 else p
 
 
 def _closed(block_fn: BlockFn, materialize: bool, rng: Optional[Array]):
