@@ -57,11 +57,6 @@ def _cell(v: Any, key: str = "") -> str:
     return f"{int(n):,}" if math.isfinite(n) and n == int(n) else f"{n:.6g}"
 
 
-def _count(v: Any) -> str:
-    """A count with thousands separators; NOT_RECORDED when it is not a number."""
-    return NOT_RECORDED if _num(v) is None else _cell(v)
-
-
 def _table(rows, header) -> str:
     """A markdown table; a cell's `|` and newlines escaped."""
     esc = lambda x: str(x).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")  # noqa: E731
@@ -258,7 +253,7 @@ def _evaluation(r) -> dict:
     who = _get(r.summary, "teacher", "name_or_path")
     labels = {"teacher": f"teacher ({who})" if who else "teacher",
               "student_start": "student, before training (step 0)",
-              "student_end": "student, end of training" + (f" (step {_count(step)})" if step is not None else "")}
+              "student_end": "student, end of training" + ("" if step is None else f" (step {_cell(_num(step))})")}
     rank = {"teacher": "0", "student_start": "1", "student_end": "3"}  # others: between, by name
     rows = [(k, labels.get(k, k.replace("_", " "))) for k in sorted(keys, key=lambda k: rank.get(k, "2" + k))]
     measured = []
@@ -267,7 +262,7 @@ def _evaluation(r) -> dict:
         source = ", ".join(f"`{spec[k]}`" for k in ("uri", "subset", "split") if _get(spec, k)) or (
             "the run's held-out test split (never trained on)" if n == "heldout" else "source " + NOT_RECORDED)
         counts = {(_get(ev[n], k, "documents"), _get(ev[n], k, "tokens")) for k in keys} - {(None, None)}
-        counts = "; ".join(f"{_count(d)} documents, {_count(t)} predicted tokens"
+        counts = "; ".join(f"{_cell(_num(d))} documents, {_cell(_num(t))} predicted tokens"
                            for d, t in sorted(counts, key=str))
         measured.append(f"`{n}`: {source}; {counts or 'counts ' + NOT_RECORDED}")
     distily = any(_num(_get(ev[n], k, "distily_ppl")) is not None for n in names for k in keys)
@@ -308,6 +303,6 @@ def model_card(summary: Mapping | None, config: Mapping | None, *, export: Mappi
                                        f"({type(e).__name__})."}
     env = jinja2.Environment(loader=jinja2.PackageLoader("distil_jax", "templates"), trim_blocks=True,
                              lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.ChainableUndefined)
-    env.filters.update(count=_count, records=_records, hparams=_hparams, versions=_versions)
+    env.filters.update(num=_num, cell=_cell, records=_records, hparams=_hparams, versions=_versions)
     return env.get_template("model_card.md.jinja").render(card_data=data.to_yaml(), r=r, model_name=model_name,
                                                           name_repr=repr(model_name), NR=NOT_RECORDED, **sections)
