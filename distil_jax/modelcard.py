@@ -24,6 +24,7 @@ _SECRET_KEY = re.compile(r"(^|[_.-])(token|secret|password|api_key|apikey|creden
 _LICENSE_KEYS = ("license", "license_name", "license_link")  # license "other" names the license
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 _LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow"}  # datasets' loaders, not hub repos
+_LEAST_METADATA = "library_name: transformers\ntags:\n- distillation\n- distil_jax"  # a card_data that raised
 _SHAPE = (("layers", "num_layers"), ("width", "width"), ("query heads", "num_heads"),
           ("key/value heads", "num_kv_heads"), ("MLP width", "mlp_width"), ("vocabulary", "vocab_size"),
           ("positions", "max_positions"), ("tied LM head", "tie_word_embeddings"))
@@ -136,52 +137,43 @@ def teacher_license(name_or_path: Any) -> Optional[dict]:
     return None
 
 
-def _eval_results(summary: Mapping, config: Mapping, export: Mapping, downstream: Mapping) -> list:
-    """The model-index: the student's figures measured on the exported weights only (the
-    end-of-run perplexities when this export is the last step; the downstream tasks when they
-    ran on an export of this step)."""
-    from huggingface_hub import EvalResult
+def _card_data(r) -> str:
+    """The hub metadata (YAML): a transformers text-generation model whose base is the teacher; a license
+    only where the run's config (`license`) or the teacher's own card states one; the model-index: the
+    student's figures measured on the exported weights only (the end-of-run perplexities when this export
+    is the last step; the downstream tasks when they ran on an export of this step)."""
+    from huggingface_hub import EvalResult, ModelCardData
 
-    step, out = _num(_get(export, "step")), []
-    ev = _get(summary, "evaluation") if step == _num(_get(summary, "steps")) else None
+    step, results = _num(_get(r.export, "step")), []
+    ev = _get(r.summary, "evaluation") if step == _num(_get(r.summary, "steps")) else None
     for name, entry in ev.items() if isinstance(ev, Mapping) else ():
         ppl = _num(_get(entry, "student_end", "ppl"))
-        uri = _get(config, "eval", "evaluators", name, "uri") or \
-            (_get(config, "dataset", "uri") if name == "heldout" else None)
+        uri = _get(r.config, "eval", "evaluators", name, "uri") or \
+            (_get(r.config, "dataset", "uri") if name == "heldout" else None)
         if ppl is not None and math.isfinite(ppl):
-            out.append(EvalResult(
+            results.append(EvalResult(
                 task_type="text-generation", dataset_type=uri if _is_hub_id(uri) else name, dataset_name=name,
                 dataset_split="held-out test split" if name == "heldout" else None, metric_type="perplexity",
                 metric_name="perplexity (token-weighted)", metric_value=ppl))
-    same = step is not None and _num(_get(downstream, "student", "step")) == step
-    rows = _get(downstream, "rows") if same else None
-    for r in rows if isinstance(rows, list) else ():
-        v, ds, shots = _num(_get(r, "student")), _get(r, "dataset"), _get(r, "num_fewshot")
-        if v is not None and math.isfinite(v) and _get(r, "task") and _get(r, "metric"):
+    same = step is not None and _num(_get(r.downstream, "student", "step")) == step
+    rows = _get(r.downstream, "rows") if same else None
+    for row in rows if isinstance(rows, list) else ():
+        v, ds, shots = _num(_get(row, "student")), _get(row, "dataset"), _get(row, "num_fewshot")
+        if v is not None and math.isfinite(v) and _get(row, "task") and _get(row, "metric"):
             hub = _is_hub_id(ds) and ds not in _LOCAL_BUILDERS
-            out.append(EvalResult(
-                task_type="text-generation", dataset_type=ds if hub else r["task"], dataset_name=r["task"],
-                metric_type=r["metric"], metric_value=v, source_name="lm-evaluation-harness",
+            results.append(EvalResult(
+                task_type="text-generation", dataset_type=ds if hub else row["task"], dataset_name=row["task"],
+                metric_type=row["metric"], metric_value=v, source_name="lm-evaluation-harness",
                 source_url="https://github.com/EleutherAI/lm-evaluation-harness",
-                metric_name=None if shots is None else f"{r['metric']} ({shots}-shot)"))
-    return out
-
-
-def _card_data(summary: Mapping, config: Mapping, export: Mapping, downstream: Mapping,
-               model_name: Optional[str]):
-    """The hub metadata: a transformers text-generation model whose base is the teacher; a license
-    only where the run's config (`license`) or the teacher's own card states one."""
-    from huggingface_hub import ModelCardData
-
-    teacher, uri = teacher_of(summary, config), _get(summary, "dataset", "uri") or _get(config, "dataset", "uri")
-    model_type = _get(summary, "student", "config", "model_type") or _get(export, "student_config", "model_type")
-    results = _eval_results(summary, config, export, downstream)
+                metric_name=None if shots is None else f"{row['metric']} ({shots}-shot)"))
+    uri = _get(r.summary, "dataset", "uri") or _get(r.config, "dataset", "uri")
+    kind = _get(r.summary, "student", "config", "model_type") or _get(r.export, "student_config", "model_type")
     return ModelCardData(
-        base_model=teacher if _is_hub_id(teacher) else None, library_name="transformers",
+        base_model=r.teacher if _is_hub_id(r.teacher) else None, library_name="transformers",
         datasets=[uri] if _is_hub_id(uri) else None, pipeline_tag="text-generation",
-        tags=["distillation", "distil_jax", str(model_type or "gpt2")],
-        model_name=(model_name or "distil_jax student") if results else None, eval_results=results or None,
-        **(_license(_get(config, "license")) or _license(_get(export, "teacher_license"))))
+        tags=["distillation", "distil_jax", str(kind or "gpt2")],
+        model_name=(r.name or "distil_jax student") if results else None, eval_results=results or None,
+        **(_license(_get(r.config, "license")) or _license(_get(r.export, "teacher_license")))).to_yaml()
 
 
 # ----------------------------------------------------------------------------- sections
@@ -280,29 +272,23 @@ def model_card(summary: Mapping | None, config: Mapping | None, *, export: Mappi
     docstring; {} or None for a missing one). `model_name`: the hub repo id or folder name, for
     the title and the loading snippet."""
     import jinja2
-    from huggingface_hub import ModelCardData
 
     summary, config, export, downstream = (d if isinstance(d, Mapping) else {}
                                            for d in (summary, config, export, downstream))
-    r = SimpleNamespace(summary=summary, config=config, export=export, downstream=downstream,
+    r = SimpleNamespace(summary=summary, config=config, export=export, downstream=downstream, name=model_name,
                         s_hf=_get(summary, "student", "config") or _get(export, "student_config"),
                         s_params=_get(summary, "student", "params", default=_get(export, "params")),
                         teacher=teacher_of(summary, config), objective=_objective(_get(config, "objective")))
-    try:
-        data = _card_data(summary, config, export, downstream, model_name)
-    except Exception as e:  # never fail the export on the card
-        log.warning("model card metadata: %s: %s", type(e).__name__, e)
-        data = ModelCardData(library_name="transformers", tags=["distillation", "distil_jax"])
-    sections = {}
-    for name, fn in (("arch", _architecture), ("ev", _evaluation)):
+    sections = {"card_data": _LEAST_METADATA}
+    for name, fn in (("card_data", _card_data), ("arch", _architecture), ("ev", _evaluation)):
         try:
             sections[name] = fn(r)
-        except Exception as e:  # a malformed record: that section says so
+        except Exception as e:  # a malformed record: its section says so, the metadata is the least (never fail)
             log.warning("model card section %s: %s: %s", name, type(e).__name__, e)
-            sections[name] = {"error": "This section could not be rendered from the run's records "
-                                       f"({type(e).__name__})."}
+            sections.setdefault(name, {"error": "This section could not be rendered from the run's records "
+                                                f"({type(e).__name__})."})
     env = jinja2.Environment(loader=jinja2.PackageLoader("distil_jax", "templates"), trim_blocks=True,
                              lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.ChainableUndefined)
     env.filters.update(num=_num, cell=_cell, records=_records, hparams=_hparams, versions=_versions)
-    return env.get_template("model_card.md.jinja").render(card_data=data.to_yaml(), r=r, model_name=model_name,
+    return env.get_template("model_card.md.jinja").render(r=r, model_name=model_name,
                                                           name_repr=repr(model_name), NR=NOT_RECORDED, **sections)
