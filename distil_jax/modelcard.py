@@ -196,25 +196,19 @@ def _objective(obj: Any) -> Optional[str]:
     return "; ".join(parts) or None
 
 
-def _model(hf_config: Any, params: Any, dtype: Any) -> dict:
-    """One model's column of the architecture table, {row: value}: its class and the models' generic
-    config properties from its HF config dict as the run recorded it (none without one)."""
-    col = {"parameters": params, "weights dtype": dtype}
-    if isinstance(hf_config, Mapping) and hf_config:
-        from distil_jax import models
-
-        cfg = models.config_from_hf({"model_type": "gpt2", **hf_config})  # the first releases' records lack it
-        col["class"] = models.family(cfg).HF_ARCHITECTURES[cfg.model_type]
-        col.update((k, getattr(cfg, a)) for k, a in _SHAPE)
-    return col
-
-
 def _architecture(r) -> Optional[str]:
-    """Teacher and student side by side, with the ratio."""
-    t = _model(_get(r.summary, "teacher", "config"), _get(r.summary, "teacher", "params"),
-               _get(r.config, "teacher", "dtype"))
-    s = _model(r.s_hf, r.s_params, _get(r.export, "dtype"))
-    if "class" not in t and "class" not in s and t["parameters"] is None and s["parameters"] is None:
+    """Teacher and student side by side, with the ratio: their classes and the models' generic config
+    properties from the HF config dicts as the run recorded them (none without one)."""
+    from distil_jax import models
+
+    t = {"parameters": _get(r.summary, "teacher", "params"), "weights dtype": _get(r.config, "teacher", "dtype")}
+    s = {"parameters": r.s_params, "weights dtype": _get(r.export, "dtype")}
+    for col, hf_config in ((t, _get(r.summary, "teacher", "config")), (s, r.s_hf)):
+        if isinstance(hf_config, Mapping) and hf_config:
+            cfg = models.config_from_hf({"model_type": "gpt2", **hf_config})  # the first releases' records lack it
+            col["class"] = models.family(cfg).HF_ARCHITECTURES[cfg.model_type]
+            col.update((k, getattr(cfg, a)) for k, a in _SHAPE)
+    if all("class" not in c and c["parameters"] is None for c in (t, s)):
         return None
     rows = [(k, t.get(k), s.get(k)) for k in ("class", "parameters", *dict(_SHAPE), "weights dtype")]
     rows = [(k, _cell(a), _cell(b), f"{_num(b) / _num(a):.3f}" if _num(a) and _num(b) is not None else "")
