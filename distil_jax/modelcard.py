@@ -64,16 +64,10 @@ def _table(rows, header) -> str:
     return "\n".join("| " + " | ".join(map(esc, r)) + " |" for r in [header, ["---"] * len(header), *rows])
 
 
-def _flat(d: Mapping) -> list[tuple[str, Any]]:
-    """[("a.b.c", leaf)] of a nested dict, in insertion order; an empty dict is a leaf ({})."""
-    return [(f"{k}.{kk}" if kk else str(k), vv) for k, v in d.items()
+def _flat(d: Any) -> list[tuple[str, Any]]:
+    """[("a.b.c", leaf)] of a nested dict, in insertion order; an empty dict is a leaf ({}); [] for a non-dict."""
+    return [(f"{k}.{kk}" if kk else str(k), vv) for k, v in (d.items() if isinstance(d, Mapping) else ())
             for kk, vv in (_flat(v) if isinstance(v, Mapping) and v else [("", v)])]
-
-
-def _records(x: Any, *header: str) -> Optional[str]:
-    """A table of a nested record (resources, dataset, final_metrics), "—" for a value not set."""
-    rows = [(k, "—" if v is None else _cell(v, k)) for k, v in _flat(x)] if isinstance(x, Mapping) else []
-    return _table(rows, header or ["", "value (—: not measured or not set)"]) if rows else None
 
 
 def _redact(d: Any) -> Any:
@@ -84,10 +78,12 @@ def _redact(d: Any) -> Any:
     return [_redact(v) for v in d] if isinstance(d, (list, tuple)) else d
 
 
-def _hparams(config: Mapping) -> Optional[str]:
-    """Every value of the run's config, secrets hidden: text as is, the rest as JSON."""
-    rows = [(k, v if isinstance(v, str) and v else json.dumps(v, default=str)) for k, v in _flat(_redact(config))]
-    return _table(rows, ["config key", "value"]) if rows else None
+def _records(x: Any, *header: str, config: bool = False) -> Optional[str]:
+    """A table of a nested record (resources, dataset, final_metrics), "—" for a value not set; of the run's
+    `config`: every value, secrets hidden, text as is and the rest as JSON. None for no rows."""
+    rows = [(k, (v if isinstance(v, str) and v else json.dumps(v, default=str)) if config
+             else "—" if v is None else _cell(v, k)) for k, v in _flat(_redact(x) if config else x)]
+    return _table(rows, header or ["", "value (—: not measured or not set)"]) if rows else None
 
 
 def _versions(v: Any) -> str:
@@ -283,6 +279,6 @@ def model_card(summary: Mapping | None, config: Mapping | None, *, export: Mappi
                                                 f"({type(e).__name__})."})
     env = jinja2.Environment(loader=jinja2.PackageLoader("distil_jax", "templates"), trim_blocks=True,
                              lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.ChainableUndefined)
-    env.filters.update(num=_num, cell=_cell, records=_records, hparams=_hparams, versions=_versions)
+    env.filters.update(num=_num, cell=_cell, records=_records, versions=_versions)
     return env.get_template("model_card.md.jinja").render(r=r, model_name=model_name,
                                                           name_repr=repr(model_name), NR=NOT_RECORDED, **sections)
