@@ -53,7 +53,7 @@ def _cell(v: Any, key: str = "") -> str:
     n = _num(v)
     if n is None:
         return NOT_RECORDED if v is None or v == "" else v if isinstance(v, str) else json.dumps(v, default=str)
-    if key.endswith("_bytes"):
+    if key.endswith("_bytes") and math.isfinite(n):
         return f"{int(n):,} bytes ({n / 2 ** 20:,.1f} MiB)"
     return f"{int(n):,}" if math.isfinite(n) and n == int(n) else f"{n:.6g}"
 
