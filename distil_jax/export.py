@@ -34,7 +34,7 @@ import numpy as np
 from distil_jax import cli, fsio, hf, models, preemption
 from distil_jax.config import DTYPES
 from distil_jax.evaluate import RESULTS_FILE
-from distil_jax.modelcard import model_card, teacher_license, teacher_of
+from distil_jax.modelcard import model_card, teacher_of
 from distil_jax.versions import package_versions
 
 log = logging.getLogger("distil_jax.export")  # not __name__: "__main__" under python -m
@@ -139,7 +139,7 @@ def export(workdir: str | Path, out: str | Path, step: Optional[int] = None, dty
     step, params = _student_params(workdir, step, config)
     info = _facts(config, params, step, dtype)
     summary = _read_json(workdir / "run_summary.json", "the run summary")
-    info["teacher_license"] = teacher_license(teacher_of(summary, run_config))
+    info["teacher_license"] = hf.teacher_license(teacher_of(summary, run_config))
     downstream = _read_json(workdir / RESULTS_FILE, "the downstream evaluation") \
         if (workdir / RESULTS_FILE).exists() else {}  # optional: only after distil_jax.evaluate
     card = model_card(summary, run_config, export=info, downstream=downstream,

@@ -9,7 +9,8 @@ stores a torch Linear ([out, in]), and a stack: the blocks' parameters are stack
 layer axis, so `model.layers.3.self_attn.q_proj.weight` <-> slice 3 of
 `model/layers/self_attn/q_proj/kernel` (`models.stack_layers` / `unstack_layers`). The embedding
 and head are stored padded to `config.padded_vocab_size`: import appends zero rows, export cuts
-them, so an HF tensor always has exactly vocab_size rows.
+them, so an HF tensor always has exactly vocab_size rows. `is_hub_id` and `teacher_license` are the
+hub facts the model card states (`distil_jax.modelcard`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -28,6 +30,8 @@ from distil_jax import fsio, models
 
 log = logging.getLogger(__name__)
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+_LICENSE_KEYS = ("license", "license_name", "license_link")  # license "other" names the license
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 
@@ -218,6 +222,45 @@ def load_pretrained(name_or_path: str | os.PathLike, dtype=jnp.float32) -> tuple
     config = load_config(folder)
     state = _read_state_dict(folder)
     return config, hf_state_dict_to_params(config, state, dtype)
+
+
+# ----------------------------------------------------------------------------- hub facts (the model card)
+
+
+def is_hub_id(s: Any) -> bool:
+    """A hub repo id ("name" or "org/name"), not a local path: the hub refuses metadata whose
+    base_model / datasets are not repos on it."""
+    return isinstance(s, str) and bool(_HUB_ID.match(s)) and ".." not in s and not os.path.exists(s)
+
+
+def license_of(d: Any) -> dict:
+    """The license keys a record states (a license id, or a mapping with `license`); {} for none."""
+    d = {"license": d} if isinstance(d, str) else d if isinstance(d, Mapping) else {}
+    lic = {k: d[k] for k in _LICENSE_KEYS if isinstance(d.get(k), str) and d[k]}
+    return lic if "license" in lic else {}
+
+
+def teacher_license(name_or_path: Any) -> Optional[dict]:
+    """{"license": ...} (with license_name / license_link for "other") as the teacher's own card
+    (README.md front matter) or config.json states it, else None: from a local folder, the hub
+    cache, or the hub when huggingface_hub is online. Never raises, never guesses."""
+    import huggingface_hub
+
+    local = os.path.isdir(str(name_or_path))
+    if not local and not is_hub_id(name_or_path):
+        return None
+    for fname in ("README.md", "config.json"):
+        try:
+            # hf_hub_download: the hub cache only under HF_HUB_OFFLINE, else the hub (raises if absent)
+            path = Path(name_or_path, fname) if local else huggingface_hub.hf_hub_download(name_or_path, fname)
+            data = (huggingface_hub.metadata_load(path) if fname == "README.md"
+                    else json.loads(Path(path).read_text()))
+        except Exception as e:  # offline, no such file, a malformed card: no license
+            log.info("no license from the teacher's %s (%s: %s)", fname, type(e).__name__, e)
+            continue
+        if lic := license_of(data):
+            return lic
+    return None
 
 
 # ----------------------------------------------------------------------------- saving

@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Mapping, Optional
 
@@ -21,8 +19,6 @@ log = logging.getLogger(__name__)
 
 NOT_RECORDED = "not recorded in this run"
 _SECRET_KEY = re.compile(r"(^|[_.-])(token|secret|password|api_key|apikey|credentials?)$", re.I)
-_LICENSE_KEYS = ("license", "license_name", "license_link")  # license "other" names the license
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 _LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow"}  # datasets' loaders, not hub repos
 _LEAST_METADATA = "library_name: transformers\ntags:\n- distillation\n- distil_jax"  # a card_data that raised
 _SHAPE = (("layers", "num_layers"), ("width", "width"), ("query heads", "num_heads"),
@@ -92,45 +88,9 @@ def _versions(v: Any) -> str:
     return ", ".join(f"{k} {x}" for k, x in items)
 
 
-def _is_hub_id(s: Any) -> bool:
-    """A hub repo id ("name" or "org/name"), not a local path: the hub refuses metadata whose
-    base_model / datasets are not repos on it."""
-    return isinstance(s, str) and bool(_HUB_ID.match(s)) and ".." not in s and not os.path.exists(s)
-
-
 def teacher_of(summary: Mapping, config: Mapping) -> Optional[str]:
     """The teacher's hub id or folder, as the run recorded it."""
     return _get(summary, "teacher", "name_or_path") or _get(config, "teacher", "model_name_or_path")
-
-
-def _license(d: Any) -> dict:
-    """The license keys a record states (a license id, or a mapping with `license`); {} for none."""
-    d = {"license": d} if isinstance(d, str) else d if isinstance(d, Mapping) else {}
-    lic = {k: d[k] for k in _LICENSE_KEYS if isinstance(d.get(k), str) and d[k]}
-    return lic if "license" in lic else {}
-
-
-def teacher_license(name_or_path: Any) -> Optional[dict]:
-    """{"license": ...} (with license_name / license_link for "other") as the teacher's own card
-    (README.md front matter) or config.json states it, else None: from a local folder, the hub
-    cache, or the hub when huggingface_hub is online. Never raises, never guesses."""
-    import huggingface_hub
-
-    local = os.path.isdir(str(name_or_path))
-    if not local and not _is_hub_id(name_or_path):
-        return None
-    for fname in ("README.md", "config.json"):
-        try:
-            # hf_hub_download: the hub cache only under HF_HUB_OFFLINE, else the hub (raises if absent)
-            path = Path(name_or_path, fname) if local else huggingface_hub.hf_hub_download(name_or_path, fname)
-            data = (huggingface_hub.metadata_load(path) if fname == "README.md"
-                    else json.loads(Path(path).read_text()))
-        except Exception as e:  # offline, no such file, a malformed card: no license
-            log.info("no license from the teacher's %s (%s: %s)", fname, type(e).__name__, e)
-            continue
-        if lic := _license(data):
-            return lic
-    return None
 
 
 def _card_data(r) -> str:
@@ -140,6 +100,8 @@ def _card_data(r) -> str:
     is the last step; the downstream tasks when they ran on an export of this step)."""
     from huggingface_hub import EvalResult, ModelCardData
 
+    from distil_jax.hf import is_hub_id, license_of
+
     step, results = _num(_get(r.export, "step")), []
     ev = _get(r.summary, "evaluation") if step == _num(_get(r.summary, "steps")) else None
     for name, entry in ev.items() if isinstance(ev, Mapping) else ():
@@ -148,7 +110,7 @@ def _card_data(r) -> str:
             (_get(r.config, "dataset", "uri") if name == "heldout" else None)
         if ppl is not None and math.isfinite(ppl):
             results.append(EvalResult(
-                task_type="text-generation", dataset_type=uri if _is_hub_id(uri) else name, dataset_name=name,
+                task_type="text-generation", dataset_type=uri if is_hub_id(uri) else name, dataset_name=name,
                 dataset_split="held-out test split" if name == "heldout" else None, metric_type="perplexity",
                 metric_name="perplexity (token-weighted)", metric_value=ppl))
     same = step is not None and _num(_get(r.downstream, "student", "step")) == step
@@ -156,7 +118,7 @@ def _card_data(r) -> str:
     for row in rows if isinstance(rows, list) else ():
         v, ds, shots = _num(_get(row, "student")), _get(row, "dataset"), _get(row, "num_fewshot")
         if v is not None and math.isfinite(v) and _get(row, "task") and _get(row, "metric"):
-            hub = _is_hub_id(ds) and ds not in _LOCAL_BUILDERS
+            hub = is_hub_id(ds) and ds not in _LOCAL_BUILDERS
             results.append(EvalResult(
                 task_type="text-generation", dataset_type=ds if hub else row["task"], dataset_name=row["task"],
                 metric_type=row["metric"], metric_value=v, source_name="lm-evaluation-harness",
@@ -165,11 +127,11 @@ def _card_data(r) -> str:
     uri = _get(r.summary, "dataset", "uri") or _get(r.config, "dataset", "uri")
     kind = _get(r.summary, "student", "config", "model_type") or _get(r.export, "student_config", "model_type")
     return ModelCardData(
-        base_model=r.teacher if _is_hub_id(r.teacher) else None, library_name="transformers",
-        datasets=[uri] if _is_hub_id(uri) else None, pipeline_tag="text-generation",
+        base_model=r.teacher if is_hub_id(r.teacher) else None, library_name="transformers",
+        datasets=[uri] if is_hub_id(uri) else None, pipeline_tag="text-generation",
         tags=["distillation", "distil_jax", str(kind or "gpt2")],
         model_name=(r.name or "distil_jax student") if results else None, eval_results=results or None,
-        **(_license(_get(r.config, "license")) or _license(_get(r.export, "teacher_license")))).to_yaml()
+        **(license_of(_get(r.config, "license")) or license_of(_get(r.export, "teacher_license")))).to_yaml()
 
 
 # ----------------------------------------------------------------------------- sections

@@ -8,7 +8,8 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from distil_jax.modelcard import NOT_RECORDED, model_card, teacher_license
+from distil_jax.hf import teacher_license
+from distil_jax.modelcard import NOT_RECORDED, model_card
 from distil_jax import models
 
 TEACHER_CFG = dict(model_type="gpt2", n_layer=4, n_embd=32, n_head=4, vocab_size=101, n_positions=32)
