@@ -135,8 +135,8 @@ def _card_data(r) -> str:
 
 
 # ----------------------------------------------------------------------------- sections
-# The summary and the record tables (filters above) are the template's; _architecture and _evaluation
-# build the rest from the records `r`, and one that raises (a malformed record) says so instead.
+# The summary and the record tables (filters above) are the template's; _card_data (above), _architecture
+# and _evaluation build the rest from the records `r`, and one that raises (a malformed record) says so instead.
 
 
 def _objective(obj: Any) -> Optional[str]:
@@ -202,7 +202,7 @@ def _evaluation(r) -> dict:
     rows = [(k, labels.get(k, k.replace("_", " "))) for k in sorted(keys, key=lambda k: rank.get(k, "2" + k))]
     measured = []
     for n in names:
-        spec = _get(r.config, "eval", "evaluators", n, default={})
+        spec = _get(r.config, "eval", "evaluators", n)
         source = ", ".join(f"`{spec[k]}`" for k in ("uri", "subset", "split") if _get(spec, k)) or (
             "the run's held-out test split (never trained on)" if n == "heldout" else "source " + NOT_RECORDED)
         counts = {(_get(ev[n], k, "documents"), _get(ev[n], k, "tokens")) for k in keys} - {(None, None)}
