@@ -22,7 +22,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 from typing import Mapping, Optional
