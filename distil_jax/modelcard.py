@@ -20,7 +20,6 @@ log = logging.getLogger(__name__)
 NOT_RECORDED = "not recorded in this run"
 _SECRET_KEY = re.compile(r"(^|[_.-])(token|secret|password|api_key|apikey|credentials?)$", re.I)
 _LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow"}  # datasets' loaders, not hub repos
-_LEAST_METADATA = "library_name: transformers\ntags:\n- distillation\n- distil_jax"  # a card_data that raised
 _SHAPE = (("layers", "num_layers"), ("width", "width"), ("query heads", "num_heads"),
           ("key/value heads", "num_kv_heads"), ("MLP width", "mlp_width"), ("vocabulary", "vocab_size"),
           ("positions", "max_positions"), ("tied LM head", "tie_word_embeddings"))
@@ -224,6 +223,7 @@ def model_card(summary: Mapping | None, config: Mapping | None, *, export: Mappi
     docstring; {} or None for a missing one). `model_name`: the hub repo id or folder name, for
     the title and the loading snippet."""
     import jinja2
+    from huggingface_hub import ModelCardData
 
     summary, config, export, downstream = (d if isinstance(d, Mapping) else {}
                                            for d in (summary, config, export, downstream))
@@ -231,7 +231,8 @@ def model_card(summary: Mapping | None, config: Mapping | None, *, export: Mappi
                         s_hf=_get(summary, "student", "config") or _get(export, "student_config"),
                         s_params=_get(summary, "student", "params", default=_get(export, "params")),
                         teacher=teacher_of(summary, config), objective=_objective(_get(config, "objective")))
-    sections = {"card_data": _LEAST_METADATA}
+    # The metadata when _card_data raises: the least a hub card needs.
+    sections = {"card_data": ModelCardData(library_name="transformers", tags=["distillation", "distil_jax"]).to_yaml()}
     for name, fn in (("card_data", _card_data), ("arch", _architecture), ("ev", _evaluation)):
         try:
             sections[name] = fn(r)

@@ -61,6 +61,15 @@ def test_malformed_records_never_crash():
     assert card.startswith("---\n") and "## Framework versions" in card
 
 
+def test_metadata_that_cannot_be_built_falls_back_to_the_least():
+    """A downstream row whose task is not text: huggingface_hub cannot write its model-index, and
+    the card keeps the least hub metadata (parsed back by huggingface_hub) and every section."""
+    row = {"task": ["not", "text"], "metric": "acc", "teacher": 0.6, "student": 0.5, "ratio": 0.83, "dataset": "json"}
+    card = model_card(_summary(), {}, export={"step": 12}, downstream={"student": {"step": 12}, "rows": [row]})
+    assert ModelCard(card).data.to_dict() == {"library_name": "transformers", "tags": ["distillation", "distil_jax"]}
+    assert "could not be rendered" not in card and "student, end of training" in card
+
+
 def test_best_perplexity_is_the_lowest_and_bold():
     card = model_card(_summary(), {})
     ev = card.split("## Evaluation\n", 1)[1].split("\n## ", 1)[0]
