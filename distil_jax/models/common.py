@@ -300,6 +300,45 @@ def default_positions(input_ids: Array, segment_ids: Optional[Array],
     return jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
 
 
+def lm_forward(module: type, config: Any, params: Any, input_ids: Array, attention_mask: Optional[Array],
+               head: Optional[Array], *, output_hidden_states: bool | Sequence[int],
+               output_attentions: Sequence[int], segment_ids: Optional[Array], positions: Optional[Array],
+               deterministic: bool, dropout_rng: Optional[Array], dtype: Any, remat: bool | str,
+               attention_impl: str, single_document_rows: bool, scan_layers: bool,
+               cache: Optional[KVCache]) -> ModelOutput:
+    """Every family's `forward` after its own length checks (the arguments are its, see
+    `gpt2.forward`): builds `module` (the family's *LMHeadModel / *ForCausalLM) for the layers
+    to return, runs it on the positions and the mask (the cache's when generating), and the LM
+    head `head` [D, V] on the last hidden state [B, S, D] (None: logits None)."""
+    check_attention_impl(attention_impl, dtype)
+    if not deterministic and dropout_rng is None:
+        raise ValueError("forward(deterministic=False) needs a dropout_rng")
+    B, S = input_ids.shape
+    positions = default_positions(input_ids, segment_ids, positions, cache)
+    if cache is None:
+        mask = attention_mask_4d(B, S, attention_mask, segment_ids)
+    else:
+        mask, valid = cache.mask(attention_mask, S)
+    model = module(
+        config,
+        dtype=dtype,
+        attention_layers=normalize_layers(output_attentions, config.num_layers),
+        hidden_layers=hidden_layers(output_hidden_states, config.num_layers),
+        remat=remat,
+        deterministic=deterministic,
+        fused=FusedAttention(attention_impl, single_document_rows),
+        scan_layers=scan_layers,
+    )
+    rngs = None if deterministic else {"dropout": dropout_rng}
+    x, hidden_states, attentions = model.apply({"params": params}, input_ids, mask, positions,
+                                               cache, rngs=rngs)
+    if cache is not None:  # the blocks returned the new (keys, values) in the attentions' place
+        cache, attentions = cache.written(attentions, valid, S), {}
+    # The head accumulates in float32 (head_logits): logits feed float32 softmax-based losses.
+    logits = None if head is None else head_logits(x, head)
+    return ModelOutput(logits, x, hidden_states, attentions, cache)
+
+
 def attend(q: Array, k: Array, v: Array, mask: Array, scale: float, *, materialize: bool,
            dropout: Optional[Callable[[Array], Array]], fused: FusedAttention,
            dtype: Any) -> tuple[Array, Optional[Array]]:

@@ -40,10 +40,9 @@ import jax
 import jax.numpy as jnp
 
 from distil_jax.models.common import (FusedAttention, KVCache, ModelOutput, attend,
-                                      attention_mask_4d, check_attention_impl, collect_hidden,
-                                      constrain, default_positions, head_logits, hidden_layers,
-                                      normalize_layers, pad_vocab, padded_vocab_size, unpad_vocab,
-                                      write_kv, zero_vocab_padding)
+                                      attention_mask_4d, collect_hidden, constrain, lm_forward,
+                                      pad_vocab, padded_vocab_size, unpad_vocab, write_kv,
+                                      zero_vocab_padding)
 from distil_jax.models import stack
 
 Array = jax.Array
@@ -383,38 +382,19 @@ def forward(
         given; the output's `cache` is the updated one. Not with hidden states, attentions,
         segment_ids or dropout.
     """
-    check_attention_impl(attention_impl, dtype)
-    B, S = input_ids.shape
-    length = S if cache is None else cache.valid.shape[1]
+    length = input_ids.shape[1] if cache is None else cache.valid.shape[1]
     if length > config.n_positions:
         raise ValueError(
             f"sequence length {length} exceeds the model's n_positions={config.n_positions}; "
             f"truncate inputs to at most {config.n_positions} tokens"
         )
-    positions = default_positions(input_ids, segment_ids, positions, cache)
-    if cache is None:
-        mask = attention_mask_4d(B, S, attention_mask, segment_ids)
-    else:
-        mask, valid = cache.mask(attention_mask, S)
-    model = GPT2LMHeadModel(
-        config,
-        dtype=dtype,
-        attention_layers=normalize_layers(output_attentions, config.n_layer),
-        hidden_layers=hidden_layers(output_hidden_states, config.n_layer),
-        remat=remat,
-        deterministic=deterministic,
-        fused=FusedAttention(attention_impl, single_document_rows),
-        scan_layers=scan_layers,
-    )
-    rngs = None if deterministic else {"dropout": dropout_rng}
-    if not deterministic and dropout_rng is None:
-        raise ValueError("forward(deterministic=False) needs a dropout_rng")
-    x, hidden_states, attentions = model.apply({"params": params}, input_ids, mask, positions,
-                                               cache, rngs=rngs)
-    if cache is not None:  # the blocks returned the new (keys, values) in the attentions' place
-        cache, attentions = cache.written(attentions, valid, S), {}
-    logits = None if return_last_hidden else head_logits(x, lm_head(config, params))
-    return ModelOutput(logits, x, hidden_states, attentions, cache)
+    return lm_forward(
+        GPT2LMHeadModel, config, params, input_ids, attention_mask,
+        None if return_last_hidden else lm_head(config, params),
+        output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+        segment_ids=segment_ids, positions=positions, deterministic=deterministic,
+        dropout_rng=dropout_rng, dtype=dtype, remat=remat, attention_impl=attention_impl,
+        single_document_rows=single_document_rows, scan_layers=scan_layers, cache=cache)
 
 
 def init_params(config: GPT2Config, rng: Array, param_dtype: Any = jnp.float32) -> dict:
