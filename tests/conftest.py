@@ -17,5 +17,17 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 # The demo teacher's cache (distil_jax.demo.teacher.cache_root) beside it, never the user's ~/.cache.
 os.environ.setdefault("DISTIL_JAX_CACHE",
                       str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "distil_jax"))
-# Programs that compile in under 0.2 s are cheaper to compile again than to look up.
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# Every program, however quick to compile: the many small ones (placement, evaluation, the
+# optimizer's init) add up across the suite's processes, and a lookup is a few milliseconds.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+# The longest files first: `make test` gives whole files to its two workers (--dist loadfile) in
+# collection order, so a long file collected last (test_sharding.py, alphabetically late) keeps
+# one worker busy after the other has finished; started first, the short files fill in around it.
+_LONGEST_FIRST = ("test_sharding.py", "test_train_step.py", "test_train.py", "test_teacher_cache.py",
+                  "test_bench.py", "test_scan.py", "test_chat.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept within
