@@ -15,6 +15,7 @@ Owns two things that let distil_jax run end to end with no network:
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import os
 import sysconfig
@@ -71,8 +72,10 @@ def _walk_docstrings(body: list[ast.stmt], prefix: str = "") -> Iterator[str]:
             # Nested functions are implementation details; their docstrings are rare and terse.
 
 
+@functools.lru_cache(maxsize=None)
 def _module_document(path: str) -> str | None:
-    """The module docstring followed by its class/function docstrings, or None if unparseable."""
+    """The module docstring followed by its class/function docstrings, or None if unparseable.
+    Cached per process: parsing the stdlib is ~3 s, and the tests build many demo workdirs."""
     try:
         with open(path, "rb") as f:
             source = f.read()
