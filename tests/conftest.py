@@ -18,7 +18,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("DISTIL_JAX_CACHE",
                       str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "distil_jax"))
 # Every program, however quick to compile: the many small ones (placement, evaluation, the
-# optimizer's init) add up across the suite's processes, and a lookup is a few milliseconds.
+# optimizer's init) add up across the suite's processes, and reading one back is cheaper than
+# compiling it again, even for the smallest.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 # The longest files first: `make test` gives whole files to its two workers (--dist loadfile) in

@@ -110,8 +110,8 @@ def init_cache(config, batch: int, length: int, dtype: Any = jnp.float32) -> KVC
 
 def init_params(config, rng: jax.Array, param_dtype: Any = jnp.float32) -> dict:
     """Random parameters with the family's HF init (see its `init_params`), as one compiled
-    program: run eagerly, flax's init dispatches (and compiles) each operation alone, 6-7 s for
-    a 2-layer model on a CPU."""
+    program: run eagerly, flax's init dispatches (and compiles) each operation alone, seconds
+    even for a tiny model, in every process that builds one."""
     return jax.jit(lambda r: family(config).init_params(config, r, param_dtype))(rng)
 
 
