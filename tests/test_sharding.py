@@ -453,6 +453,13 @@ def test_resume_on_a_changed_explicit_mesh(twelve_steps, tmp_path):
 
 
 @pytest.fixture(scope="module")
+def data2_twelve_steps(tmp_path_factory):
+    """(the uninterrupted run at data=2 in ONE process on two devices, its arguments)."""
+    args = ("--config.train.mesh.data=2",)
+    return _reference_run(tmp_path_factory, "data2", 12, 2, *args, devices=2), args
+
+
+@pytest.fixture(scope="module")
 def fsdp2_twelve_steps(tmp_path_factory):
     """(the uninterrupted run at fsdp=2 in ONE process on two devices, its arguments). FSDP over
     two processes: each holds half of every large parameter and of its Adam moments and builds
@@ -529,20 +536,13 @@ def test_two_processes_resume_after_sigkill(mesh, request, tmp_path):
     new coordinator port: neither is refused nor hangs (process_id and the coordinator are launch
     facts), both exit 0, and the result equals an uninterrupted run within SHARD_TOL.
 
-    data2 (one device per process, data=2): against the uninterrupted two-process run (against
-    the one-device run, 12 steps of another reduction order drift past SHARD_TOL on near-zero
-    Adam updates; test_two_processes_equal_one compares 4 steps). fsdp2 (data=1 x fsdp=2, padded
-    rows): against one process on two devices with the same mesh, the same program; and the
-    export of the two-process workdir loads in transformers."""
-    args = ("--config.train.max_steps=12", "--config.train.save_steps=2")
-    if mesh == "data2":
-        whole = T.seed_workdir(request.getfixturevalue("twelve_steps"), tmp_path / "whole")
-        procs = _launch(whole, 2, _free_port(), *args)
-        for p, (_, err) in zip(procs, [p.communicate(timeout=600) for p in procs]):
-            assert p.returncode == 0, err[-3000:]
-    else:
-        whole, mesh_args = request.getfixturevalue("fsdp2_twelve_steps")
-        args += mesh_args
+    Each against one process on two devices with the same mesh, the same program (against the
+    one-device run, 12 steps of another reduction order drift past SHARD_TOL on near-zero Adam
+    updates; test_two_processes_equal_one compares 4 steps): data2 (one device per process,
+    data=2); fsdp2 (data=1 x fsdp=2, padded rows), whose export of the two-process workdir also
+    loads in transformers."""
+    whole, mesh_args = request.getfixturevalue(f"{mesh}_twelve_steps")
+    args = ("--config.train.max_steps=12", "--config.train.save_steps=2", *mesh_args)
     workdir = T.seed_workdir(whole, tmp_path / "two")
     at_kill = _kill_after_checkpoint_2(workdir, args)
     procs = _launch(workdir, 2, _free_port(), *args)
