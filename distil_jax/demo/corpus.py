@@ -75,7 +75,7 @@ def _walk_docstrings(body: list[ast.stmt], prefix: str = "") -> Iterator[str]:
 @functools.lru_cache(maxsize=None)
 def _module_document(path: str) -> str | None:
     """The module docstring followed by its class/function docstrings, or None if unparseable.
-    Cached per process: parsing the stdlib is ~3 s, and the tests build many demo workdirs."""
+    Cached per process: the tests build many demo workdirs, each parsing the same stdlib files."""
     try:
         with open(path, "rb") as f:
             source = f.read()

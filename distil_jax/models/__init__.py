@@ -43,6 +43,7 @@ A third family is one more module and one line in `_FAMILIES`.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from types import ModuleType
@@ -110,9 +111,14 @@ def init_cache(config, batch: int, length: int, dtype: Any = jnp.float32) -> KVC
 
 def init_params(config, rng: jax.Array, param_dtype: Any = jnp.float32) -> dict:
     """Random parameters with the family's HF init (see its `init_params`), as one compiled
-    program: run eagerly, flax's init dispatches (and compiles) each operation alone, seconds
-    even for a tiny model, in every process that builds one."""
-    return jax.jit(lambda r: family(config).init_params(config, r, param_dtype))(rng)
+    program, compiled once per config and dtype: run eagerly, flax's init dispatches (and
+    compiles) each operation alone, seconds even for a tiny model."""
+    return _jitted_init(config, rng, param_dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))  # configs are frozen dataclasses: hashable
+def _jitted_init(config, rng: jax.Array, param_dtype: Any) -> dict:
+    return family(config).init_params(config, rng, param_dtype)
 
 
 def lm_head(config, params: Mapping) -> jax.Array:
