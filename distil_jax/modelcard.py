@@ -1,10 +1,8 @@
-"""The model card (`README.md`) of an exported student: `templates/model_card.md.jinja` under hub
-metadata (`huggingface_hub.ModelCardData`, the model-index as `EvalResult`s), from the run's records:
-run_summary.json, config.json, this export's facts (`export`) and evals_downstream.json
-(`distil_jax.evaluate`). A missing record says "not recorded in this run", a malformed one makes its
-section say it could not be rendered: never an exception. The best perplexity is the lowest (Distily
-bolds the highest).
-"""
+"""The model card (`README.md`) of an exported student: `templates/model_card.md.jinja` under hub metadata
+(`huggingface_hub.ModelCardData`), from the run's records: run_summary.json, config.json, this export's facts
+(`export`) and evals_downstream.json (`distil_jax.evaluate`). A missing record says "not recorded in this run",
+a malformed one makes its section say it could not be rendered, never an exception. The best perplexity is the
+lowest (Distily bolds the highest)."""
 
 from __future__ import annotations
 
@@ -59,12 +57,6 @@ def _table(rows, header) -> str:
     return "\n".join("| " + " | ".join(map(esc, r)) + " |" for r in [header, ["---"] * len(header), *rows])
 
 
-def _flat(d: Any) -> list[tuple[str, Any]]:
-    """[("a.b.c", leaf)] of a nested dict, in insertion order; an empty dict is a leaf ({}); [] for a non-dict."""
-    return [(f"{k}.{kk}" if kk else str(k), vv) for k, v in (d.items() if isinstance(d, Mapping) else ())
-            for kk, vv in (_flat(v) if isinstance(v, Mapping) and v else [("", v)])]
-
-
 def _redact(d: Any) -> Any:
     """A copy of a nested config with secret-looking keys (`*_token`, `password`, ...) hidden."""
     if isinstance(d, Mapping):
@@ -74,10 +66,14 @@ def _redact(d: Any) -> Any:
 
 
 def _records(x: Any, *header: str, config: bool = False) -> Optional[str]:
-    """A table of a nested record (resources, dataset, final_metrics), "—" for a value not set; of the run's
-    `config`: every value, secrets hidden, text as is and the rest as JSON. None for no rows."""
+    """A table of a nested record (resources, dataset), "—" for a value not set; of the run's `config`: every
+    value, secrets hidden, text as is and the rest as JSON. None for no rows."""
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(_redact(x), keep_empty_nodes=True, sep=".") if isinstance(x, dict) else {}
+    rows = [(k, {} if v is traverse_util.empty_node else v) for k, v in flat.items()]
     rows = [(k, (v if isinstance(v, str) and v else json.dumps(v, default=str)) if config
-             else "—" if v is None else _cell(v, k)) for k, v in _flat(_redact(x) if config else x)]
+             else "—" if v is None else _cell(v, k)) for k, v in rows]
     return _table(rows, header or ["", "value (—: not measured or not set)"]) if rows else None
 
 
@@ -93,49 +89,43 @@ def teacher_of(summary: Mapping, config: Mapping) -> Optional[str]:
 
 
 def _card_data(r) -> str:
-    """The hub metadata (YAML): a transformers text-generation model whose base is the teacher; a license
-    only where the run's config (`license`) or the teacher's own card states one; the model-index: the
-    student's figures measured on the exported weights only (the end-of-run perplexities when this export
-    is the last step; the downstream tasks when they ran on an export of this step)."""
+    """The hub metadata (YAML): a transformers text-generation model whose base is the teacher; a license only
+    where the run's config (`license`) or the teacher's own card states one; the model-index: the student's
+    figures measured on this export's weights only (the end-of-run perplexities when it is the last step, the
+    downstream tasks when they ran on an export of this step)."""
     from huggingface_hub import EvalResult, ModelCardData
 
     from distil_jax.hf import is_hub_id, license_of
 
     step, results = _num(_get(r.export, "step")), []
-    ev = _get(r.summary, "evaluation") if step == _num(_get(r.summary, "steps")) else None
+
+    def add(value, name, dataset, **kw):  # a finite figure; the dataset named by its hub id where it has one
+        if (v := _num(value)) is not None and math.isfinite(v):
+            hub = is_hub_id(dataset) and dataset not in _LOCAL_BUILDERS
+            results.append(EvalResult(task_type="text-generation", dataset_type=dataset if hub else name,
+                                      dataset_name=name, metric_value=v, **kw))
+
+    ev = _get(r.summary, "evaluation") if step is not None and step == _num(_get(r.summary, "steps")) else None
     for name, entry in ev.items() if isinstance(ev, Mapping) else ():
-        ppl = _num(_get(entry, "student_end", "ppl"))
-        uri = _get(r.config, "eval", "evaluators", name, "uri") or \
-            (_get(r.config, "dataset", "uri") if name == "heldout" else None)
-        if ppl is not None and math.isfinite(ppl):
-            results.append(EvalResult(
-                task_type="text-generation", dataset_type=uri if is_hub_id(uri) else name, dataset_name=name,
-                dataset_split="held-out test split" if name == "heldout" else None, metric_type="perplexity",
-                metric_name="perplexity (token-weighted)", metric_value=ppl))
+        add(_get(entry, "student_end", "ppl"), name, _get(r.config, "eval", "evaluators", name, "uri") or
+            (_get(r.config, "dataset", "uri") if name == "heldout" else None), metric_type="perplexity",
+            dataset_split="held-out test split" if name == "heldout" else None,
+            metric_name="perplexity (token-weighted)")
     same = step is not None and _num(_get(r.downstream, "student", "step")) == step
-    rows = _get(r.downstream, "rows") if same else None
-    for row in rows if isinstance(rows, list) else ():
-        v, ds, shots = _num(_get(row, "student")), _get(row, "dataset"), _get(row, "num_fewshot")
-        if v is not None and math.isfinite(v) and _get(row, "task") and _get(row, "metric"):
-            hub = is_hub_id(ds) and ds not in _LOCAL_BUILDERS
-            results.append(EvalResult(
-                task_type="text-generation", dataset_type=ds if hub else row["task"], dataset_name=row["task"],
-                metric_type=row["metric"], metric_value=v, source_name="lm-evaluation-harness",
-                source_url="https://github.com/EleutherAI/lm-evaluation-harness",
-                metric_name=None if shots is None else f"{row['metric']} ({shots}-shot)"))
+    for row in _get(r.downstream, "rows") if same and isinstance(_get(r.downstream, "rows"), list) else ():
+        if _get(row, "task") and _get(row, "metric"):
+            shots = _get(row, "num_fewshot")
+            add(_get(row, "student"), row["task"], _get(row, "dataset"), metric_type=row["metric"],
+                metric_name=None if shots is None else f"{row['metric']} ({shots}-shot)",
+                source_name="lm-evaluation-harness", source_url="https://github.com/EleutherAI/lm-evaluation-harness")
     uri = _get(r.summary, "dataset", "uri") or _get(r.config, "dataset", "uri")
-    kind = _get(r.summary, "student", "config", "model_type") or _get(r.export, "student_config", "model_type")
+    kind = _get(r.s_hf, "model_type")
     return ModelCardData(
         base_model=r.teacher if is_hub_id(r.teacher) else None, library_name="transformers",
         datasets=[uri] if is_hub_id(uri) else None, pipeline_tag="text-generation",
         tags=["distillation", "distil_jax", str(kind or "gpt2")],
         model_name=(r.name or "distil_jax student") if results else None, eval_results=results or None,
         **(license_of(_get(r.config, "license")) or license_of(_get(r.export, "teacher_license")))).to_yaml()
-
-
-# ----------------------------------------------------------------------------- sections
-# The summary and the record tables (filters above) are the template's; _card_data (above), _architecture
-# and _evaluation build the rest from the records `r`, and one that raises (a malformed record) says so instead.
 
 
 def _objective(obj: Any) -> Optional[str]:
@@ -170,9 +160,8 @@ def _architecture(r) -> Optional[str]:
     rows = [(k, t.get(k), s.get(k)) for k in ("class", "parameters", *dict(_SHAPE), "weights dtype")]
     rows = [(k, _cell(a), _cell(b), f"{_num(b) / _num(a):.3f}" if _num(a) and _num(b) is not None else "")
             for k, a, b in rows]
-    rows += [("size of the weights (this export)", "", _cell(_get(r.export, "weight_bytes"), "_bytes"), ""),
-             ("training compute dtype (train.dtype)", "", _cell(_get(r.config, "train", "dtype")), "")]
-    return _table(rows, ["", "teacher", "student", "student / teacher"])
+    return _table(rows + [("size of the weights (this export)", "", _cell(_get(r.export, "weight_bytes"), "_bytes"),
+                           "")], ["", "teacher", "student", "student / teacher"])
 
 
 def _ppl_table(ev: Mapping, names: list, rows: list, metric: str) -> str:
@@ -187,41 +176,36 @@ def _ppl_table(ev: Mapping, names: list, rows: list, metric: str) -> str:
 
 
 def _evaluation(r) -> dict:
-    """The perplexity tables (the run's and Distily's figure), what they measured, the downstream table."""
+    """The perplexity tables (the run's figure and Distily's), what each evaluator measured, the downstream table."""
+    from distil_jax.evaluate import markdown
+
     ev = _get(r.summary, "evaluation")
     names = [n for n, e in ev.items() if isinstance(e, Mapping)] if isinstance(ev, Mapping) else []
-    keys = dict.fromkeys(k for n in names for k, v in ev[n].items() if isinstance(v, Mapping))
-    step = next((s for n in names if (s := _get(ev[n], "student_end", "step")) is not None),
-                _get(r.summary, "steps"))
+    step = next((s for n in names if (s := _get(ev[n], "student_end", "step")) is not None), _get(r.summary, "steps"))
     who = _get(r.summary, "teacher", "name_or_path")
-    labels = {"teacher": f"teacher ({who})" if who else "teacher",
-              "student_start": "student, before training (step 0)",
-              "student_end": "student, end of training" + ("" if step is None else f" (step {_cell(_num(step))})")}
-    rank = {"teacher": "0", "student_start": "1", "student_end": "3"}  # others: between, by name
-    rows = [(k, labels.get(k, k.replace("_", " "))) for k in sorted(keys, key=lambda k: rank.get(k, "2" + k))]
+    rows = [("teacher", f"teacher ({who})" if who else "teacher"),
+            ("student_start", "student, before training (step 0)"),
+            ("student_end", "student, end of training" + ("" if step is None else f" (step {_cell(_num(step))})"))]
+    rows = [(k, label) for k, label in rows if any(isinstance(_get(ev[n], k), Mapping) for n in names)]
     measured = []
-    for n in names:
+    for n in names:  # the source, and the documents and tokens every model was scored on
         spec = _get(r.config, "eval", "evaluators", n)
         source = ", ".join(f"`{spec[k]}`" for k in ("uri", "subset", "split") if _get(spec, k)) or (
             "the run's held-out test split (never trained on)" if n == "heldout" else "source " + NOT_RECORDED)
-        counts = {(_get(ev[n], k, "documents"), _get(ev[n], k, "tokens")) for k in keys} - {(None, None)}
-        counts = "; ".join(f"{_cell(_num(d))} documents, {_cell(_num(t))} predicted tokens"
-                           for d, t in sorted(counts, key=str))
-        measured.append(f"`{n}`: {source}; {counts or 'counts ' + NOT_RECORDED}")
-    distily = any(_num(_get(ev[n], k, "distily_ppl")) is not None for n in names for k in keys)
+        d, t = next(((_get(v, "documents"), _get(v, "tokens")) for v in ev[n].values() if _get(v, "tokens")), (0, 0))
+        measured.append(f"`{n}`: {source}; " + (f"{_cell(_num(d))} documents, {_cell(_num(t))} predicted tokens"
+                                                 if t else "counts " + NOT_RECORDED))
+    distily = any(_num(_get(ev[n], k, "distily_ppl")) is not None for n in names for k, _ in rows)
     down = _get(r.downstream, "rows")
-    from distil_jax.evaluate import markdown
-
-    return dict(measured=measured, ppl=names and _ppl_table(ev, names, rows, "ppl"),
+    return dict(measured=measured, ppl=rows and _ppl_table(ev, names, rows, "ppl"),
                 distily=distily and _ppl_table(ev, names, rows, "distily_ppl"),
                 downstream=isinstance(down, list) and markdown([x for x in down if isinstance(x, Mapping)]))
 
 
 def model_card(summary: Mapping | None, config: Mapping | None, *, export: Mapping | None = None,
                downstream: Mapping | None = None, model_name: str | None = None) -> str:
-    """The card's markdown (YAML front matter + sections), from the run's records (see the module
-    docstring; {} or None for a missing one). `model_name`: the hub repo id or folder name, for
-    the title and the loading snippet."""
+    """The card's markdown (YAML front matter + sections), from the run's records (see the module docstring;
+    {} or None for a missing one). `model_name`: the hub repo id or folder name, for the title and the snippet."""
     import jinja2
     from huggingface_hub import ModelCardData
 
@@ -231,17 +215,18 @@ def model_card(summary: Mapping | None, config: Mapping | None, *, export: Mappi
                         s_hf=_get(summary, "student", "config") or _get(export, "student_config"),
                         s_params=_get(summary, "student", "params", default=_get(export, "params")),
                         teacher=teacher_of(summary, config), objective=_objective(_get(config, "objective")))
-    # The metadata when _card_data raises: the least a hub card needs.
+    # The template renders the summary and the record tables; these three build the rest, and one that raises
+    # (a malformed record) says so instead. The metadata then is the least a hub card needs.
     sections = {"card_data": ModelCardData(library_name="transformers", tags=["distillation", "distil_jax"]).to_yaml()}
     for name, fn in (("card_data", _card_data), ("arch", _architecture), ("ev", _evaluation)):
         try:
             sections[name] = fn(r)
-        except Exception as e:  # a malformed record: its section says so, the metadata is the least (never fail)
+        except Exception as e:
             log.warning("model card section %s: %s: %s", name, type(e).__name__, e)
-            sections.setdefault(name, {"error": "This section could not be rendered from the run's records "
+            sections.setdefault(name, {"error": f"This section could not be rendered from the run's records "
                                                 f"({type(e).__name__})."})
     env = jinja2.Environment(loader=jinja2.PackageLoader("distil_jax", "templates"), trim_blocks=True,
                              lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.ChainableUndefined)
     env.filters.update(num=_num, cell=_cell, records=_records, versions=_versions)
-    return env.get_template("model_card.md.jinja").render(r=r, model_name=model_name,
-                                                          name_repr=repr(model_name), NR=NOT_RECORDED, **sections)
+    return env.get_template("model_card.md.jinja").render(r=r, model_name=model_name, name_repr=repr(model_name),
+                                                          NR=NOT_RECORDED, **sections)

@@ -134,6 +134,9 @@ def test_metadata_round_trips_through_huggingface_hub():
     assert card.text.lstrip().startswith("# me/student")
     # An earlier step's export: the end-of-run figures were measured on other weights.
     assert ModelCard(model_card(s, config, export={"step": 5})).data.eval_results is None
+    # A local file's loader ("json") is no hub dataset: the result names the evaluator instead.
+    (local,) = ModelCard(model_card(s, {"dataset": {"uri": "json"}}, export={"step": 12})).data.eval_results
+    assert (local.dataset_type, local.dataset_name) == ("heldout", "heldout")
 
 
 def test_license_is_stated_never_invented(tmp_path):
