@@ -43,9 +43,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.teacher.cache_k = 64  # top-k tokens per position recorded (training may use fewer)
     c.teacher.cache_dtype = "float16"  # stored log-probabilities: float16 or float32
     # Tokens drawn per position from the teacher's distribution outside the top k (recorded
-    # with them; kl and ce estimate the tail's share from them without bias). 0 = none. On the
-    # demo, k = 64 alone left the student 8.4 % above the online one's perplexity, with 8 tail
-    # samples 0.6 % (docs/teacher_cache.md).
+    # with them; kl and ce estimate the tail's share from them without bias). 0 = none. What they
+    # buy on the demo's perplexity: docs/teacher_cache.md.
     c.teacher.cache_tail_samples = 8
 
     c.tokenizer_name_or_path = ""  # "" = the teacher's tokenizer

@@ -433,7 +433,7 @@ def _head_matmul_bwd(res, g):
     gradient g [N, V] transposed: d_head = hidden^T g [D, V] transposes the small [N, D] states
     instead. Left to autodiff, XLA's CPU backend computes the tied embedding's gradient as
     g^T hidden [V, D] and writes a transposed copy of g for it (recomputing the softmax
-    backward into it): 0.44 s of a 7.3 s step at the CPU bench's shape (docs/benchmarks.md)."""
+    backward into it, a large fusion of the CPU bench's step (docs/benchmarks.md)."""
     hidden, head = res
     # The same mixed-dtype products (float32 g, compute-dtype operands, float32 accumulation)
     # and casts as autodiff's: the gradients equal its up to the order of float32 sums.

@@ -124,8 +124,8 @@ def frozen_bits(params: Any) -> Any:
 
     Why: XLA:CPU computes bfloat16 matmuls in float32 and moves the conversion of a scan's
     loop-invariant weights out of the loop, so a bfloat16 teacher's whole stacked segment
-    existed a second time in float32 (3 GB per device for the Llama-3.1-8B-shaped teacher at
-    fsdp=8), and it all-gathers bfloat16 shards as float32. Integer bits are converted
+    existed a second time in float32 (docs/scaling.md measures it on the Llama-3.1-8B-shaped
+    teacher), and it all-gathers bfloat16 shards as float32. Integer bits are converted
     nowhere and gathered at two bytes; the bitcast back is free. The values are the same bits
     (tested). Integer leaves carry no gradient, hence only for a model that gets none."""
     from distil_jax.models.common import xla_cpu

@@ -36,7 +36,7 @@ Array = jax.Array
 _DISTRIBUTION_LOSSES = ("kl", "reverse_kl", "cakld", "jsd", "ce", "soft_mse")
 # By default the logits losses run chunked only when their full-size float32 arrays would take
 # more than this share of the device's memory: chunking recomputes both LM heads in the backward
-# pass (+27 % step time on a CPU at 4 x 256), so it is for memory that would not fit otherwise.
+# pass (its cost: docs/benchmarks.md), so it is for memory that would not fit otherwise.
 AUTO_CHUNK_MEMORY_SHARE = 0.25
 # float32 bytes per logit (B·S·V entries) held at once unchunked: both models' logits, the
 # student's gradient and one softmax residual.
