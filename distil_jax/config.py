@@ -173,6 +173,10 @@ def default_config() -> ml_collections.ConfigDict:
     # Seconds without a heartbeat after which a lost process fails the whole run (the others
     # exit with an error instead of waiting in a collective forever).
     c.train.heartbeat_timeout_s = 100
+    # jax's persistent compilation cache, so a resumed or repeated run reads its compiled step
+    # back: a folder; None = JAX_COMPILATION_CACHE_DIR if set, else <distil_jax cache>/jax_compilation
+    # ($DISTIL_JAX_CACHE, else ~/.cache/distil_jax); "" = none.
+    c.train.compilation_cache = placeholder(str)
     c.train.log_steps = 25
     c.train.save_steps = 500
     c.train.save_total_limit = 2  # checkpoints kept (the newest)

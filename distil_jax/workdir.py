@@ -47,12 +47,13 @@ ADDED = {"dataset.loss_on": "all", "dataset.streaming": False, "dataset.completi
          "objective.on_policy.lmbda": 0.0, "objective.on_policy.max_new_tokens": 16,
          "objective.on_policy.temperature": 1.0, "objective.on_policy.top_k": 0,
          "objective.on_policy.top_p": 1.0, "objective.on_policy.seq_kd": False,
-         "objective.on_policy.prompt_tokens": 8}
+         "objective.on_policy.prompt_tokens": 8, "train.compilation_cache": None}
 # How a session is launched, not what it computes: the processes (each has its own process_id,
-# and a restarted job gets a new coordinator) and the device mesh (docs/scaling.md: a run may
-# resume on another mesh; the result moves only within float reduction order). Recorded too.
+# and a restarted job gets a new coordinator), the device mesh (docs/scaling.md: a run may
+# resume on another mesh; the result moves only within float reduction order) and where compiled
+# programs are cached. Recorded too.
 LAUNCH = ("train.coordinator_address", "train.num_processes", "train.process_id",
-          "train.heartbeat_timeout_s", "train.mesh")
+          "train.heartbeat_timeout_s", "train.mesh", "train.compilation_cache")
 
 
 def is_neutral(field: str) -> bool:

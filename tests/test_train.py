@@ -480,6 +480,55 @@ def test_cli_read_only_workdir_is_one_line(capsys):
     assert err.startswith("error: cannot write /sys/distil_jax_test") and "use a writable --workdir" in err
 
 
+@pytest.fixture
+def jax_cache_settings():
+    """jax's compilation-cache settings as the suite had them, back after the test."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    saved = jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache
+    yield saved[0]
+    jax.config.update("jax_compilation_cache_dir", saved[0])
+    jax.config.update("jax_enable_compilation_cache", saved[1])
+    cc.reset_cache()
+
+
+def test_compilation_cache_is_the_configs_folder(jax_cache_settings, tmp_path, monkeypatch, caplog):
+    """train.compilation_cache: jax writes what it compiles into the named folder (and a restarted
+    run reads it back from there); "" writes nothing; the default is jax's own folder when it
+    has one, else <distil_jax cache>/jax_compilation. A folder that cannot be created: a one-line
+    error when the config names it, before any work; a warning and no cache for the default."""
+    import jax.numpy as jnp
+
+    from distil_jax.teacher_cache import record
+    from distil_jax.training.builders import use_compilation_cache
+
+    assert use_compilation_cache(None) == jax_cache_settings  # the suite's (tests/conftest.py)
+    folder = tmp_path / "jc"
+    assert use_compilation_cache(str(folder)) == str(folder)
+    jax.jit(lambda x: x * 3.0 + 1.0)(jnp.arange(5.0)).block_until_ready()
+    written = sorted(folder.iterdir())
+    assert written  # the suite caches every program (JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0)
+    assert use_compilation_cache("") is None
+    jax.jit(lambda x: x * 5.0 - 2.0)(jnp.arange(5.0)).block_until_ready()
+    assert sorted(folder.iterdir()) == written
+    jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_enable_compilation_cache", True)
+    monkeypatch.setenv("DISTIL_JAX_CACHE", str(tmp_path / "dj"))
+    assert use_compilation_cache(None) == str(tmp_path / "dj" / "jax_compilation")
+    if _sys_is_read_only():
+        bad = "/sys/distil_jax_test/jc"
+        for run in (lambda c: train(c, tmp_path / "w"), lambda c: record(c, tmp_path / "r")):
+            with pytest.raises(ValueError, match=f"train.compilation_cache='{bad}': cannot create it "):
+                run(tiny_config(**{"train.compilation_cache": bad}))
+        assert not (tmp_path / "w").exists() and not (tmp_path / "r").exists()
+        jax.config.update("jax_compilation_cache_dir", None)
+        monkeypatch.setenv("DISTIL_JAX_CACHE", "/sys/distil_jax_test")
+        with caplog.at_level(logging.WARNING, logger="distil_jax"):
+            assert use_compilation_cache(None) is None
+        assert "no compilation cache: cannot create /sys/distil_jax_test/jax_compilation" in caplog.text
+        assert not jax.config.jax_enable_compilation_cache
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_with_a_note_on_resuming(trained, tmp_path, capsys, monkeypatch):
     """Ctrl-C (KeyboardInterrupt) in the middle of the loop: exit status 130, one note on how to

@@ -111,6 +111,7 @@ def _prepare(config, workdir, shard_rows: int) -> _Recording:
     from distil_jax.training import builders  # not at import: training imports teacher_cache
 
     config = validate(ml_collections.ConfigDict(config.to_dict()))
+    builders.use_compilation_cache(config.train.compilation_cache)
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     config = builders.with_demo_inputs(config, workdir)

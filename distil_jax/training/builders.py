@@ -9,6 +9,7 @@ theirs with the same functions.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -22,6 +23,42 @@ from distil_jax.config import DTYPES
 from distil_jax.objectives.objective import Objective
 from distil_jax.train_step import StepConfig, create_train_state, make_optimizer
 from distil_jax.training.on_policy import OnPolicy
+
+log = logging.getLogger("distil_jax")
+
+
+def use_compilation_cache(path: Optional[str]) -> Optional[str]:
+    """Turn on jax's persistent compilation cache for this process (a process-wide jax setting), so
+    that a resumed, restarted or repeated run reads its compiled step back instead of compiling it
+    again. `path`: train.compilation_cache; None: jax's own folder (JAX_COMPILATION_CACHE_DIR) if
+    it has one, else <distil_jax cache>/jax_compilation; "": off. Returns the folder, None if off.
+
+    A folder that cannot be created is a one-line error when the config names it; the default
+    one only turns the cache off, with a warning (a read-only home must not stop a run)."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    from distil_jax.demo.teacher import cache_root
+
+    current, enabled = jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache
+    if path == "" or (path is None and not enabled):  # off here, or in jax's own settings
+        if enabled:
+            jax.config.update("jax_enable_compilation_cache", False)
+            cc.reset_cache()
+        return None
+    folder = str(Path(path).expanduser().resolve()) if path else current or str(cache_root() / "jax_compilation")
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if path:
+            raise ValueError(f"train.compilation_cache={path!r}: cannot create it ({e.strerror}); name a "
+                             "writable folder, or \"\" for no compilation cache") from None
+        log.warning("no compilation cache: cannot create %s (%s); set train.compilation_cache", folder, e.strerror)
+        return use_compilation_cache("")
+    if folder != current or not enabled:
+        jax.config.update("jax_enable_compilation_cache", True)
+        cc.set_cache_dir(folder)
+        cc.reset_cache()  # jax reads its cache settings once per process, at the first compile
+    return folder
 
 
 def load_tokenizer(name_or_path: str):

@@ -28,7 +28,7 @@ from distil_jax import workdir as workdir_lib
 from distil_jax.config import DTYPES, validate
 from distil_jax.train_step import BucketedTrainStep, remat_choice
 from distil_jax.training import report
-from distil_jax.training.builders import Run, build_run
+from distil_jax.training.builders import Run, build_run, use_compilation_cache
 from distil_jax.training.evaluation import Evaluations
 from distil_jax.training.hooks import Hooks, itstime
 from distil_jax.training.metrics import MetricsWriter, NotFinite, StepMetrics, StepTimer
@@ -57,6 +57,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     # Before anything touches a device: a run over several processes joins them first.
     sharding.initialize_distributed(config.train.coordinator_address, config.train.num_processes,
                                     config.train.process_id, config.train.heartbeat_timeout_s)
+    use_compilation_cache(config.train.compilation_cache)
     # Refuse an attention implementation this machine cannot run before any download or work;
     # likewise an objective that a teacher cache cannot feed, or a missing / incomplete cache.
     models.check_attention_impl(config.train.attention, DTYPES[config.train.dtype])
