@@ -507,7 +507,9 @@ def make_eval_step(config, dtype=jnp.float32, mesh: Optional[Mesh] = None):
     def eval_step(params, batch):
         ids, seg = batch["input_ids"], batch["segment_ids"]
         S = ids.shape[1]
-        logits = models.forward(config, params, ids, segment_ids=seg, dtype=dtype).logits
+        # Not differentiated: the stacked blocks as frozen_layers, as the train step's teacher.
+        logits = models.forward(config, models.frozen_layers(config, params), ids, segment_ids=seg,
+                                dtype=dtype).logits
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         labels, valid = next_token_targets(ids, seg)
         valid = valid & counted_positions(seg, batch.get("loss_mask"))

@@ -244,3 +244,11 @@ def test_a_frozen_bfloat16_stack_gives_the_same_outputs(family):
     run = jax.jit(lambda p: models.forward(tc, p, ids, **kw))
     for a, b in zip(jax.tree_util.tree_leaves(run(tp)), jax.tree_util.tree_leaves(run(frozen))):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    # The evaluation and the teacher cache's recorder run a teacher the same way, never differentiated.
+    from distil_jax.teacher_cache.topk import teacher_top_k
+    from distil_jax.train_step import make_eval_step
+
+    seg = jnp.asarray(T.batch()["segment_ids"])
+    for fn in (lambda p: make_eval_step(tc, jnp.bfloat16)(p, {"input_ids": ids, "segment_ids": seg}),
+               lambda p: teacher_top_k(tc, p, ids, seg, k=4, dtype=jnp.bfloat16)):
+        assert "bitcast_convert_type" in str(jax.make_jaxpr(fn)(tp))

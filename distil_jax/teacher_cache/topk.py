@@ -26,7 +26,8 @@ def teacher_top_k(config, params, input_ids, segment_ids, *, k: int, temperature
     kwargs = dict(segment_ids=segment_ids, single_document_rows=single_document_rows)
     if dtype is not None:
         kwargs["dtype"] = dtype
-    logits = models.forward(config, params, input_ids, **kwargs).logits
+    # The forward of the train step's teacher: its stacked blocks as frozen_layers (not differentiated).
+    logits = models.forward(config, models.frozen_layers(config, params), input_ids, **kwargs).logits
     logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
     top_lp, top_ids = jax.lax.top_k(logp, k)
     if k == logp.shape[-1]:
