@@ -70,7 +70,7 @@ def _records(x: Any, *header: str, config: bool = False) -> Optional[str]:
     value, secrets hidden, text as is and the rest as JSON. None for no rows."""
     from flax import traverse_util
 
-    flat = traverse_util.flatten_dict(_redact(x), keep_empty_nodes=True, sep=".") if isinstance(x, dict) else {}
+    flat = traverse_util.flatten_dict(_redact(x), keep_empty_nodes=True, sep=".") if isinstance(x, Mapping) else {}
     rows = [(k, {} if v is traverse_util.empty_node else v) for k, v in flat.items()]
     rows = [(k, (v if isinstance(v, str) and v else json.dumps(v, default=str)) if config
              else "—" if v is None else _cell(v, k)) for k, v in rows]
