@@ -502,6 +502,15 @@ def test_compilation_cache_is_the_configs_folder(jax_cache_settings, tmp_path, m
     from distil_jax.teacher_cache import record
     from distil_jax.training.builders import use_compilation_cache
 
+    from distil_jax import workdir
+
+    # Where programs are cached does not change a run: a resume may change it, or not know it.
+    new, old = tiny_config().to_dict(), tiny_config().to_dict()
+    del old["train"]["compilation_cache"]
+    assert workdir.config_changes(old, new) == ({}, {})
+    moved = tiny_config(**{"train.compilation_cache": "elsewhere"}).to_dict()
+    assert workdir.config_changes(new, moved) == ({}, {"train.compilation_cache": [None, "elsewhere"]})
+
     assert use_compilation_cache(None) == jax_cache_settings  # the suite's (tests/conftest.py)
     folder = tmp_path / "jc"
     assert use_compilation_cache(str(folder)) == str(folder)
