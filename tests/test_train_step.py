@@ -78,7 +78,8 @@ def test_training_reduces_loss_and_keeps_frozen_weights(teacher):
     batch = _jnp(T.batch(T.ROWS_4))
     # grad_norm is HF's clipping norm: the student's trainable gradients only (not the frozen
     # head's, not the objective's), in float64 from the loss's own gradient.
-    g0 = T.to_numpy(jax.grad(lambda p: ts.distill_loss(ts.StepConfig(tc, s_cfg, obj), p, tp, batch, None)[0])(params))
+    loss = lambda p: ts.distill_loss(ts.StepConfig(tc, s_cfg, obj), p, tp, batch, None)[0]  # noqa: E731
+    g0 = T.to_numpy(jax.jit(jax.grad(loss))(params))
     leaves = zip(jax.tree_util.tree_leaves(g0["student"]), jax.tree_util.tree_leaves(mask["student"]))
     expected_norm = np.sqrt(sum(np.sum(np.square(g.astype(np.float64))) for g, m in leaves if m))
     losses = []
