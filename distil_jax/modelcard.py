@@ -112,7 +112,8 @@ def _card_data(r) -> str:
             dataset_split="held-out test split" if name == "heldout" else None,
             metric_name="perplexity (token-weighted)")
     same = step is not None and _num(_get(r.downstream, "student", "step")) == step
-    for row in _get(r.downstream, "rows") if same and isinstance(_get(r.downstream, "rows"), list) else ():
+    rows = _get(r.downstream, "rows") if same else None
+    for row in rows if isinstance(rows, list) else ():
         if _get(row, "task") and _get(row, "metric"):
             shots = _get(row, "num_fewshot")
             add(_get(row, "student"), row["task"], _get(row, "dataset"), metric_type=row["metric"],
